@@ -1,0 +1,284 @@
+//! Command-line definitions (clap derive): the global flags, the subcommands and their arguments.
+//! Every `run` flag is an `Option` so `config` can layer flags over env over `backdrop.toml` over
+//! defaults; nothing here decides a default value.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::exit::EXIT_CODES_HELP;
+
+/// Runs a product catalog through ByteDance's Seedream image models: resumable, rate-limited,
+/// and never pays twice for a row.
+#[derive(Debug, Parser)]
+#[command(name = "backdrop", version, max_term_width = 100, after_long_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Flags every subcommand takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Read settings from this TOML file (every `run` flag can live there; flags win).
+    #[arg(long, global = true, env = "BACKDROP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr, no progress bar.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Log format on stderr: human text, or one JSON object per event for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BACKDROP_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Plan the catalog against the state database, then process what is new, changed or unfinished.
+    Run(Box<RunArgs>),
+    /// Counts per state, credits spent, failures with reasons, the last run.
+    Status(StatusArgs),
+    /// Put failed, ambiguous or named rows back in the queue for the next `run`.
+    Retry(RetryArgs),
+    /// Write a report of every row: csv, json, or an html before/after gallery.
+    Report(ReportArgs),
+    /// Start the local simulator of the Seedance and fal.ai APIs.
+    Sim(Box<crate::sim::SimArgs>),
+}
+
+/// Which remote API protocol to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The Seedance REST API (credits; `SEEDANCE_API_KEY`).
+    #[default]
+    Seedance,
+    /// The fal.ai queue API (dollars; `FAL_KEY`).
+    Fal,
+}
+
+impl ProviderKind {
+    /// The lowercase name used in flags, config and the store.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Seedance => "seedance",
+            Self::Fal => "fal",
+        }
+    }
+}
+
+/// Arguments of `backdrop run`. Every field is optional so a config file can supply it; the
+/// same struct is what `backdrop.toml` deserializes into (unknown keys are errors).
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunArgs {
+    /// The catalog: a CSV file, or a SQLite database with --table or --query.
+    #[arg(value_name = "CATALOG")]
+    pub catalog: Option<PathBuf>,
+    /// Table to read when CATALOG is a SQLite database.
+    #[arg(long, env = "BACKDROP_TABLE", conflicts_with = "query")]
+    pub table: Option<String>,
+    /// Query to read when CATALOG is a SQLite database (must return a `sku` column).
+    #[arg(long, env = "BACKDROP_QUERY")]
+    pub query: Option<String>,
+    /// Prompt template file (see prompts/).
+    #[arg(long, env = "BACKDROP_PROMPT", value_name = "FILE")]
+    pub prompt: Option<PathBuf>,
+    /// State database (created if missing).
+    #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Output folder for finished images.
+    #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]
+    #[arg(long, env = "BACKDROP_OUTPUT_NAME", value_name = "TEMPLATE")]
+    pub output_name: Option<String>,
+    /// Which API protocol to speak [default: seedance].
+    #[arg(long, value_enum, env = "BACKDROP_PROVIDER")]
+    pub provider: Option<ProviderKind>,
+    /// Base URL of the API (default: the provider's public endpoint).
+    #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
+    pub api_base: Option<String>,
+    /// Model, overriding the prompt's front matter.
+    #[arg(long, env = "BACKDROP_MODEL")]
+    pub model: Option<String>,
+    /// Jobs in flight at once, submit to download [default: 5].
+    #[arg(long, env = "BACKDROP_CONCURRENCY")]
+    pub concurrency: Option<u32>,
+    /// Request rate limit shared by every worker, e.g. 10/s or 600/m [default: 10/s].
+    #[arg(long, env = "BACKDROP_RATE")]
+    pub rate: Option<String>,
+    /// Submissions per row before it fails [default: 5].
+    #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Stop submitting once this many credits are spent or reserved (seedance).
+    #[arg(long, env = "BACKDROP_MAX_CREDITS")]
+    pub max_credits: Option<f64>,
+    /// Stop submitting once this many dollars are spent or reserved.
+    #[arg(long, env = "BACKDROP_MAX_COST", value_name = "USD")]
+    pub max_cost: Option<f64>,
+    /// Warn when the provider reports fewer credits remaining than this.
+    #[arg(long, env = "BACKDROP_LOW_CREDIT_WARNING")]
+    pub low_credit_warning: Option<f64>,
+    /// Process at most this many rows in this run.
+    #[arg(long, env = "BACKDROP_LIMIT")]
+    pub limit: Option<u64>,
+    /// Plan and price only; send nothing.
+    #[arg(long)]
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Re-run rows that are already done.
+    #[arg(long)]
+    #[serde(default)]
+    pub force: bool,
+    /// Process the valid rows of a catalog with errors, listing the invalid ones.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// Start the built-in simulator on a free port and send everything there (no key needed).
+    #[arg(long)]
+    #[serde(default)]
+    pub simulate: bool,
+    /// Send local image files from the catalog as data: URIs (refused above --inline-max-bytes).
+    #[arg(long)]
+    #[serde(default)]
+    pub inline_local_images: bool,
+    /// Largest local image sent as a data: URI [default: 4000000].
+    #[arg(long, env = "BACKDROP_INLINE_MAX_BYTES")]
+    pub inline_max_bytes: Option<u64>,
+    /// Seedance edits: wait for the answer in the submit call instead of polling.
+    #[arg(long)]
+    #[serde(default)]
+    pub sync: bool,
+    /// First poll of a submitted request after this long [default: 250ms].
+    #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
+    pub poll_initial: Option<String>,
+    /// Polls back off up to this interval [default: 5s].
+    #[arg(long, env = "BACKDROP_POLL_MAX", value_name = "DURATION")]
+    pub poll_max: Option<String>,
+    /// First retry delay; doubles each attempt, with full jitter [default: 1s].
+    #[arg(long, env = "BACKDROP_RETRY_BASE", value_name = "DURATION")]
+    pub retry_base: Option<String>,
+    /// Longest retry delay, and the cap on a server's Retry-After [default: 60s].
+    #[arg(long, env = "BACKDROP_RETRY_MAX", value_name = "DURATION")]
+    pub retry_max: Option<String>,
+    /// Time limit of one HTTP request, downloads included [default: 120s].
+    #[arg(long, env = "BACKDROP_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+    /// Largest output file accepted [default: 50000000].
+    #[arg(long, env = "BACKDROP_MAX_DOWNLOAD_BYTES")]
+    pub max_download_bytes: Option<u64>,
+    /// Address the embedded webhook receiver listens on, e.g. 127.0.0.1:8080.
+    #[arg(long, env = "BACKDROP_WEBHOOK_LISTEN", value_name = "ADDR")]
+    pub webhook_listen: Option<String>,
+    /// Public URL the provider should deliver webhooks to (reaches --webhook-listen).
+    #[arg(long, env = "BACKDROP_WEBHOOK_URL", value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// JWKS document with the keys that sign fal webhooks.
+    #[arg(long, env = "BACKDROP_JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+    /// Write the run's outcome as JSON here at the end of every run (interrupted runs too).
+    #[arg(long, env = "BACKDROP_SUMMARY_JSON", value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+    /// Simulator scenario (TOML) for --simulate.
+    #[arg(long, env = "BACKDROP_SIM_SCENARIO", value_name = "FILE")]
+    pub sim_scenario: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_progress: bool,
+    /// Price table overrides: model name to price per image, in the provider's unit.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<std::collections::BTreeMap<String, f64>>,
+}
+
+/// Where the state database is, for the commands that only read or re-queue.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State database [default: backdrop.db, or `state` from the config file].
+    #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
+    pub state: Option<PathBuf>,
+}
+
+/// Arguments of `backdrop status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The state database.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `backdrop retry`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["failed", "ambiguous", "sku"])))]
+pub struct RetryArgs {
+    /// The state database.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Re-queue every failed row.
+    #[arg(long)]
+    pub failed: bool,
+    /// Re-queue rows whose paid request may have left before the process died (may be charged twice).
+    #[arg(long)]
+    pub ambiguous: bool,
+    /// Re-queue these SKUs, whatever their state.
+    #[arg(long, value_name = "SKU", num_args = 1..)]
+    pub sku: Vec<String>,
+}
+
+/// Report formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// One line per row, spreadsheet-safe.
+    Csv,
+    /// A versioned JSON document.
+    Json,
+    /// A self-contained before/after gallery.
+    Html,
+}
+
+/// Arguments of `backdrop report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// The state database.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
+    pub format: ReportFormat,
+    /// Write here instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

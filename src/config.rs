@@ -1,0 +1,484 @@
+//! Settings: merges `run` flags, `BACKDROP_*` environment variables, the `--config` TOML file and
+//! built-in defaults (in that order of precedence) into one validated [`Settings`], and reads API
+//! keys from the environment into an [`ApiKey`] that never prints itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{ProviderKind, RunArgs};
+
+/// Default jobs in flight.
+pub const DEFAULT_CONCURRENCY: u32 = 5;
+/// Default request rate.
+pub const DEFAULT_RATE: &str = "10/s";
+/// Default submissions per row.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Default output folder.
+pub const DEFAULT_OUT: &str = "out";
+/// Default output file name template.
+pub const DEFAULT_OUTPUT_NAME: &str = "{sku}/{index}.{ext}";
+/// Default first poll delay.
+pub const DEFAULT_POLL_INITIAL: Duration = Duration::from_millis(250);
+/// Default longest poll interval.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_secs(5);
+/// Default first retry delay.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
+/// Default longest retry delay (and cap on Retry-After).
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Default time limit of one HTTP request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default cap on one output file.
+pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 50_000_000;
+/// Default cap on a local image sent inline.
+pub const DEFAULT_INLINE_MAX_BYTES: u64 = 4_000_000;
+
+/// Errors in flags or the config file. All of them mean: nothing was sent (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key (the message names key and line).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A setting has a value backdrop cannot use.
+    #[error("invalid {name}: {message}")]
+    Invalid {
+        /// The flag or key.
+        name: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// The provider's API key is not in the environment.
+    #[error("{var} is not set: export your {provider} API key (or use --simulate or --dry-run)")]
+    MissingKey {
+        /// The variable name.
+        var: &'static str,
+        /// The provider.
+        provider: &'static str,
+    },
+}
+
+impl ConfigError {
+    /// Config errors never go away by trying again.
+    #[must_use]
+    pub const fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// An API key from the environment. Its `Debug` and `Display` print `[redacted]`, so a key can
+/// never reach a log, a report or an error message by accident; only [`ApiKey::expose`] reads it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// The environment variable that holds a provider's key.
+    #[must_use]
+    pub const fn env_var(provider: ProviderKind) -> &'static str {
+        match provider {
+            ProviderKind::Seedance => "SEEDANCE_API_KEY",
+            ProviderKind::Fal => "FAL_KEY",
+        }
+    }
+
+    /// Reads the provider's key from the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError::MissingKey`] when the variable is unset or empty.
+    pub fn from_env(provider: ProviderKind) -> Result<Self, ConfigError> {
+        let var = Self::env_var(provider);
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Self(v.trim().to_owned())),
+            _ => Err(ConfigError::MissingKey { var, provider: provider.as_str() }),
+        }
+    }
+
+    /// Wraps a key (the simulator's, or a test's).
+    #[must_use]
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself, for the one place that builds the Authorization header.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+impl std::fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A request rate: `count` requests per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests allowed per period.
+    pub count: u32,
+    /// The period.
+    pub period: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    /// Parses `10/s`, `600/m`, `3600/h` or a bare number (per second).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (n, unit) = s.split_once('/').unwrap_or((s, "s"));
+        let count: u32 = n.trim().parse().map_err(|_| format!("{s:?} is not a rate like 10/s or 600/m"))?;
+        if count == 0 {
+            return Err("the rate must be at least 1".into());
+        }
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => return Err(format!("unknown rate unit {other:?} (use s, m or h)")),
+        };
+        Ok(Self { count, period })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.period.as_secs() {
+            60 => "m",
+            3600 => "h",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Everything `backdrop run` needs, validated, with defaults applied.
+#[derive(Debug, Clone)]
+#[expect(clippy::struct_excessive_bools, reason = "each bool is an independent user flag")]
+pub struct Settings {
+    /// The catalog file or database.
+    pub catalog: PathBuf,
+    /// Table to read from a SQLite catalog.
+    pub table: Option<String>,
+    /// Query to read from a SQLite catalog.
+    pub query: Option<String>,
+    /// The prompt template file.
+    pub prompt: PathBuf,
+    /// The state database.
+    pub state: PathBuf,
+    /// The output folder.
+    pub out: PathBuf,
+    /// The output file name template.
+    pub output_name: String,
+    /// Which protocol to speak.
+    pub provider: ProviderKind,
+    /// Base URL override; `None` means the provider's public endpoint (or the simulator's).
+    pub api_base: Option<String>,
+    /// Model override.
+    pub model: Option<String>,
+    /// Jobs in flight at once.
+    pub concurrency: u32,
+    /// Shared request rate.
+    pub rate: Rate,
+    /// Submissions per row.
+    pub max_attempts: u32,
+    /// Credit budget.
+    pub max_credits: Option<f64>,
+    /// Dollar budget.
+    pub max_cost: Option<f64>,
+    /// Low-balance warning threshold.
+    pub low_credit_warning: Option<f64>,
+    /// Row limit for this run.
+    pub limit: Option<u64>,
+    /// Plan and price only.
+    pub dry_run: bool,
+    /// Re-run done rows.
+    pub force: bool,
+    /// Process the valid rows of a bad catalog.
+    pub skip_invalid: bool,
+    /// Use the in-process simulator.
+    pub simulate: bool,
+    /// Send local images as data URIs.
+    pub inline_local_images: bool,
+    /// Cap on inline images.
+    pub inline_max_bytes: u64,
+    /// Seedance synchronous edits.
+    pub sync: bool,
+    /// First poll delay.
+    pub poll_initial: Duration,
+    /// Longest poll interval.
+    pub poll_max: Duration,
+    /// First retry delay.
+    pub retry_base: Duration,
+    /// Longest retry delay and Retry-After cap.
+    pub retry_max: Duration,
+    /// One HTTP request's time limit.
+    pub request_timeout: Duration,
+    /// Cap on one output file.
+    pub max_download_bytes: u64,
+    /// Webhook receiver address.
+    pub webhook_listen: Option<SocketAddr>,
+    /// Public webhook URL.
+    pub webhook_url: Option<String>,
+    /// JWKS URL for fal webhook signatures.
+    pub jwks_url: Option<String>,
+    /// Where to write the run summary.
+    pub summary_json: Option<PathBuf>,
+    /// Simulator scenario for --simulate.
+    pub sim_scenario: Option<PathBuf>,
+    /// Hide the progress bar.
+    pub no_progress: bool,
+    /// Price overrides per model.
+    pub prices: BTreeMap<String, f64>,
+}
+
+/// Reads a config file into the same shape as the flags.
+///
+/// # Errors
+/// [`ConfigError::Read`] or [`ConfigError::Parse`] (unknown keys name the key and line).
+pub fn load_file(path: &Path) -> Result<RunArgs, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse_file(path, &text)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<RunArgs, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: describe_toml_error(text, &e) })
+}
+
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// Layers flags (and their env variables, which clap already applied) over the config file:
+/// a flag given on the command line wins; an unset flag takes the file's value.
+///
+/// # Errors
+/// Never in practice: both sides are the same serde shape.
+pub fn merge(flags: RunArgs, file: RunArgs) -> Result<RunArgs, ConfigError> {
+    let invalid = |e: serde_json::Error| ConfigError::Invalid { name: "config", message: e.to_string() };
+    let mut merged = serde_json::to_value(file).map_err(invalid)?;
+    let flags = serde_json::to_value(flags).map_err(invalid)?;
+    if let (Some(merged), serde_json::Value::Object(flags)) = (merged.as_object_mut(), flags) {
+        for (key, value) in flags {
+            // `false` is how clap says "switch not given": it must not erase a `true` in the file.
+            if !(value.is_null() || value == serde_json::Value::Bool(false)) {
+                merged.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(merged).map_err(invalid)
+}
+
+fn duration(name: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v.trim())
+            .map_err(|e| ConfigError::Invalid { name, message: format!("{v:?}: {e}") }),
+    }
+}
+
+impl Settings {
+    /// Applies defaults and checks every value.
+    ///
+    /// # Errors
+    /// [`ConfigError::Missing`] without a catalog or prompt, [`ConfigError::Invalid`] for a value
+    /// out of range.
+    pub fn resolve(args: RunArgs) -> Result<Self, ConfigError> {
+        let catalog = args.catalog.ok_or(ConfigError::Missing("CATALOG (the catalog file)"))?;
+        let prompt = args.prompt.ok_or(ConfigError::Missing("--prompt FILE"))?;
+        let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+        if concurrency == 0 || concurrency > 1000 {
+            return Err(ConfigError::Invalid {
+                name: "--concurrency",
+                message: format!("{concurrency} is outside 1..=1000"),
+            });
+        }
+        let rate = args
+            .rate
+            .as_deref()
+            .unwrap_or(DEFAULT_RATE)
+            .parse::<Rate>()
+            .map_err(|message| ConfigError::Invalid { name: "--rate", message })?;
+        let max_attempts = args.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 {
+            return Err(ConfigError::Invalid {
+                name: "--max-attempts",
+                message: "must be at least 1".into(),
+            });
+        }
+        for (name, v) in [("--max-credits", args.max_credits), ("--max-cost", args.max_cost)] {
+            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                return Err(ConfigError::Invalid { name, message: "must be a number ≥ 0".into() });
+            }
+        }
+        let webhook_listen = args
+            .webhook_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                    name: "--webhook-listen",
+                    message: format!("{a:?}: {e}"),
+                })
+            })
+            .transpose()?;
+        if webhook_listen.is_some() != args.webhook_url.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "--webhook-url",
+                message: "--webhook-listen and --webhook-url go together".into(),
+            });
+        }
+        for (name, v) in [("--api-base", &args.api_base), ("--webhook-url", &args.webhook_url)] {
+            if let Some(v) = v {
+                url::Url::parse(v)
+                    .map_err(|e| ConfigError::Invalid { name, message: format!("{v:?}: {e}") })?;
+            }
+        }
+        let output_name = args.output_name.unwrap_or_else(|| DEFAULT_OUTPUT_NAME.to_owned());
+        if !output_name.contains("{sku}") || !output_name.contains("{index}") {
+            return Err(ConfigError::Invalid {
+                name: "--output-name",
+                message: "must contain {sku} and {index} so no two outputs share a file".into(),
+            });
+        }
+        Ok(Self {
+            catalog,
+            table: args.table,
+            query: args.query,
+            prompt,
+            state: args.state.unwrap_or_else(|| PathBuf::from(crate::store::DEFAULT_STATE)),
+            out: args.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
+            output_name,
+            provider: args.provider.unwrap_or_default(),
+            api_base: args.api_base,
+            model: args.model,
+            concurrency,
+            rate,
+            max_attempts,
+            max_credits: args.max_credits,
+            max_cost: args.max_cost,
+            low_credit_warning: args.low_credit_warning,
+            limit: args.limit,
+            dry_run: args.dry_run,
+            force: args.force,
+            skip_invalid: args.skip_invalid,
+            simulate: args.simulate,
+            inline_local_images: args.inline_local_images || args.simulate,
+            inline_max_bytes: args.inline_max_bytes.unwrap_or(DEFAULT_INLINE_MAX_BYTES),
+            sync: args.sync,
+            poll_initial: duration("--poll-initial", args.poll_initial.as_deref(), DEFAULT_POLL_INITIAL)?,
+            poll_max: duration("--poll-max", args.poll_max.as_deref(), DEFAULT_POLL_MAX)?,
+            retry_base: duration("--retry-base", args.retry_base.as_deref(), DEFAULT_RETRY_BASE)?,
+            retry_max: duration("--retry-max", args.retry_max.as_deref(), DEFAULT_RETRY_MAX)?,
+            request_timeout: duration(
+                "--request-timeout",
+                args.request_timeout.as_deref(),
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
+            max_download_bytes: args.max_download_bytes.unwrap_or(DEFAULT_MAX_DOWNLOAD_BYTES),
+            webhook_listen,
+            webhook_url: args.webhook_url,
+            jwks_url: args.jwks_url,
+            summary_json: args.summary_json,
+            sim_scenario: args.sim_scenario,
+            no_progress: args.no_progress,
+            prices: args.prices.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("10/s".parse::<Rate>().unwrap(), Rate { count: 10, period: Duration::from_secs(1) });
+        assert_eq!("600/m".parse::<Rate>().unwrap().period, Duration::from_secs(60));
+        assert_eq!("7".parse::<Rate>().unwrap().count, 7);
+        assert!("0/s".parse::<Rate>().is_err());
+        assert!("ten/s".parse::<Rate>().is_err());
+        assert!("5/fortnight".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let file = parse_file(
+            Path::new("b.toml"),
+            "concurrency = 9\nrate = \"3/s\"\ndry-run = true\nout = \"file-out\"\n",
+        )
+        .unwrap();
+        let flags = RunArgs {
+            concurrency: Some(2),
+            catalog: Some("c.csv".into()),
+            prompt: Some("p.txt".into()),
+            ..RunArgs::default()
+        };
+        let s = Settings::resolve(merge(flags, file).unwrap()).unwrap();
+        assert_eq!(s.concurrency, 2, "flag wins");
+        assert_eq!(s.rate.count, 3, "file fills what flags leave unset");
+        assert!(s.dry_run, "an unset switch keeps the file's true");
+        assert_eq!(s.out, PathBuf::from("file-out"));
+        assert_eq!(s.max_attempts, DEFAULT_MAX_ATTEMPTS, "default last");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse_file(Path::new("b.toml"), "concurrency = 2\n\nconcurency = 3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("concurency"), "{msg}");
+    }
+
+    #[test]
+    fn api_key_never_prints_itself() {
+        let key = ApiKey::new("sk-sentinel-0123456789abcdef");
+        assert!(!format!("{key:?} {key}").contains("sentinel"));
+        assert_eq!(key.expose(), "sk-sentinel-0123456789abcdef");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let base =
+            RunArgs { catalog: Some("c.csv".into()), prompt: Some("p.txt".into()), ..RunArgs::default() };
+        let err = Settings::resolve(RunArgs { concurrency: Some(0), ..base.clone() }).unwrap_err();
+        assert!(err.to_string().contains("--concurrency"));
+        let err = Settings::resolve(RunArgs { poll_max: Some("soon".into()), ..base.clone() }).unwrap_err();
+        assert!(err.to_string().contains("--poll-max"));
+        let err = Settings::resolve(RunArgs { output_name: Some("{sku}.png".into()), ..base }).unwrap_err();
+        assert!(err.to_string().contains("--output-name"));
+    }
+}

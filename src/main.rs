@@ -1,0 +1,47 @@
+//! The `backdrop` binary: parse flags, set up logging and the runtime, run the subcommand, and
+//! turn its outcome into an exit code. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use backdrop::cli::{Cli, GlobalArgs, LogFormat};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("backdrop: error: cannot start the async runtime: {e}");
+            return ExitCode::from(backdrop::exit::ExitCode::Fatal.code());
+        }
+    };
+    let outcome = runtime.block_on(backdrop::command::dispatch(cli));
+    // Don't wait for stray blocking tasks (a download stuck in a syscall) on the way out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
+        Ok(code) => ExitCode::from(code.code()),
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("backdrop: error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(code.code())
+        }
+    }
+}
+
+fn init_logging(global: &GlobalArgs) {
+    let default = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},sqlx=warn,hyper=warn,reqwest=warn,axum=warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match global.log_format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}

@@ -1,0 +1,5 @@
+//! The simulator (being built).
+
+/// Flags of `backdrop sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {}
