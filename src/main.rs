@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use backdrop::cli::{Cli, GlobalArgs, LogFormat};
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -17,7 +18,9 @@ fn main() -> ExitCode {
             return ExitCode::from(backdrop::exit::ExitCode::Fatal.code());
         }
     };
-    let outcome = runtime.block_on(backdrop::command::dispatch(cli));
+    let interrupt = CancellationToken::new();
+    runtime.spawn(watch_signals(interrupt.clone()));
+    let outcome = runtime.block_on(backdrop::command::dispatch(cli, interrupt));
     // Don't wait for stray blocking tasks (a download stuck in a syscall) on the way out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
@@ -44,4 +47,22 @@ fn init_logging(global: &GlobalArgs) {
         LogFormat::Json => builder.json().with_current_span(false).init(),
         LogFormat::Text => builder.with_target(false).init(),
     }
+}
+
+/// The first Ctrl-C or SIGTERM asks the run to stop at safe points (it then exits 130); the
+/// second exits at once, leaving the store's crash recovery to sort out the rest on the next run.
+async fn watch_signals(interrupt: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    for first in [true, false] {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if first {
+            eprintln!("backdrop: interrupted: letting requests in flight reach a safe point (again to quit now)");
+            interrupt.cancel();
+        }
+    }
+    std::process::exit(i32::from(backdrop::exit::ExitCode::Interrupted.code()));
 }

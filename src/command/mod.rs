@@ -1,17 +1,21 @@
 //! One function per subcommand; `dispatch` picks it. Each returns the exit code of its outcome,
 //! or an [`Error`] that knows its own.
 
+use tokio_util::sync::CancellationToken;
+
 use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
+
+pub mod run;
 
 /// Runs the subcommand the user asked for.
 ///
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
-pub async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
+pub async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
     let name = match cli.command {
-        Command::Run(_) => "run",
+        Command::Run(args) => return run::execute(&cli.global, *args, interrupt).await,
         Command::Status(_) => "status",
         Command::Retry(_) => "retry",
         Command::Report(_) => "report",

@@ -8,6 +8,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::SqlitePool;
+
+mod pipeline;
+
+pub use pipeline::{AttemptEnd, Change, NewOutput, Recovery, StoredJob, Writer};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 /// Default path of the state database.

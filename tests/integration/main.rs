@@ -1,1 +1,5 @@
-mod smoke {}
+//! The integration test binary: every end-to-end test, compiled once.
+
+mod harness;
+mod crash;
+mod run;

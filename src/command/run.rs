@@ -1,0 +1,347 @@
+//! `backdrop run`: resolve settings, lock and recover the store, plan the catalog (or only price
+//! it with `--dry-run`), start the provider (or the simulator with `--simulate`), run the worker
+//! pool, and turn what happened into an exit code and a summary a scheduler can read.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cli::{GlobalArgs, ProviderKind, RunArgs};
+use crate::config::{self, ApiKey, Settings};
+use crate::error::Error;
+use crate::exit::ExitCode;
+use crate::fetch::{self, Fetcher};
+use crate::pipeline::budget::Budget;
+use crate::pipeline::limiter::Limiter;
+use crate::pipeline::retry::{PollSchedule, RetryPolicy};
+use crate::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
+use crate::pipeline::stats::RunStats;
+use crate::plan::{self, PriceTable};
+use crate::provider::Provider;
+use crate::provider::fal::{Fal, FalOptions};
+use crate::provider::seedance::{Seedance, SeedanceOptions};
+use crate::provider::{self as providers};
+use crate::store::{JobState, RunLock, Store, now_ms};
+
+/// Version of the `--summary-json` document.
+pub const SUMMARY_VERSION: u32 = 1;
+
+/// The outcome of one `run`, as written to `--summary-json` and `runs.summary`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOutcome {
+    /// Document version.
+    pub version: u32,
+    /// The run's id in the store.
+    pub run_id: i64,
+    /// `done`, `rows_failed`, `out_of_credits`, `budget`, `key_rejected`, `interrupted`, `fatal`.
+    pub outcome: String,
+    /// The process exit code.
+    pub exit_code: u8,
+    /// Unix ms.
+    pub started_at: i64,
+    /// Unix ms.
+    pub ended_at: i64,
+    /// Wall time.
+    pub duration_secs: f64,
+    /// `seedance` or `fal`.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// Rows of the catalog by state at the end (this run's plan plus rows still at the provider).
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// Rows that reached done in this run.
+    pub done_this_run: u64,
+    /// Rows that failed in this run.
+    pub failed_this_run: u64,
+    /// Submissions sent in this run.
+    pub submits: u64,
+    /// Retries in this run.
+    pub retries: u64,
+    /// Charged in this run, in the provider's unit (credits or dollars).
+    pub spent: f64,
+    /// Charged in this run, in dollars.
+    pub spent_usd: f64,
+    /// Jobs left at the provider because polls kept failing.
+    pub unfinished: u64,
+}
+
+/// Runs `backdrop run`.
+///
+/// # Errors
+/// Config, catalog and prompt errors (exit 2), a locked or broken store, a simulator that cannot
+/// start. Row failures are not errors: they set the exit code.
+pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: CancellationToken) -> Result<ExitCode, Error> {
+    let file = match &global.config {
+        Some(path) => config::load_file(path)?,
+        None => RunArgs::default(),
+    };
+    let settings = Settings::resolve(config::merge(args, file)?)?;
+    // The key is checked before anything else touches the network or the store.
+    let key = match (settings.simulate, settings.dry_run) {
+        (true, _) => Some(ApiKey::new("simulated-key")),
+        (false, true) => None,
+        (false, false) => Some(ApiKey::from_env(settings.provider)?),
+    };
+    if settings.dry_run {
+        let store = Store::open(&settings.state).await?;
+        let plan = plan::plan(&store, &settings, None).await?;
+        println!("{}", plan.render_text());
+        println!("dry run: nothing was sent, nothing was charged");
+        return Ok(ExitCode::Success);
+    }
+    let key = key.ok_or(config::ConfigError::MissingKey {
+        var: ApiKey::env_var(settings.provider),
+        provider: settings.provider.as_str(),
+    })?;
+
+    let _lock = RunLock::acquire(&settings.state)?;
+    let store = Store::open(&settings.state).await?;
+    let recovery = store.recover().await?;
+    if recovery.ambiguous > 0 {
+        warn!(
+            rows = recovery.ambiguous,
+            "rows were being submitted when the last run stopped; they may have been charged and are \
+             marked ambiguous (see `backdrop status`, re-queue with `backdrop retry --ambiguous`)"
+        );
+    }
+    if recovery.resumable > 0 {
+        info!(rows = recovery.resumable, "resuming requests already accepted by the provider (no resubmit)");
+    }
+    let catalog = settings.catalog.display().to_string();
+    let model_hint = settings.model.clone().unwrap_or_default();
+    let run_id = store.start_run(&catalog, settings.provider.as_str(), &model_hint, false).await?;
+    let started = Instant::now();
+    let started_at = now_ms();
+    let plan = match plan::plan(&store, &settings, Some(run_id)).await {
+        Ok(plan) => plan,
+        Err(e) => {
+            let _ = store.finish_run(run_id, "usage", ExitCode::Usage.code(), "{}").await;
+            return Err(e);
+        }
+    };
+    eprintln!("{}", plan.render_text());
+    let model = plan.model.clone();
+
+    let sim = if settings.simulate { Some(start_simulator(&settings).await?) } else { None };
+    let api_base = match (&sim, &settings.api_base) {
+        (Some(sim), _) => Some(sim.base_url()),
+        (None, base) => base.clone(),
+    };
+
+    let prices = PriceTable::new(settings.provider, &settings.prices);
+    let stats = Arc::new(RunStats::default());
+    let result = match settings.provider {
+        ProviderKind::Seedance => {
+            let client = providers::http::client(settings.request_timeout).map_err(other_fatal)?;
+            let provider = Seedance::new(
+                client.clone(),
+                api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
+                key,
+                SeedanceOptions {
+                    sync: settings.sync,
+                    webhook_url: settings.webhook_url.clone(),
+                    inline: inline_policy(&settings),
+                },
+            );
+            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+        }
+        ProviderKind::Fal => {
+            let client = providers::http::client(settings.request_timeout).map_err(other_fatal)?;
+            let provider = Fal::new(
+                client.clone(),
+                api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
+                key,
+                FalOptions { webhook_url: settings.webhook_url.clone(), inline: inline_policy(&settings) },
+            );
+            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+        }
+    };
+    let pool_outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = store.finish_run(run_id, "fatal", ExitCode::Fatal.code(), "{}").await;
+            if let Some(sim) = sim {
+                sim.shutdown().await;
+            }
+            return Err(e);
+        }
+    };
+
+    let counts = store.run_counts(run_id).await?;
+    let count = |st: JobState| counts.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
+    let (exit, outcome) = decide(&pool_outcome, count(JobState::Failed), count(JobState::Ambiguous));
+    let summary = RunOutcome {
+        version: SUMMARY_VERSION,
+        run_id,
+        outcome: outcome.to_owned(),
+        exit_code: exit.code(),
+        started_at,
+        ended_at: now_ms(),
+        duration_secs: started.elapsed().as_secs_f64(),
+        provider: settings.provider.as_str().to_owned(),
+        model,
+        counts: counts.iter().map(|(s, n)| (s.as_str().to_owned(), *n)).collect(),
+        done_this_run: RunStats::get(&stats.done),
+        failed_this_run: RunStats::get(&stats.failed),
+        submits: RunStats::get(&stats.submits),
+        retries: RunStats::get(&stats.retries),
+        spent: stats.spent(),
+        spent_usd: prices.to_dollars(stats.spent()),
+        unfinished: pool_outcome.unfinished,
+    };
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_else(|_| "{}".into());
+    store.finish_run(run_id, outcome, exit.code(), &json).await?;
+    if let Some(path) = &settings.summary_json {
+        write_summary(path, &json)?;
+    }
+    eprintln!("{}", render_summary(&summary, settings.provider));
+    store.close().await;
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
+    Ok(exit)
+}
+
+/// Maps how the pool ended to the exit code and the outcome word.
+fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64) -> (ExitCode, &'static str) {
+    match pool.stop {
+        Some(Stop::Interrupted) => (ExitCode::Interrupted, "interrupted"),
+        Some(Stop::KeyRejected) => (ExitCode::KeyRejected, "key_rejected"),
+        Some(Stop::OutOfCredits) => (ExitCode::OutOfCredits, "out_of_credits"),
+        Some(Stop::Budget) => (ExitCode::OutOfCredits, "budget"),
+        None if failed > 0 || ambiguous > 0 || pool.unfinished > 0 => (ExitCode::RowsFailed, "rows_failed"),
+        None => (ExitCode::Success, "done"),
+    }
+}
+
+fn other_fatal(e: impl std::fmt::Display) -> Error {
+    Error::Other { message: e.to_string(), exit: ExitCode::Fatal }
+}
+
+fn inline_policy(settings: &Settings) -> providers::http::InlinePolicy {
+    providers::http::InlinePolicy { allow: settings.inline_local_images, max_bytes: settings.inline_max_bytes }
+}
+
+async fn start_simulator(settings: &Settings) -> Result<crate::sim::SimHandle, Error> {
+    let config = match &settings.sim_scenario {
+        Some(path) => crate::sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
+        None => crate::sim::SimConfig::default(),
+    };
+    let sim = crate::sim::start(config).await.map_err(other_fatal)?;
+    info!(base_url = %sim.base_url(), "simulator started");
+    Ok(sim)
+}
+
+fn other_usage(e: impl std::fmt::Display) -> Error {
+    Error::Other { message: e.to_string(), exit: ExitCode::Usage }
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
+async fn drive<P: Provider>(
+    settings: &Settings,
+    store: &Store,
+    provider: P,
+    client: reqwest::Client,
+    prices: &PriceTable,
+    run_id: i64,
+    stats: &Arc<RunStats>,
+    interrupt: CancellationToken,
+) -> Result<PoolOutcome, Error> {
+    let removed = fetch::clean_temp_files(&settings.out)
+        .map_err(|e| Error::io(format!("cleaning temp files in {}", settings.out.display()), e))?;
+    if removed > 0 {
+        info!(files = removed, "removed partial downloads left by an earlier run");
+    }
+    let fetcher =
+        Fetcher::new(client, settings.out.clone(), settings.output_name.clone(), settings.max_download_bytes)
+            .map_err(other_fatal)?;
+    let limit = budget_limit(settings, prices);
+    let spent = store.total_spent().await?;
+    if let Some(limit) = limit {
+        info!(limit, spent, "budget");
+    }
+    let (writer, writer_task) = crate::store::Writer::start(store).await?;
+    let price_table = prices.clone();
+    let pool = Pool {
+        store: store.clone(),
+        writer,
+        provider: Arc::new(provider),
+        fetcher: Arc::new(fetcher),
+        limiter: Arc::new(Limiter::new(settings.rate)),
+        retry: RetryPolicy { max_attempts: settings.max_attempts, base: settings.retry_base, cap: settings.retry_max },
+        poll: PollSchedule { initial: settings.poll_initial, max: settings.poll_max },
+        budget: Arc::new(Budget::new(limit, spent)),
+        unit_price: Arc::new(move |model: &str| price_table.unit_price(model).unwrap_or(0.0)),
+        stats: Arc::clone(stats),
+        run_id,
+        concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
+        limit: settings.limit,
+        low_credit_warning: settings.low_credit_warning,
+        interrupt,
+    };
+    let outcome = scheduler::run(pool).await;
+    // Every worker is gone, so the writer's channel closes and it finishes its last commit.
+    let _ = writer_task.await;
+    Ok(outcome?)
+}
+
+/// The budget in the provider's unit: the tighter of `--max-credits` and `--max-cost`.
+fn budget_limit(settings: &Settings, prices: &PriceTable) -> Option<f64> {
+    let per_dollar = 1.0 / prices.to_dollars(1.0);
+    let from_cost = settings.max_cost.map(|usd| usd * per_dollar);
+    let from_credits = match settings.provider {
+        ProviderKind::Seedance => settings.max_credits,
+        // fal bills dollars; a credit cap there means cents, as on seedance.
+        ProviderKind::Fal => settings.max_credits.map(|c| c * 0.01),
+    };
+    match (from_cost, from_credits) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn write_summary(path: &std::path::Path, json: &str) -> Result<(), Error> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    std::fs::write(path, json).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+fn render_summary(s: &RunOutcome, provider: ProviderKind) -> String {
+    let money = match provider {
+        ProviderKind::Seedance => format!("{:.0} credits (${:.2})", s.spent, s.spent_usd),
+        ProviderKind::Fal => format!("${:.2}", s.spent_usd),
+    };
+    let counts: Vec<String> = s.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!(
+        "run {} {} in {:.1}s: {} done, {} failed this run; {} submits, {} retries; spent {money}\nrows: {}",
+        s.run_id,
+        s.outcome.replace('_', " "),
+        s.duration_secs,
+        s.done_this_run,
+        s.failed_this_run,
+        s.submits,
+        s.retries,
+        counts.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_outrank_failures_and_failures_outrank_success() {
+        let pool = |stop| PoolOutcome { stop, unfinished: 0 };
+        assert_eq!(decide(&pool(None), 0, 0).0, ExitCode::Success);
+        assert_eq!(decide(&pool(None), 2, 0).0, ExitCode::RowsFailed);
+        assert_eq!(decide(&pool(None), 0, 1).0, ExitCode::RowsFailed);
+        assert_eq!(decide(&pool(Some(Stop::Budget)), 2, 0), (ExitCode::OutOfCredits, "budget"));
+        assert_eq!(decide(&pool(Some(Stop::OutOfCredits)), 0, 0).0, ExitCode::OutOfCredits);
+        assert_eq!(decide(&pool(Some(Stop::KeyRejected)), 0, 0).0, ExitCode::KeyRejected);
+        assert_eq!(decide(&pool(Some(Stop::Interrupted)), 3, 0).0, ExitCode::Interrupted);
+    }
+}

@@ -1,0 +1,117 @@
+//! Crash safety: the real binary is killed with SIGKILL at seeded random moments and restarted
+//! until it finishes; the simulator's ledger must show that no row was ever charged twice.
+
+use std::time::Duration;
+
+use backdrop::sim::{Faults, Latency, SimConfig};
+use rand::{Rng, SeedableRng};
+
+use crate::harness::{TestEnv, code, output, stderr};
+
+/// Kills `backdrop run` `kills` times at random moments, then lets it finish. Answers the
+/// number of rows left ambiguous (killed between intent and saved request id).
+async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32, seed: u64) -> i64 {
+    let catalog = env.catalog(rows);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let args = ["--provider", provider, "--concurrency", "6", "--max-attempts", "20"];
+    let mut killed = 0;
+    let mut finished = false;
+    for _ in 0..(kills + 20) {
+        let mut child = env.run_cmd(&catalog, &args).spawn().expect("spawn backdrop");
+        if killed < kills {
+            let at = Duration::from_millis(rng.random_range(60..900));
+            tokio::select! {
+                status = child.wait() => {
+                    // It finished before the kill; fine, keep going.
+                    let status = status.unwrap();
+                    assert!(matches!(status.code(), Some(0 | 3)), "unexpected exit {status:?}");
+                }
+                () = tokio::time::sleep(at) => {
+                    child.start_kill().expect("SIGKILL");
+                    let status = child.wait().await.unwrap();
+                    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+                    killed += 1;
+                }
+            }
+            continue;
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("finishes")
+            .unwrap();
+        let states = env.states().await;
+        let unsettled: i64 = ["pending", "waiting", "submitting", "submitted", "fetching"]
+            .iter()
+            .filter_map(|s| states.get(*s))
+            .sum();
+        if unsettled == 0 {
+            assert!(matches!(out.status.code(), Some(0 | 3)), "{}", String::from_utf8_lossy(&out.stderr));
+            finished = true;
+            break;
+        }
+    }
+    assert!(finished, "the run never settled after {killed} kills");
+    assert_eq!(killed, kills);
+    let states = env.states().await;
+    let done = states.get("done").copied().unwrap_or(0);
+    let ambiguous = states.get("ambiguous").copied().unwrap_or(0);
+    assert_eq!(done + ambiguous, rows as i64, "every row done or ambiguous: {states:?}");
+    assert_eq!(env.verify_outputs().await, usize::try_from(done).unwrap());
+    assert!(env.temp_files().is_empty(), "partial downloads left: {:?}", env.temp_files());
+    assert!(env.double_charges().is_empty(), "charged twice: {:?}", env.double_charges());
+    let store = env.store().await;
+    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(check, "ok");
+    store.close().await;
+    ambiguous
+}
+
+fn crashy() -> SimConfig {
+    let faults = Faults { latency: Latency::Uniform { min_ms: 50, max_ms: 400 }, ..Faults::default() };
+    SimConfig { seed: 11, faults, ..SimConfig::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seedance_sigkill_twelve_times_never_pays_twice() {
+    let env = TestEnv::new(crashy()).await;
+    let ambiguous = kill_and_restart(&env, "seedance", 30, 12, 1).await;
+    eprintln!("seedance crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_sigkill_twelve_times_never_pays_twice() {
+    let env = TestEnv::new(crashy()).await;
+    let ambiguous = kill_and_restart(&env, "fal", 30, 12, 2).await;
+    eprintln!("fal crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_130_and_the_next_run_resumes() {
+    let faults = Faults { latency: Latency::Fixed { ms: 300 }, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(20);
+    let child = env.run_cmd(&catalog, &["--concurrency", "4"]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    send_signal(pid, "TERM");
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let states = env.states().await;
+    assert_eq!(states.get("ambiguous"), None, "a graceful stop never leaves ambiguous rows: {states:?}");
+
+    let again = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert_eq!(env.states().await.get("done"), Some(&20));
+    assert!(env.double_charges().is_empty());
+    assert_eq!(env.sim.ledger().len(), 20);
+}
+
+/// The crate forbids unsafe code, so tests send signals other than SIGKILL with `kill(1)`.
+fn send_signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}

@@ -1,0 +1,184 @@
+//! The test harness: a temp folder with a catalog, a prompt and a state file, the simulator
+//! running in-process on 127.0.0.1:0, and the real `backdrop` binary pointed at it with
+//! millisecond-scale poll and retry settings.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use backdrop::sim::{SimConfig, SimHandle};
+use backdrop::store::Store;
+use sha2::{Digest, Sha256};
+
+/// A key that must never show up anywhere but the Authorization header.
+pub const SENTINEL_KEY: &str = "sk-sentinel-7f3a9c2e5b1d4f60";
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub sim: SimHandle,
+}
+
+impl TestEnv {
+    pub async fn new(config: SimConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim = backdrop::sim::start(config).await.expect("simulator starts");
+        Self { dir, sim }
+    }
+
+    pub async fn plain() -> Self {
+        Self::new(SimConfig::default()).await
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.path("state.db")
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.path("out")
+    }
+
+    /// A catalog of `n` rows whose images the simulator serves.
+    pub fn catalog(&self, n: usize) -> PathBuf {
+        let skus: Vec<String> = (0..n).map(|i| format!("SKU-{i:04}")).collect();
+        self.catalog_with(&skus)
+    }
+
+    pub fn catalog_with(&self, skus: &[String]) -> PathBuf {
+        let mut text = String::from("sku,name,color,image_url\n");
+        for (i, sku) in skus.iter().enumerate() {
+            let name = format!("img{i}");
+            text.push_str(&format!(
+                "\"{}\",Mug {i},blue,{}/__sim/input/{name}.png\n",
+                sku.replace('"', "\"\""),
+                self.sim.base_url()
+            ));
+        }
+        let path = self.path("catalog.csv");
+        std::fs::write(&path, text).expect("write catalog");
+        path
+    }
+
+    pub fn prompt(&self) -> PathBuf {
+        let path = self.path("prompt.txt");
+        std::fs::write(&path, "+++\nmodel = \"seedream-v4-5\"\ntask = \"edit\"\n+++\nPlace the {color} {name} on a polished marble counter\n")
+            .expect("write prompt");
+        path
+    }
+
+    /// `backdrop run` on `catalog` with test-speed settings; `extra` flags win.
+    pub fn run_cmd(&self, catalog: &Path, extra: &[&str]) -> tokio::process::Command {
+        let prompt = self.prompt();
+        let mut cmd = self.cmd();
+        cmd.arg("run")
+            .arg(catalog)
+            .arg("--prompt")
+            .arg(prompt)
+            .arg("--state")
+            .arg(self.state())
+            .arg("--out")
+            .arg(self.out())
+            .args(["--api-base", &self.sim.base_url()])
+            .args(["--poll-initial", "20ms", "--poll-max", "100ms"])
+            .args(["--retry-base", "20ms", "--retry-max", "2s"])
+            .args(["--rate", "1000/s", "--request-timeout", "10s"])
+            .args(extra);
+        cmd
+    }
+
+    /// The binary with the sentinel keys in its environment and nothing else of ours.
+    pub fn cmd(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backdrop"));
+        cmd.current_dir(self.dir.path())
+            .env("SEEDANCE_API_KEY", SENTINEL_KEY)
+            .env("FAL_KEY", SENTINEL_KEY)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true);
+        cmd
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::open(&self.state()).await.expect("open store")
+    }
+
+    /// Rows by state.
+    pub async fn states(&self) -> std::collections::BTreeMap<String, i64> {
+        let store = self.store().await;
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .fetch_all(store.pool())
+            .await
+            .expect("count states");
+        store.close().await;
+        rows.into_iter().collect()
+    }
+
+    /// Checks every recorded output: the file exists inside the output folder, its sha256 and
+    /// size match the store, and it decodes as an image of the recorded size.
+    pub async fn verify_outputs(&self) -> usize {
+        let store = self.store().await;
+        let rows: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT j.sku, o.path, o.sha256, o.bytes, o.width, o.height FROM outputs o JOIN jobs j ON j.id = o.job_id",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("outputs");
+        store.close().await;
+        let out = self.out().canonicalize().expect("out exists");
+        for (sku, path, sha, bytes, w, h) in &rows {
+            let full = out.join(path).canonicalize().expect("output file exists");
+            assert!(full.starts_with(&out), "{sku}: {} escapes the output folder", full.display());
+            let data = std::fs::read(&full).expect("read output");
+            assert_eq!(data.len() as i64, *bytes, "{sku}: size");
+            assert_eq!(&format!("{:x}", Sha256::digest(&data)), sha, "{sku}: sha256");
+            let img = image::load_from_memory(&data).expect("output decodes");
+            assert_eq!((i64::from(img.width()), i64::from(img.height())), (*w, *h), "{sku}: dimensions");
+        }
+        rows.len()
+    }
+
+    /// Files under the output folder that look like partial downloads.
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, found);
+                } else if p.to_string_lossy().contains("backdrop-tmp") {
+                    found.push(p);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.out(), &mut found);
+        found
+    }
+
+    /// Ledger entries whose request body was charged more than once.
+    pub fn double_charges(&self) -> Vec<String> {
+        let mut seen = std::collections::HashMap::new();
+        for charge in self.sim.ledger() {
+            *seen.entry(charge.body_sha256.clone()).or_insert(0) += 1;
+        }
+        seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("{k} x{n}")).collect()
+    }
+}
+
+pub async fn output(mut cmd: tokio::process::Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("backdrop finished within 120 s")
+        .expect("backdrop runs")
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

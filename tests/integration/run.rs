@@ -1,0 +1,251 @@
+//! `backdrop run` end to end: the real binary against the in-process simulator, with real
+//! SQLite, real HTTP on 127.0.0.1 and real PNG files.
+
+use backdrop::sim::{Faults, Latency, ScriptStep, SimConfig};
+
+use crate::harness::{SENTINEL_KEY, TestEnv, code, output, stderr};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seedance_run_finishes_every_row_and_a_second_run_sends_nothing() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(8);
+    let out = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&8));
+    assert_eq!(env.verify_outputs().await, 8);
+    assert_eq!(env.sim.ledger().len(), 8);
+    assert!(env.double_charges().is_empty());
+    assert!(env.temp_files().is_empty());
+
+    let again = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert_eq!(env.sim.ledger().len(), 8, "a finished catalog costs nothing the second time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_run_finishes_every_row_through_the_queue() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(6);
+    let out = output(env.run_cmd(&catalog, &["--provider", "fal"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&6));
+    assert_eq!(env.verify_outputs().await, 6);
+    assert_eq!(env.sim.ledger().len(), 6);
+    let store = env.store().await;
+    let (with_urls,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM jobs WHERE status_url IS NOT NULL AND response_url IS NOT NULL AND cancel_url IS NOT NULL",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(with_urls, 6, "fal's three URLs are stored with the request id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_cap_is_held_and_reached() {
+    let faults = Faults { latency: Latency::Fixed { ms: 150 }, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(24);
+    let out = output(env.run_cmd(&catalog, &["--concurrency", "4"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stats = env.sim.stats();
+    assert_eq!(stats.peak_in_flight, 4, "at most 4 in flight, and the pool fills up: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_in_every_one_second_window() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(12);
+    let out = output(env.run_cmd(&catalog, &["--rate", "5/s", "--concurrency", "10"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stats = env.sim.stats();
+    assert!(stats.peak_submits_per_second <= 5, "{stats:?}");
+    assert_eq!(env.sim.ledger().len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_with_retry_after_is_waited_out() {
+    let script = vec![ScriptStep { count: 6, status: 429, retry_after_secs: Some(1), drop: false }];
+    let env = TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() }).await;
+    let catalog = env.catalog(5);
+    let out = output(env.run_cmd(&catalog, &["--max-attempts", "10"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&5));
+    assert_eq!(env.sim.ledger().len(), 5, "429s are never charged and never double-charge");
+    assert!(env.double_charges().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_always_says_429_cannot_hold_a_row_forever() {
+    let script = vec![ScriptStep { count: 1000, status: 429, retry_after_secs: Some(1), drop: false }];
+    let env = TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() }).await;
+    let catalog = env.catalog(2);
+    let out = output(env.run_cmd(&catalog, &["--max-attempts", "3", "--retry-max", "100ms"])).await;
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("failed"), Some(&2));
+    assert!(env.sim.ledger().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_burst_is_retried_to_completion() {
+    let script = vec![ScriptStep { count: 8, status: 500, retry_after_secs: None, drop: false }];
+    let env = TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() }).await;
+    let catalog = env.catalog(6);
+    let out = output(env.run_cmd(&catalog, &["--max-attempts", "8"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&6));
+    assert_eq!(env.sim.ledger().len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_downloads_are_fetched_again() {
+    let faults = Faults { truncate_rate: 0.5, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { seed: 7, faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(8);
+    let out = output(env.run_cmd(&catalog, &["--max-attempts", "10"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.verify_outputs().await, 8);
+    assert_eq!(env.sim.ledger().len(), 8, "a bad download is fetched again, never paid again");
+    assert!(env.temp_files().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_submit_becomes_ambiguous_and_is_not_resubmitted() {
+    let script = vec![ScriptStep { count: 1, status: 0, retry_after_secs: None, drop: true }];
+    let env = TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() }).await;
+    let catalog = env.catalog(3);
+    let out = output(env.run_cmd(&catalog, &["--concurrency", "1"])).await;
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let states = env.states().await;
+    assert_eq!(states.get("ambiguous"), Some(&1), "{states:?}");
+    assert_eq!(states.get("done"), Some(&2), "{states:?}");
+    let charged = env.sim.ledger().len();
+    assert_eq!(charged, 3, "the dropped submit was charged by the server");
+
+    let again = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&again), 3, "ambiguous rows still need a decision: {}", stderr(&again));
+    assert_eq!(env.sim.ledger().len(), charged, "an ambiguous row is never resubmitted on its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_credits_stops_then_a_top_up_finishes_the_rest() {
+    // 8 credits per image: enough for exactly three rows.
+    let env = TestEnv::new(SimConfig { credits: 24.0, ..SimConfig::default() }).await;
+    let catalog = env.catalog(6);
+    let out = output(env.run_cmd(&catalog, &["--concurrency", "1"])).await;
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let states = env.states().await;
+    assert_eq!(states.get("done"), Some(&3), "{states:?}");
+    assert_eq!(states.get("pending"), Some(&3), "{states:?}");
+
+    env.sim.set_credits(1000.0);
+    let again = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert_eq!(env.states().await.get("done"), Some(&6));
+    assert_eq!(env.sim.ledger().len(), 6);
+    assert!(env.double_charges().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_key_stops_the_run_with_exit_5() {
+    let env = TestEnv::plain().await;
+    env.sim.revoke_keys(true);
+    let catalog = env.catalog(4);
+    let out = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(env.sim.ledger().is_empty());
+    assert_eq!(env.states().await.get("pending"), Some(&4), "nothing charged, nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_cap_holds_with_twenty_workers() {
+    let faults = Faults { latency: Latency::Fixed { ms: 50 }, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(40);
+    // 8 credits per row: 100 credits buys 12 rows, never 13.
+    let out = output(env.run_cmd(&catalog, &["--concurrency", "20", "--max-credits", "100"])).await;
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert_eq!(env.sim.ledger().len(), 12);
+    assert_eq!(env.states().await.get("done"), Some(&12));
+    let again = output(env.run_cmd(&catalog, &["--concurrency", "20", "--max-credits", "100"])).await;
+    assert_eq!(code(&again), 4, "the budget counts what earlier runs spent: {}", stderr(&again));
+    assert_eq!(env.sim.ledger().len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_key_is_an_error_before_anything_is_sent() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(2);
+    let mut cmd = env.run_cmd(&catalog, &[]);
+    cmd.env_remove("SEEDANCE_API_KEY");
+    let out = output(cmd).await;
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("SEEDANCE_API_KEY"));
+    assert_eq!(env.sim.stats().total_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_state_file_refuses_to_start() {
+    let faults = Faults { latency: Latency::Fixed { ms: 400 }, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(6);
+    let first = env.run_cmd(&catalog, &["--concurrency", "1"]).spawn().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&second), 2, "{}", stderr(&second));
+    assert!(stderr(&second).contains("another backdrop run"), "{}", stderr(&second));
+    let first = first.wait_with_output().await.unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_never_reaches_logs_the_store_or_the_outputs() {
+    let script = vec![
+        ScriptStep { count: 1, status: 500, retry_after_secs: None, drop: false },
+        ScriptStep { count: 1, status: 429, retry_after_secs: Some(1), drop: false },
+        ScriptStep { count: 1, status: 400, retry_after_secs: None, drop: false },
+    ];
+    let env = TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() }).await;
+    let catalog = env.catalog(4);
+    let out = output(env.run_cmd(&catalog, &["-vv", "--summary-json", "summary.json"])).await;
+    let json = output(env.run_cmd(&catalog, &["--log-format", "json", "-v"])).await;
+    for (what, bytes) in [("stderr", &out.stderr), ("stdout", &out.stdout), ("json logs", &json.stderr)] {
+        assert!(!String::from_utf8_lossy(bytes).contains(SENTINEL_KEY), "key in {what}");
+    }
+    let mut files = Vec::new();
+    collect(env.dir.path(), &mut files);
+    assert!(files.len() > 3);
+    for f in files {
+        let data = std::fs::read(&f).unwrap();
+        assert!(
+            !data.windows(SENTINEL_KEY.len()).any(|w| w == SENTINEL_KEY.as_bytes()),
+            "key in {}",
+            f.display()
+        );
+    }
+}
+
+fn collect(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() { collect(&p, found) } else { found.push(p) }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nasty_skus_stay_inside_the_output_folder_and_never_collide() {
+    let env = TestEnv::plain().await;
+    let skus: Vec<String> = ["../../etc/x", "a/b", "a_b", "..", "CON", "abc", "ABC", &"Z".repeat(300), "tab\there"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let catalog = env.catalog_with(&skus);
+    let out = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.verify_outputs().await, skus.len());
+    let store = env.store().await;
+    let paths: Vec<(String,)> = sqlx::query_as("SELECT lower(path) FROM outputs").fetch_all(store.pool()).await.unwrap();
+    let unique: std::collections::HashSet<_> = paths.iter().collect();
+    assert_eq!(unique.len(), skus.len(), "no two SKUs share a file, even ignoring case");
+    assert!(!env.dir.path().join("etc").exists());
+}
