@@ -482,3 +482,49 @@ mod tests {
         assert!(err.to_string().contains("--output-name"));
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use clap::CommandFactory;
+
+    /// The shipped example, with its commented settings switched on.
+    fn uncommented() -> String {
+        let text = include_str!("../backdrop.example.toml");
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") || rest.starts_with('[') || rest.starts_with('"') => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_example_config_parses_with_every_setting_on() {
+        let args = super::parse_file(std::path::Path::new("backdrop.example.toml"), &uncommented()).unwrap();
+        assert_eq!(args.concurrency, Some(5));
+        assert!(args.prices.is_some_and(|p| p.len() == 2));
+    }
+
+    #[test]
+    fn the_example_config_has_a_key_for_every_run_flag() {
+        let text = uncommented();
+        let cli = crate::cli::Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let mut missing = Vec::new();
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long().map(str::to_owned).or_else(|| {
+                arg.is_positional().then(|| arg.get_id().as_str().to_owned())
+            }) else {
+                continue;
+            };
+            if ["config", "verbose", "quiet", "log-format", "help"].contains(&long.as_str()) {
+                continue;
+            }
+            if !text.lines().any(|l| l.starts_with(&format!("{long} = "))) {
+                missing.push(long);
+            }
+        }
+        assert!(missing.is_empty(), "backdrop.example.toml lacks {missing:?}");
+    }
+}

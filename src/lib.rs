@@ -17,6 +17,7 @@
 //! - [`job`]: the shape of one job (task, params) shared by planner and providers.
 //! - [`provider`]: the provider trait and its two protocols (seedance, fal).
 //! - [`fetch`]: verified, durable downloads of output images.
+//! - [`progress`]: the progress bar and the log writer that keeps logs off it.
 //! - [`report`]: csv, json and html reports built from the store.
 //! - [`sim`]: the local simulator of both APIs, with money and fault injection.
 //! - [`command`]: one function per subcommand; [`exit`]: the exit codes; [`error`]: the
@@ -32,6 +33,7 @@ pub mod fetch;
 pub mod job;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod prompt;
 pub mod provider;
 pub mod report;

@@ -34,17 +34,27 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(global: &GlobalArgs) {
-    let default = match (global.quiet, global.verbose) {
+    let level = match (global.quiet, global.verbose) {
         (true, _) => "error",
         (false, 0) => "info",
         (false, 1) => "debug",
         (false, _) => "trace",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default},sqlx=warn,hyper=warn,reqwest=warn,axum=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Per-row events (submitted, retrying, done) are info: every one of them in JSON logs for
+    // shippers, but on a terminal only with -v, where the progress bar says the same thing.
+    let rows = match (global.log_format, global.verbose, global.quiet) {
+        (_, _, true) => "error",
+        (LogFormat::Text, 0, false) => "warn",
+        _ => level,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{level},backdrop::pipeline::scheduler={rows},sqlx=warn,hyper=warn,reqwest=warn,axum=warn,h2=warn"
+        ))
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(backdrop::progress::LogWriter);
     match global.log_format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.with_target(false).init(),
     }
 }

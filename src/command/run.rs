@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cli::{GlobalArgs, ProviderKind, RunArgs};
+use crate::cli::{GlobalArgs, LogFormat, ProviderKind, RunArgs};
 use crate::config::{self, ApiKey, Settings};
 use crate::error::Error;
 use crate::exit::ExitCode;
@@ -20,6 +20,7 @@ use crate::pipeline::retry::{PollSchedule, RetryPolicy};
 use crate::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
 use crate::pipeline::stats::RunStats;
 use crate::plan::{self, PriceTable};
+use crate::progress;
 use crate::provider::Provider;
 use crate::provider::fal::{Fal, FalOptions};
 use crate::provider::seedance::{Seedance, SeedanceOptions};
@@ -133,6 +134,16 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
 
     let prices = PriceTable::new(settings.provider, &settings.prices);
     let stats = Arc::new(RunStats::default());
+    let bar_done = CancellationToken::new();
+    let json_logs = global.log_format == LogFormat::Json;
+    let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress).then(|| {
+        let money = match settings.provider {
+            ProviderKind::Seedance => progress::Money::Credits,
+            ProviderKind::Fal => progress::Money::Dollars,
+        };
+        progress::spawn(Arc::clone(&stats), money, bar_done.clone())
+    });
+    info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
     let result = match settings.provider {
         ProviderKind::Seedance => {
             let client = providers::http::client(settings.request_timeout).map_err(other_fatal)?;
@@ -159,6 +170,10 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
     };
+    bar_done.cancel();
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
     let pool_outcome = match result {
         Ok(o) => o,
         Err(e) => {
@@ -194,6 +209,8 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
     };
     let json = serde_json::to_string_pretty(&summary).unwrap_or_else(|_| "{}".into());
     store.finish_run(run_id, outcome, exit.code(), &json).await?;
+    info!(run_id, outcome, exit_code = exit.code(), done = summary.done_this_run, failed = summary.failed_this_run,
+        spent = summary.spent, "run finished");
     if let Some(path) = &settings.summary_json {
         write_summary(path, &json)?;
     }

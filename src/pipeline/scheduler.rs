@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -92,9 +93,36 @@ struct Shared<P: Provider> {
     /// Cancelled when everything must stop now (401, interrupt).
     stop_all: CancellationToken,
     low_credit_warned: std::sync::atomic::AtomicBool,
+    /// Fastest submit-to-completed time seen in this run, in microseconds (`u64::MAX`: none yet).
+    fastest_us: AtomicU64,
 }
 
 impl<P: Provider> Shared<P> {
+    fn learned_latency(&self) -> Option<Duration> {
+        match self.fastest_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn observe_latency(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1);
+        self.fastest_us.fetch_min(us, Ordering::Relaxed);
+    }
+
+    /// After the first poll, poll in steps of a tenth of the learned latency (at least 10 ms),
+    /// growing to `--poll-max`; before anything is learned, the configured schedule.
+    fn poll_schedule(&self) -> PollSchedule {
+        let configured = self.pool.poll;
+        match self.learned_latency() {
+            Some(l) => PollSchedule {
+                initial: (l / 10).clamp(Duration::from_millis(10), configured.initial.max(Duration::from_millis(10))),
+                max: configured.max,
+            },
+            None => configured,
+        }
+    }
+
     fn stop(&self, why: Stop) {
         let mut stop = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if stop.is_none() {
@@ -160,6 +188,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         pool,
         stop: Mutex::new(None),
         low_credit_warned: std::sync::atomic::AtomicBool::new(false),
+        fastest_us: AtomicU64::new(u64::MAX),
     });
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
@@ -294,7 +323,7 @@ fn record<P: Provider>(
 async fn work<P: Provider>(shared: &Shared<P>, job: StoredJob) -> Result<JobEnd, StoreError> {
     match job.state {
         JobState::Submitted => match &job.request {
-            Some(request) => poll_phase(shared, &job, request.clone()).await,
+            Some(request) => poll_phase(shared, &job, request.clone(), None).await,
             None => fail(shared, &job, None, "submitted without a request id (corrupt row)").await,
         },
         JobState::Fetching => {
@@ -303,7 +332,7 @@ async fn work<P: Provider>(shared: &Shared<P>, job: StoredJob) -> Result<JobEnd,
                 Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result).await,
                 // The result was lost; poll again if we can, the outputs are still paid for.
                 _ => match &job.request {
-                    Some(request) => poll_phase(shared, &job, request.clone()).await,
+                    Some(request) => poll_phase(shared, &job, request.clone(), None).await,
                     None => fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await,
                 },
             }
@@ -381,17 +410,15 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                 shared.pool.budget.charge(reservation, price);
                 shared.pool.stats.add_spent(price);
                 let end = AttemptEnd { status_code: Some(200), latency_ms, ..AttemptEnd::default() };
+                // Queued at once, not awaited: polling can start while the writer commits it,
+                // and the writer's order guarantees it is durable before any later change.
                 shared
-                    .commit(Change::Accepted {
-                        job_id: spec.id,
-                        attempt_id,
-                        request: request.clone(),
-                        charged: price,
-                        end,
-                    })
+                    .pool
+                    .writer
+                    .send(Change::Accepted { job_id: spec.id, attempt_id, request: request.clone(), charged: price, end })
                     .await?;
                 let accepted = StoredJob { credits: job.credits + price, ..job.clone() };
-                return poll_phase(shared, &accepted, request).await;
+                return poll_phase(shared, &accepted, request, Some(started)).await;
             }
             Ok(Submission::Completed { request_id, result }) => {
                 let charged = result.charged.unwrap_or(price);
@@ -401,7 +428,9 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                 shared.note_credits_remaining(&result);
                 let end = AttemptEnd { status_code: Some(200), latency_ms, ..AttemptEnd::default() };
                 shared
-                    .commit(Change::Completed {
+                    .pool
+                    .writer
+                    .send(Change::Completed {
                         job_id: spec.id,
                         attempt_id: Some(attempt_id),
                         request_id: request_id.clone(),
@@ -489,11 +518,18 @@ async fn poll_phase<P: Provider>(
     shared: &Shared<P>,
     job: &StoredJob,
     request: RequestRef,
+    submitted_at: Option<Instant>,
 ) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
     let mut errors: u32 = 0;
+    let schedule = shared.poll_schedule();
     loop {
-        let delay = shared.pool.poll.delay(polls);
+        let delay = match (polls, shared.learned_latency()) {
+            // The first poll goes when the fastest job of this run so far was ready: short jobs
+            // are not held back by a fixed first delay, long ones are not polled early.
+            (0, Some(learned)) => learned.saturating_sub(submitted_at.map_or(Duration::ZERO, |t| t.elapsed())),
+            _ => schedule.delay(polls + 1, rand::random::<f64>()),
+        };
         if !shared.sleep(delay, &shared.stop_all).await {
             return Ok(JobEnd::Left);
         }
@@ -504,6 +540,9 @@ async fn poll_phase<P: Provider>(
                 debug!(polls, queue_position, "still running");
             }
             Ok(PollOutcome::Completed(result)) => {
+                if let Some(t) = submitted_at {
+                    shared.observe_latency(t.elapsed());
+                }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.
                 let delta = result.charged.map_or(0.0, |c| c - job.credits).max(-job.credits);
@@ -513,7 +552,9 @@ async fn poll_phase<P: Provider>(
                     shared.pool.stats.add_spent(delta);
                 }
                 shared
-                    .commit(Change::Completed {
+                    .pool
+                    .writer
+                    .send(Change::Completed {
                         job_id: job.spec.id,
                         attempt_id: None,
                         request_id: None,

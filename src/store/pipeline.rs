@@ -158,7 +158,8 @@ pub enum Change {
 
 struct Op {
     change: Change,
-    reply: oneshot::Sender<Result<i64, StoreError>>,
+    /// `None` for changes sent without waiting ([`Writer::send`]).
+    reply: Option<oneshot::Sender<Result<i64, StoreError>>>,
 }
 
 /// The single writer of job state changes. Cheap to clone; every clone feeds one task that
@@ -187,15 +188,30 @@ impl Writer {
     /// The database error, or [`StoreError::Corrupt`] when the writer has stopped.
     pub async fn commit(&self, change: Change) -> Result<i64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Op { change, reply })
-            .await
-            .map_err(|_| StoreError::Corrupt("the state writer has stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Corrupt("the state writer has stopped".into()))?
+        self.tx.send(Op { change, reply: Some(reply) }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Queues `change` without waiting for its commit. Changes are committed in the order they
+    /// are queued, so a later awaited [`Writer::commit`] of the same job is durable only after
+    /// this one; if this one fails, the writer refuses every later change, so the failure
+    /// surfaces at the next awaited commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when the writer has stopped.
+    pub async fn send(&self, change: Change) -> Result<(), StoreError> {
+        self.tx.send(Op { change, reply: None }).await.map_err(|_| stopped())
     }
 }
 
+fn stopped() -> StoreError {
+    StoreError::Corrupt("the state writer has stopped".into())
+}
+
 async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
+    // Set once a change nobody waits for could not be committed: from then on every change is
+    // refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
+    let mut poisoned: Option<String> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -204,23 +220,39 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        if let Some(why) = &poisoned {
+            for op in batch {
+                reply(op, Err(StoreError::Corrupt(format!("an earlier state change failed: {why}"))));
+            }
+            continue;
+        }
         match apply_batch(&mut conn, &batch).await {
             Ok(ids) => {
                 for (op, id) in batch.into_iter().zip(ids) {
-                    // The worker may have been cancelled meanwhile; its change is durable anyway.
-                    let _ = op.reply.send(Ok(id));
+                    reply(op, Ok(id));
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, changes = batch.len(), "group commit failed; committing one by one");
                 for op in batch {
                     let res = apply_batch(&mut conn, std::slice::from_ref(&op)).await.map(|ids| ids[0]);
-                    let _ = op.reply.send(res);
+                    if let (Err(e), None) = (&res, &op.reply) {
+                        tracing::error!(error = %e, "a state change failed; refusing every later one");
+                        poisoned.get_or_insert_with(|| e.to_string());
+                    }
+                    reply(op, res);
                 }
             }
         }
     }
     let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await;
+}
+
+fn reply(op: Op, result: Result<i64, StoreError>) {
+    if let Some(reply) = op.reply {
+        // The worker may have been cancelled meanwhile; its change is durable anyway.
+        let _ = reply.send(result);
+    }
 }
 
 async fn apply_batch(conn: &mut SqliteConnection, batch: &[Op]) -> Result<Vec<i64>, StoreError> {

@@ -1,5 +1,6 @@
 //! The integration test binary: every end-to-end test, compiled once.
 
 mod harness;
+mod chaos;
 mod crash;
 mod run;

@@ -1,0 +1,137 @@
+//! The chaos suite: seeded scenarios that mix latency, 429 storms with Retry-After, 5xx bursts,
+//! dropped connections, truncated downloads and webhook mishaps, while the real binary is
+//! killed with SIGKILL or SIGTERM at random moments and restarted until it finishes. After each
+//! scenario: every row done, failed with a reason, or ambiguous (counted apart); nothing charged
+//! twice; every file matches its sha256; no temp files; the database is intact; the sentinel key
+//! is nowhere. `BACKDROP_SOAK=1` runs hundreds of kills and prints the totals.
+
+use std::time::Duration;
+
+use backdrop::sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
+use rand::{Rng, SeedableRng};
+
+use crate::harness::{SENTINEL_KEY, TestEnv};
+
+#[derive(Debug, Default)]
+struct Totals {
+    kills: u32,
+    terms: u32,
+    runs: u32,
+    done: i64,
+    failed: i64,
+    ambiguous: i64,
+    charges: usize,
+}
+
+fn scenario(seed: u64) -> SimConfig {
+    let faults = Faults {
+        latency: Latency::Lognormal { median_ms: 80, p99_ms: 600 },
+        rate_limit_per_sec: Some(40),
+        error_rate: 0.08,
+        poll_error_rate: 0.05,
+        drop_rate: 0.02,
+        truncate_rate: 0.1,
+        script: vec![ScriptStep { count: 4, status: 429, retry_after_secs: Some(1), drop: false }],
+        bursts: vec![Burst { after_secs: 1.0, duration_secs: 0.5, status: 503 }],
+        ..Faults::default()
+    };
+    SimConfig { seed, faults, ..SimConfig::default() }
+}
+
+async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32, totals: &mut Totals) {
+    let env = TestEnv::new(scenario(seed)).await;
+    let catalog = env.catalog(rows);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let args = ["--provider", provider, "--concurrency", "8", "--max-attempts", "12", "--rate", "50/s"];
+    let mut logs = Vec::new();
+    let mut interrupted = 0;
+    let mut settled = false;
+    for _ in 0..(interruptions + 30) {
+        let mut cmd = env.run_cmd(&catalog, &args);
+        cmd.arg("-v").stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        totals.runs += 1;
+        if interrupted < interruptions {
+            let at = Duration::from_millis(rng.random_range(50..1200));
+            let term = rng.random_bool(0.3);
+            tokio::select! {
+                _ = child.wait() => {}
+                () = tokio::time::sleep(at) => {
+                    if term {
+                        let pid = child.id().expect("pid");
+                        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+                        totals.terms += 1;
+                    } else {
+                        let _ = child.start_kill();
+                        totals.kills += 1;
+                    }
+                    interrupted += 1;
+                }
+            }
+            let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("exits after a signal")
+                .expect("wait");
+            logs.push(out.stderr);
+            continue;
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("finishes")
+            .expect("wait");
+        logs.push(out.stderr);
+        let states = env.states().await;
+        let open: i64 = ["pending", "waiting", "submitting", "submitted", "fetching"]
+            .iter()
+            .filter_map(|s| states.get(*s))
+            .sum();
+        if open == 0 {
+            assert!(matches!(out.status.code(), Some(0 | 3)), "seed {seed}: exit {:?}", out.status);
+            settled = true;
+            break;
+        }
+    }
+    assert!(settled, "seed {seed}: never settled");
+    let states = env.states().await;
+    let (done, failed, ambiguous) = (
+        states.get("done").copied().unwrap_or(0),
+        states.get("failed").copied().unwrap_or(0),
+        states.get("ambiguous").copied().unwrap_or(0),
+    );
+    assert_eq!(done + failed + ambiguous, rows as i64, "seed {seed}: {states:?}");
+    let store = env.store().await;
+    let (reasonless,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state IN ('failed', 'ambiguous') AND (error IS NULL OR error = '')")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(reasonless, 0, "seed {seed}: every failed or ambiguous row keeps its reason");
+    let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(check, "ok");
+    store.close().await;
+    assert_eq!(env.verify_outputs().await, usize::try_from(done).unwrap());
+    assert!(env.temp_files().is_empty(), "seed {seed}: temp files {:?}", env.temp_files());
+    assert!(env.double_charges().is_empty(), "seed {seed}: charged twice {:?}", env.double_charges());
+    for log in &logs {
+        assert!(!String::from_utf8_lossy(log).contains(SENTINEL_KEY), "seed {seed}: key in a log");
+    }
+    let db = std::fs::read(env.state()).unwrap();
+    assert!(!db.windows(SENTINEL_KEY.len()).any(|w| w == SENTINEL_KEY.as_bytes()), "key in the database");
+    totals.done += done;
+    totals.failed += failed;
+    totals.ambiguous += ambiguous;
+    totals.charges += env.sim.ledger().len();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_mixed_faults_with_kills_and_terms() {
+    let soak = std::env::var("BACKDROP_SOAK").is_ok_and(|v| v == "1");
+    let (scenarios, interruptions, rows) = if soak { (20, 15, 60) } else { (4, 5, 24) };
+    let mut totals = Totals::default();
+    for seed in 0..scenarios {
+        let provider = if seed % 2 == 0 { "seedance" } else { "fal" };
+        run_scenario(1000 + seed, provider, rows, interruptions, &mut totals).await;
+    }
+    eprintln!("chaos totals: {totals:?}");
+    assert!(totals.kills + totals.terms >= scenarios as u32 * interruptions - scenarios as u32);
+}
