@@ -920,6 +920,22 @@ mod tests {
         assert_eq!(h.jwks.hits(), 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_deliveries_share_one_key_fetch() {
+        let h = Arc::new(harness(ProviderKind::Fal, KeyPolicy::default()).await);
+        let ids: Vec<String> = (0..16).map(|i| format!("burst-{i}")).collect();
+        let posts = ids.iter().cloned().map(|id| {
+            let h = Arc::clone(&h);
+            tokio::spawn(async move { h.post_signed(&fal_key(), &id, unix_now(), &fal_body(&id)).await })
+        });
+        for status in futures::future::join_all(posts).await {
+            assert_eq!(status.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(h.jwks.hits(), 1, "deliveries wait for the fetch in flight instead of starting their own");
+        assert!(ids.iter().all(|id| h.is_delivered(id)));
+        assert_eq!(h.hooks.counts().accepted, 16);
+    }
+
     #[tokio::test]
     async fn a_rotated_key_is_picked_up_by_a_refetch() {
         let policy = KeyPolicy { min_refetch: Duration::ZERO, ..KeyPolicy::default() };
