@@ -5,3 +5,4 @@
 pub mod budget;
 pub mod scheduler;
 pub mod stats;
+pub mod webhook;
