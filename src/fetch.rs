@@ -154,7 +154,12 @@ pub struct Fetcher {
 impl Fetcher {
     /// A fetcher writing under `out_dir` with names from `name_template` (see [`output_path`]).
     #[must_use]
-    pub fn new(client: reqwest::Client, out_dir: impl Into<PathBuf>, name_template: impl Into<String>, max_bytes: u64) -> Self {
+    pub fn new(
+        client: reqwest::Client,
+        out_dir: impl Into<PathBuf>,
+        name_template: impl Into<String>,
+        max_bytes: u64,
+    ) -> Self {
         Self { client, out_dir: out_dir.into(), name_template: name_template.into(), max_bytes }
     }
 
@@ -442,7 +447,9 @@ fn sku_component(sku: &str) -> String {
 fn is_verbatim(sku: &str) -> bool {
     !sku.is_empty()
         && sku.len() <= MAX_COMPONENT
-        && sku.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && sku
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
         && !sku.starts_with('.')
         && !sku.ends_with('.')
         && !is_windows_reserved(sku)
@@ -485,9 +492,44 @@ mod tests {
 
     fn nasty() -> Vec<String> {
         let mut v: Vec<String> = [
-            "a/b", "a_b", "a\\b", "..", ".", "", "...", "CON", "con", "NUL", "NUL.TXT", "COM1", "LPT9", "COM",
-            "ABC", "abc", "Abc", "ABC.", "ABC~1", "abc~", "a\0b", "a\nb", "a\tb", "/etc/passwd", "../../x",
-            "C:\\x", "C:", "~", "-", "_", ".hidden", "é", "E\u{301}", "É", "sku 1", "SKU 1", "SKU_1", "SKU-1",
+            "a/b",
+            "a_b",
+            "a\\b",
+            "..",
+            ".",
+            "",
+            "...",
+            "CON",
+            "con",
+            "NUL",
+            "NUL.TXT",
+            "COM1",
+            "LPT9",
+            "COM",
+            "ABC",
+            "abc",
+            "Abc",
+            "ABC.",
+            "ABC~1",
+            "abc~",
+            "a\0b",
+            "a\nb",
+            "a\tb",
+            "/etc/passwd",
+            "../../x",
+            "C:\\x",
+            "C:",
+            "~",
+            "-",
+            "_",
+            ".hidden",
+            "é",
+            "E\u{301}",
+            "É",
+            "sku 1",
+            "SKU 1",
+            "SKU_1",
+            "SKU-1",
         ]
         .iter()
         .map(|s| (*s).to_owned())

@@ -28,7 +28,9 @@ pub struct Limiter {
 #[must_use]
 pub fn quota(rate: Rate) -> Quota {
     let interval = (rate.period / rate.count.max(1)).max(Duration::from_nanos(1));
-    Quota::with_period(interval).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX)).allow_burst(NonZeroU32::MIN)
+    Quota::with_period(interval)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(NonZeroU32::MIN)
 }
 
 impl Limiter {

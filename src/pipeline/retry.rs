@@ -76,7 +76,12 @@ impl RetryPolicy {
 
     /// [`RetryPolicy::next_delay`] with a given jitter sample.
     #[must_use]
-    pub fn next_delay_with(&self, attempt: u32, server_retry_after: Option<Duration>, unit: f64) -> Option<Duration> {
+    pub fn next_delay_with(
+        &self,
+        attempt: u32,
+        server_retry_after: Option<Duration>,
+        unit: f64,
+    ) -> Option<Duration> {
         if attempt >= self.max_attempts {
             return None;
         }

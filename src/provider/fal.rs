@@ -90,7 +90,12 @@ impl Fal {
     /// # Errors
     /// [`ProviderError::Input`] when the base URL is not an http(s) URL or the key cannot be put
     /// in a header.
-    pub fn new(client: reqwest::Client, base_url: &str, key: ApiKey, opts: FalOptions) -> Result<Self, ProviderError> {
+    pub fn new(
+        client: reqwest::Client,
+        base_url: &str,
+        key: ApiKey,
+        opts: FalOptions,
+    ) -> Result<Self, ProviderError> {
         match url::Url::parse(base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => return Err(ProviderError::Input(format!("API base {base_url:?} is not an http(s) URL"))),
@@ -187,9 +192,10 @@ impl Provider for Fal {
         }
         let answer = http::send(request, &self.auth, "fal submit").await?;
         let queued: Queued = answer.json("fal submit answer", &self.auth)?;
-        let request_id = queued.request_id.filter(|id| !id.is_empty()).ok_or_else(|| {
-            ProviderError::Decode("fal submit answer has no request_id".into())
-        })?;
+        let request_id = queued
+            .request_id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| ProviderError::Decode("fal submit answer has no request_id".into()))?;
         // Without these the request cannot be followed (rebuilt URLs 404 for some models), so it
         // is reported as undecodable: the pipeline treats the submit as ambiguous.
         let (Some(status_url), Some(response_url)) = (queued.status_url, queued.response_url) else {
@@ -305,7 +311,10 @@ mod tests {
 
     #[test]
     fn image_size_is_an_object_or_a_name() {
-        assert_eq!(image_size(&job(Some("2048x1536"))), Some(serde_json::json!({"width": 2048, "height": 1536})));
+        assert_eq!(
+            image_size(&job(Some("2048x1536"))),
+            Some(serde_json::json!({"width": 2048, "height": 1536}))
+        );
         assert_eq!(image_size(&job(Some("square_hd"))), Some(Value::String("square_hd".into())));
         assert_eq!(image_size(&job(None)), None);
     }

@@ -122,11 +122,12 @@ impl Answer {
 /// # Errors
 /// Any [`ProviderError`] but `Generation` and `Input`.
 pub async fn send(request: RequestBuilder, auth: &Auth, what: &str) -> Result<Answer, ProviderError> {
-    let response = request
-        .header(reqwest::header::AUTHORIZATION, auth.header.clone())
-        .send()
-        .await
-        .map_err(|e| transport_error(&e, what, auth))?;
+    let response =
+        request.header(reqwest::header::AUTHORIZATION, auth.header.clone()).send().await.map_err(|e| {
+            let error = transport_error(&e, what, auth);
+            tracing::debug!(what, %error, "no answer");
+            error
+        })?;
     let status = response.status();
     let headers = response.headers().clone();
     // A body cut short after a 2xx head on a submit is a request the server took: ambiguous.
@@ -134,7 +135,9 @@ pub async fn send(request: RequestBuilder, auth: &Auth, what: &str) -> Result<An
     if status.is_success() {
         Ok(Answer { status, headers, body })
     } else {
-        Err(error_from_response(status, &headers, &body, SystemTime::now(), auth))
+        let error = error_from_response(status, &headers, &body, SystemTime::now(), auth);
+        tracing::debug!(what, %error, "error answer");
+        Err(error)
     }
 }
 
@@ -243,7 +246,11 @@ fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
 fn describe_detail(item: &Value) -> String {
     let msg = item.get("msg").and_then(Value::as_str).map_or_else(|| item.to_string(), str::to_owned);
     let loc = item.get("loc").and_then(Value::as_array).map(|parts| {
-        parts.iter().map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned)).collect::<Vec<_>>().join(".")
+        parts
+            .iter()
+            .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(".")
     });
     match loc {
         Some(loc) if !loc.is_empty() => format!("{loc}: {msg}"),
@@ -318,7 +325,9 @@ pub async fn resolve_input(input: &str, policy: InlinePolicy) -> Result<String, 
     }
     let path = Path::new(input);
     if !path.is_absolute() {
-        return Err(ProviderError::Input(format!("{input:?} is neither an http(s) URL nor an absolute path")));
+        return Err(ProviderError::Input(format!(
+            "{input:?} is neither an http(s) URL nor an absolute path"
+        )));
     }
     if !policy.allowed {
         return Err(ProviderError::Input(format!(
@@ -402,7 +411,13 @@ mod tests {
     #[test]
     fn seedance_error_bodies_keep_code_message_and_credit_numbers() {
         let body = br#"{"error":{"code":"insufficient_credits","message":"Not enough credits","credits_required":16,"credits_available":3}}"#;
-        let e = error_from_response(StatusCode::PAYMENT_REQUIRED, &HeaderMap::new(), body, SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::PAYMENT_REQUIRED,
+            &HeaderMap::new(),
+            body,
+            SystemTime::now(),
+            &auth(),
+        );
         let ProviderError::Http { status, code, message, .. } = &e else { panic!("{e:?}") };
         assert_eq!(*status, 402);
         assert_eq!(code.as_deref(), Some("insufficient_credits"));
@@ -415,7 +430,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-fal-retryable", HeaderValue::from_static("true"));
         headers.insert("x-fal-error-type", HeaderValue::from_static("validation_error"));
-        let e = error_from_response(StatusCode::UNPROCESSABLE_ENTITY, &headers, body, SystemTime::now(), &auth());
+        let e =
+            error_from_response(StatusCode::UNPROCESSABLE_ENTITY, &headers, body, SystemTime::now(), &auth());
         let ProviderError::Http { code, message, retryable_hint, user_timeout, .. } = &e else { panic!() };
         assert_eq!(message, "body.image_urls: field required");
         assert_eq!(code.as_deref(), Some("validation_error"));
@@ -436,7 +452,13 @@ mod tests {
     #[test]
     fn a_body_echoing_the_key_is_redacted() {
         let body = br#"{"error":{"code":"unauthorized","message":"bad key Bearer sk-sentinel-http-0001"}}"#;
-        let e = error_from_response(StatusCode::UNAUTHORIZED, &HeaderMap::new(), body, SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            body,
+            SystemTime::now(),
+            &auth(),
+        );
         let shown = format!("{e} {e:?}");
         assert!(!shown.contains("sk-sentinel"), "{shown}");
         assert!(shown.contains("[redacted]"), "{shown}");
@@ -445,9 +467,21 @@ mod tests {
 
     #[test]
     fn non_json_error_bodies_become_the_message() {
-        let e = error_from_response(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b"upstream down", SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::BAD_GATEWAY,
+            &HeaderMap::new(),
+            b"upstream down",
+            SystemTime::now(),
+            &auth(),
+        );
         assert_eq!(e.to_string(), "HTTP 502: upstream down");
-        let e = error_from_response(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new(), b"", SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &HeaderMap::new(),
+            b"",
+            SystemTime::now(),
+            &auth(),
+        );
         assert_eq!(e.to_string(), "HTTP 503: Service Unavailable");
     }
 

@@ -57,10 +57,8 @@ impl Seedance {
 
     async fn generate(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
         let (width, height) = job.params.dimensions().map_or((None, None), |(w, h)| (Some(w), Some(h)));
-        if width.is_none() {
-            if let Some(size) = &job.params.size {
-                tracing::warn!(sku = %job.sku, size, "seedance text-to-image takes WIDTHxHEIGHT sizes; using its default");
-            }
+        if let (None, Some(size)) = (width, &job.params.size) {
+            tracing::warn!(sku = %job.sku, size, "seedance text-to-image takes WIDTHxHEIGHT sizes; using its default");
         }
         let body = GenerateBody {
             model: &job.model,
@@ -121,7 +119,9 @@ impl Seedance {
                 response_url: None,
                 cancel_url: None,
             })),
-            _ => Err(ProviderError::Decode("seedance edit answer has neither images nor a request_id".into())),
+            _ => {
+                Err(ProviderError::Decode("seedance edit answer has neither images nor a request_id".into()))
+            }
         }
     }
 }
