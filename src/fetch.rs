@@ -18,6 +18,11 @@ pub const MAX_SIDE: u32 = 16_384;
 /// The most pixels backdrop accepts (64 MP).
 pub const MAX_PIXELS: u64 = 64_000_000;
 
+/// Bytes needed to recognise the image type.
+const SNIFF_BYTES: usize = 16;
+/// Bytes kept from the end of a download to find the image's end marker.
+const TAIL_BYTES: usize = 64;
+
 /// Longest path component built from a SKU, in bytes (filesystems allow 255).
 const MAX_COMPONENT: usize = 120;
 /// Longest readable stem kept in front of a hashed SKU's suffix.
@@ -192,17 +197,28 @@ impl Fetcher {
         }
 
         // The name depends on the real bytes (png or jpg), so the first chunk decides it.
-        let first = response.chunk().await.map_err(|e| transport(url, &e))?.unwrap_or_default();
+        // The name depends on the real bytes (png or jpg), so the first bytes decide it; a slow
+        // server may send them a few at a time.
+        let mut first = Vec::new();
+        while first.len() < SNIFF_BYTES {
+            match response.chunk().await.map_err(|e| transport(url, &e))? {
+                Some(bytes) => first.extend_from_slice(&bytes),
+                None => break,
+            }
+            if first.len() as u64 > self.max_bytes {
+                return Err(FetchError::TooLarge { url: url.to_owned(), limit: self.max_bytes });
+            }
+        }
         let (content_type, ext) = match crate::provider::http::sniff_mime(&first) {
             Some("image/png") => ("image/png", "png"),
             Some("image/jpeg") => ("image/jpeg", "jpg"),
-            _ if first.len() < 8 && !first.is_empty() => {
-                return Err(FetchError::NotImage { url: url.to_owned(), message: "body too short".into() });
-            }
             _ => {
                 return Err(FetchError::NotImage {
                     url: url.to_owned(),
-                    message: "the bytes are not a PNG or JPEG".into(),
+                    message: format!(
+                        "the first bytes are not a PNG or JPEG ({} bytes received)",
+                        first.len()
+                    ),
                 });
             }
         };
@@ -216,7 +232,8 @@ impl Fetcher {
 
         let mut hasher = Sha256::new();
         let mut written: u64 = 0;
-        let mut chunk = Some(first);
+        let mut tail: Vec<u8> = Vec::with_capacity(2 * TAIL_BYTES);
+        let mut chunk = Some(bytes::Bytes::from(first));
         while let Some(bytes) = chunk {
             written += bytes.len() as u64;
             if written > self.max_bytes {
@@ -224,6 +241,8 @@ impl Fetcher {
             }
             hasher.update(&bytes);
             temp.write(&bytes)?;
+            tail.extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]);
+            tail.drain(..tail.len().saturating_sub(TAIL_BYTES));
             chunk = response.chunk().await.map_err(|e| transport(url, &e))?;
         }
         // hyper reports most short bodies itself; this catches any that slip through.
@@ -231,6 +250,14 @@ impl Fetcher {
             return Err(FetchError::Interrupted {
                 url: url.to_owned(),
                 message: format!("got {written} of {} announced bytes", announced.unwrap_or_default()),
+            });
+        }
+        // A body without Content-Length that stops early looks complete to HTTP; the image's own
+        // end marker does not.
+        if !has_end_marker(ext, &tail) {
+            return Err(FetchError::Interrupted {
+                url: url.to_owned(),
+                message: format!("the {ext} data stops before its end marker ({written} bytes received)"),
             });
         }
 
@@ -277,6 +304,16 @@ fn transport(url: &str, e: &reqwest::Error) -> FetchError {
         FetchError::Connect { url: url.to_owned(), message }
     } else {
         FetchError::Interrupted { url: url.to_owned(), message }
+    }
+}
+
+/// Whether the last bytes of a file close the image: PNG's `IEND` chunk, JPEG's end-of-image
+/// marker (a few trailing bytes after it are tolerated; some encoders pad).
+fn has_end_marker(ext: &str, tail: &[u8]) -> bool {
+    match ext {
+        "png" => tail.ends_with(b"IEND\xAE\x42\x60\x82"),
+        "jpg" => tail.windows(2).any(|w| w == [0xFF, 0xD9]),
+        _ => false,
     }
 }
 

@@ -765,12 +765,10 @@ async fn a_truncated_body_is_retryable_and_leaves_no_file() {
     assert!(files(out.path()).is_empty(), "{:?}", files(out.path()));
 }
 
-#[tokio::test]
-async fn a_streamed_body_over_the_cap_is_refused() {
-    // No Content-Length: the cap must hold on the streamed bytes.
+/// A raw server that sends `body` without Content-Length and marks its end by closing.
+async fn close_delimited_server(body: Vec<u8>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let png = png_bytes(100, 100);
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             let mut buf = vec![0u8; 4096];
@@ -778,13 +776,35 @@ async fn a_streamed_body_over_the_cap_is_refused() {
             let _ = sock
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\nconnection: close\r\n\r\n")
                 .await;
-            let _ = sock.write_all(&png).await;
+            // A few bytes first: the type must still be recognised.
+            let _ = sock.write_all(&body[..3]).await;
+            let _ = sock.flush().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = sock.write_all(&body[3..]).await;
             drop(sock);
         }
     });
+    base
+}
+
+#[tokio::test]
+async fn close_delimited_bodies_are_capped_and_checked_for_their_end() {
     let out = tempfile::tempdir().unwrap();
-    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 5_000);
-    let err = fetcher.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
+    let png = png_bytes(100, 100);
+
+    let base = close_delimited_server(png.clone()).await;
+    let small = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 5_000);
+    let err = small.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
     assert!(matches!(err, FetchError::TooLarge { .. }), "{err:?}");
+
+    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
+    let base = close_delimited_server(png[..png.len() - 100].to_vec()).await;
+    let err = fetcher.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
+    assert!(matches!(err, FetchError::Interrupted { .. }) && err.is_retryable(), "{err:?}");
     assert!(files(out.path()).is_empty(), "{:?}", files(out.path()));
+
+    let base = close_delimited_server(png.clone()).await;
+    let saved = fetcher.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap();
+    assert_eq!((saved.width, saved.height), (100, 100));
+    assert_eq!(files(out.path()), ["SKU-4/0.png"]);
 }
