@@ -86,17 +86,25 @@ impl RetryPolicy {
             return None;
         }
         Some(match server_retry_after {
-            Some(wait) if wait > self.cap => {
-                tracing::warn!(
-                    retry_after = %humantime::format_duration(wait),
-                    cap = %humantime::format_duration(self.cap),
-                    "server asked to wait longer than --retry-max; waiting the cap instead"
-                );
-                self.cap
-            }
-            Some(wait) => wait,
+            Some(wait) => self.cap_server_wait(wait),
             None => self.delay_with(attempt, unit),
         })
+    }
+
+    /// A server's `Retry-After`, capped at `cap` with a warning when it was longer. Use it for the
+    /// limiter's shared gate too, so one answer cannot stall the whole run for hours.
+    #[must_use]
+    pub fn cap_server_wait(&self, wait: Duration) -> Duration {
+        if wait > self.cap {
+            tracing::warn!(
+                retry_after = %humantime::format_duration(wait),
+                cap = %humantime::format_duration(self.cap),
+                "server asked to wait longer than --retry-max; waiting the cap instead"
+            );
+            self.cap
+        } else {
+            wait
+        }
     }
 }
 

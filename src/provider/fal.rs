@@ -37,6 +37,14 @@ pub struct FalOptions {
     pub inline: InlinePolicy,
 }
 
+impl FalOptions {
+    /// The options the user configured (`--webhook-url`, `--inline-local-images`).
+    #[must_use]
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Self { webhook_url: settings.webhook_url.clone(), inline: InlinePolicy::from_settings(settings) }
+    }
+}
+
 /// A fal queue API client.
 #[derive(Debug, Clone)]
 pub struct Fal {

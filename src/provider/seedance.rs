@@ -30,6 +30,18 @@ pub struct SeedanceOptions {
     pub inline: InlinePolicy,
 }
 
+impl SeedanceOptions {
+    /// The options the user configured (`--sync`, `--webhook-url`, `--inline-local-images`).
+    #[must_use]
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Self {
+            sync: settings.sync,
+            webhook_url: settings.webhook_url.clone(),
+            inline: InlinePolicy::from_settings(settings),
+        }
+    }
+}
+
 /// A Seedance API client.
 #[derive(Debug, Clone)]
 pub struct Seedance {
