@@ -171,6 +171,14 @@ impl Fal {
     }
 }
 
+/// True when `url` has the scheme, host and port of `base`.
+fn same_origin(base: &str, url: &str) -> bool {
+    match (url::Url::parse(base), url::Url::parse(url)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
 /// The failure a result body describes, in fal's `detail`/`error` shapes.
 fn failure_message(value: &Value) -> Option<String> {
     let field = value.get("detail").or_else(|| value.get("error"))?;
@@ -211,6 +219,16 @@ impl Provider for Fal {
                 "fal accepted request {request_id} without status_url and response_url"
             )));
         };
+        // The key goes with every poll: never to a host other than the one the user configured.
+        for url in [&status_url, &response_url] {
+            if !same_origin(&self.base, url) {
+                return Err(ProviderError::Decode(format!(
+                    "fal accepted request {request_id} but names {url} on another host than {}; \
+                     backdrop sends the key only to the API base",
+                    self.base
+                )));
+            }
+        }
         tracing::debug!(request_id, queue_position = queued.queue_position, "fal accepted");
         Ok(Submission::Accepted(RequestRef {
             request_id,
@@ -325,6 +343,15 @@ mod tests {
         );
         assert_eq!(image_size(&job(Some("square_hd"))), Some(Value::String("square_hd".into())));
         assert_eq!(image_size(&job(None)), None);
+    }
+
+    #[test]
+    fn the_key_only_goes_to_the_configured_host() {
+        assert!(same_origin("https://queue.fal.run", "https://queue.fal.run/fal-ai/x/requests/1/status"));
+        assert!(!same_origin("https://queue.fal.run", "https://evil.example/fal-ai/x/requests/1/status"));
+        assert!(!same_origin("https://queue.fal.run", "http://queue.fal.run/x"));
+        assert!(!same_origin("http://127.0.0.1:8080", "http://127.0.0.1:9090/x"));
+        assert!(!same_origin("https://queue.fal.run", "not a url"));
     }
 
     #[test]

@@ -434,6 +434,14 @@ async fn fal_failed_results_and_error_headers() {
     let err = p.submit(&job).await.unwrap_err();
     assert!(matches!(err, ProviderError::Decode(_)), "no URLs to follow: {err:?}");
     assert_eq!(err.class(), ErrorClass::Ambiguous);
+
+    mock.state.replies.lock().unwrap().clear();
+    mock.push(reply(
+        200,
+        &json!({"request_id": "z", "status_url": "http://attacker.invalid/s/z", "response_url": format!("{}/r/z", mock.base)}),
+    ));
+    let err = p.submit(&job).await.unwrap_err();
+    assert!(matches!(&err, ProviderError::Decode(m) if m.contains("another host")), "{err:?}");
 }
 
 #[tokio::test]
