@@ -196,7 +196,6 @@ impl Fetcher {
             return Err(FetchError::TooLarge { url: url.to_owned(), limit: self.max_bytes });
         }
 
-        // The name depends on the real bytes (png or jpg), so the first chunk decides it.
         // The name depends on the real bytes (png or jpg), so the first bytes decide it; a slow
         // server may send them a few at a time.
         let mut first = Vec::new();
