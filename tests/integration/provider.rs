@@ -543,19 +543,50 @@ async fn a_slow_answer_times_out_as_ambiguous_and_garbage_is_decode() {
     assert!(!format!("{err} {err:?}").contains(KEY));
 }
 
+/// Set in the child process that [`the_key_never_appears_in_errors_or_logs`] starts.
+const LOG_CHILD: &str = "BACKDROP_TEST_KEY_LOG_CHILD";
+
 /// Every error a provider can produce, from servers that echo the Authorization header back,
-/// must not show the key in Display, Debug, or any log line at any level.
+/// must not show the key in Display or Debug, nor in any log line at any level.
+///
+/// The log half runs in a child process of this test binary with a global TRACE subscriber:
+/// tracing caches callsite interest process-wide, so a thread-local subscriber in a binary whose
+/// other tests run in parallel misses events at random.
 #[tokio::test]
 async fn the_key_never_appears_in_errors_or_logs() {
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let writer = {
-        let logs = Arc::clone(&logs);
-        move || LogWriter(Arc::clone(&logs))
-    };
-    let subscriber =
-        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(writer).finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    if std::env::var_os(LOG_CHILD).is_some() {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+        key_scenario().await;
+        return;
+    }
+    key_scenario().await;
 
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "provider::the_key_never_appears_in_errors_or_logs",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(LOG_CHILD, "1")
+        .output()
+        .await
+        .unwrap();
+    let logs =
+        format!("{}{}", String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
+    assert!(child.status.success(), "child failed: {logs}");
+    assert!(logs.contains("1 passed"), "the child ran the test: {logs}");
+    assert!(logs.contains("error answer") && logs.contains("no answer"), "the errors were logged: {logs}");
+    assert!(logs.contains("TRACE"), "trace level was on: {logs}");
+    assert!(!logs.contains(KEY), "key in logs");
+    assert!(!logs.contains("sk-sentinel"), "key prefix in logs");
+}
+
+async fn key_scenario() {
     let mock = Mock::start_with(true).await;
     let job = edit_job(&["https://cdn/a.png"]);
     let mut errors: Vec<ProviderError> = Vec::new();
@@ -597,21 +628,6 @@ async fn the_key_never_appears_in_errors_or_logs() {
     }
     let seedance_debug = format!("{:?}", seedance(&mock.base, false, None, InlinePolicy::refuse()));
     assert!(!seedance_debug.contains(KEY), "{seedance_debug}");
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("error answer") && logs.contains("no answer"), "the errors were logged: {logs}");
-    assert!(!logs.contains(KEY), "key in logs");
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
