@@ -1,7 +1,6 @@
-//! Downloads of output images: [`Fetcher`] streams each one to a temporary file beside its final
-//! name, caps its size, checks it is a real PNG or JPEG of sane dimensions, fsyncs, renames and
-//! fsyncs the folder, so a file under its final name is always complete. Also owns the output
-//! naming rule [`output_path`] and the crash clean-up [`clean_temp_files`].
+//! Verified, durable downloads of output images: [`Fetcher`] streams to a temp file beside the
+//! final name (size-capped, PNG/JPEG checked, fsync, rename, folder fsync), plus the output naming
+//! rule [`output_path`] and the crash clean-up [`clean_temp_files`].
 
 use std::io::{self, Write as _};
 use std::path::{Component, Path, PathBuf};
