@@ -5,16 +5,20 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
+pub mod report;
+pub mod retry;
+pub mod status;
+
 /// Runs the subcommand the user asked for.
 ///
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
 pub async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
-    let name = match cli.command {
+    let name = match &cli.command {
+        Command::Status(args) => return status::execute(&cli.global, args).await,
+        Command::Retry(args) => return retry::execute(&cli.global, args).await,
+        Command::Report(args) => return report::execute(&cli.global, args).await,
         Command::Run(_) => "run",
-        Command::Status(_) => "status",
-        Command::Retry(_) => "retry",
-        Command::Report(_) => "report",
         Command::Sim(_) => "sim",
     };
     Err(Error::Other { message: format!("{name} is being built"), exit: ExitCode::Fatal })

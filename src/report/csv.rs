@@ -9,8 +9,18 @@ use super::{ReportError, ReportFormatter, RunSummary, format_amount};
 /// The header row, stable within a report version. `output_paths` and `sha256` hold one entry
 /// per output file, joined by `;` in output order; `credits` is in the provider's unit
 /// (seedance credits, fal dollars).
-pub const CSV_HEADER: [&str; 10] =
-    ["sku", "state", "provider", "request_id", "prompt", "output_paths", "sha256", "credits", "attempts", "error"];
+pub const CSV_HEADER: [&str; 10] = [
+    "sku",
+    "state",
+    "provider",
+    "request_id",
+    "prompt",
+    "output_paths",
+    "sha256",
+    "credits",
+    "attempts",
+    "error",
+];
 
 /// Writes the summary's rows as CSV.
 #[derive(Debug, Clone, Copy, Default)]

@@ -91,7 +91,9 @@ impl HtmlFormatter {
         std::thread::scope(|scope| {
             let handles: Vec<_> = rows
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(|r| self.row_pictures(r)).collect::<Vec<_>>()))
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|r| self.row_pictures(r)).collect::<Vec<_>>())
+                })
                 .collect();
             handles
                 .into_iter()
@@ -233,7 +235,11 @@ fn page_head(summary: &RunSummary) -> String {
         );
     }
     html.push_str("<nav class=\"filters\" aria-label=\"filter by state\">");
-    let _ = write!(html, "<button type=\"button\" data-filter=\"all\" aria-pressed=\"true\">all <b>{}</b></button>", c.total);
+    let _ = write!(
+        html,
+        "<button type=\"button\" data-filter=\"all\" aria-pressed=\"true\">all <b>{}</b></button>",
+        c.total
+    );
     for state in JobState::ALL {
         let n = c.get(state);
         if n > 0 {
@@ -263,7 +269,9 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
         let _ = write!(html, "<p class=\"error\">{}</p>", escape(error));
     }
     if row.state == JobState::Ambiguous {
-        html.push_str("<p class=\"warn\">A paid request may already have gone out; retrying may charge twice.</p>");
+        html.push_str(
+            "<p class=\"warn\">A paid request may already have gone out; retrying may charge twice.</p>",
+        );
     }
     html.push_str("<div class=\"pair\"><figure><figcaption>before</figcaption>");
     if pics.before.is_empty() {
@@ -280,9 +288,9 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
         picture(&mut html, row, "after", p);
     }
     html.push_str("</figure></div>");
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<details><summary>prompt</summary><p class=\"prompt\">{}</p></details><dl><dt>request</dt><dd>{}</dd><dt>attempts</dt><dd>{}</dd><dt>cost</dt><dd>{}</dd><dt>model</dt><dd>{}</dd></dl></article>\n",
+        "<details><summary>prompt</summary><p class=\"prompt\">{}</p></details><dl><dt>request</dt><dd>{}</dd><dt>attempts</dt><dd>{}</dd><dt>cost</dt><dd>{}</dd><dt>model</dt><dd>{}</dd></dl></article>",
         escape(&row.prompt),
         escape(row.request_id.as_deref().unwrap_or("—")),
         row.attempts,
@@ -318,7 +326,12 @@ fn picture(html: &mut String, row: &ReportRow, side: &str, p: &Picture) {
             );
         }
         Picture::Missing { label, reason } => {
-            let _ = write!(html, "<div class=\"ph missing\">{}<br><small>{}</small></div>", escape(label), escape(reason));
+            let _ = write!(
+                html,
+                "<div class=\"ph missing\">{}<br><small>{}</small></div>",
+                escape(label),
+                escape(reason)
+            );
         }
     }
 }
@@ -406,7 +419,10 @@ mod tests {
 
     #[test]
     fn escape_covers_markup_and_quotes() {
-        assert_eq!(escape("<b a='1' c=\"2\">&</b>"), "&lt;b a=&#39;1&#39; c=&quot;2&quot;&gt;&amp;&lt;/b&gt;");
+        assert_eq!(
+            escape("<b a='1' c=\"2\">&</b>"),
+            "&lt;b a=&#39;1&#39; c=&quot;2&quot;&gt;&amp;&lt;/b&gt;"
+        );
         assert!(matches!(escape("plain"), Cow::Borrowed("plain")));
     }
 
@@ -434,7 +450,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         std::fs::create_dir_all(out.join("A")).unwrap();
-        let big = image::RgbImage::from_fn(1000, 500, |x, _| image::Rgb([u8::try_from(x % 256).unwrap(), 90, 200]));
+        let big =
+            image::RgbImage::from_fn(1000, 500, |x, _| image::Rgb([u8::try_from(x % 256).unwrap(), 90, 200]));
         big.save(out.join("A/0.png")).unwrap();
         let before = dir.path().join("before.png");
         big.save(&before).unwrap();

@@ -12,8 +12,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 mod query;
 pub use query::{
-    DOLLARS_PER_SEEDANCE_CREDIT, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord,
-    Spend, StateCounts,
+    DOLLARS_PER_SEEDANCE_CREDIT, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan,
+    RunRecord, Spend, StateCounts,
 };
 
 /// Default path of the state database.

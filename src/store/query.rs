@@ -427,8 +427,11 @@ impl Store {
         let mut jobs: Vec<JobBrief> = selected.into_values().collect();
         // Catalog order; ids are a stable tie-break. Positions come from one more query rather
         // than carrying them in every brief.
-        let positions: BTreeMap<i64, i64> =
-            sqlx::query_as::<_, (i64, i64)>("SELECT id, position FROM jobs").fetch_all(self.pool()).await?.into_iter().collect();
+        let positions: BTreeMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>("SELECT id, position FROM jobs")
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .collect();
         jobs.sort_by_key(|j| (positions.get(&j.id).copied().unwrap_or(i64::MAX), j.id));
         for job in jobs {
             match keep_reason(&job) {
@@ -576,17 +579,22 @@ mod tests {
         assert_eq!(plan.unknown, ["nope"]);
 
         assert_eq!(store.apply_requeue(&plan).await.unwrap(), 4);
-        let row: (String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, f64) = sqlx::query_as(
+        type Reset = (String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, f64);
+        let row: Reset = sqlx::query_as(
             "SELECT state, attempts, next_attempt_at, error, request_id, result, credits FROM jobs WHERE sku = 'A'",
         )
         .fetch_one(store.pool())
         .await
         .unwrap();
         assert_eq!(row, ("pending".into(), 0, None, None, None, None, 30.0));
-        let (outputs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outputs").fetch_one(store.pool()).await.unwrap();
+        let (outputs,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM outputs").fetch_one(store.pool()).await.unwrap();
         assert_eq!(outputs, 0);
         let d: (String, Option<String>) =
-            sqlx::query_as("SELECT state, request_id FROM jobs WHERE sku = 'D'").fetch_one(store.pool()).await.unwrap();
+            sqlx::query_as("SELECT state, request_id FROM jobs WHERE sku = 'D'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
         assert_eq!(d, ("submitted".into(), Some("req-d".into())));
 
         // Applying the same plan again moves nothing: every row changed state since.
