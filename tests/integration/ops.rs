@@ -445,6 +445,18 @@ async fn json_report_is_versioned_with_every_row() {
     assert_eq!(v["spent"]["fal_dollars"], 0.06);
 }
 
+/// Clicks the `done` filter and the first visible picture, then records what is shown.
+const CLICK_SCRIPT: &str = r#"<script>
+window.addEventListener('load', function () {
+  document.querySelector('[data-filter="done"]').click();
+  var cards = Array.prototype.filter.call(document.querySelectorAll('.card'), function (c) { return !c.hidden; });
+  document.body.dataset.visible = cards.length;
+  cards[0].querySelector('img.thumb').click();
+  var box = document.getElementById('lightbox');
+  document.body.dataset.lightbox = (box.hidden ? 'closed' : 'open') + ':' + document.getElementById('lightbox-img').alt;
+});
+</script></body>"#;
+
 /// Finds `chromium` on PATH.
 fn chromium() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -549,6 +561,21 @@ async fn html_report_is_a_self_contained_gallery_that_chromium_renders() {
         dom_text.lines().find(|l| l.contains("<body")).unwrap_or("no <body> line")
     );
 
+    // The filters and the lightbox: a copy of the page with a script that clicks them (the
+    // report's CSP allows inline scripts, and nothing else).
+    let clicks = f.dir.path().join("clicks.html");
+    std::fs::write(&clicks, html.replace("</body>", CLICK_SCRIPT)).unwrap();
+    let dom = run_chromium(
+        &exe,
+        &f.dir.path().join("profile-clicks"),
+        &["--virtual-time-budget=5000", "--dump-dom"],
+        &format!("file://{}", clicks.display()),
+    );
+    let body = String::from_utf8_lossy(&dom.stdout);
+    let body = body.lines().find(|l| l.contains("<body")).unwrap_or("no <body> line");
+    assert!(body.contains("data-visible=\"2\""), "the `done` filter shows the 2 done rows: {body}");
+    assert!(body.contains("data-lightbox=\"open:SKU-001 before\""), "a click enlarges the picture: {body}");
+
     let shot = f.dir.path().join("report.png");
     let o = run_chromium(
         &exe,
@@ -563,7 +590,94 @@ async fn html_report_is_a_self_contained_gallery_that_chromium_renders() {
     assert!(o.status.success(), "chromium --screenshot failed: {}", String::from_utf8_lossy(&o.stderr));
     let png = image::open(&shot).unwrap();
     assert_eq!((png.width(), png.height()), (1200, 900));
-    if let Some(keep) = std::env::var_os("BACKDROP_KEEP_SCREENSHOT") {
-        std::fs::copy(&shot, keep).unwrap();
+    // For a person to look at: BACKDROP_KEEP_REPORT=DIR keeps the report and its screenshot.
+    if let Some(keep) = std::env::var_os("BACKDROP_KEEP_REPORT") {
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::copy(&file, keep.join("report.html")).unwrap();
+        std::fs::copy(&shot, keep.join("report.png")).unwrap();
     }
+}
+
+/// The size and time of a 1,000-row gallery with photo-like (gradients plus sensor-like noise,
+/// 1024 px) pictures. Slow in
+/// a debug build, so it runs on demand: `cargo test --test integration thousand -- --ignored
+/// --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement: about a minute in a debug build"]
+async fn thousand_row_html_report_stays_a_reasonable_size() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.db");
+    let out = dir.path().join("out");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut photo = |path: &Path| {
+        let base: [u8; 3] = rng.random();
+        let img = image::RgbImage::from_fn(1024, 1024, |x, y| {
+            let n: u8 = rng.random_range(0..12);
+            let shade = |c: u8, t: u32| u8::try_from((u32::from(c) + t + u32::from(n)) % 256).unwrap();
+            image::Rgb([shade(base[0], x / 8), shade(base[1], y / 8), shade(base[2], (x + y) / 16)])
+        });
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(path).unwrap();
+    };
+    // Ten distinct pictures each side; every row still decodes and downscales its own.
+    for i in 0..10 {
+        photo(&dir.path().join(format!("in/{i}.png")));
+        photo(&out.join(format!("p/{i}.png")));
+    }
+    let store = Store::open(&state).await.unwrap();
+    sqlx::query(
+        "INSERT INTO runs (id, started_at, catalog, provider, model) VALUES (2, 1, 'c.csv', 'seedance', 'm')",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    for i in 0..1000_i64 {
+        let input = dir.path().join(format!("in/{}.png", i % 10)).display().to_string();
+        let id = insert_job(
+            &store,
+            &JobRow {
+                sku: &format!("SKU-{i:04}"),
+                position: i,
+                state: if i % 50 == 0 { "failed" } else { "done" },
+                provider: "seedance",
+                inputs: vec![input],
+                credits: 30.0,
+                attempts: 1,
+                request_id: Some("r"),
+                error: (i % 50 == 0).then_some("HTTP 422"),
+                prompt: "studio",
+            },
+        )
+        .await;
+        sqlx::query(
+            "INSERT INTO outputs (job_id, idx, path, sha256, bytes, width, height, content_type, source_url)
+             VALUES (?1, 0, ?2, 'x', 1, 1024, 1024, 'image/png', 'http://sim/x')",
+        )
+        .bind(id)
+        .bind(format!("p/{}.png", i % 10))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    store.close().await;
+    let file = dir.path().join("report.html");
+    let started = Instant::now();
+    let o = backdrop(&[
+        "report",
+        "--format",
+        "html",
+        "--output",
+        s(&file),
+        "--out",
+        s(&out),
+        "--state",
+        s(&state),
+    ]);
+    let took = started.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let bytes = std::fs::metadata(&file).unwrap().len();
+    eprintln!("1000-row html report: {bytes} bytes ({} KB per row) in {took:?}", bytes / 1000 / 1024);
+    assert!(bytes < 50_000_000, "{bytes} bytes");
 }
