@@ -8,7 +8,7 @@ use crate::cli::{GlobalArgs, RetryArgs};
 use crate::error::Error;
 use crate::exit::ExitCode;
 use crate::report::rfc3339;
-use crate::store::{KeepReason, Requeue, RunLock, Store};
+use crate::store::{JobState, KeepReason, Requeue, RequeuePlan, RunLock, Store};
 
 use super::status::{config_file, one_line, print_stdout, require_existing, state_path};
 
@@ -69,6 +69,10 @@ pub async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<ExitCode, 
         };
         let _ = writeln!(text, "{}: {why}", one_line(&job.sku));
     }
+    let redo = plan.requeue.iter().filter(|j| j.state == JobState::Done).count();
+    if redo > 0 {
+        let _ = writeln!(text, "note: {redo} done row(s) re-queued: the next run pays for them again");
+    }
     // Printed before the change, so the risk is on screen even if the update fails.
     print_stdout(&text)?;
 
@@ -78,10 +82,22 @@ pub async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<ExitCode, 
         "nothing to re-queue".to_owned()
     } else {
         let rows = if moved == 1 { "row" } else { "rows" };
-        format!("re-queued {moved} {rows}; `backdrop run` processes them")
+        format!("re-queued {moved} {rows} ({}); `backdrop run` processes them", by_state(&plan))
     };
     print_stdout(&format!("{summary}\n"))?;
     Ok(ExitCode::Success)
+}
+
+/// `2 failed, 1 ambiguous`: what the re-queued rows were, in life order.
+fn by_state(plan: &RequeuePlan) -> String {
+    JobState::ALL
+        .into_iter()
+        .filter_map(|st| {
+            let n = plan.requeue.iter().filter(|j| j.state == st).count();
+            (n > 0).then(|| format!("{n} {st}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn dedup_len(skus: &[String]) -> usize {

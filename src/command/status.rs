@@ -69,7 +69,8 @@ impl Status {
         match &self.last_run {
             None => s.push_str("last run: none\n"),
             Some(run) => {
-                let ended = run.ended_at.map_or_else(|| "not ended".to_owned(), rfc3339);
+                let ended =
+                    run.ended_at.map_or_else(|| "not ended".to_owned(), |t| format!("ended {}", rfc3339(t)));
                 let outcome = match (&run.outcome, run.exit_code) {
                     (Some(o), Some(code)) => format!("{o} (exit {code})"),
                     (Some(o), None) => o.clone(),
@@ -77,7 +78,7 @@ impl Status {
                 };
                 let _ = writeln!(
                     s,
-                    "last run: #{}{} started {}, ended {}, outcome {}",
+                    "last run: #{}{} started {}, {}, outcome {}",
                     run.id,
                     if run.dry_run { " (dry run)" } else { "" },
                     rfc3339(run.started_at),
@@ -91,6 +92,14 @@ impl Status {
             list(&mut s, &self.failed, |j| {
                 j.error.as_deref().map_or_else(|| "no reason recorded".into(), one_line)
             });
+        }
+        if self.counts.submitting > 0 {
+            let _ = writeln!(
+                s,
+                "submitting ({}): a paid request was leaving; if no run is going now, the next run marks \
+                 them ambiguous",
+                self.counts.submitting
+            );
         }
         if !self.ambiguous.is_empty() {
             let _ = writeln!(

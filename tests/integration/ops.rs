@@ -314,7 +314,7 @@ async fn retry_failed_requeues_and_resets_them() {
     let o = backdrop(&["retry", "--failed", "--state", s(&f.state)]);
     let text = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{text}{}", stderr(&o));
-    assert!(text.contains("re-queued 2 rows"), "{text}");
+    assert!(text.contains("re-queued 2 rows (2 failed)"), "{text}");
     assert!(!text.contains("charged twice"), "no ambiguous row was selected: {text}");
     for sku in ["SKU-002", "SKU-007"] {
         assert_eq!(job_row(&f.state, sku).await, ("pending".into(), 0, None, None, None), "{sku}");
@@ -339,7 +339,7 @@ async fn retry_ambiguous_lists_the_risk_before_requeueing() {
     assert_eq!(o.status.code(), Some(0), "{text}{}", stderr(&o));
     let warning = text.find("may be charged twice").expect(&text);
     let listed = text.find("  SKU-003  (ambiguous, 1 attempt(s)").expect(&text);
-    let done = text.find("re-queued 1 row;").expect(&text);
+    let done = text.find("re-queued 1 row (1 ambiguous);").expect(&text);
     assert!(warning < listed && listed < done, "{text}");
     assert_eq!(job_row(&f.state, "SKU-003").await, ("pending".into(), 0, None, None, None));
 }
@@ -358,7 +358,8 @@ async fn retry_by_sku_reports_unknown_skus_and_keeps_live_requests() {
     assert_eq!(o.status.code(), Some(0), "{text}{}", stderr(&o));
     assert!(text.contains("unknown SKU: NOPE"), "{text}");
     assert!(text.contains("SKU-005: already pending"), "{text}");
-    assert!(text.contains("re-queued 2 rows"), "{text}");
+    assert!(text.contains("re-queued 2 rows (1 done, 1 waiting)"), "{text}");
+    assert!(text.contains("1 done row(s) re-queued: the next run pays for them again"), "{text}");
     assert_eq!(job_row(&f.state, "SKU-001").await, ("pending".into(), 0, None, None, None));
     assert_eq!(job_row(&f.state, "SKU-006").await, ("pending".into(), 0, None, None, None));
 
