@@ -7,7 +7,10 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
+pub mod report;
+pub mod retry;
 pub mod run;
+pub mod status;
 
 /// Runs the subcommand the user asked for.
 ///
@@ -16,9 +19,9 @@ pub mod run;
 pub async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
     let name = match cli.command {
         Command::Run(args) => return run::execute(&cli.global, *args, interrupt).await,
-        Command::Status(_) => "status",
-        Command::Retry(_) => "retry",
-        Command::Report(_) => "report",
+        Command::Status(args) => return status::execute(&cli.global, &args).await,
+        Command::Retry(args) => return retry::execute(&cli.global, &args).await,
+        Command::Report(args) => return report::execute(&cli.global, &args).await,
         Command::Sim(_) => "sim",
     };
     Err(Error::Other { message: format!("{name} is being built"), exit: ExitCode::Fatal })

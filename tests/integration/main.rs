@@ -4,5 +4,6 @@ mod harness;
 
 mod chaos;
 mod crash;
+mod ops;
 mod provider;
 mod run;
