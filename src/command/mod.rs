@@ -1,6 +1,8 @@
 //! One function per subcommand; `dispatch` picks it. Each returns the exit code of its outcome,
 //! or an [`Error`] that knows its own.
 
+pub mod sim;
+
 use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
@@ -10,6 +12,9 @@ use crate::exit::ExitCode;
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
 pub async fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
+    if let Command::Sim(args) = &cli.command {
+        return sim::execute(args).await;
+    }
     let name = match cli.command {
         Command::Run(_) => "run",
         Command::Status(_) => "status",
