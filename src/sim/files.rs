@@ -126,11 +126,18 @@ fn mark_downloaded(sim: &Sim, id: &str, index: usize) {
 fn truncated(bytes: Bytes, format: Format) -> Response {
     let full = bytes.len();
     let half = bytes.slice(..full / 2);
-    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-        Ok(half),
-        Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "simulated truncated download")),
-    ];
-    let mut response = Response::new(Body::from_stream(futures::stream::iter(chunks)));
+    let stream = futures::stream::unfold(Some(half), |half| async move {
+        match half {
+            Some(half) => Some((Ok(half), None)),
+            None => {
+                // Let the headers and the first half reach the client before the cut, so it
+                // sees a short body rather than no answer at all.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "simulated truncated download")), None))
+            }
+        }
+    });
+    let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(full));
