@@ -67,8 +67,14 @@ async fn fal_cycle(client: &reqwest::Client, base: &str, n: u64) -> Result<(), F
     if status.status() != reqwest::StatusCode::OK {
         return Err("not completed".into());
     }
-    let result: Value =
-        client.get(response_url).header("authorization", auth).send().await?.error_for_status()?.json().await?;
+    let result: Value = client
+        .get(response_url)
+        .header("authorization", auth)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     let url = result["images"][0]["url"].as_str().ok_or("no image")?;
     let bytes = client.get(url).send().await?.error_for_status()?.bytes().await?;
     if !bytes.starts_with(b"\x89PNG") {
@@ -102,8 +108,11 @@ async fn main() -> Result<(), Failure> {
         tasks.push(tokio::spawn(async move {
             let mut n = w;
             while !stop.load(Ordering::Relaxed) {
-                let outcome =
-                    if fal { fal_cycle(&client, &base, n).await } else { seedance_cycle(&client, &base, n).await };
+                let outcome = if fal {
+                    fal_cycle(&client, &base, n).await
+                } else {
+                    seedance_cycle(&client, &base, n).await
+                };
                 match outcome {
                     Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),

@@ -22,8 +22,13 @@ pub async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
     let handle = crate::sim::start_on(args.listen, config).await.map_err(|e| fail(&e))?;
     let base = handle.base_url();
     println!("backdrop sim listening on {base}");
-    println!("  seedance: SEEDANCE_API_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --api-base {base}");
-    println!("  fal:      FAL_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --provider fal --api-base {base} --jwks-url {}", handle.jwks_url());
+    println!(
+        "  seedance: SEEDANCE_API_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --api-base {base}"
+    );
+    println!(
+        "  fal:      FAL_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --provider fal --api-base {base} --jwks-url {}",
+        handle.jwks_url()
+    );
     println!("  ledger:   curl {base}/__sim/ledger    stats: curl {base}/__sim/stats    (Ctrl-C to stop)");
     if tokio::signal::ctrl_c().await.is_err() {
         tracing::warn!("cannot listen for Ctrl-C; stopping");

@@ -124,13 +124,18 @@ fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
 }
 
 fn parse_burst(text: &str) -> Result<Burst, SimError> {
-    let bad = || SimError::Config(format!("--burst {text:?}: expected AFTER+DURATION[:STATUS], e.g. 10s+30s:503"));
+    let bad =
+        || SimError::Config(format!("--burst {text:?}: expected AFTER+DURATION[:STATUS], e.g. 10s+30s:503"));
     let (window, status) = match text.split_once(':') {
         Some((w, s)) => (w, s.parse::<u16>().map_err(|_| bad())?),
         None => (text, 503),
     };
     let (after, duration) = window.split_once('+').ok_or_else(bad)?;
-    Ok(Burst { after_secs: duration_secs("--burst", after)?, duration_secs: duration_secs("--burst", duration)?, status })
+    Ok(Burst {
+        after_secs: duration_secs("--burst", after)?,
+        duration_secs: duration_secs("--burst", duration)?,
+        status,
+    })
 }
 
 impl SimConfig {
@@ -236,7 +241,9 @@ mod tests {
              [[faults.script]]\ncount = 2\nstatus = 429\nretry_after_secs = 1\n",
         )
         .unwrap();
-        let config = parse(&["--scenario", path.to_str().unwrap(), "--credits", "50", "--burst", "1s+2s:500"]).unwrap();
+        let config =
+            parse(&["--scenario", path.to_str().unwrap(), "--credits", "50", "--burst", "1s+2s:500"])
+                .unwrap();
         assert_eq!(config.seed, 9);
         assert_eq!(config.credits, 50.0);
         assert_eq!(config.faults.error_rate, 0.5);

@@ -2,6 +2,11 @@
 //! cancel URLs handed out at submit (under a random path segment, so a client that rebuilds them
 //! from the model id gets 404), 422 `detail` arrays, and `detail` + `X-Fal-Error-Type` 5xx bodies.
 
+#![expect(
+    clippy::result_large_err,
+    reason = "validation helpers return the finished error response; only the error path pays for its size"
+)]
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,17 +64,26 @@ fn refused(sim: &Sim, refusal: submit::Refusal) -> Response {
         401 => unauthorized(),
         s => detail(s, json!("The request was rejected")),
     };
-    if let Some(wait) = refusal.retry_after.or_else(|| (refusal.status == 429).then_some(std::time::Duration::from_secs(1))) {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, submit::retry_after_value(sim.config.faults.retry_after_format, wait));
+    if let Some(wait) =
+        refusal.retry_after.or_else(|| (refusal.status == 429).then_some(std::time::Duration::from_secs(1)))
+    {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            submit::retry_after_value(sim.config.faults.retry_after_format, wait),
+        );
     }
     response
 }
 
 /// Output size for an `image_size` value (enum name or `{width, height}`).
 fn image_size(value: &Value) -> Result<(u32, u32), Response> {
-    let bad = || unprocessable(&["body", "image_size"], "image_size must be a known preset or {width, height}", "value_error");
+    let bad = || {
+        unprocessable(
+            &["body", "image_size"],
+            "image_size must be a known preset or {width, height}",
+            "value_error",
+        )
+    };
     match value {
         Value::String(preset) => Ok(match preset.as_str() {
             "square_hd" => (1024, 1024),
@@ -85,7 +99,9 @@ fn image_size(value: &Value) -> Result<(u32, u32), Response> {
         Value::Object(o) => {
             let side = |k: &str| o.get(k).and_then(Value::as_u64).filter(|v| (1..=8192).contains(v));
             match (side("width"), side("height")) {
-                (Some(w), Some(h)) => Ok((u32::try_from(w).map_err(|_| bad())?, u32::try_from(h).map_err(|_| bad())?)),
+                (Some(w), Some(h)) => {
+                    Ok((u32::try_from(w).map_err(|_| bad())?, u32::try_from(h).map_err(|_| bad())?))
+                }
                 _ => Err(bad()),
             }
         }
@@ -98,7 +114,11 @@ fn int_field(map: &serde_json::Map<String, Value>, key: &str, max: u64) -> Resul
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if (1..=max).contains(&n) || (key == "seed" && n == 0) => Ok(Some(n)),
-            _ => Err(unprocessable(&["body", key], &format!("ensure this value is an integer in 1..={max}"), "value_error")),
+            _ => Err(unprocessable(
+                &["body", key],
+                &format!("ensure this value is an integer in 1..={max}"),
+                "value_error",
+            )),
         },
     }
 }
@@ -124,13 +144,16 @@ fn order(sim: &Sim, model: &str, body: &[u8]) -> Result<Order, Response> {
         for (i, url) in urls.iter().enumerate() {
             let loc = ["body", "image_urls", &i.to_string()].map(str::to_owned);
             let loc: Vec<&str> = loc.iter().map(String::as_str).collect();
-            let url = url.as_str().ok_or_else(|| unprocessable(&loc, "str type expected", "type_error.str"))?;
-            let resolved = submit::resolve_source(sim, url).map_err(|m| unprocessable(&loc, &m, "image_load_error"))?;
+            let url =
+                url.as_str().ok_or_else(|| unprocessable(&loc, "str type expected", "type_error.str"))?;
+            let resolved =
+                submit::resolve_source(sim, url).map_err(|m| unprocessable(&loc, &m, "image_load_error"))?;
             if i == 0 {
                 primary = Some(resolved);
             }
         }
-        primary.ok_or_else(|| unprocessable(&["body", "image_urls"], "field required", "value_error.missing"))?
+        primary
+            .ok_or_else(|| unprocessable(&["body", "image_urls"], "field required", "value_error.missing"))?
     } else {
         (Source::Prompt, (1024, 1024))
     };
@@ -143,7 +166,11 @@ fn order(sim: &Sim, model: &str, body: &[u8]) -> Result<Order, Response> {
     let seed = int_field(&map, "seed", u64::from(u32::MAX))?;
     for flag in ["sync_mode", "enable_safety_checker"] {
         if map.get(flag).is_some_and(|v| !v.is_null() && !v.is_boolean()) {
-            return Err(unprocessable(&["body", flag], "value could not be parsed to a boolean", "type_error.bool"));
+            return Err(unprocessable(
+                &["body", flag],
+                "value could not be parsed to a boolean",
+                "type_error.bool",
+            ));
         }
     }
     Ok(Order {
@@ -190,7 +217,13 @@ pub(crate) async fn submit(
     }
     let webhook = match query.fal_webhook {
         Some(url) if url::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) => Some(url),
-        Some(_) => return unprocessable(&["query", "fal_webhook"], "invalid or missing URL scheme", "value_error.url"),
+        Some(_) => {
+            return unprocessable(
+                &["query", "fal_webhook"],
+                "invalid or missing URL scheme",
+                "value_error.url",
+            );
+        }
         None => None,
     };
     let order = match order(&sim, model, &body) {
@@ -244,7 +277,8 @@ fn check(sim: &Sim, headers: &HeaderMap, token: &str, id: &str) -> Result<(), Re
     if !authorized(sim, headers, Scheme::Key) {
         return Err(unauthorized());
     }
-    let known = token == sim.queue_token && sim.with_gen(id, |g| g.protocol == Protocol::Fal).unwrap_or(false);
+    let known =
+        token == sim.queue_token && sim.with_gen(id, |g| g.protocol == Protocol::Fal).unwrap_or(false);
     if known { Ok(()) } else { Err(not_found("Request not found")) }
 }
 
@@ -331,7 +365,8 @@ pub(crate) async fn response(
     match result_body(&sim, &id, Instant::now()) {
         Some(Ok(body)) => axum::Json(body).into_response(),
         Some(Err((status, body))) => {
-            (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), axum::Json(body)).into_response()
+            (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), axum::Json(body))
+                .into_response()
         }
         None => not_found("Request not found"),
     }

@@ -83,9 +83,9 @@ impl Latency {
             Self::Uniform { min_ms, max_ms } if min_ms > max_ms => {
                 Err(SimError::Config(format!("latency: min {min_ms}ms > max {max_ms}ms")))
             }
-            Self::Lognormal { median_ms, p99_ms } if median_ms == 0 || p99_ms < median_ms => Err(
-                SimError::Config(format!("latency: need 0 < median ({median_ms}ms) <= p99 ({p99_ms}ms)")),
-            ),
+            Self::Lognormal { median_ms, p99_ms } if median_ms == 0 || p99_ms < median_ms => {
+                Err(SimError::Config(format!("latency: need 0 < median ({median_ms}ms) <= p99 ({p99_ms}ms)")))
+            }
             _ => Ok(()),
         }
     }
@@ -145,7 +145,8 @@ impl ScriptStep {
     /// # Errors
     /// [`SimError::Config`] naming what could not be read.
     pub fn parse(spec: &str) -> Result<Self, SimError> {
-        let bad = |why: &str| SimError::Config(format!("--script {spec:?}: {why} (e.g. 429x3:1, dropx1, okx2)"));
+        let bad =
+            |why: &str| SimError::Config(format!("--script {spec:?}: {why} (e.g. 429x3:1, dropx1, okx2)"));
         let (what, rest) = spec.trim().split_once('x').ok_or_else(|| bad("expected WHATxCOUNT"))?;
         let (count, retry) = match rest.split_once(':') {
             Some((c, r)) => (c, Some(r.parse::<u64>().map_err(|_| bad("bad Retry-After"))?)),
@@ -155,7 +156,10 @@ impl ScriptStep {
         let (status, drop) = match what {
             "drop" => (0, true),
             "ok" => (0, false),
-            s => (s.parse::<u16>().ok().filter(|s| (400..=599).contains(s)).ok_or_else(|| bad("bad status"))?, false),
+            s => (
+                s.parse::<u16>().ok().filter(|s| (400..=599).contains(s)).ok_or_else(|| bad("bad status"))?,
+                false,
+            ),
         };
         Ok(Self { count, status, retry_after_secs: retry, drop })
     }
@@ -339,7 +343,10 @@ mod tests {
     fn latency_specs_parse() {
         assert_eq!(Latency::parse("0").unwrap(), Latency::Zero);
         assert_eq!(Latency::parse("fixed:200ms").unwrap(), Latency::Fixed { ms: 200 });
-        assert_eq!(Latency::parse("uniform:100ms..2s").unwrap(), Latency::Uniform { min_ms: 100, max_ms: 2000 });
+        assert_eq!(
+            Latency::parse("uniform:100ms..2s").unwrap(),
+            Latency::Uniform { min_ms: 100, max_ms: 2000 }
+        );
         assert_eq!(
             Latency::parse("lognormal:200ms,2s").unwrap(),
             Latency::Lognormal { median_ms: 200, p99_ms: 2000 }

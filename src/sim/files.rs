@@ -46,7 +46,10 @@ fn image_response(bytes: Bytes, format: Format) -> Response {
 }
 
 /// `GET /files/{id}/{index}.{ext}`: an output image.
-pub(crate) async fn output(State(sim): State<Arc<Sim>>, Path((id, file)): Path<(String, String)>) -> Response {
+pub(crate) async fn output(
+    State(sim): State<Arc<Sim>>,
+    Path((id, file)): Path<(String, String)>,
+) -> Response {
     let Some((index, ext)) = file.split_once('.') else {
         return plain(StatusCode::NOT_FOUND, "not found");
     };
@@ -55,7 +58,8 @@ pub(crate) async fn output(State(sim): State<Arc<Sim>>, Path((id, file)): Path<(
     };
     let now = Instant::now();
     let found = sim.with_gen(&id, |g| {
-        let key = g.outputs.get(index).filter(|k| k.format.ext() == ext && !g.cancelled && g.failure.is_none())?;
+        let key =
+            g.outputs.get(index).filter(|k| k.format.ext() == ext && !g.cancelled && g.failure.is_none())?;
         Some((key.clone(), g.ready))
     });
     let Some((key, ready)) = found.flatten() else {
@@ -88,10 +92,14 @@ pub(crate) async fn output(State(sim): State<Arc<Sim>>, Path((id, file)): Path<(
             (false, false, false)
         };
     if wrong_type {
-        let mut response =
-            (StatusCode::OK, "<!doctype html><html><body><h1>Service temporarily unavailable</h1></body></html>")
-                .into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+        let mut response = (
+            StatusCode::OK,
+            "<!doctype html><html><body><h1>Service temporarily unavailable</h1></body></html>",
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
         return response;
     }
     let format = key.format;
@@ -133,7 +141,13 @@ fn truncated(bytes: Bytes, format: Format) -> Response {
                 // Let the headers and the first half reach the client before the cut, so it
                 // sees a short body rather than no answer at all.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                Some((Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "simulated truncated download")), None))
+                Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "simulated truncated download",
+                    )),
+                    None,
+                ))
             }
         }
     });
@@ -183,7 +197,9 @@ pub(crate) async fn input(
     };
     let (width, height) = super::submit::input_size(
         &sim,
-        query.iter().map(|(k, v)| (std::borrow::Cow::Borrowed(k.as_str()), std::borrow::Cow::Borrowed(v.as_str()))),
+        query
+            .iter()
+            .map(|(k, v)| (std::borrow::Cow::Borrowed(k.as_str()), std::borrow::Cow::Borrowed(v.as_str()))),
     );
     let key = ImageKey {
         source: Source::Named { name: name.to_owned(), width, height },

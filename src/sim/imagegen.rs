@@ -256,7 +256,7 @@ fn texture_pixel(texture: Texture, x: u32, y: u32, seed: u32) -> Rgb<u8> {
             Rgb([(120.0 + 60.0 * ring) as u8, (72.0 + 40.0 * ring) as u8, (38.0 + 20.0 * ring) as u8])
         }
         Texture::Linen => {
-            let weave = if (x / 2 + y / 2) % 2 == 0 { 8.0 } else { -6.0 };
+            let weave = if (x / 2 + y / 2).is_multiple_of(2) { 8.0 } else { -6.0 };
             let n = fbm(fx / 6.0, fy / 6.0, seed) * 16.0;
             Rgb([(214.0 + weave + n) as u8, (200.0 + weave + n) as u8, (176.0 + weave + n) as u8])
         }
@@ -308,7 +308,9 @@ fn value_noise(x: f32, y: f32, seed: u32) -> f32 {
 }
 
 fn fbm(x: f32, y: f32, seed: u32) -> f32 {
-    value_noise(x, y, seed) * 0.57 + value_noise(x * 2.0, y * 2.0, seed ^ 1) * 0.29 + value_noise(x * 4.0, y * 4.0, seed ^ 2) * 0.14
+    value_noise(x, y, seed) * 0.57
+        + value_noise(x * 2.0, y * 2.0, seed ^ 1) * 0.29
+        + value_noise(x * 4.0, y * 4.0, seed ^ 2) * 0.14
 }
 
 fn hash32(bytes: &[u8]) -> u32 {
@@ -324,12 +326,8 @@ fn hash32(bytes: &[u8]) -> u32 {
 pub fn encode(img: &RgbImage, format: Format) -> Result<Vec<u8>, image::ImageError> {
     let mut out = Vec::with_capacity((img.width() * img.height()) as usize);
     match format {
-        Format::Png => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Sub).write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )?,
+        Format::Png => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Sub)
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)?,
         Format::Jpeg => JpegEncoder::new_with_quality(&mut out, 85).write_image(
             img.as_raw(),
             img.width(),
@@ -367,7 +365,10 @@ mod tests {
         let c = render(&key(Source::Url("https://x/a.png".into()), Texture::Linen, Format::Png)).unwrap();
         assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a, render(&key(Source::Url("https://x/a.png".into()), Texture::Marble, Format::Png)).unwrap());
+        assert_eq!(
+            a,
+            render(&key(Source::Url("https://x/a.png".into()), Texture::Marble, Format::Png)).unwrap()
+        );
     }
 
     #[test]

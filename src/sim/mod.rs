@@ -18,8 +18,8 @@
 
 pub mod admin;
 mod args;
-pub mod faults;
 mod fal;
+pub mod faults;
 mod files;
 pub mod imagegen;
 pub mod money;
@@ -285,7 +285,11 @@ impl Sim {
             .build()
             .map_err(|e| SimError::Config(format!("webhook client: {e}")))?;
         Ok(Self {
-            money: Mutex::new(Money { credits: config.credits, fal_balance: config.fal_balance, ledger: Vec::new() }),
+            money: Mutex::new(Money {
+                credits: config.credits,
+                fal_balance: config.fal_balance,
+                ledger: Vec::new(),
+            }),
             dice: Mutex::new(Dice::new(config.seed)),
             config,
             base_url,

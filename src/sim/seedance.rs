@@ -2,6 +2,11 @@
 //! (`async: true`) or pushed to a webhook, the status endpoint, and `{"error": {code, message}}`
 //! bodies with the statuses the spec lists (400/401/402/429/5xx).
 
+#![expect(
+    clippy::result_large_err,
+    reason = "validation helpers return the finished error response; only the error path pays for its size"
+)]
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,9 +55,10 @@ fn refused(sim: &Sim, refusal: submit::Refusal) -> Response {
     let mut response = error(status, code, message, Value::Null);
     let wait = refusal.retry_after.or_else(|| (status == 429).then_some(std::time::Duration::from_secs(1)));
     if let Some(wait) = wait {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, submit::retry_after_value(sim.config.faults.retry_after_format, wait));
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            submit::retry_after_value(sim.config.faults.retry_after_format, wait),
+        );
     }
     response
 }
@@ -65,7 +71,11 @@ fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Response>
     }
 }
 
-fn opt_int(map: &serde_json::Map<String, Value>, key: &str, range: std::ops::RangeInclusive<u64>) -> Result<Option<u64>, Response> {
+fn opt_int(
+    map: &serde_json::Map<String, Value>,
+    key: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, Response> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
@@ -83,7 +93,12 @@ fn required_prompt(map: &serde_json::Map<String, Value>) -> Result<String, Respo
 }
 
 /// Charges, records and, on a drop fault, drops the connection. `Err` is the answer to send.
-fn take_order(sim: &Arc<Sim>, order: Order, verdict: Verdict, rng: &mut rand::rngs::StdRng) -> Result<submit::Accepted, Response> {
+fn take_order(
+    sim: &Arc<Sim>,
+    order: Order,
+    verdict: Verdict,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<submit::Accepted, Response> {
     let accepted = submit::accept(sim, order, rng).map_err(|short| {
         error(
             402,
@@ -193,7 +208,8 @@ fn edit_order(sim: &Sim, body: &[u8]) -> Result<(Order, EditMode), Response> {
     let mut primary = None;
     for (i, url) in urls.iter().enumerate() {
         let url = url.as_str().ok_or_else(|| invalid(&format!("image_urls[{i}] must be a string")))?;
-        let resolved = submit::resolve_source(sim, url).map_err(|m| invalid(&format!("image_urls[{i}]: {m}")))?;
+        let resolved =
+            submit::resolve_source(sim, url).map_err(|m| invalid(&format!("image_urls[{i}]: {m}")))?;
         if i == 0 {
             primary = Some(resolved);
         }
@@ -213,7 +229,9 @@ fn edit_order(sim: &Sim, body: &[u8]) -> Result<(Order, EditMode), Response> {
     };
     let webhook_url = match map.get("webhook_url") {
         None | Some(Value::Null) => None,
-        Some(Value::String(u)) if url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) => {
+        Some(Value::String(u))
+            if url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) =>
+        {
             Some(u.clone())
         }
         Some(_) => return Err(invalid("webhook_url must be an http(s) URL")),
@@ -309,7 +327,11 @@ pub(crate) fn status_body(sim: &Sim, id: &str, now: Instant) -> Option<Value> {
 }
 
 /// `GET /v1/requests/{id}`.
-pub(crate) async fn status(State(sim): State<Arc<Sim>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+pub(crate) async fn status(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if !authorized(&sim, &headers, Scheme::Bearer) {
         return unauthorized();
     }

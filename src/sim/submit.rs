@@ -79,7 +79,10 @@ pub(crate) fn gate(sim: &Sim, seq: u64, rng: &mut StdRng) -> Verdict {
         return Verdict::Refuse(Refusal { status, retry_after: None });
     }
     if let Err(wait) = sim.take_rate_slot(now) {
-        return Verdict::Refuse(Refusal { status: 429, retry_after: Some(wait.max(Duration::from_millis(1))) });
+        return Verdict::Refuse(Refusal {
+            status: 429,
+            retry_after: Some(wait.max(Duration::from_millis(1))),
+        });
     }
     if chance(rng, faults.error_rate) {
         return Verdict::Refuse(Refusal { status: 0, retry_after: None });
@@ -135,7 +138,10 @@ pub(crate) fn resolve_source(sim: &Sim, url: &str) -> Result<(Source, (u32, u32)
 }
 
 /// `?w=&h=` of an input picture URL, capped at `max_side`.
-pub(crate) fn input_size<'a>(sim: &Sim, query: impl Iterator<Item = (std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>) -> (u32, u32) {
+pub(crate) fn input_size<'a>(
+    sim: &Sim,
+    query: impl Iterator<Item = (std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
+) -> (u32, u32) {
     let (mut w, mut h) = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE);
     for (k, v) in query {
         match (k.as_ref(), v.parse::<u32>()) {
@@ -215,7 +221,14 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
     let texture = Texture::for_prompt(&order.prompt);
     let (width, height) = fit(order.size.0, order.size.1, sim.config.max_side);
     let outputs = (0..order.num_images)
-        .map(|variant| ImageKey { source: order.source.clone(), texture, width, height, format: order.format, variant })
+        .map(|variant| ImageKey {
+            source: order.source.clone(),
+            texture,
+            width,
+            height,
+            format: order.format,
+            variant,
+        })
         .collect();
     let rec = Gen {
         protocol: order.protocol,

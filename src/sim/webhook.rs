@@ -109,7 +109,8 @@ async fn deliver(sim: &Sim, id: &str, url: &str) {
         if protocol == Protocol::Fal {
             // Signed at send time: a retried delivery carries a fresh timestamp, as fal's do.
             let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let signature = sim.signing_key.sign(signed_message(id, SIM_USER_ID, timestamp, &body).as_bytes());
+            let signature =
+                sim.signing_key.sign(signed_message(id, SIM_USER_ID, timestamp, &body).as_bytes());
             request = request
                 .header("x-fal-webhook-request-id", id)
                 .header("x-fal-webhook-user-id", SIM_USER_ID)

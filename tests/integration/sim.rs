@@ -128,14 +128,17 @@ async fn seedance_async_edit_is_polled_to_completion_and_errors_have_the_spec_sh
         .await
         .unwrap();
     assert_eq!(wrong_scheme.status(), 401);
-    let bad = post_seedance(&c, &sim, EDIT, &json!({ "prompt": "x", "image_urls": ["ftp://nope/a.png"] })).await;
+    let bad =
+        post_seedance(&c, &sim, EDIT, &json!({ "prompt": "x", "image_urls": ["ftp://nope/a.png"] })).await;
     assert_eq!(bad.status(), 400);
     let v: Value = bad.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_request");
     assert!(v["error"]["message"].as_str().unwrap().contains("image_urls[0]"));
-    let bad = post_seedance(&c, &sim, "/v1/images/generate", &json!({ "model": "nope", "prompt": "x" })).await;
+    let bad =
+        post_seedance(&c, &sim, "/v1/images/generate", &json!({ "model": "nope", "prompt": "x" })).await;
     assert_eq!(bad.status(), 400);
-    let missing = c.get(format!("{}/v1/requests/req_missing", sim.base_url())).bearer_auth(KEY).send().await.unwrap();
+    let missing =
+        c.get(format!("{}/v1/requests/req_missing", sim.base_url())).bearer_auth(KEY).send().await.unwrap();
     assert_eq!(missing.status(), 404);
 
     // A generation that fails is `failed` with an error object.
@@ -296,7 +299,8 @@ async fn fal_webhooks_are_signed_with_the_published_key_and_tampering_is_caught(
     let sim = sim_with(Faults { webhook_duplicate_rate: 1.0, ..Faults::default() }).await;
     let c = client();
     let (hook, got) = receiver().await;
-    let query = format!("?fal_webhook={}", url::form_urlencoded::byte_serialize(hook.as_bytes()).collect::<String>());
+    let query =
+        format!("?fal_webhook={}", url::form_urlencoded::byte_serialize(hook.as_bytes()).collect::<String>());
     let v: Value = post_fal(&c, &sim, &query, &edit_body(&sim, "SKU-W")).await.json().await.unwrap();
     let deliveries = wait_for(&got, 2).await;
     assert_eq!(deliveries.len(), 2, "delivered twice, as duplicate_rate = 1 asks");
@@ -314,7 +318,9 @@ async fn fal_webhooks_are_signed_with_the_published_key_and_tampering_is_caught(
     tampered[last] ^= 1;
     assert!(!verify_fal_webhook(&jwks, headers, &tampered, now));
     assert!(!verify_fal_webhook(&jwks, headers, body, now + 3600));
-    let other = backdrop::sim::webhook::jwks_document(&ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key());
+    let other = backdrop::sim::webhook::jwks_document(
+        &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
+    );
     assert!(!verify_fal_webhook(&other, headers, body, now));
     sim.shutdown().await;
 }
@@ -605,7 +611,19 @@ fn the_binary_serves_and_documents_every_flag() {
     let exe = env!("CARGO_BIN_EXE_backdrop");
     let help = std::process::Command::new(exe).args(["sim", "--help"]).output().unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
-    for flag in ["--listen", "--scenario", "--seed", "--credits", "--fal-balance", "--latency", "--rate-limit", "--script", "--burst", "--url-ttl", "--webhook-drop-rate"] {
+    for flag in [
+        "--listen",
+        "--scenario",
+        "--seed",
+        "--credits",
+        "--fal-balance",
+        "--latency",
+        "--rate-limit",
+        "--script",
+        "--burst",
+        "--url-ttl",
+        "--webhook-drop-rate",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
     let mut child = std::process::Command::new(exe)
