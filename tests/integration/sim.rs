@@ -644,3 +644,41 @@ fn the_binary_serves_and_documents_every_flag() {
     child.wait().unwrap();
     assert_eq!(balance["credits"], 16.0);
 }
+
+#[test]
+fn the_binary_refuses_a_bad_scenario_with_the_usage_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[faults]\nerror_rate = 2.0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backdrop"))
+        .args(["sim", "--listen", "127.0.0.1:0", "--scenario"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error_rate"));
+}
+
+#[tokio::test]
+async fn fal_text_to_image_returns_images_and_a_seed() {
+    let sim = start(SimConfig { max_side: 64, ..SimConfig::default() }).await.unwrap();
+    let c = client();
+    let submit: Value = c
+        .post(format!("{}/fal-ai/bytedance/seedream/v4.5/text-to-image", sim.base_url()))
+        .header("authorization", format!("Key {KEY}"))
+        .json(&json!({ "prompt": "a vase on walnut", "image_size": "landscape_16_9", "seed": 5 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let result: Value = fal_get(&c, submit["response_url"].as_str().unwrap()).await.json().await.unwrap();
+    assert_eq!(result["seed"], 5);
+    assert_eq!(
+        (result["images"][0]["width"].as_u64(), result["images"][0]["height"].as_u64()),
+        (Some(64), Some(36))
+    );
+    assert_eq!(png(&c, result["images"][0]["url"].as_str().unwrap()).await.dimensions(), (64, 36));
+    sim.shutdown().await;
+}
