@@ -10,6 +10,7 @@ use crate::exit::ExitCode;
 pub mod report;
 pub mod retry;
 pub mod run;
+pub mod sim;
 pub mod status;
 
 /// Runs the subcommand the user asked for.
@@ -17,12 +18,11 @@ pub mod status;
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
 pub async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
-    let name = match cli.command {
-        Command::Run(args) => return run::execute(&cli.global, *args, interrupt).await,
-        Command::Status(args) => return status::execute(&cli.global, &args).await,
-        Command::Retry(args) => return retry::execute(&cli.global, &args).await,
-        Command::Report(args) => return report::execute(&cli.global, &args).await,
-        Command::Sim(_) => "sim",
-    };
-    Err(Error::Other { message: format!("{name} is being built"), exit: ExitCode::Fatal })
+    match cli.command {
+        Command::Run(args) => run::execute(&cli.global, *args, interrupt).await,
+        Command::Status(args) => status::execute(&cli.global, &args).await,
+        Command::Retry(args) => retry::execute(&cli.global, &args).await,
+        Command::Report(args) => report::execute(&cli.global, &args).await,
+        Command::Sim(args) => sim::execute(&args).await,
+    }
 }

@@ -7,3 +7,4 @@ mod crash;
 mod ops;
 mod provider;
 mod run;
+mod sim;
