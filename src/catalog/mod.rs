@@ -185,8 +185,8 @@ pub struct RawRow {
 /// A streaming source of raw rows.
 #[derive(Debug)]
 pub enum Source {
-    /// A CSV file.
-    Csv(csv::CsvSource),
+    /// A CSV file (boxed: its reader and buffers dwarf the other variant).
+    Csv(Box<csv::CsvSource>),
     /// A SQLite table or query.
     Sqlite(sqlite::SqliteSource),
 }
@@ -207,7 +207,7 @@ impl Source {
                 message: "this is a SQLite database: add --table NAME or --query \"SELECT ...\"".into(),
             });
         }
-        Ok(Self::Csv(csv::CsvSource::open(&spec.path)?))
+        Ok(Self::Csv(Box::new(csv::CsvSource::open(&spec.path)?)))
     }
 
     /// The column names, in order, or the problem with the header.
