@@ -604,6 +604,90 @@ mod tests {
         assert!(r.resolve("https://").is_err());
     }
 
+    /// Every problem a fixture has, as "line N: message".
+    async fn fixture_problems(file: &str, template: &str) -> Vec<String> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/catalog");
+        let prompt = dir.join(template);
+        let t = crate::prompt::Template::load(&prompt).unwrap();
+        let spec = CatalogSpec { path: dir.join(file), table: None, query: None };
+        let problems = match Catalog::open(&spec, t.task(), t.body().placeholders(), &prompt).await {
+            Err(CatalogError::Invalid { problems, .. }) => problems,
+            Err(e) => panic!("{e}"),
+            Ok(mut catalog) => {
+                let mut out = Vec::new();
+                while let Some(row) = catalog.next().await.unwrap() {
+                    if let Err(p) = row {
+                        out.extend(p);
+                    }
+                }
+                catalog.describe_duplicates(&mut out).await.unwrap();
+                out
+            }
+        };
+        problems.iter().map(ToString::to_string).collect()
+    }
+
+    #[tokio::test]
+    async fn missing_and_extra_columns_and_unknown_placeholders() {
+        let p = fixture_problems("missing-columns.csv", "simple.txt").await;
+        assert_eq!(p[0], "line 1: column 3 has no name");
+        assert_eq!(p[1], "line 1: duplicate column \"name\" (columns 2 and 4)");
+        assert_eq!(p[2], "line 1: missing column sku");
+        assert!(p[3].starts_with("line 1: missing column image_url"), "{p:?}");
+        assert!(p[4].starts_with("line 1: placeholder {color} in "), "{p:?}");
+        assert_eq!(p.len(), 5, "{p:?}");
+        let p = fixture_problems("good.csv", "unknown-placeholder.txt").await;
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("line 1: placeholder {colour} in ") && p[0].contains("names no column"));
+        assert!(p[1].starts_with("line 1: placeholder {surface} in "));
+    }
+
+    #[tokio::test]
+    async fn ragged_rows() {
+        let p = fixture_problems("ragged-rows.csv", "name.txt").await;
+        assert_eq!(p, ["line 3: 2 fields, the header has 3", "line 4: 4 fields, the header has 3"]);
+    }
+
+    #[tokio::test]
+    async fn empty_skus() {
+        let p = fixture_problems("empty-sku.csv", "name.txt").await;
+        assert_eq!(p, ["line 3: empty sku", "line 4: empty sku"]);
+    }
+
+    #[tokio::test]
+    async fn duplicate_skus_name_the_first_line() {
+        // A-3's name spans lines 4 and 5, so the duplicates sit on lines 6 and 7.
+        let p = fixture_problems("duplicate-sku.csv", "name.txt").await;
+        assert_eq!(
+            p,
+            [
+                "line 6: duplicate sku \"A-1\" (first on line 2)",
+                "line 7: duplicate sku \"A-2\" (first on line 3)"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_has_line_and_byte() {
+        let p = fixture_problems("invalid-utf8.csv", "name.txt").await;
+        assert_eq!(p, ["line 3: invalid UTF-8 at byte 65"]);
+    }
+
+    #[tokio::test]
+    async fn image_counts() {
+        let p = fixture_problems("too-many-images.csv", "name.txt").await;
+        assert_eq!(p, ["line 3: 11 images (at most 10)", "line 4: no image (image_urls is empty)"]);
+    }
+
+    #[tokio::test]
+    async fn image_values_must_be_urls_or_files_inside_the_folder() {
+        let p = fixture_problems("bad-images.csv", "name.txt").await;
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p[0], "line 3: image \"ftp://cdn.example.com/a2.png\": neither an http(s) URL nor a local file");
+        assert!(p[1].starts_with("line 4: image \"images/missing.png\": no such file"), "{p:?}");
+        assert!(p[2].starts_with("line 5: image \"../../../../../../../../etc/passwd\": outside"), "{p:?}");
+    }
+
     #[test]
     fn sku_keys_differ() {
         assert_ne!(sku_key("A-1"), sku_key("A-2"));
