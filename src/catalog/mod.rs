@@ -683,7 +683,10 @@ mod tests {
     async fn image_values_must_be_urls_or_files_inside_the_folder() {
         let p = fixture_problems("bad-images.csv", "name.txt").await;
         assert_eq!(p.len(), 3, "{p:?}");
-        assert_eq!(p[0], "line 3: image \"ftp://cdn.example.com/a2.png\": neither an http(s) URL nor a local file");
+        assert_eq!(
+            p[0],
+            "line 3: image \"ftp://cdn.example.com/a2.png\": neither an http(s) URL nor a local file"
+        );
         assert!(p[1].starts_with("line 4: image \"images/missing.png\": no such file"), "{p:?}");
         assert!(p[2].starts_with("line 5: image \"../../../../../../../../etc/passwd\": outside"), "{p:?}");
     }
