@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub(crate) mod plan;
+
 use sqlx::SqlitePool;
 
 mod pipeline;

@@ -5,6 +5,7 @@ mod harness;
 mod chaos;
 mod crash;
 mod ops;
+mod plan;
 mod provider;
 mod run;
 mod sim;
