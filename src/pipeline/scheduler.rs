@@ -383,16 +383,24 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
         if shared.stop_submits.is_cancelled() {
             return Ok(JobEnd::Left);
         }
-        let price = shared.price(spec);
-        let Some(reservation) = shared.pool.budget.reserve(price) else {
-            shared.stop(Stop::Budget);
-            return Ok(JobEnd::Left);
-        };
         let ready = tokio::select! {
             () = shared.pool.limiter.acquire() => true,
             () = shared.stop_submits.cancelled() => false,
         };
-        if !ready || shared.stop_submits.is_cancelled() {
+        if !ready {
+            return Ok(JobEnd::Left);
+        }
+        // Reserved after the rate limiter, so workers queued there hold no money.
+        let price = shared.price(spec);
+        let reservation = tokio::select! {
+            r = shared.pool.budget.reserve(price) => r,
+            () = shared.stop_submits.cancelled() => return Ok(JobEnd::Left),
+        };
+        let Some(reservation) = reservation else {
+            shared.stop(Stop::Budget);
+            return Ok(JobEnd::Left);
+        };
+        if shared.stop_submits.is_cancelled() {
             shared.pool.budget.release(reservation);
             return Ok(JobEnd::Left);
         }
