@@ -133,7 +133,10 @@ mod tests {
         let b = Budget::new(Some(20.0), 4.0);
         let r1 = granted(b.try_reserve(8.0));
         let r2 = granted(b.try_reserve(8.0));
-        assert!(matches!(b.try_reserve(8.0), Decision::Wait), "4 + 8 + 8 + 8 > 20, but reservations may go back");
+        assert!(
+            matches!(b.try_reserve(8.0), Decision::Wait),
+            "4 + 8 + 8 + 8 > 20, but reservations may go back"
+        );
         b.release(r2);
         let r3 = granted(b.try_reserve(8.0));
         b.charge(r1, 6.0);
@@ -155,7 +158,8 @@ mod tests {
     #[test]
     fn no_limit_always_reserves() {
         let b = Budget::new(None, 1e12);
-        granted(b.try_reserve(1e12));
+        let r = granted(b.try_reserve(1e12));
+        b.charge(r, 1e12);
     }
 
     #[tokio::test]

@@ -627,7 +627,8 @@ impl Store {
              WHERE planned_run = ? AND state IN ('pending', 'waiting') AND position > ?
              ORDER BY position LIMIT ?"
         );
-        let rows = sqlx::query(&sql).bind(run_id).bind(after_position).bind(limit).fetch_all(self.pool()).await?;
+        let rows =
+            sqlx::query(&sql).bind(run_id).bind(after_position).bind(limit).fetch_all(self.pool()).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -653,9 +654,7 @@ impl Store {
         .bind(run_id)
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|(s, n)| Ok((s.parse()?, u64::try_from(n).unwrap_or(0))))
-            .collect()
+        rows.into_iter().map(|(s, n)| Ok((s.parse()?, u64::try_from(n).unwrap_or(0)))).collect()
     }
 }
 
@@ -702,7 +701,9 @@ mod tests {
         let a1 = w.commit(Change::Intent { job_id: id, run_id: run }).await.unwrap();
         assert_eq!(state(&store, id).await, ("submitting".into(), 1, None));
         let end = AttemptEnd { status_code: Some(429), error_class: Some("retry"), ..AttemptEnd::default() };
-        w.commit(Change::Waiting { job_id: id, attempt_id: Some(a1), next_attempt_at: 5, end }).await.unwrap();
+        w.commit(Change::Waiting { job_id: id, attempt_id: Some(a1), next_attempt_at: 5, end })
+            .await
+            .unwrap();
         assert_eq!(state(&store, id).await.0, "waiting");
         assert_eq!(store.claimable_jobs(run, 0, 10).await.unwrap().len(), 1, "waiting jobs are claimable");
 
@@ -713,9 +714,15 @@ mod tests {
             response_url: None,
             cancel_url: None,
         };
-        w.commit(Change::Accepted { job_id: id, attempt_id: a2, request, charged: 8.0, end: AttemptEnd::default() })
-            .await
-            .unwrap();
+        w.commit(Change::Accepted {
+            job_id: id,
+            attempt_id: a2,
+            request,
+            charged: 8.0,
+            end: AttemptEnd::default(),
+        })
+        .await
+        .unwrap();
         assert_eq!(state(&store, id).await, ("submitted".into(), 2, Some("req-1".into())));
         let resumable = store.resumable_jobs(0, 10).await.unwrap();
         assert_eq!(resumable[0].request.as_ref().unwrap().status_url.as_deref(), Some("http://x/s"));
@@ -758,10 +765,17 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         let a = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap();
-        let request = RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
-        w.commit(Change::Accepted { job_id: 2, attempt_id: a, request, charged: 8.0, end: AttemptEnd::default() })
-            .await
-            .unwrap();
+        let request =
+            RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
+        w.commit(Change::Accepted {
+            job_id: 2,
+            attempt_id: a,
+            request,
+            charged: 8.0,
+            end: AttemptEnd::default(),
+        })
+        .await
+        .unwrap();
         let rec = store.recover().await.unwrap();
         assert_eq!(rec, Recovery { ambiguous: 1, resumable: 1 });
         assert_eq!(state(&store, 1).await.0, "ambiguous");
@@ -786,7 +800,9 @@ mod tests {
         let mut tasks = Vec::new();
         for id in 1..=200 {
             let w = w.clone();
-            tasks.push(tokio::spawn(async move { w.commit(Change::Intent { job_id: id, run_id: run }).await }));
+            tasks.push(tokio::spawn(
+                async move { w.commit(Change::Intent { job_id: id, run_id: run }).await },
+            ));
         }
         for t in tasks {
             t.await.unwrap().unwrap();

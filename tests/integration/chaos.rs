@@ -100,11 +100,12 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     );
     assert_eq!(done + failed + ambiguous, rows as i64, "seed {seed}: {states:?}");
     let store = env.store().await;
-    let (reasonless,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state IN ('failed', 'ambiguous') AND (error IS NULL OR error = '')")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+    let (reasonless,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('failed', 'ambiguous') AND (error IS NULL OR error = '')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
     assert_eq!(reasonless, 0, "seed {seed}: every failed or ambiguous row keeps its reason");
     let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(store.pool()).await.unwrap();
     assert_eq!(check, "ok");
