@@ -4,6 +4,7 @@ mod harness;
 
 mod chaos;
 mod crash;
+mod operate;
 mod ops;
 mod plan;
 mod provider;
