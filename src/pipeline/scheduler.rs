@@ -22,7 +22,7 @@ use crate::job::JobSpec;
 use crate::provider::{
     ErrorClass, JobResult, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission,
 };
-use crate::store::{AttemptEnd, Change, JobState, NewOutput, Store, StoreError, StoredJob, Writer, now_ms};
+use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
 
 /// Rows read from the store per page: memory stays flat whatever the catalog size.
 const PAGE: i64 = 256;
@@ -720,16 +720,7 @@ async fn fetch_phase<P: Provider>(
                     Err(e) => return fail(shared, job, None, &download_reason(&e)).await,
                 }
             };
-            outputs.push(NewOutput {
-                index,
-                path: saved.path.to_string_lossy().into_owned(),
-                sha256: saved.sha256,
-                bytes: saved.bytes,
-                width: saved.width,
-                height: saved.height,
-                content_type: saved.content_type,
-                source_url: saved.source_url,
-            });
+            outputs.push(saved);
         }
         // Every file is fsynced and renamed: only now is the row done.
         shared.commit(Change::Done { job_id: job.spec.id, outputs }).await?;

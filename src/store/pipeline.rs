@@ -8,6 +8,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{JobState, Store, StoreError, now_ms};
+use crate::fetch::SavedOutput;
 use crate::job::{JobSpec, Params, Task};
 use crate::provider::RequestRef;
 
@@ -33,27 +34,6 @@ pub struct StoredJob {
     pub credits: f64,
     /// Catalog position.
     pub position: i64,
-}
-
-/// An output file as recorded once it is durable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewOutput {
-    /// 0-based index among the job's outputs.
-    pub index: u32,
-    /// Path relative to the output folder.
-    pub path: String,
-    /// Hex sha256 of the file.
-    pub sha256: String,
-    /// File size.
-    pub bytes: u64,
-    /// Decoded width.
-    pub width: u32,
-    /// Decoded height.
-    pub height: u32,
-    /// Content type from the magic bytes.
-    pub content_type: String,
-    /// Where it was downloaded from.
-    pub source_url: String,
 }
 
 /// The outcome of one HTTP submission, recorded on its attempt row.
@@ -152,7 +132,7 @@ pub enum Change {
         /// The job.
         job_id: i64,
         /// The files.
-        outputs: Vec<NewOutput>,
+        outputs: Vec<SavedOutput>,
     },
 }
 
@@ -440,7 +420,7 @@ async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<i64, Stor
                 )
                 .bind(job_id)
                 .bind(i64::from(o.index))
-                .bind(&o.path)
+                .bind(o.path.to_string_lossy())
                 .bind(&o.sha256)
                 .bind(i64::try_from(o.bytes).unwrap_or(i64::MAX))
                 .bind(i64::from(o.width))
@@ -738,7 +718,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(state(&store, id).await.0, "fetching");
-        let out = NewOutput {
+        let out = SavedOutput {
             index: 0,
             path: "SKU-0/0.png".into(),
             sha256: "ab".into(),
