@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod badinput;
 mod chaos;
 mod crash;
 mod operate;
