@@ -633,7 +633,8 @@ fn the_binary_serves_and_documents_every_flag() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -642,6 +643,7 @@ fn the_binary_serves_and_documents_every_flag() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
+    drop(stdout);
     assert_eq!(balance["credits"], 16.0);
 }
 
