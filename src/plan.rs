@@ -390,7 +390,7 @@ pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Re
     let table = PriceTable::new(settings.provider, &settings.prices);
     let unit_price = table.unit_price(&model);
     let images = to_run * u64::from(params.num_images);
-    #[expect(clippy::cast_precision_loss, reason = "image counts are far below 2^52")]
+    // Image counts stay far below 2^52, so the conversion to f64 is exact.
     let amount = unit_price.map(|p| p * images as f64);
     let estimate = Estimate {
         unit: table.unit(),

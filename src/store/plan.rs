@@ -3,7 +3,6 @@
 //! per few hundred rows) inside one transaction, so a million-row plan costs seconds, not hours.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use sqlx::{Sqlite, Transaction};
 
@@ -60,13 +59,12 @@ impl Store {
     }
 }
 
-fn placeholders(out: &mut String, rows: usize, per_row: usize, first: usize) {
-    let mut n = first;
+/// Appends `(?,?),(?,?)...`: `rows` groups of `per_row` anonymous parameters.
+fn placeholders(out: &mut String, rows: usize, per_row: usize) {
     for r in 0..rows {
-        out.push_str(if r == 0 { "(" } else { ",(" });
-        for c in 0..per_row {
-            let _ = write!(out, "{}?{n}", if c == 0 { "" } else { "," });
-            n += 1;
+        out.push_str(if r == 0 { "(?" } else { ",(?" });
+        for _ in 1..per_row {
+            out.push_str(",?");
         }
         out.push(')');
     }
@@ -120,25 +118,13 @@ impl PlanTx {
         }
         q.execute(&mut *self.tx).await?;
 
-        // ?1..?6 are shared by every row; each row then binds its own five values.
+        // Anonymous `?` only: for numbered `?NNN` parameters sqlx asks SQLite each one's name,
+        // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
              sku, position, fingerprint, prompt, inputs) VALUES ",
         );
-        let mut n = 7;
-        for (r, _) in jobs.iter().enumerate() {
-            let _ = write!(
-                sql,
-                "{}(?1,?2,?3,?4,?5,?6,?6,?{},?{},?{},?{},?{})",
-                if r == 0 { "" } else { "," },
-                n,
-                n + 1,
-                n + 2,
-                n + 3,
-                n + 4
-            );
-            n += 5;
-        }
+        placeholders(&mut sql, jobs.len(), 12);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
@@ -148,15 +134,16 @@ impl PlanTx {
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
         );
-        let mut q = sqlx::query(&sql)
-            .bind(run_id)
-            .bind(shared.provider)
-            .bind(shared.model)
-            .bind(shared.task)
-            .bind(shared.params)
-            .bind(now);
+        let mut q = sqlx::query(&sql);
         for job in jobs {
             q = q
+                .bind(run_id)
+                .bind(shared.provider)
+                .bind(shared.model)
+                .bind(shared.task)
+                .bind(shared.params)
+                .bind(now)
+                .bind(now)
                 .bind(job.sku.as_str())
                 .bind(job.position)
                 .bind(job.fingerprint.as_str())
@@ -173,12 +160,13 @@ impl PlanTx {
             return Ok(());
         }
         let mut sql = String::from("WITH v(sku, pos) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 2, 2);
-        sql.push_str(") UPDATE jobs SET planned_run = ?1, position = v.pos FROM v WHERE jobs.sku = v.sku");
-        let mut q = sqlx::query(&sql).bind(run_id);
+        placeholders(&mut sql, rows.len(), 2);
+        sql.push_str(") UPDATE jobs SET planned_run = ?, position = v.pos FROM v WHERE jobs.sku = v.sku");
+        let mut q = sqlx::query(&sql);
         for (sku, pos) in rows {
             q = q.bind(*sku).bind(*pos);
         }
+        q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;
         Ok(())
     }
@@ -201,9 +189,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_from_first() {
+    fn placeholders_group_per_row() {
         let mut s = String::new();
-        placeholders(&mut s, 2, 2, 2);
-        assert_eq!(s, "(?2,?3),(?4,?5)");
+        placeholders(&mut s, 2, 3);
+        assert_eq!(s, "(?,?,?),(?,?,?)");
     }
 }
