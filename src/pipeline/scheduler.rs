@@ -345,7 +345,7 @@ async fn work<P: Provider>(
         JobState::Fetching => {
             let parsed = job.result.as_deref().map(serde_json::from_str::<JobResult>);
             match parsed {
-                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result, slot).await,
+                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result, None, slot).await,
                 // The result was lost; poll again if we can, the outputs are still paid for.
                 _ => match &job.request {
                     Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
@@ -488,7 +488,7 @@ async fn submit_phase<P: Provider>(
                     response_url: None,
                     cancel_url: None,
                 });
-                return fetch_phase(shared, job, request, result, slot).await;
+                return fetch_phase(shared, job, request, result, None, slot).await;
             }
             Err(e) => match e.class() {
                 ErrorClass::Retry => {
@@ -636,25 +636,15 @@ async fn poll_loop<P: Provider>(
                 }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.
-                let delta = result.charged.map_or(0.0, |c| c - job.credits).max(-job.credits);
-                let delta = if job.credits > 0.0 && result.charged.is_some() { delta } else { 0.0 };
+                let delta = result.charged.map_or(0.0, |c| c - shared.price(&job.spec));
                 if delta.abs() > 1e-9 {
                     shared.pool.budget.adjust(delta);
                     shared.pool.stats.add_spent(delta);
                 }
-                shared
-                    .pool
-                    .writer
-                    .send(Change::Completed {
-                        job_id: job.spec.id,
-                        attempt_id: None,
-                        request_id: None,
-                        result: result_json(&result),
-                        charged: delta,
-                        end: AttemptEnd::default(),
-                    })
-                    .await?;
-                return fetch_phase(shared, job, Some(request.clone()), result, slot).await;
+                // Not committed on its own: the request id is saved, so after a crash a poll
+                // finds this result again. It is recorded with the outputs (or the failure).
+                let unsaved = Some(Unsaved { result: result_json(&result), charged: delta });
+                return fetch_phase(shared, job, Some(request.clone()), result, unsaved, slot).await;
             }
             Err(e) => match e.poll_class() {
                 ErrorClass::Fail => {
@@ -687,17 +677,24 @@ async fn poll_loop<P: Provider>(
     }
 }
 
+/// A polled result not yet in the store (see the poll loop).
+struct Unsaved {
+    result: String,
+    charged: f64,
+}
+
 async fn fetch_phase<P: Provider>(
     shared: &Shared<P>,
     job: &StoredJob,
     request: Option<RequestRef>,
     mut result: JobResult,
+    mut unsaved: Option<Unsaved>,
     slot: &mut Slot,
 ) -> Result<JobEnd, StoreError> {
     let mut reresolved = 0;
     'again: loop {
         if result.images.is_empty() {
-            return fail(shared, job, None, "paid, but the provider returned no images").await;
+            return fail_paid(shared, job, unsaved.take(), "paid, but the provider returned no images").await;
         }
         let mut outputs = Vec::with_capacity(result.images.len());
         for (index, image) in result.images.iter().enumerate() {
@@ -719,11 +716,15 @@ async fn fetch_phase<P: Provider>(
                             if let Some(r) = request.as_ref()
                                 && let Ok(PollOutcome::Completed(fresh)) = shared.pool.provider.poll(r).await
                             {
+                                if let Some(u) = unsaved.as_mut() {
+                                    u.result = result_json(&fresh);
+                                }
                                 result = fresh;
                                 continue 'again;
                             }
                         }
-                        return fail(shared, job, None, &format!("paid, not downloaded: {e}")).await;
+                        return fail_paid(shared, job, unsaved.take(), &format!("paid, not downloaded: {e}"))
+                            .await;
                     }
                     Err(e) if e.is_retryable() && tries < shared.pool.retry.max_attempts.max(3) => {
                         RunStats::bump(&shared.pool.stats.retries);
@@ -734,7 +735,7 @@ async fn fetch_phase<P: Provider>(
                             return Ok(JobEnd::Left);
                         }
                     }
-                    Err(e) => return fail(shared, job, None, &download_reason(&e)).await,
+                    Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
                 }
             };
             outputs.push(saved);
@@ -746,14 +747,40 @@ async fn fetch_phase<P: Provider>(
         for downloaded in outputs {
             match downloaded.persist().await {
                 Ok(output) => saved.push(output),
-                Err(e) => return fail(shared, job, None, &download_reason(&e)).await,
+                Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
             }
         }
         // Every file is fsynced and renamed: only now is the row done.
-        shared.commit(Change::Done { job_id: job.spec.id, outputs: saved }).await?;
+        let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
+        shared.commit(Change::Done { job_id: job.spec.id, outputs: saved, result, charged }).await?;
         info!("done");
         return Ok(JobEnd::Done);
     }
+}
+
+/// Fails a row whose result was paid for, saving a polled result first so the store keeps what
+/// was charged and where the images were.
+async fn fail_paid<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+    reason: &str,
+) -> Result<JobEnd, StoreError> {
+    if let Some(u) = unsaved {
+        shared
+            .pool
+            .writer
+            .send(Change::Completed {
+                job_id: job.spec.id,
+                attempt_id: None,
+                request_id: None,
+                result: u.result,
+                charged: u.charged,
+                end: AttemptEnd::default(),
+            })
+            .await?;
+    }
+    fail(shared, job, None, reason).await
 }
 
 fn download_reason(e: &FetchError) -> String {
