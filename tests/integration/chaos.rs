@@ -85,6 +85,12 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
                 .expect("exits after a signal")
                 .expect("wait");
             logs.push(out.stderr);
+            // A run that finished on its own before its signal may have settled everything:
+            // then there is nothing left to interrupt.
+            if out.status.code().is_some_and(|c| c == 0 || c == 3) && open_rows(&env).await == 0 {
+                settled = true;
+                break;
+            }
             continue;
         }
         let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
@@ -92,18 +98,18 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
             .expect("finishes")
             .expect("wait");
         logs.push(out.stderr);
-        let states = env.states().await;
-        let open: i64 = ["pending", "waiting", "submitting", "submitted", "fetching"]
-            .iter()
-            .filter_map(|s| states.get(*s))
-            .sum();
-        if open == 0 {
+        if open_rows(&env).await == 0 {
             assert!(matches!(out.status.code(), Some(0 | 3)), "seed {seed}: exit {:?}", out.status);
             settled = true;
             break;
         }
     }
-    assert!(settled, "seed {seed}: never settled");
+    assert!(
+        settled,
+        "seed {seed}: never settled: {:?}; last log:\n{}",
+        env.states().await,
+        logs.last().map(|l| String::from_utf8_lossy(l).into_owned()).unwrap_or_default()
+    );
     let states = env.states().await;
     let (done, failed, ambiguous) = (
         states.get("done").copied().unwrap_or(0),
@@ -136,6 +142,12 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     totals.charges += env.sim.ledger().len();
 }
 
+/// Rows that still have work to do.
+async fn open_rows(env: &TestEnv) -> i64 {
+    let states = env.states().await;
+    ["pending", "waiting", "submitting", "submitted", "fetching"].iter().filter_map(|s| states.get(*s)).sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mixed_faults_with_kills_and_terms() {
     let soak = std::env::var("BACKDROP_SOAK").is_ok_and(|v| v == "1");
@@ -146,5 +158,6 @@ async fn chaos_mixed_faults_with_kills_and_terms() {
         run_scenario(1000 + seed, provider, rows, interruptions, &mut totals).await;
     }
     eprintln!("chaos totals: {totals:?}");
-    assert!(totals.kills + totals.terms >= scenarios as u32 * interruptions - scenarios as u32);
+    // Most scenarios take every interruption; a scenario that finishes early takes fewer.
+    assert!(totals.kills + totals.terms >= scenarios as u32 * interruptions / 2, "{totals:?}");
 }
