@@ -19,6 +19,7 @@ use crate::pipeline::limiter::Limiter;
 use crate::pipeline::retry::{PollSchedule, RetryPolicy};
 use crate::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
 use crate::pipeline::stats::RunStats;
+use crate::pipeline::webhook::{self, WebhookSettings, Webhooks};
 use crate::plan::{self, PriceTable};
 use crate::progress;
 use crate::provider::Provider;
@@ -280,6 +281,20 @@ async fn drive<P: Provider>(
     if let Some(limit) = limit {
         info!(limit, spent, "budget");
     }
+    let webhooks = match settings.webhook_listen {
+        Some(listen) => {
+            let jwks_url = settings.jwks_url.clone().unwrap_or_else(|| webhook::DEFAULT_JWKS_URL.to_owned());
+            let hooks = Webhooks::start(
+                WebhookSettings { listen, provider: settings.provider, jwks_url, client: client.clone() },
+                interrupt.child_token(),
+            )
+            .await
+            .map_err(other_usage)?;
+            info!(listen = %hooks.local_addr(), "webhook receiver listening");
+            Some(hooks)
+        }
+        None => None,
+    };
     let (writer, writer_task) = crate::store::Writer::start(store).await?;
     let price_table = prices.clone();
     let pool = Pool {
@@ -297,7 +312,8 @@ async fn drive<P: Provider>(
         concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
         limit: settings.limit,
         low_credit_warning: settings.low_credit_warning,
-        interrupt,
+        interrupt: interrupt.clone(),
+        webhooks,
     };
     let outcome = scheduler::run(pool).await;
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.

@@ -16,6 +16,7 @@ use super::budget::Budget;
 use super::limiter::Limiter;
 use super::retry::{PollSchedule, RetryPolicy};
 use super::stats::RunStats;
+use super::webhook::Webhooks;
 use crate::fetch::{FetchError, Fetcher};
 use crate::job::JobSpec;
 use crate::provider::{ErrorClass, JobResult, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission};
@@ -83,6 +84,8 @@ pub struct Pool<P: Provider> {
     pub low_credit_warning: Option<f64>,
     /// Cancelled on Ctrl-C/SIGTERM: stop claiming, leave at safe points.
     pub interrupt: CancellationToken,
+    /// The webhook receiver, when `--webhook-listen` is set: a delivery wakes its poller early.
+    pub webhooks: Option<Webhooks>,
 }
 
 struct Shared<P: Provider> {
@@ -520,21 +523,53 @@ async fn poll_phase<P: Provider>(
     request: RequestRef,
     submitted_at: Option<Instant>,
 ) -> Result<JobEnd, StoreError> {
+    let end = poll_loop(shared, job, &request, submitted_at).await;
+    if let Some(hooks) = &shared.pool.webhooks {
+        hooks.forget(&request.request_id);
+    }
+    end
+}
+
+async fn poll_loop<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: &RequestRef,
+    submitted_at: Option<Instant>,
+) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
     let mut errors: u32 = 0;
+    let mut woken = false;
     let schedule = shared.poll_schedule();
     loop {
-        let delay = match (polls, shared.learned_latency()) {
+        let mut delay = match (polls, shared.learned_latency()) {
             // The first poll goes when the fastest job of this run so far was ready: short jobs
             // are not held back by a fixed first delay, long ones are not polled early.
             (0, Some(learned)) => learned.saturating_sub(submitted_at.map_or(Duration::ZERO, |t| t.elapsed())),
             _ => schedule.delay(polls + 1, rand::random::<f64>()),
         };
-        if !shared.sleep(delay, &shared.stop_all).await {
+        let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
+        if hooks.is_some() {
+            // With webhooks, polls are only the fallback for a lost delivery: slower.
+            delay = delay.max(shared.pool.poll.max) * 2;
+        }
+        let slept = match hooks {
+            Some(hooks) => tokio::select! {
+                () = tokio::time::sleep(delay) => true,
+                () = hooks.delivered(&request.request_id) => {
+                    // A delivery stays delivered: from now on the timer alone paces the polls.
+                    woken = true;
+                    debug!("webhook delivery: polling now");
+                    true
+                }
+                () = shared.stop_all.cancelled() => false,
+            },
+            None => shared.sleep(delay, &shared.stop_all).await,
+        };
+        if !slept {
             return Ok(JobEnd::Left);
         }
         polls += 1;
-        match shared.pool.provider.poll(&request).await {
+        match shared.pool.provider.poll(request).await {
             Ok(PollOutcome::Running { queue_position }) => {
                 errors = 0;
                 debug!(polls, queue_position, "still running");
@@ -563,7 +598,7 @@ async fn poll_phase<P: Provider>(
                         end: AttemptEnd::default(),
                     })
                     .await?;
-                return fetch_phase(shared, job, Some(request), result).await;
+                return fetch_phase(shared, job, Some(request.clone()), result).await;
             }
             Err(e) => match e.poll_class() {
                 ErrorClass::Fail => {

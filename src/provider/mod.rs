@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::JobSpec;
 
+pub mod fal;
+pub mod http;
+pub mod seedance;
+
 /// What to do about an error: decided once, here, for every caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,6 +1,8 @@
 //! The integration test binary: every end-to-end test, compiled once.
 
 mod harness;
+
 mod chaos;
 mod crash;
+mod provider;
 mod run;
