@@ -271,6 +271,10 @@ pub struct ReportArgs {
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Output folder of the run, where the html report finds the finished images
+    /// [default: out, or `out` from the config file].
+    #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[cfg(test)]

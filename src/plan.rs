@@ -1,1 +1,693 @@
-//! plan (being built).
+//! The plan: every valid catalog row becomes a job with a fingerprint over (sku, task, model,
+//! prompt, inputs, params), diffed against the store (new, changed, done, failed, waiting, ...),
+//! written in batches (or only counted, for a dry run) and priced with [`PriceTable`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, Row, RowProblem};
+use crate::cli::ProviderKind;
+use crate::config::Settings;
+use crate::error::Error;
+use crate::exit::ExitCode;
+use crate::job::{Params, Task};
+use crate::prompt::{Body, Template};
+use crate::store::plan::{Existing, JobShared, NewJob, PlanTx};
+use crate::store::{JobState, Store, now_ms};
+
+/// Default seedance model.
+pub const DEFAULT_SEEDANCE_MODEL: &str = "seedream-v4-5";
+/// Default fal model for edits.
+pub const DEFAULT_FAL_EDIT_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/edit";
+/// Default fal model for text to image.
+pub const DEFAULT_FAL_GENERATE_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/text-to-image";
+
+/// Rows per batched statement: a few hundred keeps every statement under SQLite's variable
+/// limit (12 × 400 < 32766) while making per-query overhead negligible.
+const BATCH: usize = 400;
+/// Rendered prompts shown by a dry run.
+const SAMPLES: usize = 3;
+/// Invalid rows kept for the listing (`counts.invalid` has the full number).
+const MAX_KEPT: usize = 10_000;
+/// One credit in dollars (seedance).
+const SEEDANCE_DOLLARS_PER_CREDIT: f64 = 0.01;
+
+/// The model used when neither `--model` nor the template names one.
+#[must_use]
+pub const fn default_model(provider: ProviderKind, task: Task) -> &'static str {
+    match (provider, task) {
+        (ProviderKind::Seedance, _) => DEFAULT_SEEDANCE_MODEL,
+        (ProviderKind::Fal, Task::Edit) => DEFAULT_FAL_EDIT_MODEL,
+        (ProviderKind::Fal, Task::Generate) => DEFAULT_FAL_GENERATE_MODEL,
+    }
+}
+
+/// Prices per output image in the provider's unit (seedance credits, fal dollars).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceTable {
+    provider: ProviderKind,
+    prices: BTreeMap<String, f64>,
+}
+
+impl PriceTable {
+    /// The built-in table for `provider`, with the config file's `[prices]` on top.
+    #[must_use]
+    pub fn new(provider: ProviderKind, overrides: &BTreeMap<String, f64>) -> Self {
+        let builtin: &[(&str, f64)] = match provider {
+            ProviderKind::Seedance => &[
+                ("seedream-v4-5", 8.0),
+                ("seedream-v3", 6.0),
+                ("seedream-5-lite", 7.0),
+                ("seedream-5-edit", 7.0),
+            ],
+            ProviderKind::Fal => &[
+                (DEFAULT_FAL_EDIT_MODEL, 0.04),
+                (DEFAULT_FAL_GENERATE_MODEL, 0.04),
+                ("fal-ai/bytedance/seedream/v4/edit", 0.03),
+                ("fal-ai/bytedance/seedream/v4/text-to-image", 0.03),
+            ],
+        };
+        let mut prices: BTreeMap<String, f64> = builtin.iter().map(|(m, p)| ((*m).to_owned(), *p)).collect();
+        prices.extend(overrides.iter().map(|(m, p)| (m.clone(), *p)));
+        Self { provider, prices }
+    }
+
+    /// Price of one output image of `model`, in the provider's unit; `None` when unknown.
+    #[must_use]
+    pub fn unit_price(&self, model: &str) -> Option<f64> {
+        self.prices.get(model).copied()
+    }
+
+    /// Converts an amount in the provider's unit to dollars (seedance: 1 credit = $0.01).
+    #[must_use]
+    pub fn to_dollars(&self, amount: f64) -> f64 {
+        match self.provider {
+            ProviderKind::Seedance => amount * SEEDANCE_DOLLARS_PER_CREDIT,
+            ProviderKind::Fal => amount,
+        }
+    }
+
+    /// The unit this table prices in.
+    #[must_use]
+    pub const fn unit(&self) -> PriceUnit {
+        match self.provider {
+            ProviderKind::Seedance => PriceUnit::Credits,
+            ProviderKind::Fal => PriceUnit::Dollars,
+        }
+    }
+}
+
+/// What a provider charges in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PriceUnit {
+    /// Seedance credits.
+    Credits,
+    /// US dollars (fal).
+    Dollars,
+}
+
+/// The price of a run before it starts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    /// The provider's unit.
+    pub unit: PriceUnit,
+    /// Price of one image; `None` when the model is not in the price table.
+    pub unit_price: Option<f64>,
+    /// Images the run will ask for (rows × `num_images`).
+    pub images: u64,
+    /// Total in the provider's unit.
+    pub amount: Option<f64>,
+    /// Total in dollars.
+    pub dollars: Option<f64>,
+}
+
+/// Rows per class. `new + changed + forced + done + failed + waiting + pending + in_flight +
+/// ambiguous` is the number of valid rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PlanCounts {
+    /// Not in the store yet.
+    pub new: u64,
+    /// In the store with another fingerprint: re-run.
+    pub changed: u64,
+    /// Done with the same fingerprint, re-run because of `--force`.
+    pub forced: u64,
+    /// Done with the same fingerprint: skipped.
+    pub done: u64,
+    /// Failed with the same fingerprint: left failed (`backdrop retry --failed`).
+    pub failed: u64,
+    /// Waiting for a retry.
+    pub waiting: u64,
+    /// Pending from an earlier plan.
+    pub pending: u64,
+    /// Submitting, submitted or fetching: a paid request is out; the pipeline finishes it.
+    pub in_flight: u64,
+    /// The process died mid-submit (`backdrop retry --ambiguous`).
+    pub ambiguous: u64,
+    /// Invalid rows (left out with `--skip-invalid`).
+    pub invalid: u64,
+}
+
+impl PlanCounts {
+    /// Valid rows.
+    #[must_use]
+    pub const fn valid(&self) -> u64 {
+        self.new
+            + self.changed
+            + self.forced
+            + self.done
+            + self.failed
+            + self.waiting
+            + self.pending
+            + self.in_flight
+            + self.ambiguous
+    }
+
+    /// Rows that need a (paid) submission: new, changed, forced, pending, waiting.
+    #[must_use]
+    pub const fn to_submit(&self) -> u64 {
+        self.new + self.changed + self.forced + self.pending + self.waiting
+    }
+}
+
+/// The outcome of planning a catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Rows per class.
+    pub counts: PlanCounts,
+    /// Rows this run will submit (after `--limit`).
+    pub to_run: u64,
+    /// The price of `to_run`.
+    pub estimate: Estimate,
+    /// With `--skip-invalid`: the problems of the rows left out (at most 10,000 kept).
+    pub invalid: Vec<RowProblem>,
+    /// The first few (sku, rendered prompt) that will run (or, if none will, the first rows).
+    pub samples: Vec<(String, String)>,
+    /// The provider.
+    pub provider: ProviderKind,
+    /// The model.
+    pub model: String,
+    /// Edit or generate.
+    pub task: Task,
+    /// Generation parameters from the template.
+    pub params: Params,
+    /// The catalog file.
+    pub catalog: PathBuf,
+    /// The template file.
+    pub prompt_file: PathBuf,
+    /// False for a dry run (nothing was written).
+    pub written: bool,
+}
+
+/// How a row relates to its stored job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    New,
+    Changed,
+    Forced,
+    Done,
+    Failed,
+    Waiting,
+    Pending,
+    InFlight,
+    Ambiguous,
+}
+
+impl Class {
+    /// Rows whose job is (re)written with the new prompt and set pending.
+    const fn resets(self) -> bool {
+        matches!(self, Self::New | Self::Changed | Self::Forced)
+    }
+}
+
+/// The plan rules (see the module docs of the design): a changed row in flight or ambiguous is
+/// left alone because a paid request is already out; the next plan sees the change.
+fn classify(existing: Option<&Existing>, fingerprint: &str, force: bool) -> Class {
+    let Some(e) = existing else { return Class::New };
+    let same = e.fingerprint == fingerprint;
+    match e.state {
+        JobState::Submitting | JobState::Submitted | JobState::Fetching => Class::InFlight,
+        JobState::Ambiguous => Class::Ambiguous,
+        _ if !same => Class::Changed,
+        JobState::Done if force => Class::Forced,
+        JobState::Done => Class::Done,
+        JobState::Failed => Class::Failed,
+        JobState::Waiting => Class::Waiting,
+        JobState::Pending => Class::Pending,
+    }
+}
+
+/// The fingerprint of a job: sha256 over length-prefixed fields, so no two different jobs
+/// can encode the same bytes. Local images count by content (sha256), URLs by their text.
+#[must_use]
+pub fn fingerprint(
+    sku: &str,
+    task: Task,
+    model: &str,
+    prompt: &str,
+    inputs: &[Input],
+    params_json: &str,
+) -> String {
+    fn field(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    field(&mut h, b"backdrop-fingerprint-v1");
+    field(&mut h, sku.as_bytes());
+    field(&mut h, task.as_str().as_bytes());
+    field(&mut h, model.as_bytes());
+    field(&mut h, prompt.as_bytes());
+    field(&mut h, params_json.as_bytes());
+    h.update((inputs.len() as u64).to_le_bytes());
+    for input in inputs {
+        match input {
+            Input::Url(u) => {
+                field(&mut h, b"url");
+                field(&mut h, u.as_bytes());
+            }
+            Input::File { sha256, .. } => {
+                field(&mut h, b"file");
+                field(&mut h, sha256.as_bytes());
+            }
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Everything constant across one plan's rows.
+struct Context<'a> {
+    template: &'a Template,
+    task: Task,
+    model: &'a str,
+    params_json: &'a str,
+    force: bool,
+    run_id: Option<i64>,
+    shared: JobShared<'a>,
+}
+
+/// Plans the catalog in `settings` against the store. With `Some(run_id)` the jobs are written
+/// (new ones pending, changed ones reset, every valid row stamped with the run and its
+/// position); with `None` (a dry run) the same counts are computed and nothing is written.
+///
+/// # Errors
+/// [`Error::Prompt`] for a bad template, [`Error::Catalog`] for an unreadable catalog or one
+/// with invalid rows (unless `--skip-invalid`; then they are listed in [`Plan::invalid`]),
+/// [`Error::Store`] when the state database fails. On any error nothing is written.
+pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Result<Plan, Error> {
+    let template = Template::load(&settings.prompt)?;
+    let task = template.task();
+    let model = settings
+        .model
+        .clone()
+        .or_else(|| template.front().model.clone())
+        .unwrap_or_else(|| default_model(settings.provider, task).to_owned());
+    let params = template.params();
+    let params_json = serde_json::to_string(&params)
+        .map_err(|e| Error::Other { message: format!("cannot encode params: {e}"), exit: ExitCode::Fatal })?;
+    let spec = CatalogSpec {
+        path: settings.catalog.clone(),
+        table: settings.table.clone(),
+        query: settings.query.clone(),
+    };
+    let mut catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt).await?;
+    let ctx = Context {
+        template: &template,
+        task,
+        model: &model,
+        params_json: &params_json,
+        force: settings.force,
+        run_id,
+        shared: JobShared {
+            provider: settings.provider.as_str(),
+            model: &model,
+            task: task.as_str(),
+            params: &params_json,
+        },
+    };
+
+    let mut tx = store.begin_plan(run_id.is_some()).await?;
+    let mut counts = PlanCounts::default();
+    let mut problems: Vec<RowProblem> = Vec::new();
+    let mut total_problems: u64 = 0;
+    let mut samples = Vec::new();
+    let mut first_rows = Vec::new();
+    let mut batch: Vec<NewJob> = Vec::with_capacity(BATCH);
+    let mut prompt_buf = String::new();
+    // Once a row is invalid without --skip-invalid the plan will fail: stop touching the store
+    // but keep reading, so every problem is listed.
+    let mut failing = false;
+    let now = now_ms();
+
+    while let Some(item) = catalog.next().await? {
+        let prepared =
+            item.and_then(|row| prepare(&ctx, &catalog, &row, &mut prompt_buf).map_err(|p| vec![p]));
+        match prepared {
+            Ok(job) => {
+                if first_rows.len() < SAMPLES {
+                    first_rows.push((job.sku.clone(), job.prompt.clone()));
+                }
+                if !failing {
+                    batch.push(job);
+                }
+            }
+            Err(row_problems) => {
+                counts.invalid += 1;
+                total_problems += row_problems.len() as u64;
+                let room = MAX_KEPT.saturating_sub(problems.len());
+                problems.extend(row_problems.into_iter().take(room));
+                if !settings.skip_invalid {
+                    failing = true;
+                    batch.clear();
+                }
+            }
+        }
+        if batch.len() >= BATCH {
+            flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await?;
+        }
+    }
+    if !failing {
+        flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await?;
+    }
+    if !problems.is_empty() {
+        catalog.describe_duplicates(&mut problems).await?;
+    }
+    if failing {
+        tx.rollback().await?;
+        return Err(CatalogError::Invalid { path: spec.path, problems, total: total_problems }.into());
+    }
+    if run_id.is_some() {
+        tx.commit().await?
+    } else {
+        tx.rollback().await?
+    }
+
+    let submit = counts.to_submit();
+    let to_run = settings.limit.map_or(submit, |l| l.min(submit));
+    let table = PriceTable::new(settings.provider, &settings.prices);
+    let unit_price = table.unit_price(&model);
+    let images = to_run * u64::from(params.num_images);
+    #[expect(clippy::cast_precision_loss, reason = "image counts are far below 2^52")]
+    let amount = unit_price.map(|p| p * images as f64);
+    let estimate = Estimate {
+        unit: table.unit(),
+        unit_price,
+        images,
+        amount,
+        dollars: amount.map(|a| table.to_dollars(a)),
+    };
+    if samples.is_empty() {
+        samples = first_rows;
+    }
+    Ok(Plan {
+        counts,
+        to_run,
+        estimate,
+        invalid: problems,
+        samples,
+        provider: settings.provider,
+        model,
+        task,
+        params,
+        catalog: settings.catalog.clone(),
+        prompt_file: settings.prompt.clone(),
+        written: run_id.is_some(),
+    })
+}
+
+/// Renders a valid row's prompt and fingerprints it.
+fn prepare(ctx: &Context<'_>, catalog: &Catalog, row: &Row, buf: &mut String) -> Result<NewJob, RowProblem> {
+    let lookup = |name: &str| catalog.column(name).and_then(|i| row.values.get(i)).map(String::as_str);
+    let own = catalog.prompt_column().map(|i| row.values[i].trim()).filter(|p| !p.is_empty());
+    match own {
+        Some(text) => {
+            let body = Body::parse(text, 1)
+                .map_err(|(_, m)| RowProblem::new(row.location, format!("prompt column: {m}")))?;
+            body.render_into(buf, lookup).map_err(|name| {
+                RowProblem::new(
+                    row.location,
+                    format!("prompt column: placeholder {{{name}}} names no column"),
+                )
+            })?;
+        }
+        None => {
+            // Placeholders were checked against the columns when the catalog was opened.
+            ctx.template.body().render_into(buf, lookup).map_err(|name| {
+                RowProblem::new(row.location, format!("placeholder {{{name}}} names no column"))
+            })?;
+        }
+    }
+    let prompt = buf.trim();
+    if prompt.is_empty() {
+        return Err(RowProblem::new(row.location, "the rendered prompt is empty"));
+    }
+    let fingerprint = fingerprint(&row.sku, ctx.task, ctx.model, prompt, &row.inputs, ctx.params_json);
+    let stored: Vec<&str> = row.inputs.iter().map(Input::as_stored).collect();
+    let inputs = serde_json::to_string(&stored).map_err(|e| RowProblem::new(row.location, e.to_string()))?;
+    Ok(NewJob {
+        sku: row.sku.clone(),
+        position: row.position,
+        fingerprint,
+        prompt: prompt.to_owned(),
+        inputs,
+    })
+}
+
+/// Classifies a batch against the store and, when writing, applies it.
+async fn flush(
+    ctx: &Context<'_>,
+    tx: &mut PlanTx,
+    batch: &mut Vec<NewJob>,
+    counts: &mut PlanCounts,
+    samples: &mut Vec<(String, String)>,
+    now: i64,
+) -> Result<(), Error> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let skus: Vec<&str> = batch.iter().map(|j| j.sku.as_str()).collect();
+    let existing = tx.existing(&skus).await?;
+    let mut reset = Vec::new();
+    let mut touch = Vec::new();
+    for job in batch.drain(..) {
+        let class = classify(existing.get(&job.sku), &job.fingerprint, ctx.force);
+        let counter = match class {
+            Class::New => &mut counts.new,
+            Class::Changed => &mut counts.changed,
+            Class::Forced => &mut counts.forced,
+            Class::Done => &mut counts.done,
+            Class::Failed => &mut counts.failed,
+            Class::Waiting => &mut counts.waiting,
+            Class::Pending => &mut counts.pending,
+            Class::InFlight => &mut counts.in_flight,
+            Class::Ambiguous => &mut counts.ambiguous,
+        };
+        *counter += 1;
+        if class.resets() {
+            if samples.len() < SAMPLES {
+                samples.push((job.sku.clone(), job.prompt.clone()));
+            }
+            reset.push(job);
+        } else {
+            touch.push((job.sku, job.position));
+        }
+    }
+    if let Some(run_id) = ctx.run_id {
+        tx.reset_jobs(run_id, &ctx.shared, &reset, now).await?;
+        let touch: Vec<(&str, i64)> = touch.iter().map(|(s, p)| (s.as_str(), *p)).collect();
+        tx.touch_jobs(run_id, &touch).await?;
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// What `--dry-run` prints (and `run` prints before starting).
+    #[must_use]
+    pub fn render_text(&self) -> String {
+        let c = &self.counts;
+        let mut out = String::new();
+        let per_row = if self.params.num_images == 1 {
+            "1 image".to_owned()
+        } else {
+            format!("{} images", self.params.num_images)
+        };
+        let _ = writeln!(out, "Plan for {} with {}", self.catalog.display(), self.prompt_file.display());
+        let _ = writeln!(
+            out,
+            "  provider {}, model {}, task {}, {per_row} per row",
+            self.provider.as_str(),
+            self.model,
+            self.task.as_str()
+        );
+        let _ = writeln!(out, "  rows: {} valid, {} invalid", c.valid(), c.invalid);
+        let _ = writeln!(
+            out,
+            "  new {} · changed {} · forced {} · pending {} · waiting {} · done (skip) {} · failed {} · in flight {} · ambiguous {}",
+            c.new, c.changed, c.forced, c.pending, c.waiting, c.done, c.failed, c.in_flight, c.ambiguous
+        );
+        let limited = if self.to_run < c.to_submit() {
+            format!(" (--limit; {} in all)", c.to_submit())
+        } else {
+            String::new()
+        };
+        let e = &self.estimate;
+        let (unit_name, fmt_amount): (&str, fn(f64) -> String) = match e.unit {
+            PriceUnit::Credits => ("credits", |a| format!("{a:.0}")),
+            PriceUnit::Dollars => ("dollars", |a| format!("${a:.2}")),
+        };
+        match (e.unit_price, e.amount, e.dollars) {
+            (Some(p), Some(a), Some(d)) => {
+                let each = match e.unit {
+                    PriceUnit::Credits => format!("{p} credits"),
+                    PriceUnit::Dollars => format!("${p}"),
+                };
+                let total = match e.unit {
+                    PriceUnit::Credits => format!("{} credits (${d:.2})", fmt_amount(a)),
+                    PriceUnit::Dollars => fmt_amount(a),
+                };
+                let _ = writeln!(
+                    out,
+                    "  to run: {} rows{limited} → {} images × {each} = {total}",
+                    self.to_run, e.images
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "  to run: {} rows{limited} → {} images; price unknown: model {} is not in the price table (add it under [prices] in the config file, in {unit_name} per image)",
+                    self.to_run, e.images, self.model
+                );
+            }
+        }
+        if c.in_flight > 0 {
+            let _ =
+                writeln!(out, "  {} rows have a paid request out: this run finishes them first", c.in_flight);
+        }
+        if c.failed > 0 {
+            let _ = writeln!(
+                out,
+                "  {} failed rows stay failed: `backdrop retry --failed` re-queues them",
+                c.failed
+            );
+        }
+        if c.ambiguous > 0 {
+            let _ = writeln!(
+                out,
+                "  {} ambiguous rows may have been charged: `backdrop retry --ambiguous` re-queues them",
+                c.ambiguous
+            );
+        }
+        if !self.invalid.is_empty() {
+            let _ = writeln!(out, "Skipped {} invalid rows:", c.invalid);
+            for p in self.invalid.iter().take(crate::catalog::MAX_LISTED) {
+                let _ = writeln!(out, "  {p}");
+            }
+            let shown = self.invalid.len().min(crate::catalog::MAX_LISTED) as u64;
+            let total = self.invalid.len() as u64;
+            if total > shown {
+                let _ = writeln!(out, "  and {} more", total - shown);
+            }
+        }
+        if !self.samples.is_empty() {
+            let _ = writeln!(out, "First prompts:");
+            for (sku, prompt) in &self.samples {
+                let _ = writeln!(out, "  {sku}: {prompt}");
+            }
+        }
+        if !self.written {
+            let _ = writeln!(out, "Dry run: nothing was sent, nothing was charged.");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn existing(fp: &str, state: JobState) -> Existing {
+        Existing { fingerprint: fp.into(), state }
+    }
+
+    #[test]
+    fn plan_rules() {
+        assert_eq!(classify(None, "a", false), Class::New);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", false), Class::Done);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", true), Class::Forced);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "b", false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "a", true), Class::Failed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "b", false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Waiting)), "a", false), Class::Waiting);
+        assert_eq!(classify(Some(&existing("a", JobState::Pending)), "a", false), Class::Pending);
+        for st in [JobState::Submitting, JobState::Submitted, JobState::Fetching] {
+            assert_eq!(classify(Some(&existing("a", st)), "b", false), Class::InFlight, "{st}");
+        }
+        assert_eq!(classify(Some(&existing("a", JobState::Ambiguous)), "b", true), Class::Ambiguous);
+    }
+
+    #[test]
+    fn fingerprint_covers_every_field() {
+        let url = [Input::Url("https://x/a.png".into())];
+        let base = fingerprint("A-1", Task::Edit, "m", "p", &url, "{}");
+        assert_eq!(base.len(), 64);
+        assert_eq!(base, fingerprint("A-1", Task::Edit, "m", "p", &url, "{}"), "stable");
+        let file = |h: &str| [Input::File { path: "/c/a.png".into(), sha256: h.into() }];
+        let variants = [
+            fingerprint("A-2", Task::Edit, "m", "p", &url, "{}"),
+            fingerprint("A-1", Task::Generate, "m", "p", &url, "{}"),
+            fingerprint("A-1", Task::Edit, "m2", "p", &url, "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p2", &url, "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &url, "{\"seed\":1}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &[Input::Url("https://x/b.png".into())], "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &[], "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &file("aa"), "{}"),
+        ];
+        for v in &variants {
+            assert_ne!(v, &base);
+        }
+        // A file is its content: the same bytes under another path are the same job; other bytes are not.
+        let moved = [Input::File { path: "/elsewhere/a.png".into(), sha256: "aa".into() }];
+        assert_eq!(
+            fingerprint("A-1", Task::Edit, "m", "p", &file("aa"), "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &moved, "{}")
+        );
+        assert_ne!(
+            fingerprint("A-1", Task::Edit, "m", "p", &file("aa"), "{}"),
+            fingerprint("A-1", Task::Edit, "m", "p", &file("bb"), "{}")
+        );
+        // Length prefixes: moving a boundary between fields changes the fingerprint.
+        assert_ne!(
+            fingerprint("ab", Task::Edit, "c", "p", &[], "{}"),
+            fingerprint("a", Task::Edit, "bc", "p", &[], "{}")
+        );
+    }
+
+    #[test]
+    fn prices_default_and_override() {
+        let none = BTreeMap::new();
+        let s = PriceTable::new(ProviderKind::Seedance, &none);
+        assert_eq!(s.unit_price("seedream-v4-5"), Some(8.0));
+        assert_eq!(s.unit_price("seedream-v3"), Some(6.0));
+        assert_eq!(s.unit_price("nope"), None);
+        assert!((s.to_dollars(96.0) - 0.96).abs() < 1e-9);
+        let f = PriceTable::new(ProviderKind::Fal, &none);
+        assert_eq!(f.unit_price(DEFAULT_FAL_EDIT_MODEL), Some(0.04));
+        assert_eq!(f.unit_price("fal-ai/bytedance/seedream/v4/text-to-image"), Some(0.03));
+        assert!((f.to_dollars(0.5) - 0.5).abs() < 1e-12);
+        let over = BTreeMap::from([("seedream-v4-5".to_owned(), 10.0), ("my-model".to_owned(), 3.0)]);
+        let s = PriceTable::new(ProviderKind::Seedance, &over);
+        assert_eq!(s.unit_price("seedream-v4-5"), Some(10.0));
+        assert_eq!(s.unit_price("my-model"), Some(3.0));
+        assert_eq!(s.unit_price("seedream-v3"), Some(6.0));
+    }
+
+    #[test]
+    fn default_models_follow_provider_and_task() {
+        assert_eq!(default_model(ProviderKind::Seedance, Task::Generate), "seedream-v4-5");
+        assert_eq!(default_model(ProviderKind::Fal, Task::Edit), DEFAULT_FAL_EDIT_MODEL);
+        assert_eq!(default_model(ProviderKind::Fal, Task::Generate), DEFAULT_FAL_GENERATE_MODEL);
+    }
+}

@@ -7,19 +7,22 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
+pub mod report;
+pub mod retry;
 pub mod run;
+pub mod sim;
+pub mod status;
 
 /// Runs the subcommand the user asked for.
 ///
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
 pub async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
-    let name = match cli.command {
-        Command::Run(args) => return run::execute(&cli.global, *args, interrupt).await,
-        Command::Status(_) => "status",
-        Command::Retry(_) => "retry",
-        Command::Report(_) => "report",
-        Command::Sim(_) => "sim",
-    };
-    Err(Error::Other { message: format!("{name} is being built"), exit: ExitCode::Fatal })
+    match cli.command {
+        Command::Run(args) => run::execute(&cli.global, *args, interrupt).await,
+        Command::Status(args) => status::execute(&cli.global, &args).await,
+        Command::Retry(args) => retry::execute(&cli.global, &args).await,
+        Command::Report(args) => report::execute(&cli.global, &args).await,
+        Command::Sim(args) => sim::execute(&args).await,
+    }
 }

@@ -152,12 +152,9 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
                 key,
-                SeedanceOptions {
-                    sync: settings.sync,
-                    webhook_url: settings.webhook_url.clone(),
-                    inline: inline_policy(&settings),
-                },
-            );
+                SeedanceOptions::from_settings(&settings),
+            )
+            .map_err(other_usage)?;
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
         ProviderKind::Fal => {
@@ -166,8 +163,9 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
                 key,
-                FalOptions { webhook_url: settings.webhook_url.clone(), inline: inline_policy(&settings) },
-            );
+                FalOptions::from_settings(&settings),
+            )
+            .map_err(other_usage)?;
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
     };
@@ -239,10 +237,6 @@ fn other_fatal(e: impl std::fmt::Display) -> Error {
     Error::Other { message: e.to_string(), exit: ExitCode::Fatal }
 }
 
-fn inline_policy(settings: &Settings) -> providers::http::InlinePolicy {
-    providers::http::InlinePolicy { allow: settings.inline_local_images, max_bytes: settings.inline_max_bytes }
-}
-
 async fn start_simulator(settings: &Settings) -> Result<crate::sim::SimHandle, Error> {
     let config = match &settings.sim_scenario {
         Some(path) => crate::sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
@@ -273,9 +267,7 @@ async fn drive<P: Provider>(
     if removed > 0 {
         info!(files = removed, "removed partial downloads left by an earlier run");
     }
-    let fetcher =
-        Fetcher::new(client, settings.out.clone(), settings.output_name.clone(), settings.max_download_bytes)
-            .map_err(other_fatal)?;
+    let fetcher = Fetcher::new(client.clone(), settings.out.clone(), settings.output_name.clone(), settings.max_download_bytes);
     let limit = budget_limit(settings, prices);
     let spent = store.total_spent().await?;
     if let Some(limit) = limit {

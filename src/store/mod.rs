@@ -7,12 +7,20 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub(crate) mod plan;
+
 use sqlx::SqlitePool;
 
 mod pipeline;
 
 pub use pipeline::{AttemptEnd, Change, NewOutput, Recovery, StoredJob, Writer};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+mod query;
+pub use query::{
+    DOLLARS_PER_SEEDANCE_CREDIT, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan,
+    RunRecord, Spend, StateCounts,
+};
 
 /// Default path of the state database.
 pub const DEFAULT_STATE: &str = "backdrop.db";

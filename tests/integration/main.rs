@@ -4,5 +4,8 @@ mod harness;
 
 mod chaos;
 mod crash;
+mod ops;
+mod plan;
 mod provider;
 mod run;
+mod sim;

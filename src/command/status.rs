@@ -1,0 +1,251 @@
+//! `backdrop status`: what the state database says, as text or `--json`: jobs per state, money
+//! spent, failed rows with their reasons, ambiguous rows, and the last run. Also owns the state
+//! path resolution the read-and-re-queue commands share ([`state_path`], [`open_existing`]).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::cli::{GlobalArgs, RunArgs, StateArgs, StatusArgs};
+use crate::error::Error;
+use crate::exit::ExitCode;
+use crate::report::{REPORT_VERSION, describe_spend, rfc3339};
+use crate::store::{DEFAULT_STATE, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
+
+/// At most this many failed or ambiguous rows are listed in text; `--json` and `report` list all.
+const TEXT_LIST_LIMIT: usize = 50;
+
+/// What `status` shows. Its JSON form is `status --json` (versioned like the report).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// The shape version, the same as the report's.
+    pub version: u32,
+    /// The state database.
+    pub state_file: String,
+    /// Jobs per state.
+    pub counts: StateCounts,
+    /// Money charged so far (from the store).
+    pub spent: Spend,
+    /// The most recent run.
+    pub last_run: Option<RunRecord>,
+    /// Failed rows with their reasons, in catalog order.
+    pub failed: Vec<JobBrief>,
+    /// Rows whose paid request may have left without its id being saved.
+    pub ambiguous: Vec<JobBrief>,
+}
+
+impl Status {
+    /// Reads everything from the store.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn load(store: &Store) -> Result<Self, Error> {
+        Ok(Self {
+            version: REPORT_VERSION,
+            state_file: store.path().display().to_string(),
+            counts: store.state_counts().await?,
+            spent: store.spend().await?,
+            last_run: store.last_run().await?,
+            failed: store.jobs_in_state(JobState::Failed).await?,
+            ambiguous: store.jobs_in_state(JobState::Ambiguous).await?,
+        })
+    }
+
+    /// The human-readable form.
+    #[must_use]
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "state: {}", self.state_file);
+        let _ = writeln!(s, "rows: {}", self.counts.total);
+        for state in JobState::ALL {
+            let n = self.counts.get(state);
+            if n > 0 {
+                let _ = writeln!(s, "  {:<11}{n:>7}", state.as_str());
+            }
+        }
+        let _ = writeln!(s, "spent: {}", describe_spend(&self.spent));
+        match &self.last_run {
+            None => s.push_str("last run: none\n"),
+            Some(run) => {
+                let ended =
+                    run.ended_at.map_or_else(|| "not ended".to_owned(), |t| format!("ended {}", rfc3339(t)));
+                let outcome = match (&run.outcome, run.exit_code) {
+                    (Some(o), Some(code)) => format!("{o} (exit {code})"),
+                    (Some(o), None) => o.clone(),
+                    (None, _) => "unknown: still running, or the process died".to_owned(),
+                };
+                let _ = writeln!(
+                    s,
+                    "last run: #{}{} started {}, {}, outcome {}",
+                    run.id,
+                    if run.dry_run { " (dry run)" } else { "" },
+                    rfc3339(run.started_at),
+                    ended,
+                    one_line(&outcome),
+                );
+            }
+        }
+        if !self.failed.is_empty() {
+            let _ = writeln!(s, "failed ({}): `backdrop retry --failed` re-queues them", self.failed.len());
+            list(&mut s, &self.failed, |j| {
+                j.error.as_deref().map_or_else(|| "no reason recorded".into(), one_line)
+            });
+        }
+        if self.counts.submitting > 0 {
+            let _ = writeln!(
+                s,
+                "submitting ({}): a paid request was leaving; if no run is going now, the next run marks \
+                 them ambiguous",
+                self.counts.submitting
+            );
+        }
+        if !self.ambiguous.is_empty() {
+            let _ = writeln!(
+                s,
+                "ambiguous ({}): a paid request may already have gone out; `backdrop retry --ambiguous` \
+                 re-queues them and may be charged twice",
+                self.ambiguous.len()
+            );
+            list(&mut s, &self.ambiguous, |j| format!("since {}", rfc3339(j.updated_at)));
+        }
+        s
+    }
+}
+
+fn list(s: &mut String, jobs: &[JobBrief], detail: impl Fn(&JobBrief) -> String) {
+    use std::fmt::Write as _;
+    for j in jobs.iter().take(TEXT_LIST_LIMIT) {
+        let attempts =
+            if j.attempts == 1 { "1 attempt".to_owned() } else { format!("{} attempts", j.attempts) };
+        let _ = writeln!(s, "  {}  ({attempts}) {}", one_line(&j.sku), detail(j));
+    }
+    if jobs.len() > TEXT_LIST_LIMIT {
+        let _ = writeln!(s, "  … and {} more (`backdrop report` lists all)", jobs.len() - TEXT_LIST_LIMIT);
+    }
+}
+
+/// Runs `backdrop status`.
+///
+/// # Errors
+/// Exit 2 when the state database does not exist; a database error otherwise.
+pub async fn execute(global: &GlobalArgs, args: &StatusArgs) -> Result<ExitCode, Error> {
+    let store = open_existing(global, &args.state).await?;
+    let status = Status::load(&store).await?;
+    store.close().await;
+    let text = if args.json {
+        let mut json = serde_json::to_string_pretty(&status).map_err(|e| Error::Other {
+            message: format!("cannot encode status: {e}"),
+            exit: ExitCode::Fatal,
+        })?;
+        json.push('\n');
+        json
+    } else {
+        status.to_text()
+    };
+    print_stdout(&text)?;
+    Ok(ExitCode::Success)
+}
+
+/// The config file's settings, when `--config` was given.
+pub(crate) fn config_file(global: &GlobalArgs) -> Result<Option<RunArgs>, Error> {
+    Ok(global.config.as_deref().map(crate::config::load_file).transpose()?)
+}
+
+/// The state database path: `--state` (or `BACKDROP_STATE`), else `state` in the config file,
+/// else [`DEFAULT_STATE`].
+pub(crate) fn state_path(state: &StateArgs, file: Option<&RunArgs>) -> PathBuf {
+    state
+        .state
+        .clone()
+        .or_else(|| file.and_then(|f| f.state.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE))
+}
+
+/// Refuses a state database that does not exist (exit 2): opening would create an empty one,
+/// and an empty status would hide a wrong `--state`.
+pub(crate) fn require_existing(path: &Path) -> Result<(), Error> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::Other {
+            message: format!(
+                "no state database at {}: nothing has run here yet (pass --state FILE, or run `backdrop run` first)",
+                path.display()
+            ),
+            exit: ExitCode::Usage,
+        })
+    }
+}
+
+/// Opens the state database the flags and config name, which must exist.
+pub(crate) async fn open_existing(global: &GlobalArgs, state: &StateArgs) -> Result<Store, Error> {
+    let path = state_path(state, config_file(global)?.as_ref());
+    require_existing(&path)?;
+    Ok(Store::open(&path).await?)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+pub(crate) fn print_stdout(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("writing to stdout", e)),
+        _ => Ok(()),
+    }
+}
+
+/// Text from the database on one terminal line: control characters (newlines, escape
+/// sequences a server put in an error message) become spaces.
+pub(crate) fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_path_prefers_flag_then_config_then_default() {
+        let flag = StateArgs { state: Some("flag.db".into()) };
+        let none = StateArgs { state: None };
+        let file = RunArgs { state: Some("file.db".into()), ..RunArgs::default() };
+        assert_eq!(state_path(&flag, Some(&file)), PathBuf::from("flag.db"));
+        assert_eq!(state_path(&none, Some(&file)), PathBuf::from("file.db"));
+        assert_eq!(state_path(&none, None), PathBuf::from(DEFAULT_STATE));
+    }
+
+    #[test]
+    fn one_line_strips_control_characters() {
+        assert_eq!(one_line("a\nb\x1b[31mc\r"), "a b [31mc ");
+    }
+
+    #[test]
+    fn text_lists_failures_with_reasons() {
+        let brief = |sku: &str, state, error: Option<&str>| JobBrief {
+            id: 1,
+            sku: sku.into(),
+            state,
+            attempts: 2,
+            request_id: None,
+            error: error.map(Into::into),
+            error_class: None,
+            updated_at: 0,
+        };
+        let status = Status {
+            version: 1,
+            state_file: "s.db".into(),
+            counts: StateCounts { failed: 1, ambiguous: 1, done: 3, total: 5, ..StateCounts::default() },
+            spent: Spend { seedance_credits: 90.0, fal_dollars: 0.0, total_dollars: 0.9 },
+            last_run: None,
+            failed: vec![brief("F-1", JobState::Failed, Some("HTTP 422\ncontent policy"))],
+            ambiguous: vec![brief("A-1", JobState::Ambiguous, None)],
+        };
+        let text = status.to_text();
+        assert!(text.contains("  failed           1\n"), "{text}");
+        assert!(text.contains("spent: seedance 90 credits ($0.90); total $0.90"), "{text}");
+        assert!(text.contains("F-1  (2 attempts) HTTP 422 content policy"), "{text}");
+        assert!(text.contains("may be charged twice"), "{text}");
+        assert!(text.contains("last run: none"), "{text}");
+    }
+}

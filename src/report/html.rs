@@ -1,0 +1,488 @@
+//! The HTML report: one self-contained file with a before/after gallery per SKU (failed rows
+//! first, with their reasons), a header with totals and cost, and state filters. It works
+//! offline: every picture is a downscaled `data:` URI and the page's CSP forbids fetching anything.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::{Cursor, Write};
+use std::path::{Component, Path, PathBuf};
+
+use base64::Engine as _;
+use image::{DynamicImage, GenericImageView, ImageReader, RgbImage};
+
+use super::{
+    ReportError, ReportFormatter, ReportRow, RunSummary, describe_spend, format_amount, format_dollars,
+};
+use crate::store::JobState;
+
+/// Longest edge of an embedded picture, in pixels: the grid shows it at up to 160 px, the
+/// enlarged view scales it up. Small enough that 1,000 rows of photos stay in the tens of MB
+/// (each picture is embedded once; see the `thousand_row` measurement test).
+pub const DEFAULT_THUMB_PX: u32 = 256;
+
+/// JPEG quality of embedded pictures: small files, no visible blocking at thumbnail size.
+const JPEG_QUALITY: u8 = 75;
+
+/// Writes the gallery. Holds the output folder the `outputs.path` column is relative to.
+#[derive(Debug, Clone)]
+pub struct HtmlFormatter {
+    out_dir: PathBuf,
+    thumb_px: u32,
+}
+
+impl HtmlFormatter {
+    /// A formatter that finds output images under `out_dir`.
+    #[must_use]
+    pub fn new(out_dir: PathBuf) -> Self {
+        Self { out_dir, thumb_px: DEFAULT_THUMB_PX }
+    }
+
+    /// Changes the longest edge of embedded pictures (at least 16 px).
+    #[must_use]
+    pub fn with_thumb_px(mut self, px: u32) -> Self {
+        self.thumb_px = px.max(16);
+        self
+    }
+}
+
+/// One picture of a card, ready to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Picture {
+    /// Decoded and downscaled: a `data:` URI.
+    Embedded { uri: String, label: String },
+    /// A remote input: shown as a link, never fetched.
+    Remote { url: String },
+    /// Could not be shown (missing file, not an image).
+    Missing { label: String, reason: String },
+}
+
+/// The pictures of one row.
+#[derive(Debug, Default)]
+struct Pictures {
+    before: Vec<Picture>,
+    after: Vec<Picture>,
+}
+
+impl ReportFormatter for HtmlFormatter {
+    fn write_report(&self, summary: &RunSummary, out: &mut dyn Write) -> Result<(), ReportError> {
+        // Failed rows first (the reader's to-do list), then ambiguous ones, then catalog order.
+        let mut rows: Vec<&ReportRow> = summary.rows.iter().collect();
+        rows.sort_by_key(|r| match r.state {
+            JobState::Failed => 0,
+            JobState::Ambiguous => 1,
+            _ => 2,
+        });
+        let pictures = self.load_pictures(&rows);
+        out.write_all(page_head(summary).as_bytes())?;
+        for (row, pics) in rows.iter().zip(&pictures) {
+            out.write_all(card(row, pics).as_bytes())?;
+        }
+        out.write_all(PAGE_TAIL.as_bytes())?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+impl HtmlFormatter {
+    /// Decodes and downscales every picture, spread over the machine's cores: decoding is
+    /// the slow part of a large report.
+    fn load_pictures(&self, rows: &[&ReportRow]) -> Vec<Pictures> {
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let chunk = rows.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = rows
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|r| self.row_pictures(r)).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    // A panic inside the image decoder must not take the whole report down
+                    // silently: re-raise it on this thread.
+                    h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
+    }
+
+    fn row_pictures(&self, row: &ReportRow) -> Pictures {
+        let before = row
+            .inputs
+            .iter()
+            .map(|input| {
+                if is_http(input) {
+                    Picture::Remote { url: input.clone() }
+                } else {
+                    self.embed(Path::new(input), input)
+                }
+            })
+            .collect();
+        let after = row
+            .outputs
+            .iter()
+            .map(|o| match safe_relative(&o.path) {
+                Some(rel) => self.embed(&self.out_dir.join(rel), &o.path),
+                None => Picture::Missing {
+                    label: o.path.clone(),
+                    reason: "path is outside the output folder".into(),
+                },
+            })
+            .collect();
+        Pictures { before, after }
+    }
+
+    fn embed(&self, path: &Path, label: &str) -> Picture {
+        match thumbnail_uri(path, self.thumb_px) {
+            Ok(uri) => Picture::Embedded { uri, label: label.to_owned() },
+            Err(reason) => Picture::Missing { label: label.to_owned(), reason },
+        }
+    }
+}
+
+fn is_http(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// `outputs.path` must stay inside the output folder: no absolute paths, no `..`.
+fn safe_relative(path: &str) -> Option<&Path> {
+    let p = Path::new(path);
+    p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)).then_some(p)
+}
+
+/// Decodes an image file, downscales it to fit `px`, flattens transparency onto white, and
+/// returns it as a JPEG `data:` URI. The error is a reason to show in place of the picture.
+fn thumbnail_uri(path: &Path, px: u32) -> Result<String, String> {
+    let reader = ImageReader::open(path)
+        .map_err(|e| format!("cannot open: {e}"))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let img = reader.decode().map_err(|e| format!("not a readable image: {e}"))?;
+    let small = if img.width() > px || img.height() > px { img.thumbnail(px, px) } else { img };
+    let rgb = flatten_on_white(&small);
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut jpeg), JPEG_QUALITY)
+        .encode_image(&rgb)
+        .map_err(|e| format!("cannot encode thumbnail: {e}"))?;
+    Ok(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg)))
+}
+
+/// Product cut-outs are often transparent PNGs; JPEG has no alpha, and black would hide them.
+fn flatten_on_white(img: &DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let (w, h) = img.dimensions();
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(w, h, |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = u16::from(p[3]);
+        let blend = |c: u8| {
+            // Exact integer blend over 255; the result always fits a u8.
+            u8::try_from((u16::from(c) * a + 255 * (255 - a)) / 255).unwrap_or(u8::MAX)
+        };
+        image::Rgb([blend(p[0]), blend(p[1]), blend(p[2])])
+    })
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+#[must_use]
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.contains(['&', '<', '>', '"', '\'']) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn page_head(summary: &RunSummary) -> String {
+    let c = &summary.counts;
+    let mut html = String::with_capacity(8 * 1024);
+    html.push_str(PAGE_START);
+    let _ = write!(
+        html,
+        "<header><h1>backdrop report</h1><p class=\"meta\">{} rows · spent {} · generated {} from <code>{}</code></p>",
+        c.total,
+        escape(&describe_spend(&summary.spent)),
+        escape(&summary.generated_at),
+        escape(&summary.state_file),
+    );
+    if let Some(run) = &summary.last_run {
+        let ended = run.ended_at.map_or_else(|| "not ended".to_owned(), super::rfc3339);
+        let outcome = run.outcome.as_deref().unwrap_or("unknown (still running, or the process died)");
+        let _ = write!(
+            html,
+            "<p class=\"meta\">last run #{}{}: {} → {}, outcome <b>{}</b> ({} with {} {})</p>",
+            run.id,
+            if run.dry_run { " (dry run)" } else { "" },
+            escape(&super::rfc3339(run.started_at)),
+            escape(&ended),
+            escape(outcome),
+            escape(&run.catalog),
+            escape(&run.provider),
+            escape(&run.model),
+        );
+    }
+    html.push_str("<nav class=\"filters\" aria-label=\"filter by state\">");
+    let _ = write!(
+        html,
+        "<button type=\"button\" data-filter=\"all\" aria-pressed=\"true\">all <b>{}</b></button>",
+        c.total
+    );
+    for state in JobState::ALL {
+        let n = c.get(state);
+        if n > 0 {
+            let _ = write!(
+                html,
+                "<button type=\"button\" data-filter=\"{s}\" aria-pressed=\"false\" class=\"st-{s}\">{s} <b>{n}</b></button>",
+                s = state.as_str()
+            );
+        }
+    }
+    html.push_str("</nav></header>\n<main id=\"grid\">\n");
+    if summary.rows.is_empty() {
+        html.push_str("<p class=\"empty\">No rows in the state database yet.</p>\n");
+    }
+    html
+}
+
+fn card(row: &ReportRow, pics: &Pictures) -> String {
+    let state = row.state.as_str();
+    let mut html = String::with_capacity(4 * 1024);
+    let _ = write!(
+        html,
+        "<article class=\"card\" data-state=\"{state}\"><h2><span class=\"sku\">{}</span> <span class=\"badge st-{state}\">{state}</span></h2>",
+        escape(&row.sku),
+    );
+    if let Some(error) = &row.error {
+        let _ = write!(html, "<p class=\"error\">{}</p>", escape(error));
+    }
+    if row.state == JobState::Ambiguous {
+        html.push_str(
+            "<p class=\"warn\">A paid request may already have gone out; retrying may charge twice.</p>",
+        );
+    }
+    html.push_str("<div class=\"pair\"><figure><figcaption>before</figcaption>");
+    if pics.before.is_empty() {
+        html.push_str("<div class=\"ph\">no input image</div>");
+    }
+    for p in &pics.before {
+        picture(&mut html, row, "before", p);
+    }
+    html.push_str("</figure><figure><figcaption>after</figcaption>");
+    if pics.after.is_empty() {
+        html.push_str("<div class=\"ph\">no output yet</div>");
+    }
+    for p in &pics.after {
+        picture(&mut html, row, "after", p);
+    }
+    html.push_str("</figure></div>");
+    let _ = writeln!(
+        html,
+        "<details><summary>prompt</summary><p class=\"prompt\">{}</p></details><dl><dt>request</dt><dd>{}</dd><dt>attempts</dt><dd>{}</dd><dt>cost</dt><dd>{}</dd><dt>model</dt><dd>{}</dd></dl></article>",
+        escape(&row.prompt),
+        escape(row.request_id.as_deref().unwrap_or("—")),
+        row.attempts,
+        escape(&cost(row)),
+        escape(&format!("{} {}", row.provider, row.model)),
+    );
+    html
+}
+
+fn cost(row: &ReportRow) -> String {
+    if row.provider == "seedance" {
+        format!("{} credits ({})", format_amount(row.credits), format_dollars(row.dollars))
+    } else {
+        format_dollars(row.dollars)
+    }
+}
+
+fn picture(html: &mut String, row: &ReportRow, side: &str, p: &Picture) {
+    match p {
+        Picture::Embedded { uri, label } => {
+            let _ = write!(
+                html,
+                "<img class=\"thumb\" src=\"{uri}\" alt=\"{} {side}\" title=\"{}\" decoding=\"async\" tabindex=\"0\">",
+                escape(&row.sku),
+                escape(label),
+            );
+        }
+        Picture::Remote { url } => {
+            let _ = write!(
+                html,
+                "<div class=\"ph\">remote image (not fetched)<br><a href=\"{u}\" rel=\"noreferrer noopener\" target=\"_blank\">{u}</a></div>",
+                u = escape(url),
+            );
+        }
+        Picture::Missing { label, reason } => {
+            let _ = write!(
+                html,
+                "<div class=\"ph missing\">{}<br><small>{}</small></div>",
+                escape(label),
+                escape(reason)
+            );
+        }
+    }
+}
+
+/// Everything up to `<body>`: styles and the CSP that keeps the page offline (only `data:`
+/// images, inline styles and script).
+const PAGE_START: &str = r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>backdrop report</title>
+<style>
+[hidden]{display:none!important}
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
+header{background:#18181b;color:#fafafa;padding:12px 20px;position:sticky;top:0;z-index:1}
+h1{font-size:18px;margin:0 0 4px}.meta{margin:2px 0;color:#d4d4d8}code{font-size:12px}
+.filters{margin-top:8px;display:flex;gap:6px;flex-wrap:wrap}
+.filters button{border:1px solid #52525b;background:#27272a;color:#fafafa;border-radius:14px;padding:3px 10px;cursor:pointer}
+.filters button[aria-pressed=true]{background:#fafafa;color:#18181b}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px;padding:16px 20px}
+.card{background:#fff;border-radius:8px;padding:10px 12px;box-shadow:0 1px 2px #0002}
+.card h2{font-size:15px;margin:0 0 6px;display:flex;justify-content:space-between;gap:8px;overflow-wrap:anywhere}
+.badge{font-size:12px;font-weight:600;border-radius:10px;padding:1px 8px;background:#e4e4e7;white-space:nowrap}
+.st-done{background:#bbf7d0;color:#14532d}.st-failed{background:#fecaca;color:#7f1d1d}
+.st-ambiguous{background:#fde68a;color:#78350f}.st-pending,.st-waiting{background:#e0e7ff;color:#312e81}
+.error{background:#fef2f2;color:#991b1b;border-left:3px solid #dc2626;padding:4px 8px;margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
+.warn{background:#fffbeb;color:#92400e;padding:4px 8px;margin:4px 0}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}figure{margin:0;display:flex;flex-direction:column;gap:4px}
+figcaption{font-size:12px;color:#71717a;text-transform:uppercase;letter-spacing:.05em}
+.thumb{width:100%;max-width:160px;height:auto;border-radius:4px;cursor:zoom-in;background:#fafafa;border:1px solid #e4e4e7}
+.ph{min-height:100px;border:2px dashed #d4d4d8;border-radius:4px;display:flex;flex-direction:column;align-items:center;justify-content:center;text-align:center;color:#71717a;font-size:12px;padding:6px;overflow-wrap:anywhere}
+.ph.missing{border-color:#fca5a5}
+details{margin-top:6px}.prompt{white-space:pre-wrap;overflow-wrap:anywhere;color:#3f3f46}
+dl{display:grid;grid-template-columns:auto 1fr;gap:0 8px;margin:6px 0 0;font-size:12px;color:#52525b}dd{margin:0;overflow-wrap:anywhere}
+#lightbox{position:fixed;inset:0;background:#000c;display:flex;align-items:center;justify-content:center;z-index:2;cursor:zoom-out}
+#lightbox img{max-width:92vw;max-height:88vh;min-width:min(640px,92vw);image-rendering:auto}
+#lightbox p{position:absolute;bottom:8px;color:#fff;margin:0}
+</style></head>
+<body>
+"#;
+
+/// The lightbox, the filter buttons, and the decode check (`data-decoded="ok/total"` on the
+/// body once every picture has loaded) that the browser test reads.
+const PAGE_TAIL: &str = r#"</main>
+<div id="lightbox" hidden><img id="lightbox-img" alt=""><p id="lightbox-cap"></p></div>
+<script>
+(function () {
+  var box = document.getElementById('lightbox');
+  var big = document.getElementById('lightbox-img');
+  var cap = document.getElementById('lightbox-cap');
+  function open(img) { big.src = img.src; big.alt = img.alt; cap.textContent = img.alt; box.hidden = false; }
+  document.getElementById('grid').addEventListener('click', function (e) {
+    if (e.target.classList && e.target.classList.contains('thumb')) open(e.target);
+  });
+  document.getElementById('grid').addEventListener('keydown', function (e) {
+    if (e.key === 'Enter' && e.target.classList.contains('thumb')) open(e.target);
+  });
+  box.addEventListener('click', function () { box.hidden = true; });
+  document.addEventListener('keydown', function (e) { if (e.key === 'Escape') box.hidden = true; });
+  var buttons = document.querySelectorAll('[data-filter]');
+  buttons.forEach(function (b) {
+    b.addEventListener('click', function () {
+      var f = b.dataset.filter;
+      document.querySelectorAll('.card').forEach(function (c) {
+        c.hidden = f !== 'all' && c.dataset.state !== f;
+      });
+      buttons.forEach(function (x) { x.setAttribute('aria-pressed', String(x === b)); });
+    });
+  });
+  window.addEventListener('load', function () {
+    var imgs = document.querySelectorAll('img.thumb');
+    var ok = 0;
+    imgs.forEach(function (i) { if (i.complete && i.naturalWidth > 0) ok++; });
+    document.body.dataset.decoded = ok + '/' + imgs.length;
+  });
+})();
+</script>
+</body></html>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests_support::summary;
+
+    #[test]
+    fn escape_covers_markup_and_quotes() {
+        assert_eq!(
+            escape("<b a='1' c=\"2\">&</b>"),
+            "&lt;b a=&#39;1&#39; c=&quot;2&quot;&gt;&amp;&lt;/b&gt;"
+        );
+        assert!(matches!(escape("plain"), Cow::Borrowed("plain")));
+    }
+
+    #[test]
+    fn output_paths_cannot_leave_the_output_folder() {
+        assert!(safe_relative("A/0.png").is_some());
+        assert!(safe_relative("./A/0.png").is_some());
+        assert!(safe_relative("../secret.png").is_none());
+        assert!(safe_relative("/etc/passwd").is_none());
+        assert!(safe_relative("A/../../x.png").is_none());
+    }
+
+    #[test]
+    fn transparent_pixels_flatten_to_white() {
+        let mut img = image::RgbaImage::new(2, 1);
+        img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
+        let flat = flatten_on_white(&DynamicImage::ImageRgba8(img));
+        assert_eq!(flat.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(flat.get_pixel(1, 0).0, [10, 20, 30]);
+    }
+
+    #[test]
+    fn gallery_embeds_downscaled_images_and_escapes_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("A")).unwrap();
+        let big =
+            image::RgbImage::from_fn(1000, 500, |x, _| image::Rgb([u8::try_from(x % 256).unwrap(), 90, 200]));
+        big.save(out.join("A/0.png")).unwrap();
+        let before = dir.path().join("before.png");
+        big.save(&before).unwrap();
+        let mut summary = summary();
+        summary.rows[0].inputs = vec![before.display().to_string(), "https://cdn.example/x.png".into()];
+        summary.rows[1].prompt = "<script>alert(1)</script>".into();
+
+        let mut buf = Vec::new();
+        HtmlFormatter::new(out).write_report(&summary, &mut buf).unwrap();
+        let html = String::from_utf8(buf).unwrap();
+
+        assert!(!html.contains("<script>alert(1)"), "prompt must be escaped");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("=HYPERLINK(&quot;x&quot;)"));
+        assert!(html.contains("href=\"https://cdn.example/x.png\""));
+        // A/1.png does not exist: a placeholder with the reason, not a failure.
+        assert!(html.contains("A/1.png<br><small>cannot open"));
+        // The failed row comes first.
+        let failed = html.find("data-state=\"failed\"").unwrap();
+        let done = html.find("data-state=\"done\"").unwrap();
+        assert!(failed < done);
+
+        let uris: Vec<&str> =
+            html.match_indices("data:image/jpeg;base64,").map(|(i, _)| &html[i..]).collect();
+        assert_eq!(uris.len(), 2, "before and after of row A");
+        for uri in uris {
+            let b64 = &uri["data:image/jpeg;base64,".len()..uri.find('"').unwrap()];
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+            let img = image::load_from_memory(&bytes).unwrap();
+            assert_eq!((img.width(), img.height()), (DEFAULT_THUMB_PX, DEFAULT_THUMB_PX / 2));
+        }
+    }
+}

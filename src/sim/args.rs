@@ -1,0 +1,266 @@
+//! The flags of `backdrop sim` and how they become a [`SimConfig`]: a scenario TOML file
+//! (`--scenario`, the same keys as [`SimConfig`]) first, then every flag given on top of it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::faults::{Burst, Latency, RetryAfterFormat, ScriptStep};
+use super::{SimConfig, SimError};
+
+/// A scenario file's contents: the same shape as [`SimConfig`].
+pub type Scenario = SimConfig;
+
+/// Flags of `backdrop sim`. Every fault is off unless a flag or the scenario turns it on.
+#[derive(Debug, Clone, Args)]
+#[command(after_long_help = SCENARIO_HELP)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Scenario file (TOML; see below). Flags given here override its values.
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+    /// Seed of every random decision, so a failing run can be replayed [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Starting seedance credits [default: 1e9].
+    #[arg(long)]
+    pub credits: Option<f64>,
+    /// Starting fal balance in dollars [default: 1e9].
+    #[arg(long, value_name = "USD")]
+    pub fal_balance: Option<f64>,
+    /// Longest side of output images, in pixels [default: 256].
+    #[arg(long, value_name = "PX")]
+    pub max_side: Option<u32>,
+    /// Generation time: 0, fixed:200ms, uniform:100ms..2s, or lognormal:MEDIAN,P99 (e.g. lognormal:5s,15s).
+    #[arg(long, value_name = "SPEC")]
+    pub latency: Option<String>,
+    /// Accepted submits per second; more get 429 with Retry-After.
+    #[arg(long, value_name = "N")]
+    pub rate_limit: Option<u32>,
+    /// How Retry-After is written.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub retry_after: Option<RetryAfterFormat>,
+    /// Probability that a submit gets a 5xx (nothing charged).
+    #[arg(long, value_name = "P")]
+    pub error_rate: Option<f64>,
+    /// Probability that a status poll gets a 5xx.
+    #[arg(long, value_name = "P")]
+    pub poll_error_rate: Option<f64>,
+    /// Probability that a submit is accepted and charged, then its connection dropped unanswered.
+    #[arg(long, value_name = "P")]
+    pub drop_rate: Option<f64>,
+    /// Probability that a generation fails (prompts containing "[sim:fail]" always do).
+    #[arg(long, value_name = "P")]
+    pub failure_rate: Option<f64>,
+    /// Probability that a download stops half-way (Content-Length promises more).
+    #[arg(long, value_name = "P")]
+    pub truncate_rate: Option<f64>,
+    /// Probability that a download is throttled to --slow-bytes-per-sec.
+    #[arg(long, value_name = "P")]
+    pub slow_rate: Option<f64>,
+    /// Throughput of a throttled download.
+    #[arg(long, value_name = "N")]
+    pub slow_bytes_per_sec: Option<u64>,
+    /// Probability that a download answers an HTML page instead of the image.
+    #[arg(long, value_name = "P")]
+    pub wrong_content_type_rate: Option<f64>,
+    /// Output URLs expire this long after the result is ready (then 403), e.g. 30s.
+    #[arg(long, value_name = "DURATION")]
+    pub url_ttl: Option<String>,
+    /// Webhooks leave this long after the result is ready, e.g. 2s.
+    #[arg(long, value_name = "DURATION")]
+    pub webhook_delay: Option<String>,
+    /// Probability that a webhook is delivered twice.
+    #[arg(long, value_name = "P")]
+    pub webhook_duplicate_rate: Option<f64>,
+    /// Probability that a webhook is never delivered.
+    #[arg(long, value_name = "P")]
+    pub webhook_drop_rate: Option<f64>,
+    /// Scripted answers to the first submits, in order: 429x3:1 (three 429s with Retry-After: 1),
+    /// 503x2, dropx1 (charge then drop the connection), okx5 (let five through). Repeatable.
+    #[arg(long, value_name = "STEP")]
+    pub script: Vec<String>,
+    /// A window of errors: AFTER+DURATION[:STATUS], e.g. 10s+30s:503 (the 30 s after the first
+    /// 10 are all 503). Repeatable.
+    #[arg(long, value_name = "WINDOW")]
+    pub burst: Vec<String>,
+}
+
+/// The scenario file format, shown at the end of `backdrop sim --help`.
+pub const SCENARIO_HELP: &str = "\
+Scenario file (--scenario FILE), every key optional:
+  seed = 7
+  credits = 1000.0
+  fal_balance = 5.0
+  max_side = 256
+  [faults]
+  latency = { kind = \"lognormal\", median_ms = 200, p99_ms = 2000 }   # or fixed/uniform
+  rate_limit_per_sec = 20
+  retry_after_format = \"seconds\"      # or \"http-date\"
+  error_rate = 0.05                    # also: poll_error_rate, drop_rate, failure_rate,
+  truncate_rate = 0.02                 #   slow_rate + slow_bytes_per_sec,
+  url_ttl_secs = 60.0                  #   wrong_content_type_rate, webhook_delay_ms,
+  webhook_duplicate_rate = 0.1         #   webhook_drop_rate
+  [[faults.script]]
+  count = 3
+  status = 429
+  retry_after_secs = 1
+  [[faults.bursts]]
+  after_secs = 10.0
+  duration_secs = 30.0
+  status = 503
+
+Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
+POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
+GET /__sim/config, GET /__sim/input/{name}.png";
+
+fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
+    humantime::parse_duration(text.trim())
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| SimError::Config(format!("{flag} {text:?}: {e}")))
+}
+
+fn parse_burst(text: &str) -> Result<Burst, SimError> {
+    let bad =
+        || SimError::Config(format!("--burst {text:?}: expected AFTER+DURATION[:STATUS], e.g. 10s+30s:503"));
+    let (window, status) = match text.split_once(':') {
+        Some((w, s)) => (w, s.parse::<u16>().map_err(|_| bad())?),
+        None => (text, 503),
+    };
+    let (after, duration) = window.split_once('+').ok_or_else(bad)?;
+    Ok(Burst {
+        after_secs: duration_secs("--burst", after)?,
+        duration_secs: duration_secs("--burst", duration)?,
+        status,
+    })
+}
+
+impl SimConfig {
+    /// The scenario file (if any) with every given flag on top.
+    ///
+    /// # Errors
+    /// [`SimError::Scenario`] for an unreadable scenario, [`SimError::Config`] for a bad flag.
+    pub fn from_args(args: &SimArgs) -> Result<Self, SimError> {
+        let mut config = match &args.scenario {
+            Some(path) => Self::from_scenario_file(path)?,
+            None => Self::default(),
+        };
+        let f = &mut config.faults;
+        if let Some(v) = args.seed {
+            config.seed = v;
+        }
+        if let Some(v) = args.credits {
+            config.credits = v;
+        }
+        if let Some(v) = args.fal_balance {
+            config.fal_balance = v;
+        }
+        if let Some(v) = args.max_side {
+            config.max_side = v;
+        }
+        if let Some(spec) = &args.latency {
+            f.latency = Latency::parse(spec)?;
+        }
+        if args.rate_limit.is_some() {
+            f.rate_limit_per_sec = args.rate_limit;
+        }
+        if let Some(v) = args.retry_after {
+            f.retry_after_format = v;
+        }
+        let rates = [
+            (args.error_rate, &mut f.error_rate),
+            (args.poll_error_rate, &mut f.poll_error_rate),
+            (args.drop_rate, &mut f.drop_rate),
+            (args.failure_rate, &mut f.failure_rate),
+            (args.truncate_rate, &mut f.truncate_rate),
+            (args.slow_rate, &mut f.slow_rate),
+            (args.wrong_content_type_rate, &mut f.wrong_content_type_rate),
+            (args.webhook_duplicate_rate, &mut f.webhook_duplicate_rate),
+            (args.webhook_drop_rate, &mut f.webhook_drop_rate),
+        ];
+        for (flag, field) in rates {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        if let Some(v) = args.slow_bytes_per_sec {
+            f.slow_bytes_per_sec = v;
+        }
+        if let Some(ttl) = &args.url_ttl {
+            f.url_ttl_secs = Some(duration_secs("--url-ttl", ttl)?);
+        }
+        if let Some(delay) = &args.webhook_delay {
+            let secs = duration_secs("--webhook-delay", delay)?;
+            // Whole milliseconds are plenty for a delivery delay.
+            f.webhook_delay_ms = (secs * 1000.0).round() as u64;
+        }
+        if !args.script.is_empty() {
+            f.script = args.script.iter().map(|s| ScriptStep::parse(s)).collect::<Result<_, _>>()?;
+        }
+        if !args.burst.is_empty() {
+            f.bursts = args.burst.iter().map(|b| parse_burst(b)).collect::<Result<_, _>>()?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<SimConfig, SimError> {
+        let mut argv = vec!["sim"];
+        argv.extend_from_slice(args);
+        SimConfig::from_args(&Wrapper::parse_from(argv).sim)
+    }
+
+    #[test]
+    fn defaults_have_no_faults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config, SimConfig::default());
+    }
+
+    #[test]
+    fn flags_override_the_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "seed = 9\ncredits = 100.0\n[faults]\nerror_rate = 0.5\nlatency = { kind = \"fixed\", ms = 20 }\n\
+             [[faults.script]]\ncount = 2\nstatus = 429\nretry_after_secs = 1\n",
+        )
+        .unwrap();
+        let config =
+            parse(&["--scenario", path.to_str().unwrap(), "--credits", "50", "--burst", "1s+2s:500"])
+                .unwrap();
+        assert_eq!(config.seed, 9);
+        assert_eq!(config.credits, 50.0);
+        assert_eq!(config.faults.error_rate, 0.5);
+        assert_eq!(config.faults.latency, Latency::Fixed { ms: 20 });
+        assert_eq!(config.faults.script[0].count, 2);
+        assert_eq!(config.faults.bursts, vec![Burst { after_secs: 1.0, duration_secs: 2.0, status: 500 }]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "seed = 1\n[faults]\nerorr_rate = 0.5\n").unwrap();
+        let err = SimConfig::from_scenario_file(&path).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(parse(&["--error-rate", "1.5"]).is_err());
+        assert!(parse(&["--latency", "uniform:2s..1s"]).is_err());
+        assert!(parse(&["--burst", "10s"]).is_err());
+    }
+}

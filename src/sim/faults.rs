@@ -1,0 +1,396 @@
+//! Fault injection for the simulator: the declarative [`Faults`] (latency distribution, rate
+//! limit, 5xx rate, bursts, scripted answers, drops, bad downloads, webhook mishaps) and the
+//! seeded random source every decision draws from, so a failing test can be replayed.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::SimError;
+
+/// How long a generation takes, from accept to result.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Latency {
+    /// Results are ready at once.
+    #[default]
+    Zero,
+    /// Always this long.
+    Fixed {
+        /// Milliseconds.
+        ms: u64,
+    },
+    /// Uniform between two bounds.
+    Uniform {
+        /// Shortest, in milliseconds.
+        min_ms: u64,
+        /// Longest, in milliseconds.
+        max_ms: u64,
+    },
+    /// Log-normal with this median and 99th percentile (the shape real generation times have).
+    Lognormal {
+        /// Median, in milliseconds.
+        median_ms: u64,
+        /// 99th percentile, in milliseconds.
+        p99_ms: u64,
+    },
+}
+
+/// z of the 99th percentile of the standard normal distribution.
+const Z_P99: f64 = 2.326_347_874;
+
+impl Latency {
+    /// Parses `0`, `fixed:200ms`, `uniform:100ms..2s` or `lognormal:200ms,2s` (median, p99).
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming what could not be read.
+    pub fn parse(spec: &str) -> Result<Self, SimError> {
+        let bad = |why: String| SimError::Config(format!("--latency {spec:?}: {why}"));
+        let ms = |s: &str| -> Result<u64, SimError> {
+            let d = humantime::parse_duration(s.trim()).map_err(|e| bad(format!("{s:?}: {e}")))?;
+            u64::try_from(d.as_millis()).map_err(|e| bad(e.to_string()))
+        };
+        let spec_t = spec.trim();
+        if spec_t == "0" || spec_t == "zero" || spec_t == "none" {
+            return Ok(Self::Zero);
+        }
+        let (kind, rest) = spec_t.split_once(':').ok_or_else(|| bad("expected KIND:VALUES".into()))?;
+        let latency = match kind {
+            "fixed" => Self::Fixed { ms: ms(rest)? },
+            "uniform" => {
+                let (a, b) = rest.split_once("..").ok_or_else(|| bad("expected MIN..MAX".into()))?;
+                Self::Uniform { min_ms: ms(a)?, max_ms: ms(b)? }
+            }
+            "lognormal" => {
+                let (a, b) = rest.split_once(',').ok_or_else(|| bad("expected MEDIAN,P99".into()))?;
+                Self::Lognormal { median_ms: ms(a)?, p99_ms: ms(b)? }
+            }
+            other => return Err(bad(format!("unknown kind {other:?} (fixed, uniform, lognormal)"))),
+        };
+        latency.validate()?;
+        Ok(latency)
+    }
+
+    /// Checks the bounds are ordered.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] when a minimum exceeds its maximum.
+    pub fn validate(&self) -> Result<(), SimError> {
+        match *self {
+            Self::Uniform { min_ms, max_ms } if min_ms > max_ms => {
+                Err(SimError::Config(format!("latency: min {min_ms}ms > max {max_ms}ms")))
+            }
+            Self::Lognormal { median_ms, p99_ms } if median_ms == 0 || p99_ms < median_ms => {
+                Err(SimError::Config(format!("latency: need 0 < median ({median_ms}ms) <= p99 ({p99_ms}ms)")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Draws one generation time.
+    pub fn sample(&self, rng: &mut impl Rng) -> Duration {
+        match *self {
+            Self::Zero => Duration::ZERO,
+            Self::Fixed { ms } => Duration::from_millis(ms),
+            Self::Uniform { min_ms, max_ms } => Duration::from_millis(rng.random_range(min_ms..=max_ms)),
+            Self::Lognormal { median_ms, p99_ms } => {
+                let (median, p99) = (median_ms as f64, p99_ms as f64);
+                let sigma = (p99.ln() - median.ln()) / Z_P99;
+                // Box-Muller: one standard normal from two uniforms in (0, 1].
+                let u1: f64 = 1.0 - rng.random::<f64>();
+                let u2: f64 = rng.random::<f64>();
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                // Cap the tail: a 1-in-a-billion draw must not stall a test for hours.
+                let ms = (median.ln() + sigma * z).exp().min(p99 * 10.0);
+                Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+            }
+        }
+    }
+}
+
+/// How a 429's `Retry-After` is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryAfterFormat {
+    /// Delay in whole seconds (`Retry-After: 1`).
+    #[default]
+    Seconds,
+    /// An HTTP date (`Retry-After: Sun, 22 Nov 2026 08:00:01 GMT`).
+    HttpDate,
+}
+
+/// One step of a scripted sequence: the next `count` submits get this answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptStep {
+    /// How many consecutive submits this step answers.
+    pub count: u32,
+    /// The HTTP status to answer (429, 500, 503...); `0` lets the submit through untouched.
+    #[serde(default)]
+    pub status: u16,
+    /// `Retry-After` seconds to send with the status.
+    #[serde(default)]
+    pub retry_after_secs: Option<u64>,
+    /// Accept and charge the submit, then drop the connection without answering.
+    #[serde(default)]
+    pub drop: bool,
+}
+
+impl ScriptStep {
+    /// Parses `429x3:1` (status, count, optional Retry-After), `dropx2`, or `okx5`.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming what could not be read.
+    pub fn parse(spec: &str) -> Result<Self, SimError> {
+        let bad =
+            |why: &str| SimError::Config(format!("--script {spec:?}: {why} (e.g. 429x3:1, dropx1, okx2)"));
+        let (what, rest) = spec.trim().split_once('x').ok_or_else(|| bad("expected WHATxCOUNT"))?;
+        let (count, retry) = match rest.split_once(':') {
+            Some((c, r)) => (c, Some(r.parse::<u64>().map_err(|_| bad("bad Retry-After"))?)),
+            None => (rest, None),
+        };
+        let count = count.parse::<u32>().map_err(|_| bad("bad count"))?;
+        let (status, drop) = match what {
+            "drop" => (0, true),
+            "ok" => (0, false),
+            s => (
+                s.parse::<u16>().ok().filter(|s| (400..=599).contains(s)).ok_or_else(|| bad("bad status"))?,
+                false,
+            ),
+        };
+        Ok(Self { count, status, retry_after_secs: retry, drop })
+    }
+}
+
+/// A window of time during which every submit gets the same error status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Burst {
+    /// Seconds after the simulator started.
+    pub after_secs: f64,
+    /// How long the burst lasts, in seconds.
+    pub duration_secs: f64,
+    /// The status every submit gets meanwhile [default: 503].
+    #[serde(default = "default_burst_status")]
+    pub status: u16,
+}
+
+const fn default_burst_status() -> u16 {
+    503
+}
+
+/// Every fault the simulator can inject. All off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Generation time (async requests stay queued/in progress this long; sync calls block).
+    pub latency: Latency,
+    /// Accepted submits per second (both protocols together); beyond it, 429 + `Retry-After`.
+    pub rate_limit_per_sec: Option<u32>,
+    /// How `Retry-After` is written.
+    pub retry_after_format: RetryAfterFormat,
+    /// Probability that a submit is answered with a 5xx (500 seedance, 503 fal), uncharged.
+    pub error_rate: f64,
+    /// Probability that a status poll is answered with a 5xx.
+    pub poll_error_rate: f64,
+    /// Probability that a submit is accepted and charged, then its connection is dropped.
+    pub drop_rate: f64,
+    /// Probability that an accepted generation fails (seedance `failed`, fal error result).
+    pub failure_rate: f64,
+    /// Probability that a download sends half its bytes (Content-Length says all), then closes.
+    pub truncate_rate: f64,
+    /// Probability that a download is throttled to `slow_bytes_per_sec`.
+    pub slow_rate: f64,
+    /// Throughput of a slow download.
+    pub slow_bytes_per_sec: u64,
+    /// Probability that a download answers 200 with an HTML page instead of the image.
+    pub wrong_content_type_rate: f64,
+    /// Output URLs stop working this many seconds after the result is ready (then 403).
+    pub url_ttl_secs: Option<f64>,
+    /// Webhooks leave this long after the result is ready.
+    pub webhook_delay_ms: u64,
+    /// Probability that a webhook is delivered twice.
+    pub webhook_duplicate_rate: f64,
+    /// Probability that a webhook is never delivered.
+    pub webhook_drop_rate: f64,
+    /// Scripted answers for the first submits, in order.
+    pub script: Vec<ScriptStep>,
+    /// Windows of all-error answers.
+    pub bursts: Vec<Burst>,
+}
+
+impl Faults {
+    /// Checks probabilities are in [0, 1] and the latency bounds are ordered.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming the bad value.
+    pub fn validate(&self) -> Result<(), SimError> {
+        self.latency.validate()?;
+        let probabilities = [
+            ("error_rate", self.error_rate),
+            ("poll_error_rate", self.poll_error_rate),
+            ("drop_rate", self.drop_rate),
+            ("failure_rate", self.failure_rate),
+            ("truncate_rate", self.truncate_rate),
+            ("slow_rate", self.slow_rate),
+            ("wrong_content_type_rate", self.wrong_content_type_rate),
+            ("webhook_duplicate_rate", self.webhook_duplicate_rate),
+            ("webhook_drop_rate", self.webhook_drop_rate),
+        ];
+        for (name, p) in probabilities {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SimError::Config(format!("{name} = {p} is not a probability in [0, 1]")));
+            }
+        }
+        if self.slow_rate > 0.0 && self.slow_bytes_per_sec == 0 {
+            return Err(SimError::Config("slow_rate needs slow_bytes_per_sec > 0".into()));
+        }
+        if self.rate_limit_per_sec == Some(0) {
+            return Err(SimError::Config("rate_limit_per_sec must be at least 1".into()));
+        }
+        for b in &self.bursts {
+            if !(400..=599).contains(&b.status) || b.duration_secs < 0.0 || b.after_secs < 0.0 {
+                return Err(SimError::Config(format!("bad burst {b:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The scripted step for the `n`th submit (0-based), if the script reaches that far.
+    #[must_use]
+    pub fn script_step(&self, n: u64) -> Option<&ScriptStep> {
+        let mut end = 0u64;
+        for step in &self.script {
+            end += u64::from(step.count);
+            if n < end {
+                return Some(step);
+            }
+        }
+        None
+    }
+}
+
+/// The seeded source of every random decision. Each request draws one seed from it (in arrival
+/// order) and makes all its decisions from a generator of its own, so the same seed and the
+/// same sequence of requests give the same faults however long each decision takes.
+#[derive(Debug)]
+pub(crate) struct Dice(StdRng);
+
+impl Dice {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(StdRng::seed_from_u64(seed))
+    }
+
+    pub(crate) fn fork(&mut self) -> StdRng {
+        StdRng::seed_from_u64(self.0.next_u64())
+    }
+}
+
+/// True with probability `p` (never draws when `p` is 0, so turning a fault off does not shift
+/// the sequence of the others... within one request).
+pub(crate) fn chance(rng: &mut StdRng, p: f64) -> bool {
+    p > 0.0 && rng.random::<f64>() < p
+}
+
+/// Events in the last second: the rate limit and the "peak per second" statistic both use it.
+#[derive(Debug, Default)]
+pub(crate) struct SecondWindow {
+    times: VecDeque<Instant>,
+    peak: usize,
+}
+
+impl SecondWindow {
+    fn trim(&mut self, now: Instant) {
+        while let Some(&front) = self.times.front() {
+            if now.duration_since(front) >= Duration::from_secs(1) {
+                self.times.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Records an event at `now`.
+    pub(crate) fn record(&mut self, now: Instant) {
+        self.trim(now);
+        self.times.push_back(now);
+        self.peak = self.peak.max(self.times.len());
+    }
+
+    /// With `limit` events per second, how long until one more is allowed (`None`: now).
+    pub(crate) fn wait_for_room(&mut self, now: Instant, limit: u32) -> Option<Duration> {
+        self.trim(now);
+        if self.times.len() < limit as usize {
+            return None;
+        }
+        let oldest = self.times.front().copied().unwrap_or(now);
+        Some(Duration::from_secs(1).saturating_sub(now.duration_since(oldest)))
+    }
+
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_specs_parse() {
+        assert_eq!(Latency::parse("0").unwrap(), Latency::Zero);
+        assert_eq!(Latency::parse("fixed:200ms").unwrap(), Latency::Fixed { ms: 200 });
+        assert_eq!(
+            Latency::parse("uniform:100ms..2s").unwrap(),
+            Latency::Uniform { min_ms: 100, max_ms: 2000 }
+        );
+        assert_eq!(
+            Latency::parse("lognormal:200ms,2s").unwrap(),
+            Latency::Lognormal { median_ms: 200, p99_ms: 2000 }
+        );
+        assert!(Latency::parse("uniform:2s..1s").is_err());
+        assert!(Latency::parse("gamma:1s").is_err());
+    }
+
+    #[test]
+    fn lognormal_has_the_asked_median_and_p99() {
+        let latency = Latency::Lognormal { median_ms: 100, p99_ms: 1000 };
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut draws: Vec<Duration> = (0..20_000).map(|_| latency.sample(&mut rng)).collect();
+        draws.sort();
+        let median = draws[10_000].as_secs_f64() * 1000.0;
+        let p99 = draws[19_800].as_secs_f64() * 1000.0;
+        assert!((85.0..115.0).contains(&median), "median {median}");
+        assert!((800.0..1250.0).contains(&p99), "p99 {p99}");
+    }
+
+    #[test]
+    fn script_steps_cover_consecutive_submits() {
+        let faults = Faults {
+            script: vec![ScriptStep::parse("429x2:1").unwrap(), ScriptStep::parse("dropx1").unwrap()],
+            ..Faults::default()
+        };
+        assert_eq!(faults.script_step(0).map(|s| s.status), Some(429));
+        assert_eq!(faults.script_step(1).and_then(|s| s.retry_after_secs), Some(1));
+        assert!(faults.script_step(2).is_some_and(|s| s.drop));
+        assert!(faults.script_step(3).is_none());
+        assert!(ScriptStep::parse("200x1").is_err());
+    }
+
+    #[test]
+    fn window_counts_the_last_second() {
+        let mut w = SecondWindow::default();
+        let t0 = Instant::now();
+        for i in 0..5 {
+            w.record(t0 + Duration::from_millis(i * 100));
+        }
+        assert_eq!(w.wait_for_room(t0 + Duration::from_millis(450), 10), None);
+        let wait = w.wait_for_room(t0 + Duration::from_millis(450), 5).unwrap();
+        assert_eq!(wait, Duration::from_millis(550));
+        w.record(t0 + Duration::from_millis(1500));
+        assert_eq!(w.peak(), 5);
+    }
+}

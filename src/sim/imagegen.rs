@@ -1,0 +1,394 @@
+//! The simulator's pictures: procedural "product on white" inputs, edits that swap the
+//! near-white background for a texture picked from the prompt (marble, wood, linen, studio
+//! white), and text-to-image renders. Everything is deterministic and encoded as real PNG/JPEG.
+
+use std::io::Cursor;
+
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{ImageEncoder, Rgb, RgbImage};
+use sha2::{Digest, Sha256};
+
+/// Output file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// `image/png`.
+    Png,
+    /// `image/jpeg`.
+    Jpeg,
+}
+
+impl Format {
+    /// The MIME type.
+    #[must_use]
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+        }
+    }
+
+    /// The file extension.
+    #[must_use]
+    pub const fn ext(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+        }
+    }
+}
+
+/// The background an edit paints, picked from the prompt's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Texture {
+    /// White stone with grey veins.
+    Marble,
+    /// Brown grain.
+    Wood,
+    /// Beige woven cloth.
+    Linen,
+    /// A soft grey studio sweep.
+    Studio,
+    /// A pastel gradient whose hue comes from the prompt.
+    Pastel(u32),
+    /// No change: the input as it is (how the simulator serves its own input pictures).
+    Original,
+}
+
+impl Texture {
+    /// Picks the texture a prompt asks for.
+    #[must_use]
+    pub fn for_prompt(prompt: &str) -> Self {
+        let p = prompt.to_ascii_lowercase();
+        if p.contains("marble") || p.contains("stone") || p.contains("granite") {
+            Self::Marble
+        } else if p.contains("wood") || p.contains("oak") || p.contains("walnut") || p.contains("table") {
+            Self::Wood
+        } else if p.contains("linen") || p.contains("cloth") || p.contains("fabric") || p.contains("cotton") {
+            Self::Linen
+        } else if p.contains("studio") || p.contains("white") || p.contains("seamless") {
+            Self::Studio
+        } else {
+            Self::Pastel(hash32(p.as_bytes()))
+        }
+    }
+}
+
+/// Where an edit's primary image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The simulator's own `/__sim/input/{name}.png`, at this size.
+    Named {
+        /// The name the picture is derived from.
+        name: String,
+        /// Width.
+        width: u32,
+        /// Height.
+        height: u32,
+    },
+    /// A `data:` URI's decoded bytes, identified by their sha256.
+    Data {
+        /// Hex sha256 of the bytes.
+        sha256: String,
+        /// The encoded image.
+        bytes: DataBytes,
+    },
+    /// Any other URL: a placeholder product derived from the URL text.
+    Url(String),
+    /// Nothing: text-to-image.
+    Prompt,
+}
+
+/// A data URI's bytes. Equality and hashing are left to the sha256 beside them, so a cache
+/// lookup never hashes megabytes.
+#[derive(Debug, Clone)]
+pub struct DataBytes(pub std::sync::Arc<[u8]>);
+
+impl PartialEq for DataBytes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for DataBytes {}
+
+impl std::hash::Hash for DataBytes {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+impl From<Vec<u8>> for DataBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(bytes.into())
+    }
+}
+
+/// Everything that determines an output's bytes; equal keys share one cached encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageKey {
+    /// The input.
+    pub source: Source,
+    /// The background.
+    pub texture: Texture,
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// File format.
+    pub format: Format,
+    /// Which of the request's outputs (each differs a little).
+    pub variant: u32,
+}
+
+/// Scales `(w, h)` down so neither side exceeds `max_side`, keeping the aspect ratio.
+#[must_use]
+pub fn fit(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    let (w, h) = (width.max(1), height.max(1));
+    let longest = w.max(h);
+    if longest <= max_side {
+        return (w, h);
+    }
+    let scale = |v: u32| (u64::from(v) * u64::from(max_side) / u64::from(longest)).max(1);
+    (u32::try_from(scale(w)).unwrap_or(max_side), u32::try_from(scale(h)).unwrap_or(max_side))
+}
+
+/// The pixel size of an encoded image, read from its header only.
+#[must_use]
+pub fn dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
+/// Renders and encodes one output. CPU-bound: call it from a blocking thread.
+///
+/// # Errors
+/// The encoder's error (only on an impossible size).
+pub fn render(key: &ImageKey) -> Result<Vec<u8>, image::ImageError> {
+    let (w, h) = (key.width, key.height);
+    let seed = match key.texture {
+        Texture::Pastel(s) => s,
+        _ => 0,
+    } ^ key.variant.wrapping_mul(0x9e37_79b9);
+    let picture = match &key.source {
+        Source::Prompt => {
+            let mut img = RgbImage::from_fn(w, h, |x, y| texture_pixel(key.texture, x, y, seed));
+            draw_product(&mut img, hash32(format!("{:?}{}", key.texture, key.variant).as_bytes()));
+            img
+        }
+        source if key.texture == Texture::Original => input_picture(source, w, h),
+        source => {
+            let mut img = input_picture(source, w, h);
+            for (x, y, px) in img.enumerate_pixels_mut() {
+                if px.0.iter().all(|&c| c > 235) {
+                    *px = texture_pixel(key.texture, x, y, seed);
+                }
+            }
+            img
+        }
+    };
+    encode(&picture, key.format)
+}
+
+/// The primary input as pixels at the output size.
+fn input_picture(source: &Source, w: u32, h: u32) -> RgbImage {
+    match source {
+        Source::Named { name, .. } => product_on_white(name, w, h),
+        Source::Url(url) => product_on_white(url, w, h),
+        Source::Data { bytes, sha256 } => match image::load_from_memory(&bytes.0) {
+            Ok(img) => image::imageops::resize(&img.to_rgb8(), w, h, image::imageops::FilterType::Triangle),
+            // The submit checked the magic bytes; a corrupt body still gets a picture.
+            Err(_) => product_on_white(sha256, w, h),
+        },
+        Source::Prompt => product_on_white("", w, h),
+    }
+}
+
+/// A deterministic "product photo on white" derived from `name`: pure white background, a
+/// coloured object with a label band and a grey floor shadow.
+#[must_use]
+pub fn product_on_white(name: &str, width: u32, height: u32) -> RgbImage {
+    let mut img = RgbImage::from_pixel(width.max(1), height.max(1), Rgb([255, 255, 255]));
+    draw_product(&mut img, hash32(name.as_bytes()));
+    img
+}
+
+fn draw_product(img: &mut RgbImage, h: u32) {
+    let (w, ht) = (img.width() as f32, img.height() as f32);
+    let hue = (h % 360) as f32;
+    let body = hsv(hue, 0.65, 0.75);
+    let band = hsv((hue + 150.0) % 360.0, 0.5, 0.95);
+    let shape = (h >> 9) % 3;
+    let (cx, cy) = (w * 0.5, ht * 0.52);
+    let (rx, ry) = (w * (0.18 + ((h >> 12) % 8) as f32 * 0.01), ht * 0.3);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
+        let (dx, dy) = ((fx - cx) / rx, (fy - cy) / ry);
+        let inside = match shape {
+            0 => dx * dx + dy * dy <= 1.0,
+            1 => dx.abs() <= 1.0 && dy.abs() <= 1.0,
+            // A bottle: a body and a narrow neck.
+            _ => (dx.abs() <= 1.0 && (-0.4..=1.0).contains(&dy)) || (dx.abs() <= 0.35 && dy >= -1.0),
+        };
+        let shadow = {
+            let (sx, sy) = ((fx - cx) / (rx * 1.3), (fy - (cy + ry * 1.05)) / (ry * 0.12));
+            sx * sx + sy * sy <= 1.0
+        };
+        if inside {
+            let shade = 1.0 - 0.25 * dx.abs();
+            let base = if (0.1..0.35).contains(&dy) { band } else { body };
+            *px = Rgb(base.map(|c| (f32::from(c) * shade) as u8));
+        } else if shadow {
+            *px = Rgb([196, 196, 200]);
+        }
+    }
+}
+
+fn texture_pixel(texture: Texture, x: u32, y: u32, seed: u32) -> Rgb<u8> {
+    let (fx, fy) = (x as f32, y as f32);
+    match texture {
+        Texture::Marble => {
+            let n = fbm(fx / 48.0, fy / 48.0, seed);
+            let v = ((fx * 0.02 + fy * 0.012 + n * 6.0).sin()).abs().powf(0.35);
+            let c = 150.0 + 80.0 * v;
+            Rgb([c as u8, c as u8, (c + 6.0).min(255.0) as u8])
+        }
+        Texture::Wood => {
+            let n = fbm(fx / 64.0, fy / 16.0, seed);
+            let ring = ((fy * 0.08 + n * 5.0).sin() * 0.5 + 0.5).powf(0.6);
+            Rgb([(120.0 + 60.0 * ring) as u8, (72.0 + 40.0 * ring) as u8, (38.0 + 20.0 * ring) as u8])
+        }
+        Texture::Linen => {
+            let weave = if (x / 2 + y / 2).is_multiple_of(2) { 8.0 } else { -6.0 };
+            let n = fbm(fx / 6.0, fy / 6.0, seed) * 16.0;
+            Rgb([(214.0 + weave + n) as u8, (200.0 + weave + n) as u8, (176.0 + weave + n) as u8])
+        }
+        Texture::Studio => {
+            let t = fy / 512.0;
+            let c = (232.0 - 30.0 * t.min(1.0)).max(180.0);
+            Rgb([c as u8, c as u8, (c + 4.0) as u8])
+        }
+        Texture::Pastel(h) => {
+            let hue = ((h % 360) as f32 + fx * 0.15 + fy * 0.05) % 360.0;
+            Rgb(hsv(hue, 0.3, 0.88))
+        }
+        Texture::Original => Rgb([255, 255, 255]),
+    }
+}
+
+fn hsv(h: f32, s: f32, v: f32) -> [u8; 3] {
+    let c = v * s;
+    let hp = h / 60.0;
+    let x = c * (1.0 - (hp % 2.0 - 1.0).abs());
+    let (r, g, b) = match hp as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [((r + m) * 255.0) as u8, ((g + m) * 255.0) as u8, ((b + m) * 255.0) as u8]
+}
+
+fn lattice(x: i32, y: i32, seed: u32) -> f32 {
+    let mut h = (x as u32).wrapping_mul(0x27d4_eb2d) ^ (y as u32).wrapping_mul(0x1656_67b1) ^ seed;
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    (h & 0xffff) as f32 / 65535.0
+}
+
+fn value_noise(x: f32, y: f32, seed: u32) -> f32 {
+    let (x0, y0) = (x.floor(), y.floor());
+    let (tx, ty) = (x - x0, y - y0);
+    let (ix, iy) = (x0 as i32, y0 as i32);
+    let (sx, sy) = (tx * tx * (3.0 - 2.0 * tx), ty * ty * (3.0 - 2.0 * ty));
+    let top = lattice(ix, iy, seed) * (1.0 - sx) + lattice(ix + 1, iy, seed) * sx;
+    let bottom = lattice(ix, iy + 1, seed) * (1.0 - sx) + lattice(ix + 1, iy + 1, seed) * sx;
+    top * (1.0 - sy) + bottom * sy
+}
+
+fn fbm(x: f32, y: f32, seed: u32) -> f32 {
+    value_noise(x, y, seed) * 0.57
+        + value_noise(x * 2.0, y * 2.0, seed ^ 1) * 0.29
+        + value_noise(x * 4.0, y * 4.0, seed ^ 2) * 0.14
+}
+
+fn hash32(bytes: &[u8]) -> u32 {
+    let digest = Sha256::digest(bytes);
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Encodes pixels as PNG (fast compression: the simulator must not be a benchmark's bottleneck)
+/// or JPEG.
+///
+/// # Errors
+/// The encoder's error.
+pub fn encode(img: &RgbImage, format: Format) -> Result<Vec<u8>, image::ImageError> {
+    let mut out = Vec::with_capacity((img.width() * img.height()) as usize);
+    match format {
+        Format::Png => PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Sub)
+            .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)?,
+        Format::Jpeg => JpegEncoder::new_with_quality(&mut out, 85).write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )?,
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(source: Source, texture: Texture, format: Format) -> ImageKey {
+        ImageKey { source, texture, width: 64, height: 48, format, variant: 0 }
+    }
+
+    #[test]
+    fn edits_keep_the_product_and_replace_the_white() {
+        let source = Source::Named { name: "SKU-1".into(), width: 64, height: 48 };
+        let bytes = render(&key(source, Texture::Wood, Format::Png)).unwrap();
+        let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (64, 48));
+        // The corner was white in the input; now it is wood.
+        assert!(img.get_pixel(0, 0).0.iter().any(|&c| c < 200), "{:?}", img.get_pixel(0, 0));
+        let input = product_on_white("SKU-1", 64, 48);
+        assert_eq!(img.get_pixel(32, 24), input.get_pixel(32, 24), "the product itself is kept");
+    }
+
+    #[test]
+    fn rows_and_textures_give_different_pictures() {
+        let a = render(&key(Source::Url("https://x/a.png".into()), Texture::Marble, Format::Png)).unwrap();
+        let b = render(&key(Source::Url("https://x/b.png".into()), Texture::Marble, Format::Png)).unwrap();
+        let c = render(&key(Source::Url("https://x/a.png".into()), Texture::Linen, Format::Png)).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            a,
+            render(&key(Source::Url("https://x/a.png".into()), Texture::Marble, Format::Png)).unwrap()
+        );
+    }
+
+    #[test]
+    fn jpeg_and_data_inputs_work() {
+        let png = encode(&product_on_white("p", 40, 30), Format::Png).unwrap();
+        assert_eq!(dimensions(&png), Some((40, 30)));
+        let source = Source::Data { sha256: "x".into(), bytes: png.into() };
+        let jpeg = render(&key(source, Texture::Studio, Format::Jpeg)).unwrap();
+        assert_eq!(&jpeg[..3], &[0xff, 0xd8, 0xff]);
+        let text = render(&key(Source::Prompt, Texture::for_prompt("a sunset"), Format::Png)).unwrap();
+        assert_eq!(&text[..4], b"\x89PNG");
+    }
+
+    #[test]
+    fn prompts_pick_textures_and_sizes_fit() {
+        assert_eq!(Texture::for_prompt("Polished MARBLE counter"), Texture::Marble);
+        assert_eq!(Texture::for_prompt("rustic oak table"), Texture::Wood);
+        assert_eq!(Texture::for_prompt("on linen"), Texture::Linen);
+        assert_eq!(Texture::for_prompt("studio white"), Texture::Studio);
+        assert_eq!(fit(2048, 1152, 512), (512, 288));
+        assert_eq!(fit(100, 50, 512), (100, 50));
+    }
+}
