@@ -17,11 +17,13 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -214,11 +216,28 @@ def prompt_file(ctx):
     return path
 
 
-def backdrop_argv(ctx, d, catalog, sim, concurrency, rate, *extra):
-    return [ctx.bin, "run", catalog, "--prompt", prompt_file(ctx), "--state", d / "state.db",
-            "--out", d / "out", "--provider", "seedance", "--api-base", sim.base,
+def backdrop_argv(ctx, d, catalog, sim, concurrency, rate, *extra, place=None):
+    """`backdrop run` with the state and the outputs in `place` (default: the case's folder)."""
+    place = place or d
+    return [ctx.bin, "run", catalog, "--prompt", prompt_file(ctx), "--state", place / "state.db",
+            "--out", place / "out", "--provider", "seedance", "--api-base", sim.base,
             "--concurrency", str(concurrency), "--rate", rate, "--no-progress",
             "--summary-json", d / "summary.json", *ctx.backdrop_flags, *extra]
+
+
+def job_times(state):
+    """Submit-to-done time of each done job, in ms (first attempt's start to the job's last
+    update), as p50/p90: what one job costs end to end, to set against the latency."""
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=30) as db:
+            times = sorted(t for (t,) in db.execute(
+                "SELECT j.updated_at - min(a.started_at) FROM jobs j JOIN attempts a ON a.job_id = j.id "
+                "WHERE j.state = 'done' GROUP BY j.id"))
+    except sqlite3.Error:
+        return None
+    if not times:
+        return None
+    return f"{times[len(times) // 2]}/{times[len(times) * 9 // 10]}"
 
 
 def read_summary(d):
@@ -243,26 +262,31 @@ def check(ctx, target, measured, ok):
 def bench_efficiency(ctx):
     latency_ms = 200
     cases = [
-        # (name, rows, concurrency, --rate, the rate that binds: None when concurrency does)
-        ("concurrency-bound", ctx.n(2000, 200), 50, "1000/s", None),
-        ("rate-bound", ctx.n(400, 60), 50, "20/s", 20.0),
+        # (name, rows, concurrency, --rate, the rate that binds (None: concurrency does), runs, extra flags)
+        ("concurrency-bound", ctx.n(2000, 200), 50, "1000/s", None, ctx.repeat, []),
+        ("rate-bound", ctx.n(400, 60), 50, "20/s", 20.0, ctx.repeat, []),
+        # Not a target: the same concurrency-bound case with the first poll set just above the
+        # known latency, to show how much of the gap is poll timing and how much the rest.
+        ("diagnostic, --poll-initial 210ms", ctx.n(2000, 200), 50, "1000/s", None, 1, ["--poll-initial", "210ms"]),
     ]
-    for name, n, c, rate, rate_per_s in cases:
+    for name, n, c, rate, rate_per_s, repeat, extra in cases:
         ideal = n * latency_ms / 1000 / c if rate_per_s is None else n / rate_per_s
         runs = []
-        for attempt in range(ctx.repeat):
+        for attempt in range(repeat):
             print(f"[eff] {name}: {n} rows, --concurrency {c}, --rate {rate}, latency {latency_ms} ms "
-                  f"(run {attempt + 1} of {ctx.repeat})", file=sys.stderr)
-            d = ctx.dir(f"eff-{name}-{attempt}")
-            with Sim(ctx, f"eff-{name}-{attempt}", f"fixed:{latency_ms}ms", ["--max-side", "64"]) as sim:
+                  f"(run {attempt + 1} of {repeat})", file=sys.stderr)
+            label = f"eff-{name.split(',')[0]}-{attempt}"
+            d = ctx.dir(label)
+            with Sim(ctx, label, f"fixed:{latency_ms}ms", ["--max-side", "64"]) as sim:
                 catalog = d / "catalog.csv"
                 write_catalog(catalog, n, sim.base)
-                run = measure(backdrop_argv(ctx, d, catalog, sim, c, rate), ctx.env(), d / "backdrop.log")
+                run = measure(backdrop_argv(ctx, d, catalog, sim, c, rate, *extra), ctx.env(), d / "backdrop.log")
                 stats, paid = sim.stats(), money(sim)
-            runs.append((run, stats, paid, read_summary(d), backdrop_counts(d).get("done", 0)))
+            runs.append((run, stats, paid, read_summary(d), backdrop_counts(d).get("done", 0),
+                         job_times(d / "state.db")))
         # The median run by wall time stands for the case; every run's wall time is in the details.
         runs.sort(key=lambda r: r[0].wall)
-        run, stats, paid, summary, done = runs[len(runs) // 2]
+        run, stats, paid, summary, done, times = runs[len(runs) // 2]
         ratio = run.wall / ideal
         row(ctx, section="1 efficiency", case=f"{name}: {n} rows, C={c}, rate {rate}, L={latency_ms}ms",
             tool="backdrop", rc=run.rc, done=done, wall=run.wall, ideal=ideal, ratio=ratio, cpu=run.cpu,
@@ -270,8 +294,10 @@ def bench_efficiency(ctx):
             submits=stats.get("submits"), credits=paid["credits"],
             extra_credits=paid["credits"] - n * CREDITS_PER_ROW, paid_twice=paid["paid_twice"],
             peak_in_flight=stats.get("peak_in_flight"), peak_submits_s=stats.get("peak_submits_per_second"),
-            internal=summary.get("duration_secs"),
+            internal=summary.get("duration_secs"), job_ms_p50_p90=times, user=run.user, sys=run.sys,
             all_walls=" / ".join(f"{r[0].wall:.2f}" for r in runs))
+        if name.startswith("diagnostic"):
+            continue
         check(ctx, f"{name}: wall within 5% of the ideal {ideal:.1f} s ({n} rows; median of {len(runs)})",
               f"{run.wall:.2f} s = {ratio:.3f}x ideal ({(ratio - 1) * 100:+.1f}%)",
               ratio <= 1.05 and all(r[4] == n for r in runs))
@@ -330,6 +356,7 @@ def bench_versus(ctx):
         ("clean", []),
         ("faults", ["--error-rate", "0.1", *storms]),
     ]
+    shm = Path("/dev/shm")
     ideal = n * 0.2 / 5
     results = {}
     for scenario, flags in scenarios:
@@ -347,7 +374,32 @@ def bench_versus(ctx):
                 done=done, wall=run.wall, ideal=ideal, ratio=run.wall / ideal, cpu=run.cpu,
                 cpu_per_1k=run.cpu / n * 1000, rss_mb=run.maxrss_kb / 1024, requests=http_requests(stats),
                 submits=stats.get("submits"), credits=paid["credits"],
-                extra_credits=paid["credits"] - done * CREDITS_PER_ROW, paid_twice=paid["paid_twice"])
+                extra_credits=paid["credits"] - done * CREDITS_PER_ROW, paid_twice=paid["paid_twice"],
+                user=run.user, sys=run.sys,
+                job_ms_p50_p90=job_times(d / "state.db") if tool == "backdrop" else None)
+
+    # Not a target: the clean backdrop run again with its state and outputs on tmpfs, where fsync
+    # costs nothing, to show how much of backdrop's CPU is the price of durability.
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        print(f"[vs] diagnostic: clean, backdrop with state and outputs on tmpfs", file=sys.stderr)
+        d = ctx.dir("vs-clean-backdrop-tmpfs")
+        place = Path(tempfile.mkdtemp(prefix="backdrop-bench-", dir=shm))
+        try:
+            with Sim(ctx, "vs-clean-backdrop-tmpfs", latency) as sim:
+                catalog = d / "catalog.csv"
+                write_catalog(catalog, n, sim.base)
+                argv = backdrop_argv(ctx, d, catalog, sim, 5, "1000/s", place=place)
+                run = measure(argv, ctx.env(), d / "backdrop.log")
+                stats, paid = sim.stats(), money(sim)
+            done = backdrop_counts(place).get("done", 0)
+            row(ctx, section="2 vs script", case=f"diagnostic, clean, state + outputs on tmpfs: {n} rows",
+                tool="backdrop", rc=run.rc, done=done, wall=run.wall, ideal=ideal, ratio=run.wall / ideal,
+                cpu=run.cpu, cpu_per_1k=run.cpu / n * 1000, rss_mb=run.maxrss_kb / 1024,
+                requests=http_requests(stats), submits=stats.get("submits"), credits=paid["credits"],
+                extra_credits=paid["credits"] - done * CREDITS_PER_ROW, paid_twice=paid["paid_twice"],
+                user=run.user, sys=run.sys, job_ms_p50_p90=job_times(place / "state.db"))
+        finally:
+            shutil.rmtree(place, ignore_errors=True)
 
     # Interrupted half-way, then started again with the same command.
     variants = [("script", signal.SIGKILL), ("backdrop", signal.SIGINT), ("backdrop", signal.SIGKILL)]
@@ -457,6 +509,11 @@ def bench_scale(ctx):
         row(ctx, section="3 scale", case=f"{n} rows: run again, every row done (plan + diff, nothing to send)",
             tool="backdrop", rc=resume.rc, wall=resume.wall, cpu=resume.cpu, cpu_per_1k=resume.cpu / n * 1000,
             rss_mb=resume.maxrss_kb / 1024, submits=sent)
+        dry_done = measure([ctx.bin, "run", catalog, "--prompt", prompt_file(ctx), "--state", d / "state.db",
+                            "--dry-run", "--no-progress"], ctx.env(), d / "dry-run-done.log")
+        row(ctx, section="3 scale", case=f"{n} rows: run --dry-run against that state (every row done)",
+            tool="backdrop", rc=dry_done.rc, wall=dry_done.wall, cpu=dry_done.cpu,
+            cpu_per_1k=dry_done.cpu / n * 1000, rss_mb=dry_done.maxrss_kb / 1024)
         check(ctx, f"scale: a resume with {n} rows done sends nothing and exits 0",
               f"exit {resume.rc}, {sent} submits, {resume.wall:.2f} s, {resume.maxrss_kb / 1024:.0f} MB peak RSS",
               resume.rc == 0 and sent == 0)
@@ -544,11 +601,15 @@ def write_results(ctx, started, load_before, load_after, busy, elapsed, args):
         extra += "\n## Targets\n\n| target | measured | |\n|---|---|---|\n"
         extra += "".join(f"| {t} | {m} | {v} |\n" for t, m, v in ctx.checks)
     details = []
+    labels = {"all_walls": "wall of each run (s)", "internal": "backdrop's own run time (s)",
+              "user": "CPU user (s)", "sys": "CPU system (s)", "job_ms_p50_p90": "submit-to-done p50/p90 (ms)",
+              "peak_in_flight": "peak in flight", "peak_submits_s": "peak submits in a second",
+              "killed_after": "signal sent after (s)", "charged_before_kill": "credits charged by then",
+              "charged_after_restart": "credits after the restart"}
     for r in ctx.rows:
-        bits = {k: r[k] for k in ("all_walls", "internal", "peak_in_flight", "peak_submits_s", "killed_after",
-                                   "charged_before_kill", "charged_after_restart") if r.get(k) is not None}
+        bits = [(label, r[k]) for k, label in labels.items() if r.get(k) is not None]
         if bits:
-            shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in bits.items())
+            shown = "; ".join(f"{label} {v:.2f}" if isinstance(v, float) else f"{label} {v}" for label, v in bits)
             details.append(f"- {r['case']} ({r['tool']}): {shown}")
     if details:
         extra += "\n## Details\n\n" + "\n".join(details) + "\n"
@@ -614,7 +675,6 @@ def main():
         for t, m, v in ctx.checks:
             print(f"{v:6}  {t}: {m}")
     if not args.keep:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
 
 
