@@ -12,7 +12,7 @@ use crate::exit::EXIT_CODES_HELP;
 /// Runs a product catalog through ByteDance's Seedream image models: resumable, rate-limited,
 /// and never pays twice for a row.
 #[derive(Debug, Parser)]
-#[command(name = "backdrop", version, max_term_width = 100, after_long_help = EXIT_CODES_HELP)]
+#[command(name = "backdrop", version, max_term_width = 100, after_long_help = EXIT_CODES_HELP, args_override_self = true)]
 pub struct Cli {
     /// Flags every subcommand takes.
     #[command(flatten)]

@@ -513,9 +513,11 @@ mod example_file {
         let run = cli.find_subcommand("run").unwrap();
         let mut missing = Vec::new();
         for arg in run.get_arguments() {
-            let Some(long) = arg.get_long().map(str::to_owned).or_else(|| {
-                arg.is_positional().then(|| arg.get_id().as_str().to_owned())
-            }) else {
+            let Some(long) = arg
+                .get_long()
+                .map(str::to_owned)
+                .or_else(|| arg.is_positional().then(|| arg.get_id().as_str().to_owned()))
+            else {
                 continue;
             };
             if ["config", "verbose", "quiet", "log-format", "help"].contains(&long.as_str()) {

@@ -52,7 +52,8 @@ fn init_logging(global: &GlobalArgs) {
             "{level},backdrop::pipeline::scheduler={rows},sqlx=warn,hyper=warn,reqwest=warn,axum=warn,h2=warn"
         ))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(backdrop::progress::LogWriter);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(backdrop::progress::LogWriter);
     match global.log_format {
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.with_target(false).init(),
@@ -70,7 +71,9 @@ async fn watch_signals(interrupt: CancellationToken) {
             _ = term.recv() => {}
         }
         if first {
-            eprintln!("backdrop: interrupted: letting requests in flight reach a safe point (again to quit now)");
+            eprintln!(
+                "backdrop: interrupted: letting requests in flight reach a safe point (again to quit now)"
+            );
             interrupt.cancel();
         }
     }

@@ -36,9 +36,10 @@ pub enum Money {
 pub fn spawn(stats: Arc<RunStats>, money: Money, done: CancellationToken) -> tokio::task::JoinHandle<()> {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(4));
     // The template is a constant known to parse; fall back to the default style if it ever does not.
-    let style = ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:28}] {pos}/{len} rows  {msg}")
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:28}] {pos}/{len} rows  {msg}")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     *BAR.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bar.clone());
     tokio::spawn(async move {
@@ -56,7 +57,8 @@ pub fn spawn(stats: Arc<RunStats>, money: Money, done: CancellationToken) -> tok
             #[expect(clippy::cast_precision_loss, reason = "display only")]
             let eta = if rate > 0.0 {
                 let left = total.saturating_sub(finished) as f64 / rate;
-                humantime::format_duration(Duration::from_secs_f64((left * 60.0).round().max(0.0))).to_string()
+                humantime::format_duration(Duration::from_secs_f64((left * 60.0).round().max(0.0)))
+                    .to_string()
             } else {
                 "-".into()
             };

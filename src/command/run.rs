@@ -75,7 +75,11 @@ pub struct RunOutcome {
 /// # Errors
 /// Config, catalog and prompt errors (exit 2), a locked or broken store, a simulator that cannot
 /// start. Row failures are not errors: they set the exit code.
-pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: CancellationToken) -> Result<ExitCode, Error> {
+pub async fn execute(
+    global: &GlobalArgs,
+    args: RunArgs,
+    interrupt: CancellationToken,
+) -> Result<ExitCode, Error> {
     let file = match &global.config {
         Some(path) => config::load_file(path)?,
         None => RunArgs::default(),
@@ -208,8 +212,15 @@ pub async fn execute(global: &GlobalArgs, args: RunArgs, interrupt: Cancellation
     };
     let json = serde_json::to_string_pretty(&summary).unwrap_or_else(|_| "{}".into());
     store.finish_run(run_id, outcome, exit.code(), &json).await?;
-    info!(run_id, outcome, exit_code = exit.code(), done = summary.done_this_run, failed = summary.failed_this_run,
-        spent = summary.spent, "run finished");
+    info!(
+        run_id,
+        outcome,
+        exit_code = exit.code(),
+        done = summary.done_this_run,
+        failed = summary.failed_this_run,
+        spent = summary.spent,
+        "run finished"
+    );
     if let Some(path) = &settings.summary_json {
         write_summary(path, &json)?;
     }
@@ -267,7 +278,12 @@ async fn drive<P: Provider>(
     if removed > 0 {
         info!(files = removed, "removed partial downloads left by an earlier run");
     }
-    let fetcher = Fetcher::new(client.clone(), settings.out.clone(), settings.output_name.clone(), settings.max_download_bytes);
+    let fetcher = Fetcher::new(
+        client.clone(),
+        settings.out.clone(),
+        settings.output_name.clone(),
+        settings.max_download_bytes,
+    );
     let limit = budget_limit(settings, prices);
     let spent = store.total_spent().await?;
     if let Some(limit) = limit {
@@ -295,7 +311,11 @@ async fn drive<P: Provider>(
         provider: Arc::new(provider),
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
-        retry: RetryPolicy { max_attempts: settings.max_attempts, base: settings.retry_base, cap: settings.retry_max },
+        retry: RetryPolicy {
+            max_attempts: settings.max_attempts,
+            base: settings.retry_base,
+            cap: settings.retry_max,
+        },
         poll: PollSchedule { initial: settings.poll_initial, max: settings.poll_max },
         budget: Arc::new(Budget::new(limit, spent)),
         unit_price: Arc::new(move |model: &str| price_table.unit_price(model).unwrap_or(0.0)),
@@ -330,7 +350,8 @@ fn budget_limit(settings: &Settings, prices: &PriceTable) -> Option<f64> {
 
 fn write_summary(path: &std::path::Path, json: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
     }
     std::fs::write(path, json).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }

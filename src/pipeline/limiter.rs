@@ -19,15 +19,20 @@ pub struct Limiter {
     not_before: Mutex<Option<Instant>>,
 }
 
-/// The governor quota for a rate: one request every `period / count`, burst 1.
+/// How much slower than the nominal interval requests are spaced (2%).
+const PACING_MARGIN: f64 = 1.02;
+
+/// The governor quota for a rate: one request every `period / count` (plus 2%), burst 1.
 ///
 /// governor's burst defaults to the rate itself, which would let `10/s` send 10 requests at once
 /// after an idle second and then 10 more as the bucket refills: up to 20 in one second at the
-/// server. With a burst of 1 the requests are evenly spaced `period / count` apart, so any
-/// half-open window of one `period` holds at most `count` of them.
+/// server. With a burst of 1 the requests are evenly spaced. At exactly `period / count` apart,
+/// a *closed* window of one period could still hold `count + 1` of them, and a millisecond of
+/// network jitter turns that into a real excess at the server; the 2% margin keeps `count + 1`
+/// requests more than a period apart whatever the jitter up to `period / 50`.
 #[must_use]
 pub fn quota(rate: Rate) -> Quota {
-    let interval = (rate.period / rate.count.max(1)).max(Duration::from_nanos(1));
+    let interval = (rate.period / rate.count.max(1)).mul_f64(PACING_MARGIN).max(Duration::from_nanos(1));
     Quota::with_period(interval)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(NonZeroU32::MIN)

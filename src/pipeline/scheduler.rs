@@ -19,8 +19,10 @@ use super::stats::RunStats;
 use super::webhook::Webhooks;
 use crate::fetch::{FetchError, Fetcher};
 use crate::job::JobSpec;
-use crate::provider::{ErrorClass, JobResult, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission};
-use crate::store::{AttemptEnd, Change, JobState, NewOutput, Store, StoreError, StoredJob, Writer, now_ms};
+use crate::provider::{
+    ErrorClass, JobResult, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission,
+};
+use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
 
 /// Rows read from the store per page: memory stays flat whatever the catalog size.
 const PAGE: i64 = 256;
@@ -119,7 +121,8 @@ impl<P: Provider> Shared<P> {
         let configured = self.pool.poll;
         match self.learned_latency() {
             Some(l) => PollSchedule {
-                initial: (l / 10).clamp(Duration::from_millis(10), configured.initial.max(Duration::from_millis(10))),
+                initial: (l / 10)
+                    .clamp(Duration::from_millis(10), configured.initial.max(Duration::from_millis(10))),
                 max: configured.max,
             },
             None => configured,
@@ -130,7 +133,9 @@ impl<P: Provider> Shared<P> {
         let mut stop = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if stop.is_none() {
             match why {
-                Stop::OutOfCredits => warn!("out of credits (402): no new submits; finishing the jobs in flight"),
+                Stop::OutOfCredits => {
+                    warn!("out of credits (402): no new submits; finishing the jobs in flight")
+                }
                 Stop::Budget => warn!("budget reached: no new submits; finishing the jobs in flight"),
                 Stop::KeyRejected => warn!("the API rejected the key: stopping now"),
                 Stop::Interrupted => warn!("interrupted: finishing safe points, then exiting"),
@@ -161,10 +166,11 @@ impl<P: Provider> Shared<P> {
     }
 
     fn note_credits_remaining(&self, result: &JobResult) {
-        if let (Some(left), Some(threshold)) = (result.credits_remaining, self.pool.low_credit_warning) {
-            if left < threshold && !self.low_credit_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                warn!(credits_remaining = left, threshold, "provider balance is low");
-            }
+        if let (Some(left), Some(threshold)) = (result.credits_remaining, self.pool.low_credit_warning)
+            && left < threshold
+            && !self.low_credit_warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(credits_remaining = left, threshold, "provider balance is low");
         }
     }
 }
@@ -336,7 +342,9 @@ async fn work<P: Provider>(shared: &Shared<P>, job: StoredJob) -> Result<JobEnd,
                 // The result was lost; poll again if we can, the outputs are still paid for.
                 _ => match &job.request {
                     Some(request) => poll_phase(shared, &job, request.clone(), None).await,
-                    None => fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await,
+                    None => {
+                        fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await
+                    }
                 },
             }
         }
@@ -353,7 +361,8 @@ async fn fail<P: Provider>(
     reason: &str,
 ) -> Result<JobEnd, StoreError> {
     warn!(sku = %job.spec.sku, reason, "row failed");
-    let end = AttemptEnd { error_class: Some("fail"), error: Some(reason.to_owned()), ..AttemptEnd::default() };
+    let end =
+        AttemptEnd { error_class: Some("fail"), error: Some(reason.to_owned()), ..AttemptEnd::default() };
     shared.commit(Change::Failed { job_id: job.spec.id, attempt_id, end }).await?;
     Ok(JobEnd::Failed)
 }
@@ -383,22 +392,31 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
         if shared.stop_submits.is_cancelled() {
             return Ok(JobEnd::Left);
         }
-        let price = shared.price(spec);
-        let Some(reservation) = shared.pool.budget.reserve(price) else {
-            shared.stop(Stop::Budget);
-            return Ok(JobEnd::Left);
-        };
         let ready = tokio::select! {
             () = shared.pool.limiter.acquire() => true,
             () = shared.stop_submits.cancelled() => false,
         };
-        if !ready || shared.stop_submits.is_cancelled() {
+        if !ready {
+            return Ok(JobEnd::Left);
+        }
+        // Reserved after the rate limiter, so workers queued there hold no money.
+        let price = shared.price(spec);
+        let reservation = tokio::select! {
+            r = shared.pool.budget.reserve(price) => r,
+            () = shared.stop_submits.cancelled() => return Ok(JobEnd::Left),
+        };
+        let Some(reservation) = reservation else {
+            shared.stop(Stop::Budget);
+            return Ok(JobEnd::Left);
+        };
+        if shared.stop_submits.is_cancelled() {
             shared.pool.budget.release(reservation);
             return Ok(JobEnd::Left);
         }
         // The intent is durable before the request leaves: a crash from here on shows up as
         // `submitting` → `ambiguous`, never as a silent second charge.
-        let attempt_id = shared.commit(Change::Intent { job_id: spec.id, run_id: shared.pool.run_id }).await?;
+        let attempt_id =
+            shared.commit(Change::Intent { job_id: spec.id, run_id: shared.pool.run_id }).await?;
         attempts += 1;
         RunStats::bump(&shared.pool.stats.submits);
         let started = Instant::now();
@@ -418,14 +436,25 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                 shared
                     .pool
                     .writer
-                    .send(Change::Accepted { job_id: spec.id, attempt_id, request: request.clone(), charged: price, end })
+                    .send(Change::Accepted {
+                        job_id: spec.id,
+                        attempt_id,
+                        request: request.clone(),
+                        charged: price,
+                        end,
+                    })
                     .await?;
                 let accepted = StoredJob { credits: job.credits + price, ..job.clone() };
                 return poll_phase(shared, &accepted, request, Some(started)).await;
             }
             Ok(Submission::Completed { request_id, result }) => {
                 let charged = result.charged.unwrap_or(price);
-                info!(request_id = request_id.as_deref().unwrap_or(""), attempt = attempts, latency_ms, "completed");
+                info!(
+                    request_id = request_id.as_deref().unwrap_or(""),
+                    attempt = attempts,
+                    latency_ms,
+                    "completed"
+                );
                 shared.pool.budget.charge(reservation, charged);
                 shared.pool.stats.add_spent(charged);
                 shared.note_credits_remaining(&result);
@@ -456,14 +485,19 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                     if let Some(ra) = e.retry_after() {
                         let pause = ra.min(shared.pool.retry.cap);
                         shared.pool.limiter.pause_until(tokio::time::Instant::now() + pause);
-                        info!(pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "rate limited: pausing all submits");
+                        info!(
+                            pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                            "rate limited: pausing all submits"
+                        );
                     }
                     let Some(delay) = shared.pool.retry.next_delay(attempts, e.retry_after()) else {
                         let reason = format!("gave up after {attempts} attempts: {e}");
                         warn!(reason, "row failed");
                         let end = attempt_end(&e, "fail", latency);
                         let end = AttemptEnd { error: Some(reason), ..end };
-                        shared.commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end }).await?;
+                        shared
+                            .commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                            .await?;
                         return Ok(JobEnd::Failed);
                     };
                     RunStats::bump(&shared.pool.stats.retries);
@@ -485,14 +519,18 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                     shared.pool.budget.release(reservation);
                     warn!(status = e.status(), error = %e, "row failed");
                     let end = attempt_end(&e, "fail", latency);
-                    shared.commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end }).await?;
+                    shared
+                        .commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                        .await?;
                     return Ok(JobEnd::Failed);
                 }
                 ErrorClass::Stop(reason) => {
                     // 401 and 402 are answered before any work: nothing was charged.
                     shared.pool.budget.release(reservation);
                     let end = attempt_end(&e, "stop", latency);
-                    shared.commit(Change::Released { job_id: spec.id, attempt_id: Some(attempt_id), end }).await?;
+                    shared
+                        .commit(Change::Released { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                        .await?;
                     shared.stop(match reason {
                         StopReason::KeyRejected => Stop::KeyRejected,
                         StopReason::OutOfCredits => Stop::OutOfCredits,
@@ -544,7 +582,9 @@ async fn poll_loop<P: Provider>(
         let mut delay = match (polls, shared.learned_latency()) {
             // The first poll goes when the fastest job of this run so far was ready: short jobs
             // are not held back by a fixed first delay, long ones are not polled early.
-            (0, Some(learned)) => learned.saturating_sub(submitted_at.map_or(Duration::ZERO, |t| t.elapsed())),
+            (0, Some(learned)) => {
+                learned.saturating_sub(submitted_at.map_or(Duration::ZERO, |t| t.elapsed()))
+            }
             _ => schedule.delay(polls + 1, rand::random::<f64>()),
         };
         let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
@@ -612,7 +652,10 @@ async fn poll_loop<P: Provider>(
                 ErrorClass::Retry | ErrorClass::Stop(StopReason::OutOfCredits) | ErrorClass::Ambiguous => {
                     errors += 1;
                     if let Some(ra) = e.retry_after() {
-                        shared.pool.limiter.pause_until(tokio::time::Instant::now() + ra.min(shared.pool.retry.cap));
+                        shared
+                            .pool
+                            .limiter
+                            .pause_until(tokio::time::Instant::now() + ra.min(shared.pool.retry.cap));
                         if !shared.sleep(ra.min(shared.pool.retry.cap), &shared.stop_all).await {
                             return Ok(JobEnd::Left);
                         }
@@ -656,22 +699,19 @@ async fn fetch_phase<P: Provider>(
                         if fal && reresolved < MAX_RERESOLVE {
                             reresolved += 1;
                             info!(error = %e, "output URL expired: asking the provider again");
-                            match request.as_ref().map(|r| shared.pool.provider.poll(r)) {
-                                Some(fut) => match fut.await {
-                                    Ok(PollOutcome::Completed(fresh)) => {
-                                        result = fresh;
-                                        continue 'again;
-                                    }
-                                    Ok(PollOutcome::Running { .. }) | Err(_) => {}
-                                },
-                                None => {}
+                            if let Some(r) = request.as_ref()
+                                && let Ok(PollOutcome::Completed(fresh)) = shared.pool.provider.poll(r).await
+                            {
+                                result = fresh;
+                                continue 'again;
                             }
                         }
                         return fail(shared, job, None, &format!("paid, not downloaded: {e}")).await;
                     }
                     Err(e) if e.is_retryable() && tries < shared.pool.retry.max_attempts.max(3) => {
                         RunStats::bump(&shared.pool.stats.retries);
-                        let delay = shared.pool.retry.next_delay(tries, None).unwrap_or(shared.pool.retry.cap);
+                        let delay =
+                            shared.pool.retry.next_delay(tries, None).unwrap_or(shared.pool.retry.cap);
                         info!(error = %e, tries, "download failed; retrying");
                         if !shared.sleep(delay, &shared.stop_all).await {
                             return Ok(JobEnd::Left);
@@ -680,16 +720,7 @@ async fn fetch_phase<P: Provider>(
                     Err(e) => return fail(shared, job, None, &download_reason(&e)).await,
                 }
             };
-            outputs.push(NewOutput {
-                index,
-                path: saved.path.to_string_lossy().into_owned(),
-                sha256: saved.sha256,
-                bytes: saved.bytes,
-                width: saved.width,
-                height: saved.height,
-                content_type: saved.content_type,
-                source_url: saved.source_url,
-            });
+            outputs.push(saved);
         }
         // Every file is fsynced and renamed: only now is the row done.
         shared.commit(Change::Done { job_id: job.spec.id, outputs }).await?;

@@ -13,7 +13,7 @@ use sqlx::SqlitePool;
 
 mod pipeline;
 
-pub use pipeline::{AttemptEnd, Change, NewOutput, Recovery, StoredJob, Writer};
+pub use pipeline::{AttemptEnd, Change, Recovery, StoredJob, Writer};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 mod query;

@@ -8,6 +8,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{JobState, Store, StoreError, now_ms};
+use crate::fetch::SavedOutput;
 use crate::job::{JobSpec, Params, Task};
 use crate::provider::RequestRef;
 
@@ -33,27 +34,6 @@ pub struct StoredJob {
     pub credits: f64,
     /// Catalog position.
     pub position: i64,
-}
-
-/// An output file as recorded once it is durable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewOutput {
-    /// 0-based index among the job's outputs.
-    pub index: u32,
-    /// Path relative to the output folder.
-    pub path: String,
-    /// Hex sha256 of the file.
-    pub sha256: String,
-    /// File size.
-    pub bytes: u64,
-    /// Decoded width.
-    pub width: u32,
-    /// Decoded height.
-    pub height: u32,
-    /// Content type from the magic bytes.
-    pub content_type: String,
-    /// Where it was downloaded from.
-    pub source_url: String,
 }
 
 /// The outcome of one HTTP submission, recorded on its attempt row.
@@ -152,7 +132,7 @@ pub enum Change {
         /// The job.
         job_id: i64,
         /// The files.
-        outputs: Vec<NewOutput>,
+        outputs: Vec<SavedOutput>,
     },
 }
 
@@ -440,7 +420,7 @@ async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<i64, Stor
                 )
                 .bind(job_id)
                 .bind(i64::from(o.index))
-                .bind(&o.path)
+                .bind(o.path.to_string_lossy())
                 .bind(&o.sha256)
                 .bind(i64::try_from(o.bytes).unwrap_or(i64::MAX))
                 .bind(i64::from(o.width))
@@ -627,7 +607,8 @@ impl Store {
              WHERE planned_run = ? AND state IN ('pending', 'waiting') AND position > ?
              ORDER BY position LIMIT ?"
         );
-        let rows = sqlx::query(&sql).bind(run_id).bind(after_position).bind(limit).fetch_all(self.pool()).await?;
+        let rows =
+            sqlx::query(&sql).bind(run_id).bind(after_position).bind(limit).fetch_all(self.pool()).await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -653,9 +634,7 @@ impl Store {
         .bind(run_id)
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|(s, n)| Ok((s.parse()?, u64::try_from(n).unwrap_or(0))))
-            .collect()
+        rows.into_iter().map(|(s, n)| Ok((s.parse()?, u64::try_from(n).unwrap_or(0)))).collect()
     }
 }
 
@@ -702,7 +681,9 @@ mod tests {
         let a1 = w.commit(Change::Intent { job_id: id, run_id: run }).await.unwrap();
         assert_eq!(state(&store, id).await, ("submitting".into(), 1, None));
         let end = AttemptEnd { status_code: Some(429), error_class: Some("retry"), ..AttemptEnd::default() };
-        w.commit(Change::Waiting { job_id: id, attempt_id: Some(a1), next_attempt_at: 5, end }).await.unwrap();
+        w.commit(Change::Waiting { job_id: id, attempt_id: Some(a1), next_attempt_at: 5, end })
+            .await
+            .unwrap();
         assert_eq!(state(&store, id).await.0, "waiting");
         assert_eq!(store.claimable_jobs(run, 0, 10).await.unwrap().len(), 1, "waiting jobs are claimable");
 
@@ -713,9 +694,15 @@ mod tests {
             response_url: None,
             cancel_url: None,
         };
-        w.commit(Change::Accepted { job_id: id, attempt_id: a2, request, charged: 8.0, end: AttemptEnd::default() })
-            .await
-            .unwrap();
+        w.commit(Change::Accepted {
+            job_id: id,
+            attempt_id: a2,
+            request,
+            charged: 8.0,
+            end: AttemptEnd::default(),
+        })
+        .await
+        .unwrap();
         assert_eq!(state(&store, id).await, ("submitted".into(), 2, Some("req-1".into())));
         let resumable = store.resumable_jobs(0, 10).await.unwrap();
         assert_eq!(resumable[0].request.as_ref().unwrap().status_url.as_deref(), Some("http://x/s"));
@@ -731,7 +718,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(state(&store, id).await.0, "fetching");
-        let out = NewOutput {
+        let out = SavedOutput {
             index: 0,
             path: "SKU-0/0.png".into(),
             sha256: "ab".into(),
@@ -758,10 +745,17 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         let a = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap();
-        let request = RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
-        w.commit(Change::Accepted { job_id: 2, attempt_id: a, request, charged: 8.0, end: AttemptEnd::default() })
-            .await
-            .unwrap();
+        let request =
+            RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
+        w.commit(Change::Accepted {
+            job_id: 2,
+            attempt_id: a,
+            request,
+            charged: 8.0,
+            end: AttemptEnd::default(),
+        })
+        .await
+        .unwrap();
         let rec = store.recover().await.unwrap();
         assert_eq!(rec, Recovery { ambiguous: 1, resumable: 1 });
         assert_eq!(state(&store, 1).await.0, "ambiguous");
@@ -786,7 +780,9 @@ mod tests {
         let mut tasks = Vec::new();
         for id in 1..=200 {
             let w = w.clone();
-            tasks.push(tokio::spawn(async move { w.commit(Change::Intent { job_id: id, run_id: run }).await }));
+            tasks.push(tokio::spawn(
+                async move { w.commit(Change::Intent { job_id: id, run_id: run }).await },
+            ));
         }
         for t in tasks {
             t.await.unwrap().unwrap();

@@ -33,6 +33,9 @@ fn scenario(seed: u64) -> SimConfig {
         truncate_rate: 0.1,
         script: vec![ScriptStep { count: 4, status: 429, retry_after_secs: Some(1), drop: false }],
         bursts: vec![Burst { after_secs: 1.0, duration_secs: 0.5, status: 503 }],
+        webhook_delay_ms: 150,
+        webhook_duplicate_rate: 0.3,
+        webhook_drop_rate: 0.2,
         ..Faults::default()
     };
     SimConfig { seed, faults, ..SimConfig::default() }
@@ -42,7 +45,15 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     let env = TestEnv::new(scenario(seed)).await;
     let catalog = env.catalog(rows);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let args = ["--provider", provider, "--concurrency", "8", "--max-attempts", "12", "--rate", "50/s"];
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let hook_url = format!("http://{listen}/hook");
+    let jwks = env.sim.jwks_url();
+    let mut args = vec!["--provider", provider, "--concurrency", "8", "--max-attempts", "12", "--rate", "50/s"];
+    if provider == "fal" {
+        // fal scenarios take signed webhooks: late, duplicated or lost, on top of polling.
+        args.extend(["--webhook-listen", &listen, "--webhook-url", &hook_url, "--jwks-url", &jwks]);
+    }
     let mut logs = Vec::new();
     let mut interrupted = 0;
     let mut settled = false;
@@ -100,11 +111,12 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     );
     assert_eq!(done + failed + ambiguous, rows as i64, "seed {seed}: {states:?}");
     let store = env.store().await;
-    let (reasonless,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state IN ('failed', 'ambiguous') AND (error IS NULL OR error = '')")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+    let (reasonless,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('failed', 'ambiguous') AND (error IS NULL OR error = '')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
     assert_eq!(reasonless, 0, "seed {seed}: every failed or ambiguous row keeps its reason");
     let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(store.pool()).await.unwrap();
     assert_eq!(check, "ok");

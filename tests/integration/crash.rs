@@ -13,13 +13,13 @@ use crate::harness::{TestEnv, code, output, stderr};
 async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32, seed: u64) -> i64 {
     let catalog = env.catalog(rows);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let args = ["--provider", provider, "--concurrency", "6", "--max-attempts", "20"];
+    let args = ["--provider", provider, "--concurrency", "4", "--max-attempts", "20"];
     let mut killed = 0;
     let mut finished = false;
     for _ in 0..(kills + 20) {
         let mut child = env.run_cmd(&catalog, &args).spawn().expect("spawn backdrop");
         if killed < kills {
-            let at = Duration::from_millis(rng.random_range(60..900));
+            let at = Duration::from_millis(rng.random_range(100..700));
             tokio::select! {
                 status = child.wait() => {
                     // It finished before the kill; fine, keep going.
@@ -74,14 +74,14 @@ fn crashy() -> SimConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seedance_sigkill_twelve_times_never_pays_twice() {
     let env = TestEnv::new(crashy()).await;
-    let ambiguous = kill_and_restart(&env, "seedance", 30, 12, 1).await;
+    let ambiguous = kill_and_restart(&env, "seedance", 120, 12, 1).await;
     eprintln!("seedance crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fal_sigkill_twelve_times_never_pays_twice() {
     let env = TestEnv::new(crashy()).await;
-    let ambiguous = kill_and_restart(&env, "fal", 30, 12, 2).await;
+    let ambiguous = kill_and_restart(&env, "fal", 120, 12, 2).await;
     eprintln!("fal crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
 }
 

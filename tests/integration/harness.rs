@@ -11,43 +11,43 @@ use backdrop::store::Store;
 use sha2::{Digest, Sha256};
 
 /// A key that must never show up anywhere but the Authorization header.
-pub const SENTINEL_KEY: &str = "sk-sentinel-7f3a9c2e5b1d4f60";
+pub(crate) const SENTINEL_KEY: &str = "sk-sentinel-7f3a9c2e5b1d4f60";
 
-pub struct TestEnv {
-    pub dir: tempfile::TempDir,
-    pub sim: SimHandle,
+pub(crate) struct TestEnv {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) sim: SimHandle,
 }
 
 impl TestEnv {
-    pub async fn new(config: SimConfig) -> Self {
+    pub(crate) async fn new(config: SimConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sim = backdrop::sim::start(config).await.expect("simulator starts");
         Self { dir, sim }
     }
 
-    pub async fn plain() -> Self {
+    pub(crate) async fn plain() -> Self {
         Self::new(SimConfig::default()).await
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    pub fn state(&self) -> PathBuf {
+    pub(crate) fn state(&self) -> PathBuf {
         self.path("state.db")
     }
 
-    pub fn out(&self) -> PathBuf {
+    pub(crate) fn out(&self) -> PathBuf {
         self.path("out")
     }
 
     /// A catalog of `n` rows whose images the simulator serves.
-    pub fn catalog(&self, n: usize) -> PathBuf {
+    pub(crate) fn catalog(&self, n: usize) -> PathBuf {
         let skus: Vec<String> = (0..n).map(|i| format!("SKU-{i:04}")).collect();
         self.catalog_with(&skus)
     }
 
-    pub fn catalog_with(&self, skus: &[String]) -> PathBuf {
+    pub(crate) fn catalog_with(&self, skus: &[String]) -> PathBuf {
         let mut text = String::from("sku,name,color,image_url\n");
         for (i, sku) in skus.iter().enumerate() {
             let name = format!("img{i}");
@@ -62,7 +62,7 @@ impl TestEnv {
         path
     }
 
-    pub fn prompt(&self) -> PathBuf {
+    pub(crate) fn prompt(&self) -> PathBuf {
         let path = self.path("prompt.txt");
         std::fs::write(&path, "+++\nmodel = \"seedream-v4-5\"\ntask = \"edit\"\n+++\nPlace the {color} {name} on a polished marble counter\n")
             .expect("write prompt");
@@ -70,7 +70,7 @@ impl TestEnv {
     }
 
     /// `backdrop run` on `catalog` with test-speed settings; `extra` flags win.
-    pub fn run_cmd(&self, catalog: &Path, extra: &[&str]) -> tokio::process::Command {
+    pub(crate) fn run_cmd(&self, catalog: &Path, extra: &[&str]) -> tokio::process::Command {
         let prompt = self.prompt();
         let mut cmd = self.cmd();
         cmd.arg("run")
@@ -90,7 +90,7 @@ impl TestEnv {
     }
 
     /// The binary with the sentinel keys in its environment and nothing else of ours.
-    pub fn cmd(&self) -> tokio::process::Command {
+    pub(crate) fn cmd(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backdrop"));
         cmd.current_dir(self.dir.path())
             .env("SEEDANCE_API_KEY", SENTINEL_KEY)
@@ -101,12 +101,12 @@ impl TestEnv {
         cmd
     }
 
-    pub async fn store(&self) -> Store {
+    pub(crate) async fn store(&self) -> Store {
         Store::open(&self.state()).await.expect("open store")
     }
 
     /// Rows by state.
-    pub async fn states(&self) -> std::collections::BTreeMap<String, i64> {
+    pub(crate) async fn states(&self) -> std::collections::BTreeMap<String, i64> {
         let store = self.store().await;
         let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
             .fetch_all(store.pool())
@@ -118,7 +118,7 @@ impl TestEnv {
 
     /// Checks every recorded output: the file exists inside the output folder, its sha256 and
     /// size match the store, and it decodes as an image of the recorded size.
-    pub async fn verify_outputs(&self) -> usize {
+    pub(crate) async fn verify_outputs(&self) -> usize {
         let store = self.store().await;
         let rows: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
             "SELECT j.sku, o.path, o.sha256, o.bytes, o.width, o.height FROM outputs o JOIN jobs j ON j.id = o.job_id",
@@ -141,7 +141,7 @@ impl TestEnv {
     }
 
     /// Files under the output folder that look like partial downloads.
-    pub fn temp_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn temp_files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
             let Ok(entries) = std::fs::read_dir(dir) else { return };
             for e in entries.flatten() {
@@ -159,7 +159,7 @@ impl TestEnv {
     }
 
     /// Ledger entries whose request body was charged more than once.
-    pub fn double_charges(&self) -> Vec<String> {
+    pub(crate) fn double_charges(&self) -> Vec<String> {
         let mut seen = std::collections::HashMap::new();
         for charge in self.sim.ledger() {
             *seen.entry(charge.body_sha256.clone()).or_insert(0) += 1;
@@ -168,17 +168,17 @@ impl TestEnv {
     }
 }
 
-pub async fn output(mut cmd: tokio::process::Command) -> Output {
+pub(crate) async fn output(mut cmd: tokio::process::Command) -> Output {
     tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
         .expect("backdrop finished within 120 s")
         .expect("backdrop runs")
 }
 
-pub fn code(out: &Output) -> i32 {
+pub(crate) fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }
 
-pub fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

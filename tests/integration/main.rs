@@ -2,8 +2,10 @@
 
 mod harness;
 
+mod badinput;
 mod chaos;
 mod crash;
+mod operate;
 mod ops;
 mod plan;
 mod provider;
