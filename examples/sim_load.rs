@@ -3,7 +3,8 @@
 //! is never a benchmark's bottleneck.
 //!
 //! Run: `cargo run --release --example sim_load -- [seconds] [workers] [seedance|fal]`
-//! (defaults: 5 seconds, 64 workers, seedance).
+//! (defaults: 5 seconds, 64 workers, seedance). With `SIM_URL=http://127.0.0.1:8787` it drives
+//! a separate `backdrop sim` process instead, so the server's own CPU time can be measured.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,8 +91,16 @@ async fn main() -> Result<(), Failure> {
     let workers: u64 = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let fal = args.get(2).is_some_and(|p| p == "fal");
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = start(SimConfig::default()).await?;
-    let base = sim.base_url();
+    let external = std::env::var("SIM_URL").ok();
+    let sim = match external {
+        Some(_) => None,
+        None => Some(start(SimConfig::default()).await?),
+    };
+    let base = match (&sim, external) {
+        (Some(sim), _) => sim.base_url(),
+        (None, Some(url)) => url.trim_end_matches('/').to_owned(),
+        (None, None) => return Err("no simulator".into()),
+    };
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build()?;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -128,7 +137,10 @@ async fn main() -> Result<(), Failure> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cycles = done.load(Ordering::Relaxed);
-    let stats = sim.stats();
+    let stats: backdrop::sim::SimStats = match &sim {
+        Some(sim) => sim.stats(),
+        None => client.get(format!("{base}/__sim/stats")).send().await?.json().await?,
+    };
     println!(
         "{} cycles in {elapsed:.1}s = {:.0} cycles/s ({} workers, {} errors, {} requests, peak in flight {})",
         if fal { "fal submit+status+response+download" } else { "seedance submit+poll+download" },
@@ -138,6 +150,8 @@ async fn main() -> Result<(), Failure> {
         stats.by_status.values().sum::<u64>(),
         stats.peak_in_flight,
     );
-    sim.shutdown().await;
+    if let Some(sim) = sim {
+        sim.shutdown().await;
+    }
     Ok(())
 }

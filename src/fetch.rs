@@ -223,7 +223,16 @@ impl Fetcher {
         let relative = output_path(&self.name_template, sku, index, ext);
         let final_path = self.out_dir.join(&relative);
         let dir = final_path.parent().map_or_else(|| self.out_dir.clone(), Path::to_path_buf);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| FetchError::io(&dir, e))?;
+        if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+            tokio::fs::create_dir_all(&dir).await.map_err(|e| FetchError::io(&dir, e))?;
+            // A new folder's own name lives in its parent: sync the parents too, or a power
+            // loss could keep the file's bytes but lose the folder that names it.
+            let (dir_for_task, out_dir) = (dir.clone(), self.out_dir.clone());
+            tokio::task::spawn_blocking(move || sync_new_dirs(&dir_for_task, &out_dir))
+                .await
+                .map_err(|e| FetchError::io(&dir, io::Error::other(e.to_string())))?
+                .map_err(|e| FetchError::io(&dir, e))?;
+        }
         let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = dir.join(format!(".{file_name}{TEMP_MARKER}{:016x}", rand::random::<u64>()));
         let mut temp = TempFile::create(&temp_path)?;
@@ -385,6 +394,22 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Syncs every folder from `dir`'s parent up to `out_dir`'s parent (the entries that name the
+/// folders just created).
+fn sync_new_dirs(dir: &Path, out_dir: &Path) -> io::Result<()> {
+    let mut current = dir;
+    while let Some(parent) = current.parent() {
+        // A relative `out` is named in the current folder.
+        let named_in = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        sync_dir(named_in)?;
+        if current == out_dir || parent.as_os_str().is_empty() || !parent.starts_with(out_dir) {
+            break;
+        }
+        current = parent;
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, Row, RowProblem};
 use crate::cli::ProviderKind;
@@ -25,9 +26,9 @@ pub const DEFAULT_FAL_EDIT_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/edit";
 /// Default fal model for text to image.
 pub const DEFAULT_FAL_GENERATE_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/text-to-image";
 
-/// Rows per batched statement: a few hundred keeps every statement under SQLite's variable
-/// limit (12 × 400 < 32766) while making per-query overhead negligible.
-const BATCH: usize = 400;
+/// Rows per batched statement: keeps every statement under SQLite's variable limit
+/// (12 × 1000 < 32766) while making sqlx's per-query overhead negligible.
+const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
 /// Invalid rows kept for the listing (`counts.invalid` has the full number).
@@ -278,15 +279,130 @@ pub fn fingerprint(
     hex::encode(h.finalize())
 }
 
-/// Everything constant across one plan's rows.
+/// What the store side of a plan needs to know.
 struct Context<'a> {
-    template: &'a Template,
-    task: Task,
-    model: &'a str,
-    params_json: &'a str,
     force: bool,
     run_id: Option<i64>,
     shared: JobShared<'a>,
+}
+
+/// The catalog side of a plan: reads, validates, renders and fingerprints rows, and hands
+/// batches to the store side. It runs as its own task so that parsing the next batch overlaps
+/// the database work on the current one (on two cores that is most of the plan's time).
+struct Producer {
+    catalog: Catalog,
+    template: Template,
+    task: Task,
+    model: String,
+    params_json: String,
+    skip_invalid: bool,
+}
+
+/// What the catalog side found, besides the batches it sent.
+struct Produced {
+    problems: Vec<RowProblem>,
+    total_problems: u64,
+    invalid: u64,
+    first_rows: Vec<(String, String)>,
+    /// A row was invalid without `--skip-invalid`: the plan must fail and write nothing.
+    failing: bool,
+}
+
+impl Producer {
+    async fn run(mut self, batches: mpsc::Sender<Vec<NewJob>>) -> Result<Produced, CatalogError> {
+        let mut problems: Vec<RowProblem> = Vec::new();
+        let mut total_problems: u64 = 0;
+        let mut invalid: u64 = 0;
+        let mut first_rows = Vec::new();
+        let mut batch: Vec<NewJob> = Vec::with_capacity(BATCH);
+        let mut prompt_buf = String::new();
+        // Once a row is invalid without --skip-invalid the plan will fail: stop sending batches
+        // but keep reading, so every problem is listed.
+        let mut failing = false;
+        while let Some(item) = self.catalog.next().await? {
+            let prepared = item.and_then(|row| self.prepare(&row, &mut prompt_buf).map_err(|p| vec![p]));
+            match prepared {
+                Ok(job) => {
+                    if first_rows.len() < SAMPLES {
+                        first_rows.push((job.sku.clone(), job.prompt.clone()));
+                    }
+                    if !failing {
+                        batch.push(job);
+                    }
+                }
+                Err(row_problems) => {
+                    invalid += 1;
+                    total_problems += row_problems.len() as u64;
+                    let room = MAX_KEPT.saturating_sub(problems.len());
+                    problems.extend(row_problems.into_iter().take(room));
+                    if !self.skip_invalid {
+                        failing = true;
+                        batch.clear();
+                    }
+                }
+            }
+            if batch.len() >= BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                // The store side only hangs up when it failed; its error is the one reported.
+                if batches.send(full).await.is_err() {
+                    failing = true;
+                }
+            }
+        }
+        if !failing && !batch.is_empty() {
+            let _ = batches.send(batch).await;
+        }
+        drop(batches);
+        if !problems.is_empty() {
+            self.catalog.describe_duplicates(&mut problems).await?;
+        }
+        Ok(Produced { problems, total_problems, invalid, first_rows, failing })
+    }
+
+    /// Renders a valid row's prompt and fingerprints it.
+    fn prepare(&self, row: &Row, buf: &mut String) -> Result<NewJob, RowProblem> {
+        let catalog = &self.catalog;
+        let lookup = |name: &str| catalog.column(name).and_then(|i| row.values.get(i)).map(String::as_str);
+        let own = catalog
+            .prompt_column()
+            .and_then(|i| row.values.get(i))
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty());
+        match own {
+            Some(text) => {
+                let body = Body::parse(text, 1)
+                    .map_err(|(_, m)| RowProblem::new(row.location, format!("prompt column: {m}")))?;
+                body.render_into(buf, lookup).map_err(|name| {
+                    RowProblem::new(
+                        row.location,
+                        format!("prompt column: placeholder {{{name}}} names no column"),
+                    )
+                })?;
+            }
+            None => {
+                // Placeholders were checked against the columns when the catalog was opened.
+                self.template.body().render_into(buf, lookup).map_err(|name| {
+                    RowProblem::new(row.location, format!("placeholder {{{name}}} names no column"))
+                })?;
+            }
+        }
+        let prompt = buf.trim();
+        if prompt.is_empty() {
+            return Err(RowProblem::new(row.location, "the rendered prompt is empty"));
+        }
+        let fingerprint =
+            fingerprint(&row.sku, self.task, &self.model, prompt, &row.inputs, &self.params_json);
+        let stored: Vec<&str> = row.inputs.iter().map(Input::as_stored).collect();
+        let inputs =
+            serde_json::to_string(&stored).map_err(|e| RowProblem::new(row.location, e.to_string()))?;
+        Ok(NewJob {
+            sku: row.sku.clone(),
+            position: row.position,
+            fingerprint,
+            prompt: prompt.to_owned(),
+            inputs,
+        })
+    }
 }
 
 /// Plans the catalog in `settings` against the store. With `Some(run_id)` the jobs are written
@@ -313,12 +429,8 @@ pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Re
         table: settings.table.clone(),
         query: settings.query.clone(),
     };
-    let mut catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt).await?;
+    let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt).await?;
     let ctx = Context {
-        template: &template,
-        task,
-        model: &model,
-        params_json: &params_json,
         force: settings.force,
         run_id,
         shared: JobShared {
@@ -328,61 +440,45 @@ pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Re
             params: &params_json,
         },
     };
+    let producer = Producer {
+        catalog,
+        template: template.clone(),
+        task,
+        model: model.clone(),
+        params_json: params_json.clone(),
+        skip_invalid: settings.skip_invalid,
+    };
 
     let mut tx = store.begin_plan(run_id.is_some()).await?;
+    let (batches, mut incoming) = mpsc::channel(2);
+    let reader = tokio::spawn(producer.run(batches));
     let mut counts = PlanCounts::default();
-    let mut problems: Vec<RowProblem> = Vec::new();
-    let mut total_problems: u64 = 0;
     let mut samples = Vec::new();
-    let mut first_rows = Vec::new();
-    let mut batch: Vec<NewJob> = Vec::with_capacity(BATCH);
-    let mut prompt_buf = String::new();
-    // Once a row is invalid without --skip-invalid the plan will fail: stop touching the store
-    // but keep reading, so every problem is listed.
-    let mut failing = false;
     let now = now_ms();
-
-    while let Some(item) = catalog.next().await? {
-        let prepared =
-            item.and_then(|row| prepare(&ctx, &catalog, &row, &mut prompt_buf).map_err(|p| vec![p]));
-        match prepared {
-            Ok(job) => {
-                if first_rows.len() < SAMPLES {
-                    first_rows.push((job.sku.clone(), job.prompt.clone()));
-                }
-                if !failing {
-                    batch.push(job);
-                }
-            }
-            Err(row_problems) => {
-                counts.invalid += 1;
-                total_problems += row_problems.len() as u64;
-                let room = MAX_KEPT.saturating_sub(problems.len());
-                problems.extend(row_problems.into_iter().take(room));
-                if !settings.skip_invalid {
-                    failing = true;
-                    batch.clear();
-                }
-            }
-        }
-        if batch.len() >= BATCH {
-            flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await?;
+    let mut stored = Ok(());
+    while let Some(mut batch) = incoming.recv().await {
+        stored = flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await;
+        if stored.is_err() {
+            break;
         }
     }
-    if !failing {
-        flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await?;
-    }
-    if !problems.is_empty() {
-        catalog.describe_duplicates(&mut problems).await?;
-    }
+    // Hanging up tells the reader to stop sending; it still finishes listing problems.
+    drop(incoming);
+    let produced = reader.await.map_err(|e| Error::Other {
+        message: format!("the catalog reader stopped: {e}"),
+        exit: ExitCode::Fatal,
+    })?;
+    stored?;
+    let Produced { problems, total_problems, invalid, first_rows, failing } = produced?;
+    counts.invalid = invalid;
     if failing {
         tx.rollback().await?;
         return Err(CatalogError::Invalid { path: spec.path, problems, total: total_problems }.into());
     }
     if run_id.is_some() {
-        tx.commit().await?
+        tx.commit().await?;
     } else {
-        tx.rollback().await?
+        tx.rollback().await?;
     }
 
     let submit = counts.to_submit();
@@ -390,7 +486,7 @@ pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Re
     let table = PriceTable::new(settings.provider, &settings.prices);
     let unit_price = table.unit_price(&model);
     let images = to_run * u64::from(params.num_images);
-    #[expect(clippy::cast_precision_loss, reason = "image counts are far below 2^52")]
+    // Image counts stay far below 2^52, so the conversion to f64 is exact.
     let amount = unit_price.map(|p| p * images as f64);
     let estimate = Estimate {
         unit: table.unit(),
@@ -418,44 +514,6 @@ pub async fn plan(store: &Store, settings: &Settings, run_id: Option<i64>) -> Re
     })
 }
 
-/// Renders a valid row's prompt and fingerprints it.
-fn prepare(ctx: &Context<'_>, catalog: &Catalog, row: &Row, buf: &mut String) -> Result<NewJob, RowProblem> {
-    let lookup = |name: &str| catalog.column(name).and_then(|i| row.values.get(i)).map(String::as_str);
-    let own = catalog.prompt_column().map(|i| row.values[i].trim()).filter(|p| !p.is_empty());
-    match own {
-        Some(text) => {
-            let body = Body::parse(text, 1)
-                .map_err(|(_, m)| RowProblem::new(row.location, format!("prompt column: {m}")))?;
-            body.render_into(buf, lookup).map_err(|name| {
-                RowProblem::new(
-                    row.location,
-                    format!("prompt column: placeholder {{{name}}} names no column"),
-                )
-            })?;
-        }
-        None => {
-            // Placeholders were checked against the columns when the catalog was opened.
-            ctx.template.body().render_into(buf, lookup).map_err(|name| {
-                RowProblem::new(row.location, format!("placeholder {{{name}}} names no column"))
-            })?;
-        }
-    }
-    let prompt = buf.trim();
-    if prompt.is_empty() {
-        return Err(RowProblem::new(row.location, "the rendered prompt is empty"));
-    }
-    let fingerprint = fingerprint(&row.sku, ctx.task, ctx.model, prompt, &row.inputs, ctx.params_json);
-    let stored: Vec<&str> = row.inputs.iter().map(Input::as_stored).collect();
-    let inputs = serde_json::to_string(&stored).map_err(|e| RowProblem::new(row.location, e.to_string()))?;
-    Ok(NewJob {
-        sku: row.sku.clone(),
-        position: row.position,
-        fingerprint,
-        prompt: prompt.to_owned(),
-        inputs,
-    })
-}
-
 /// Classifies a batch against the store and, when writing, applies it.
 async fn flush(
     ctx: &Context<'_>,
@@ -471,6 +529,7 @@ async fn flush(
     let skus: Vec<&str> = batch.iter().map(|j| j.sku.as_str()).collect();
     let existing = tx.existing(&skus).await?;
     let mut reset = Vec::new();
+    let mut replaced = Vec::new();
     let mut touch = Vec::new();
     for job in batch.drain(..) {
         let class = classify(existing.get(&job.sku), &job.fingerprint, ctx.force);
@@ -490,13 +549,18 @@ async fn flush(
             if samples.len() < SAMPLES {
                 samples.push((job.sku.clone(), job.prompt.clone()));
             }
+            if class != Class::New {
+                replaced.push(job.sku.clone());
+            }
             reset.push(job);
         } else {
             touch.push((job.sku, job.position));
         }
     }
     if let Some(run_id) = ctx.run_id {
-        tx.reset_jobs(run_id, &ctx.shared, &reset, now).await?;
+        let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
+        tx.delete_outputs(&replaced).await?;
+        tx.reset_jobs(run_id, &ctx.shared, reset, now).await?;
         let touch: Vec<(&str, i64)> = touch.iter().map(|(s, p)| (s.as_str(), *p)).collect();
         tx.touch_jobs(run_id, &touch).await?;
     }

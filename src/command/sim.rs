@@ -1,6 +1,8 @@
 //! `backdrop sim`: starts the simulator of both APIs on `--listen`, prints the base URL and an
 //! example, and serves until Ctrl-C.
 
+use std::io::Write as _;
+
 use crate::error::Error;
 use crate::exit::ExitCode;
 use crate::sim::{SimArgs, SimConfig, SimError};
@@ -21,15 +23,16 @@ pub async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
     let config = SimConfig::from_args(args).map_err(|e| fail(&e))?;
     let handle = crate::sim::start_on(args.listen, config).await.map_err(|e| fail(&e))?;
     let base = handle.base_url();
-    println!("backdrop sim listening on {base}");
-    println!(
-        "  seedance: SEEDANCE_API_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --api-base {base}"
+    let banner = format!(
+        "backdrop sim listening on {base}\n  \
+         seedance: SEEDANCE_API_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --api-base {base}\n  \
+         fal:      FAL_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --provider fal --api-base {base} --jwks-url {jwks}\n  \
+         ledger:   curl {base}/__sim/ledger    stats: curl {base}/__sim/stats    (Ctrl-C to stop)\n",
+        jwks = handle.jwks_url(),
     );
-    println!(
-        "  fal:      FAL_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble.txt --provider fal --api-base {base} --jwks-url {}",
-        handle.jwks_url()
-    );
-    println!("  ledger:   curl {base}/__sim/ledger    stats: curl {base}/__sim/stats    (Ctrl-C to stop)");
+    // A closed stdout (a script that read the URL and went away) must not stop the server.
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush());
     if tokio::signal::ctrl_c().await.is_err() {
         tracing::warn!("cannot listen for Ctrl-C; stopping");
     }

@@ -227,7 +227,7 @@ const SHARDS: usize = 16;
 #[derive(Debug, Default)]
 struct Tallies {
     by_status: HashMap<u16, u64>,
-    by_route: HashMap<String, u64>,
+    by_route: HashMap<&'static str, u64>,
 }
 
 /// The running simulator's state, shared by every handler.
@@ -376,10 +376,10 @@ impl Sim {
 
     /// With a rate limit set: `Err(wait)` when this submit is over it; otherwise counts it.
     pub(crate) fn take_rate_slot(&self, now: Instant) -> Result<(), Duration> {
+        // Without a limit there is nothing to count: keep the lock off the hot path.
+        let Some(limit) = self.config.faults.rate_limit_per_sec else { return Ok(()) };
         let mut window = lock(&self.accept_window);
-        if let Some(limit) = self.config.faults.rate_limit_per_sec
-            && let Some(wait) = window.wait_for_room(now, limit)
-        {
+        if let Some(wait) = window.wait_for_room(now, limit) {
             return Err(wait);
         }
         window.record(now);
@@ -403,7 +403,7 @@ impl Sim {
             webhooks_delivered: self.webhooks_delivered.load(Ordering::SeqCst),
             webhooks_failed: self.webhooks_failed.load(Ordering::SeqCst),
             by_status: tallies.by_status.iter().map(|(k, v)| (*k, *v)).collect(),
-            by_route: tallies.by_route.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            by_route: tallies.by_route.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         }
     }
 
@@ -425,7 +425,7 @@ impl Drop for OpenGuard<'_> {
 }
 
 async fn track(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Response {
-    let route = format!("{} {}", req.method(), route_label(req.method(), req.uri().path()));
+    let route = route_label(req.method(), req.uri().path());
     let now = sim.open_requests.fetch_add(1, Ordering::SeqCst) + 1;
     sim.peak_open_requests.fetch_max(now, Ordering::SeqCst);
     let guard = OpenGuard(&sim);
@@ -437,35 +437,31 @@ async fn track(State(sim): State<Arc<Sim>>, req: Request, next: Next) -> Respons
     response
 }
 
-/// The route pattern a path belongs to, for the per-route counts.
-fn route_label(method: &axum::http::Method, path: &str) -> String {
-    let fixed = [
-        "/v1/images/generate",
-        "/v1/seedream/v4.5/edit",
-        "/.well-known/jwks.json",
-        "/__sim/ledger",
-        "/__sim/stats",
-        "/__sim/balance",
-        "/__sim/keys",
-        "/__sim/burst",
-        "/__sim/config",
-    ];
-    if fixed.contains(&path) {
-        return path.to_owned();
+/// The route a request belongs to, for the per-route counts (static, so counting allocates
+/// nothing on the hot path).
+fn route_label(method: &axum::http::Method, path: &str) -> &'static str {
+    use axum::http::Method;
+    let get = method == Method::GET;
+    match path {
+        "/v1/images/generate" => "POST /v1/images/generate",
+        "/v1/seedream/v4.5/edit" => "POST /v1/seedream/v4.5/edit",
+        "/.well-known/jwks.json" => "GET /.well-known/jwks.json",
+        "/__sim/ledger" => "GET /__sim/ledger",
+        "/__sim/stats" => "GET /__sim/stats",
+        "/__sim/balance" if get => "GET /__sim/balance",
+        "/__sim/balance" => "POST /__sim/balance",
+        "/__sim/keys" => "POST /__sim/keys",
+        "/__sim/burst" => "POST /__sim/burst",
+        "/__sim/config" => "GET /__sim/config",
+        p if p.starts_with("/v1/requests/") => "GET /v1/requests/{id}",
+        p if p.starts_with("/files/") => "GET /files/{id}/{file}",
+        p if p.starts_with("/__sim/input/") => "GET /__sim/input/{file}",
+        p if p.starts_with("/queue/") && p.ends_with("/status") => "GET {status_url}",
+        p if p.starts_with("/queue/") && p.ends_with("/response") => "GET {response_url}",
+        p if p.starts_with("/queue/") && p.ends_with("/cancel") => "PUT {cancel_url}",
+        _ if method == Method::POST => "POST /{model_id}",
+        _ => "(unknown)",
     }
-    let patterns = [
-        ("/v1/requests/", "/v1/requests/{id}"),
-        ("/files/", "/files/{id}/{file}"),
-        ("/__sim/input/", "/__sim/input/{file}"),
-    ];
-    if let Some((_, label)) = patterns.iter().find(|(prefix, _)| path.starts_with(prefix)) {
-        return (*label).to_owned();
-    }
-    if path.starts_with("/queue/") {
-        let last = path.rsplit('/').next().unwrap_or_default();
-        return format!("/queue/{{token}}/requests/{{id}}/{last}");
-    }
-    if method == axum::http::Method::POST { "/{model_id}".to_owned() } else { "(unknown)".to_owned() }
 }
 
 fn router(sim: Arc<Sim>) -> Router {

@@ -3,7 +3,6 @@
 //! per few hundred rows) inside one transaction, so a million-row plan costs seconds, not hours.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use sqlx::{Sqlite, Transaction};
 
@@ -42,7 +41,15 @@ pub(crate) struct Existing {
 #[derive(Debug)]
 pub(crate) struct PlanTx {
     tx: Transaction<'static, Sqlite>,
+    /// The connection's own `cache_size`, restored before it goes back to the pool.
+    cache_size: i64,
 }
+
+/// Page cache for the plan's connection, in KiB (SQLite's negative `cache_size`). The default
+/// 2 MB makes a million-row plan re-read and re-spill the same index pages from the OS over and
+/// over; 48 MB keeps the hot part of the `sku` index and the pages being written in memory
+/// while staying well inside the planner's memory budget.
+const PLAN_CACHE_KIB: i64 = 48 * 1024;
 
 impl Store {
     /// Starts a plan. `write` takes the write lock at once (`BEGIN IMMEDIATE`), so the states
@@ -51,22 +58,23 @@ impl Store {
     /// # Errors
     /// [`StoreError::Db`] when the database is busy beyond the timeout.
     pub(crate) async fn begin_plan(&self, write: bool) -> Result<PlanTx, StoreError> {
-        let tx = if write {
+        let mut tx = if write {
             self.pool().begin_with("BEGIN IMMEDIATE").await?
         } else {
             self.pool().begin().await?
         };
-        Ok(PlanTx { tx })
+        let (cache_size,): (i64,) = sqlx::query_as("PRAGMA cache_size").fetch_one(&mut *tx).await?;
+        sqlx::query(&format!("PRAGMA cache_size = -{PLAN_CACHE_KIB}")).execute(&mut *tx).await?;
+        Ok(PlanTx { tx, cache_size })
     }
 }
 
-fn placeholders(out: &mut String, rows: usize, per_row: usize, first: usize) {
-    let mut n = first;
+/// Appends `(?,?),(?,?)...`: `rows` groups of `per_row` anonymous parameters.
+fn placeholders(out: &mut String, rows: usize, per_row: usize) {
     for r in 0..rows {
-        out.push_str(if r == 0 { "(" } else { ",(" });
-        for c in 0..per_row {
-            let _ = write!(out, "{}?{n}", if c == 0 { "" } else { "," });
-            n += 1;
+        out.push_str(if r == 0 { "(?" } else { ",(?" });
+        for _ in 1..per_row {
+            out.push_str(",?");
         }
         out.push(')');
     }
@@ -78,67 +86,77 @@ impl PlanTx {
         if skus.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut sql = String::from("SELECT sku, fingerprint, state FROM jobs WHERE sku IN (");
+        // One aggregated row instead of one per job: sqlx hands every result row across threads
+        // separately, which cost more than the query itself. The separators are control
+        // characters, which the catalog rejects in SKUs.
+        let mut sql = String::from(
+            "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state, char(30)) \
+             FROM jobs WHERE sku IN (",
+        );
         for i in 0..skus.len() {
             sql.push_str(if i == 0 { "?" } else { ",?" });
         }
         sql.push(')');
-        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        let mut q = sqlx::query_as::<_, (Option<String>,)>(&sql);
         for sku in skus {
             q = q.bind(*sku);
         }
-        let rows = q.fetch_all(&mut *self.tx).await?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (sku, fingerprint, state) in rows {
-            out.insert(sku, Existing { fingerprint, state: state.parse()? });
+        let (joined,) = q.fetch_one(&mut *self.tx).await?;
+        let mut out = HashMap::with_capacity(skus.len());
+        for record in joined.as_deref().unwrap_or("").split('\u{1e}').filter(|r| !r.is_empty()) {
+            let mut fields = record.split('\u{1f}');
+            let (Some(sku), Some(fingerprint), Some(state), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(StoreError::Corrupt(format!("job record {record:?} has a control character")));
+            };
+            out.insert(
+                sku.to_owned(),
+                Existing { fingerprint: fingerprint.to_owned(), state: state.parse()? },
+            );
         }
         Ok(out)
     }
 
+    /// Deletes the `outputs` rows of jobs about to be reset (the files stay on disk).
+    pub(crate) async fn delete_outputs(&mut self, skus: &[&str]) -> Result<(), StoreError> {
+        if skus.is_empty() {
+            return Ok(());
+        }
+        let mut sql = String::from("DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE sku IN (");
+        for i in 0..skus.len() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+        }
+        sql.push_str("))");
+        let mut q = sqlx::query(&sql);
+        for sku in skus {
+            q = q.bind(*sku);
+        }
+        q.execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
     /// Inserts new jobs and resets changed ones to `pending` with the new prompt, inputs,
     /// params and fingerprint: attempts back to 0, request id, fal URLs, result, error and
-    /// retry time cleared, and their old `outputs` rows deleted (the files stay on disk).
-    /// Credits already charged are kept: they were spent.
+    /// retry time cleared. Credits already charged are kept: they were spent. Takes the jobs
+    /// by value so their strings move into the statement instead of being copied.
     pub(crate) async fn reset_jobs(
         &mut self,
         run_id: i64,
         shared: &JobShared<'_>,
-        jobs: &[NewJob],
+        jobs: Vec<NewJob>,
         now: i64,
     ) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from("DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE sku IN (");
-        for i in 0..jobs.len() {
-            sql.push_str(if i == 0 { "?" } else { ",?" });
-        }
-        sql.push_str("))");
-        let mut q = sqlx::query(&sql);
-        for job in jobs {
-            q = q.bind(job.sku.as_str());
-        }
-        q.execute(&mut *self.tx).await?;
-
-        // ?1..?6 are shared by every row; each row then binds its own five values.
+        // Anonymous `?` only: for numbered `?NNN` parameters sqlx asks SQLite each one's name,
+        // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
              sku, position, fingerprint, prompt, inputs) VALUES ",
         );
-        let mut n = 7;
-        for (r, _) in jobs.iter().enumerate() {
-            let _ = write!(
-                sql,
-                "{}(?1,?2,?3,?4,?5,?6,?6,?{},?{},?{},?{},?{})",
-                if r == 0 { "" } else { "," },
-                n,
-                n + 1,
-                n + 2,
-                n + 3,
-                n + 4
-            );
-            n += 5;
-        }
+        placeholders(&mut sql, jobs.len(), 12);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
@@ -148,20 +166,21 @@ impl PlanTx {
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
         );
-        let mut q = sqlx::query(&sql)
-            .bind(run_id)
-            .bind(shared.provider)
-            .bind(shared.model)
-            .bind(shared.task)
-            .bind(shared.params)
-            .bind(now);
+        let mut q = sqlx::query(&sql);
         for job in jobs {
             q = q
-                .bind(job.sku.as_str())
+                .bind(run_id)
+                .bind(shared.provider)
+                .bind(shared.model)
+                .bind(shared.task)
+                .bind(shared.params)
+                .bind(now)
+                .bind(now)
+                .bind(job.sku)
                 .bind(job.position)
-                .bind(job.fingerprint.as_str())
-                .bind(job.prompt.as_str())
-                .bind(job.inputs.as_str());
+                .bind(job.fingerprint)
+                .bind(job.prompt)
+                .bind(job.inputs);
         }
         q.execute(&mut *self.tx).await?;
         Ok(())
@@ -173,25 +192,33 @@ impl PlanTx {
             return Ok(());
         }
         let mut sql = String::from("WITH v(sku, pos) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 2, 2);
-        sql.push_str(") UPDATE jobs SET planned_run = ?1, position = v.pos FROM v WHERE jobs.sku = v.sku");
-        let mut q = sqlx::query(&sql).bind(run_id);
+        placeholders(&mut sql, rows.len(), 2);
+        sql.push_str(") UPDATE jobs SET planned_run = ?, position = v.pos FROM v WHERE jobs.sku = v.sku");
+        let mut q = sqlx::query(&sql);
         for (sku, pos) in rows {
             q = q.bind(*sku).bind(*pos);
         }
+        q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;
         Ok(())
     }
 
     /// Makes the plan durable.
-    pub(crate) async fn commit(self) -> Result<(), StoreError> {
+    pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
+        self.restore_cache().await?;
         self.tx.commit().await?;
         Ok(())
     }
 
     /// Discards everything the plan wrote (a dry run, or a catalog with errors).
-    pub(crate) async fn rollback(self) -> Result<(), StoreError> {
+    pub(crate) async fn rollback(mut self) -> Result<(), StoreError> {
+        self.restore_cache().await?;
         self.tx.rollback().await?;
+        Ok(())
+    }
+
+    async fn restore_cache(&mut self) -> Result<(), StoreError> {
+        sqlx::query(&format!("PRAGMA cache_size = {}", self.cache_size)).execute(&mut *self.tx).await?;
         Ok(())
     }
 }
@@ -201,9 +228,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_number_from_first() {
+    fn placeholders_group_per_row() {
         let mut s = String::new();
-        placeholders(&mut s, 2, 2, 2);
-        assert_eq!(s, "(?2,?3),(?4,?5)");
+        placeholders(&mut s, 2, 3);
+        assert_eq!(s, "(?,?,?),(?,?,?)");
     }
 }

@@ -22,7 +22,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let store = runtime.block_on(Store::open(&dir.path().join("state.db"))).unwrap();
-    std::fs::write(dir.path().join("prompt.txt"), "+++\ntask = \"generate\"\n+++\nA {name} on marble\n").unwrap();
+    std::fs::write(dir.path().join("prompt.txt"), "+++\ntask = \"generate\"\n+++\nA {name} on marble\n")
+        .unwrap();
     Fixture { dir, store, runtime }
 }
 

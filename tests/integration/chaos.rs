@@ -49,7 +49,8 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     let listen = format!("127.0.0.1:{port}");
     let hook_url = format!("http://{listen}/hook");
     let jwks = env.sim.jwks_url();
-    let mut args = vec!["--provider", provider, "--concurrency", "8", "--max-attempts", "12", "--rate", "50/s"];
+    let mut args =
+        vec!["--provider", provider, "--concurrency", "8", "--max-attempts", "12", "--rate", "50/s"];
     if provider == "fal" {
         // fal scenarios take signed webhooks: late, duplicated or lost, on top of polling.
         args.extend(["--webhook-listen", &listen, "--webhook-url", &hook_url, "--jwks-url", &jwks]);

@@ -115,3 +115,31 @@ fn send_signal(pid: i32, signal: &str) {
         .expect("kill runs");
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_interrupt_exits_at_once_and_recovery_sorts_it_out() {
+    // Synchronous edits that take 20 s: the first Ctrl-C waits for the answers (they carry what
+    // was paid for), the second does not wait.
+    let faults = Faults { latency: Latency::Fixed { ms: 20_000 }, ..Faults::default() };
+    let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+    let catalog = env.catalog(4);
+    let child =
+        env.run_cmd(&catalog, &["--sync", "--concurrency", "2", "--request-timeout", "60s"]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    send_signal(pid, "INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_signal(pid, "INT");
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the second interrupt does not wait for the 20 s answers")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let states = env.states().await;
+    assert_eq!(states.get("submitting"), Some(&2), "two submits were in the air: {states:?}");
+
+    // The next start marks them ambiguous instead of paying again.
+    let store = env.store().await;
+    let recovery = store.recover().await.unwrap();
+    assert_eq!(recovery.ambiguous, 2);
+}

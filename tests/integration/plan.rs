@@ -353,3 +353,15 @@ async fn fal_text_to_image_is_priced_in_dollars() {
     assert_eq!(p.estimate.amount, None);
     assert!(p.render_text().contains("price unknown"), "{}", p.render_text());
 }
+
+#[tokio::test]
+async fn a_prompt_column_overrides_the_template_per_row() {
+    let env = Env::new().await;
+    let s = settings(&fixture("prompt-column.csv"), &fixture("simple.txt"), |a| a.skip_invalid = true);
+    let run = env.run_id().await;
+    let p = plan(&env.store, &s, Some(run)).await.unwrap();
+    assert_eq!((p.counts.new, p.counts.invalid), (2, 1));
+    assert_eq!(p.invalid[0].to_string(), "line 4: prompt column: placeholder {size} names no column");
+    assert_eq!(env.job("P-1").await.1, "Put the white Mug on white marble.");
+    assert_eq!(env.job("P-2").await.1, "Hang the Lamp over a brass {sofa}");
+}

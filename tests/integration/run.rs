@@ -261,3 +261,54 @@ async fn nasty_skus_stay_inside_the_output_folder_and_never_collide() {
     assert_eq!(unique.len(), skus.len(), "no two SKUs share a file, even ignoring case");
     assert!(!env.dir.path().join("etc").exists());
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/catalog").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_catalog_is_rejected_with_every_problem_before_anything_is_sent() {
+    let env = TestEnv::plain().await;
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let out = output(env.run_cmd(&fixture("mixed.csv"), extra)).await;
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        let err = stderr(&out);
+        for line in ["line 3", "line 5", "line 6"] {
+            assert!(err.contains(line), "{line} missing from: {err}");
+        }
+    }
+    assert_eq!(env.sim.stats().submits, 0);
+    assert!(!env.state().exists() || env.states().await.is_empty(), "nothing planned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_invalid_runs_the_good_rows_and_lists_the_rest() {
+    let env = TestEnv::plain().await;
+    // The fixture's good rows point at a CDN the simulator answers with placeholders.
+    let out = output(env.run_cmd(&fixture("mixed.csv"), &["--skip-invalid"])).await;
+    let err = stderr(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(err.contains("line 3"), "the invalid rows are listed: {err}");
+    assert_eq!(env.states().await.get("done"), Some(&3), "A-1, A-3, A-6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_catalog_dry_run_prices_the_batch_and_sends_nothing() {
+    let env = TestEnv::plain().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = env.cmd();
+    cmd.arg("run")
+        .arg(root.join("sample-catalog.csv"))
+        .arg("--prompt")
+        .arg(root.join("prompts/marble-counter.txt"))
+        .arg("--state")
+        .arg(env.state())
+        .args(["--api-base", &env.sim.base_url(), "--dry-run"]);
+    let out = output(cmd).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("new 12"), "{text}");
+    assert!(text.contains("96 credits ($0.96)"), "{text}");
+    assert!(text.contains("nothing was sent"), "{text}");
+    assert_eq!(env.sim.stats().submits, 0);
+}

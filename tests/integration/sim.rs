@@ -633,7 +633,8 @@ fn the_binary_serves_and_documents_every_flag() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
     let base = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -642,6 +643,7 @@ fn the_binary_serves_and_documents_every_flag() {
     });
     child.kill().unwrap();
     child.wait().unwrap();
+    drop(stdout);
     assert_eq!(balance["credits"], 16.0);
 }
 
@@ -680,5 +682,36 @@ async fn fal_text_to_image_returns_images_and_a_seed() {
         (Some(64), Some(36))
     );
     assert_eq!(png(&c, result["images"][0]["url"].as_str().unwrap()).await.dimensions(), (64, 36));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn poll_errors_are_5xx_in_each_protocols_shape_and_late_webhooks_wait() {
+    let faults = Faults { poll_error_rate: 1.0, webhook_delay_ms: 300, ..Faults::default() };
+    let sim = sim_with(faults).await;
+    let c = client();
+    let mut body = edit_body(&sim, "P");
+    body["async"] = json!(true);
+    let v: Value = post_seedance(&c, &sim, EDIT, &body).await.json().await.unwrap();
+    let poll = c
+        .get(format!("{}/v1/requests/{}", sim.base_url(), v["request_id"].as_str().unwrap()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status(), 500);
+    assert_eq!(poll.json::<Value>().await.unwrap()["error"]["code"], "server_error");
+
+    let (hook, got) = receiver().await;
+    let query =
+        format!("?fal_webhook={}", url::form_urlencoded::byte_serialize(hook.as_bytes()).collect::<String>());
+    let v: Value = post_fal(&c, &sim, &query, &edit_body(&sim, "P")).await.json().await.unwrap();
+    let poll = fal_get(&c, v["status_url"].as_str().unwrap()).await;
+    assert_eq!(poll.status(), 503);
+    assert_eq!(poll.headers()["x-fal-error-type"], "runner_unavailable");
+    assert_eq!(poll.json::<Value>().await.unwrap()["error_type"], "runner_unavailable");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(got.lock().unwrap().is_empty(), "the webhook is late on purpose");
+    assert_eq!(wait_for(&got, 1).await.len(), 1);
     sim.shutdown().await;
 }
