@@ -265,9 +265,6 @@ def bench_efficiency(ctx):
         # (name, rows, concurrency, --rate, the rate that binds (None: concurrency does), runs, extra flags)
         ("concurrency-bound", ctx.n(2000, 200), 50, "1000/s", None, ctx.repeat, []),
         ("rate-bound", ctx.n(400, 60), 50, "20/s", 20.0, ctx.repeat, []),
-        # Not a target: the same concurrency-bound case with the first poll set just above the
-        # known latency, to show how much of the gap is poll timing and how much the rest.
-        ("diagnostic, --poll-initial 210ms", ctx.n(2000, 200), 50, "1000/s", None, 1, ["--poll-initial", "210ms"]),
     ]
     for name, n, c, rate, rate_per_s, repeat, extra in cases:
         ideal = n * latency_ms / 1000 / c if rate_per_s is None else n / rate_per_s
@@ -296,8 +293,6 @@ def bench_efficiency(ctx):
             peak_in_flight=stats.get("peak_in_flight"), peak_submits_s=stats.get("peak_submits_per_second"),
             internal=summary.get("duration_secs"), job_ms_p50_p90=times, user=run.user, sys=run.sys,
             all_walls=" / ".join(f"{r[0].wall:.2f}" for r in runs))
-        if name.startswith("diagnostic"):
-            continue
         check(ctx, f"{name}: wall within 5% of the ideal {ideal:.1f} s ({n} rows; median of {len(runs)})",
               f"{run.wall:.2f} s = {ratio:.3f}x ideal ({(ratio - 1) * 100:+.1f}%)",
               ratio <= 1.05 and all(r[4] == n for r in runs))
@@ -381,7 +376,7 @@ def bench_versus(ctx):
     # Not a target: the clean backdrop run again with its state and outputs on tmpfs, where fsync
     # costs nothing, to show how much of backdrop's CPU is the price of durability.
     if shm.is_dir() and os.access(shm, os.W_OK):
-        print(f"[vs] diagnostic: clean, backdrop with state and outputs on tmpfs", file=sys.stderr)
+        print("[vs] diagnostic: clean, backdrop with state and outputs on tmpfs", file=sys.stderr)
         d = ctx.dir("vs-clean-backdrop-tmpfs")
         place = Path(tempfile.mkdtemp(prefix="backdrop-bench-", dir=shm))
         try:
