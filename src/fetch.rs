@@ -124,11 +124,13 @@ pub enum FetchError {
 
 impl FetchError {
     /// True when downloading again may succeed: connection failures, interrupted or truncated
-    /// transfers, 408, 429 and 5xx.
+    /// transfers, 408, 429 and 5xx, and a body that is not an image (a proxy's error page
+    /// answered with 200 is usually gone on the next try; the image is paid for, so it is worth
+    /// the few bounded tries the pipeline makes).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Interrupted { .. } => true,
+            Self::Connect { .. } | Self::Interrupted { .. } | Self::NotImage { .. } => true,
             Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             _ => false,
         }
@@ -173,13 +175,29 @@ impl Fetcher {
         &self.out_dir
     }
 
-    /// Downloads output `index` of `sku` and makes it durable under its final name.
+    /// Downloads output `index` of `sku` and makes it durable under its final name:
+    /// [`Fetcher::download`] then [`Downloaded::persist`].
     ///
     /// # Errors
     /// A [`FetchError`]; on every error the temporary file is removed and no final file is
     /// created or changed.
-    #[tracing::instrument(skip_all, fields(sku = %sku, index = index))]
     pub async fn fetch(&self, sku: &str, index: u32, output: &OutputRef) -> Result<SavedOutput, FetchError> {
+        self.download(sku, index, output).await?.persist().await
+    }
+
+    /// Receives output `index` of `sku` into a temporary file beside its final name, checking
+    /// size and type on the way. Nothing is durable yet: that is [`Downloaded::persist`]'s job,
+    /// which needs nothing more from the server.
+    ///
+    /// # Errors
+    /// A [`FetchError`]; on every error the temporary file is removed.
+    #[tracing::instrument(skip_all, fields(sku = %sku, index = index))]
+    pub async fn download(
+        &self,
+        sku: &str,
+        index: u32,
+        output: &OutputRef,
+    ) -> Result<Downloaded, FetchError> {
         let url = output.url.as_str();
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
         if !(lower.starts_with("http://") || lower.starts_with("https://")) {
@@ -223,15 +241,9 @@ impl Fetcher {
         let relative = output_path(&self.name_template, sku, index, ext);
         let final_path = self.out_dir.join(&relative);
         let dir = final_path.parent().map_or_else(|| self.out_dir.clone(), Path::to_path_buf);
-        if !tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+        let new_dir = !tokio::fs::try_exists(&dir).await.unwrap_or(false);
+        if new_dir {
             tokio::fs::create_dir_all(&dir).await.map_err(|e| FetchError::io(&dir, e))?;
-            // A new folder's own name lives in its parent: sync the parents too, or a power
-            // loss could keep the file's bytes but lose the folder that names it.
-            let (dir_for_task, out_dir) = (dir.clone(), self.out_dir.clone());
-            tokio::task::spawn_blocking(move || sync_new_dirs(&dir_for_task, &out_dir))
-                .await
-                .map_err(|e| FetchError::io(&dir, io::Error::other(e.to_string())))?
-                .map_err(|e| FetchError::io(&dir, e))?;
         }
         let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = dir.join(format!(".{file_name}{TEMP_MARKER}{:016x}", rand::random::<u64>()));
@@ -268,28 +280,61 @@ impl Fetcher {
             });
         }
 
-        let checked_path = temp.path.clone();
-        let final_for_task = final_path.clone();
-        let url_owned = url.to_owned();
+        Ok(Downloaded {
+            temp,
+            final_path,
+            new_dir: new_dir.then(|| (dir, self.out_dir.clone())),
+            saved: SavedOutput {
+                index,
+                path: relative,
+                sha256: format!("{:x}", hasher.finalize()),
+                bytes: written,
+                width: 0,
+                height: 0,
+                content_type: content_type.to_owned(),
+                source_url: url.to_owned(),
+            },
+        })
+    }
+}
+
+/// An output received into its temporary file, not yet durable.
+#[derive(Debug)]
+pub struct Downloaded {
+    temp: TempFile,
+    final_path: PathBuf,
+    /// A folder this download created, and the output folder: their names must be synced too.
+    new_dir: Option<(PathBuf, PathBuf)>,
+    saved: SavedOutput,
+}
+
+impl Downloaded {
+    /// Checks the image header (type, dimension bombs), then fsyncs the file, renames it to its
+    /// final name and syncs the folders that name it: after this the file survives a power loss.
+    ///
+    /// # Errors
+    /// [`FetchError::NotImage`] or [`FetchError::TooManyPixels`] for a bad image, or the I/O
+    /// error; the temporary file is removed either way.
+    pub async fn persist(self) -> Result<SavedOutput, FetchError> {
+        let Self { temp, final_path, new_dir, mut saved } = self;
+        let target = final_path.clone();
+        let url = saved.source_url.clone();
         // Header decoding, fsync and rename are blocking file work.
         let (width, height) = tokio::task::spawn_blocking(move || {
-            let dims = check_image(&checked_path, &url_owned)?;
-            temp.commit(&final_for_task)?;
+            let dims = check_image(&temp.path, &url)?;
+            temp.commit(&target)?;
+            if let Some((dir, out_dir)) = new_dir {
+                // A new folder's own name lives in its parent: sync the parents too, or a power
+                // loss could keep the file's bytes but lose the folder that names it.
+                sync_new_dirs(&dir, &out_dir).map_err(|e| FetchError::io(&dir, e))?;
+            }
             Ok::<_, FetchError>(dims)
         })
         .await
         .map_err(|e| FetchError::io(&final_path, io::Error::other(e.to_string())))??;
-
-        Ok(SavedOutput {
-            index,
-            path: relative,
-            sha256: format!("{:x}", hasher.finalize()),
-            bytes: written,
-            width,
-            height,
-            content_type: content_type.to_owned(),
-            source_url: url.to_owned(),
-        })
+        saved.width = width;
+        saved.height = height;
+        Ok(saved)
     }
 }
 
@@ -346,6 +391,7 @@ fn check_image(path: &Path, url: &str) -> Result<(u32, u32), FetchError> {
 }
 
 /// A temporary file that removes itself unless committed.
+#[derive(Debug)]
 struct TempFile {
     path: PathBuf,
     file: Option<std::fs::File>,

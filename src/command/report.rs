@@ -41,7 +41,8 @@ pub async fn execute(global: &GlobalArgs, args: &ReportArgs) -> Result<ExitCode,
     match written {
         Ok(()) => {
             if let Some(output) = &args.output {
-                tracing::info!("wrote a {:?} report of {rows} rows to {}", args.format, output.display());
+                let format = format!("{:?}", args.format).to_lowercase();
+                tracing::info!("wrote the {format} report of {rows} rows to {}", output.display());
             }
             Ok(ExitCode::Success)
         }

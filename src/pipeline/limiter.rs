@@ -1,6 +1,7 @@
-//! The shared request rate limit: one governor limiter paced evenly at the user's `--rate`, plus
-//! a "not before" gate every worker honours, raised when a server answers 429 with `Retry-After`
-//! (a governor quota cannot change at run time, so the slowdown is a shared instant instead).
+//! The shared request rate limit: one governor limiter (burst 1) that keeps consecutive submits at
+//! least `period / count` apart, a drift-free schedule of slots 2% wider than that, and a "not
+//! before" gate every worker honours, raised when a server answers 429 with `Retry-After` (a
+//! governor quota cannot change at run time, so the slowdown is a shared instant instead).
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -17,22 +18,33 @@ pub struct Limiter {
     limiter: DefaultDirectRateLimiter,
     /// Nobody sends before this instant (a tokio instant, so paused-time tests can drive it).
     not_before: Mutex<Option<Instant>>,
+    /// The waiter whose turn it is to take the next cell.
+    turn: tokio::sync::Mutex<()>,
+    /// The next slot of the schedule.
+    next_slot: Mutex<Option<Instant>>,
+    /// Slot spacing: the nominal interval plus [`PACING_MARGIN`].
+    spacing: Duration,
 }
 
-/// How much slower than the nominal interval requests are spaced (2%).
+/// How much wider than the nominal interval the slots are (2%).
 const PACING_MARGIN: f64 = 1.02;
 
-/// The governor quota for a rate: one request every `period / count` (plus 2%), burst 1.
+/// The governor quota for a rate: one request every `period / count`, burst 1.
 ///
 /// governor's burst defaults to the rate itself, which would let `10/s` send 10 requests at once
 /// after an idle second and then 10 more as the bucket refills: up to 20 in one second at the
-/// server. With a burst of 1 the requests are evenly spaced. At exactly `period / count` apart,
-/// a *closed* window of one period could still hold `count + 1` of them, and a millisecond of
-/// network jitter turns that into a real excess at the server; the 2% margin keeps `count + 1`
-/// requests more than a period apart whatever the jitter up to `period / 50`.
+/// server. With a burst of 1 consecutive requests are at least `period / count` apart, so a
+/// half-open window of one period never holds more than `count`.
+///
+/// governor alone drifts, though: a worker that wakes a millisecond late pushes every later cell
+/// a millisecond later too, and on a busy machine that costs several percent of the rate. So
+/// [`Limiter::acquire`] also keeps a schedule of slots `period / count × 1.02` apart, fixed in
+/// advance: a late wake does not move the next slot, the 2% lets governor's spacing absorb a
+/// wake up to `period / 50` late, and `count + 1` slots always span more than a period, which
+/// leaves room for network jitter at the server.
 #[must_use]
 pub fn quota(rate: Rate) -> Quota {
-    let interval = (rate.period / rate.count.max(1)).mul_f64(PACING_MARGIN).max(Duration::from_nanos(1));
+    let interval = (rate.period / rate.count.max(1)).max(Duration::from_nanos(1));
     Quota::with_period(interval)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(NonZeroU32::MIN)
@@ -42,7 +54,13 @@ impl Limiter {
     /// A limiter for `rate`.
     #[must_use]
     pub fn new(rate: Rate) -> Self {
-        Self { limiter: RateLimiter::direct(quota(rate)), not_before: Mutex::new(None) }
+        Self {
+            limiter: RateLimiter::direct(quota(rate)),
+            not_before: Mutex::new(None),
+            turn: tokio::sync::Mutex::new(()),
+            next_slot: Mutex::new(None),
+            spacing: (rate.period / rate.count.max(1)).mul_f64(PACING_MARGIN),
+        }
     }
 
     /// Holds every worker until `until` (a server's `Retry-After`). Keeps the later of the
@@ -70,11 +88,29 @@ impl Limiter {
     /// the gate was raised while this worker waited for its slot, it waits again (and takes a
     /// new slot), so the workers released by a gate are still paced and not sent as one burst.
     pub async fn acquire(&self) {
+        // One waiter at a time asks governor, in arrival order (tokio's mutex is fair): no
+        // thundering herd of workers waking together to lose the same cell, and rows keep
+        // their catalog order.
+        let _turn = self.turn.lock().await;
         loop {
             while let Some(gate) = self.paused_until() {
                 tokio::time::sleep_until(gate).await;
             }
-            self.limiter.until_ready().await;
+            let slot = {
+                let mut next = self.next_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let slot = next.map_or_else(Instant::now, |n| n.max(Instant::now()));
+                *next = Some(slot + self.spacing);
+                slot
+            };
+            tokio::time::sleep_until(slot).await;
+            // governor keeps consecutive submits at least `period / count` apart; with slots 2%
+            // wider it only waits here after a wake later than that.
+            while let Err(not_until) = self.limiter.check() {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
+                tokio::time::sleep(wait).await;
+            }
+            // A 429 may have raised the gate while this worker waited: the cell is spent, wait
+            // for the gate and take a new slot.
             if self.paused_until().is_none() {
                 return;
             }
@@ -159,9 +195,5 @@ mod tests {
             assert!(at >= start + Duration::from_secs(30), "released early at {:?}", at - start);
         }
         assert_eq!(limiter.paused_until(), None);
-        // With the gate down, a slot is immediate.
-        let before = Instant::now();
-        limiter.acquire().await;
-        assert_eq!(Instant::now(), before);
     }
 }

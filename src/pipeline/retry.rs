@@ -144,6 +144,69 @@ impl PollSchedule {
     }
 }
 
+/// What a run has learned about how long its jobs take, so the first poll of a job lands just
+/// when it is likely done instead of at a fixed delay.
+///
+/// It keeps two bounds, shared by every worker: the fastest time at which a poll saw a job
+/// completed (`done`), and the longest time, still below that, at which a poll saw one running
+/// (`running`). A job's first poll probes halfway between them (or at half of `done` while no
+/// lower bound is known) and its second goes at `done`. A probe that finds the job done lowers
+/// `done`; one that finds it running raises `running`: with steady latencies the two meet at the
+/// real latency within a few rounds, from either side, instead of creeping toward it.
+#[derive(Debug)]
+pub struct PollTiming {
+    done_us: std::sync::atomic::AtomicU64,
+    running_us: std::sync::atomic::AtomicU64,
+}
+
+impl Default for PollTiming {
+    fn default() -> Self {
+        Self {
+            done_us: std::sync::atomic::AtomicU64::new(u64::MAX),
+            running_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl PollTiming {
+    fn load(&self) -> (Option<u64>, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let done = self.done_us.load(Relaxed);
+        ((done != u64::MAX).then_some(done), self.running_us.load(Relaxed))
+    }
+
+    /// When to poll a job the first time, counted from its submit; `None` until a completion
+    /// has been seen.
+    #[must_use]
+    pub fn probe(&self) -> Option<Duration> {
+        let (done, running) = self.load();
+        let done = done?;
+        let probe = if running > 0 && running < done { running + (done - running) / 2 } else { done / 2 };
+        Some(Duration::from_micros(probe))
+    }
+
+    /// The fastest confirmed completion: the second poll's time.
+    #[must_use]
+    pub fn fastest(&self) -> Option<Duration> {
+        self.load().0.map(Duration::from_micros)
+    }
+
+    /// A poll `elapsed` after the submit found the job completed.
+    pub fn saw_done(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX - 1);
+        self.done_us.fetch_min(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A poll `elapsed` after the submit found the job still running.
+    pub fn saw_running(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX - 1);
+        // Only a bound below the fastest completion says anything about the typical job.
+        if self.load().0.is_none_or(|done| us < done) {
+            self.running_us.fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +289,46 @@ mod tests {
         assert_eq!(s.delay(1, 1.0), Duration::from_millis(275));
         assert_eq!(s.delay(0, 0.5), s.delay(1, 0.5));
         assert_eq!(s.delay(u32::MAX, 0.5), S(5));
+    }
+
+    #[test]
+    fn poll_timing_converges_on_a_steady_latency_from_above() {
+        let t = PollTiming::default();
+        assert_eq!(t.probe(), None);
+        let latency = Duration::from_millis(200);
+        // The first job was polled late, at 250 ms.
+        t.saw_done(Duration::from_millis(250));
+        for _ in 0..20 {
+            let probe = t.probe().unwrap();
+            if probe >= latency { t.saw_done(probe) } else { t.saw_running(probe) }
+        }
+        let done = t.fastest().unwrap();
+        assert!(done >= latency && done < latency + Duration::from_millis(2), "{done:?}");
+    }
+
+    #[test]
+    fn poll_timing_finds_a_short_latency_quickly() {
+        let t = PollTiming::default();
+        t.saw_done(Duration::from_millis(250));
+        let latency = Duration::from_millis(3);
+        let mut rounds = 0;
+        while t.fastest().unwrap() > Duration::from_millis(4) {
+            let probe = t.probe().unwrap();
+            if probe >= latency {
+                t.saw_done(probe)
+            } else {
+                t.saw_running(probe)
+            }
+            rounds += 1;
+        }
+        assert!(rounds <= 10, "halving, not creeping: {rounds} rounds");
+    }
+
+    #[test]
+    fn a_slow_job_running_late_does_not_move_the_probe_past_the_fastest_completion() {
+        let t = PollTiming::default();
+        t.saw_done(Duration::from_millis(100));
+        t.saw_running(Duration::from_secs(5));
+        assert_eq!(t.probe(), Some(Duration::from_millis(50)));
     }
 }

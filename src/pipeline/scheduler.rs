@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::budget::Budget;
 use super::limiter::Limiter;
-use super::retry::{PollSchedule, RetryPolicy};
+use super::retry::{PollSchedule, PollTiming, RetryPolicy};
 use super::stats::RunStats;
 use super::webhook::Webhooks;
 use crate::fetch::{FetchError, Fetcher};
@@ -98,28 +98,16 @@ struct Shared<P: Provider> {
     /// Cancelled when everything must stop now (401, interrupt).
     stop_all: CancellationToken,
     low_credit_warned: std::sync::atomic::AtomicBool,
-    /// Fastest submit-to-completed time seen in this run, in microseconds (`u64::MAX`: none yet).
-    fastest_us: AtomicU64,
+    /// When this run's jobs tend to be done, for the first polls.
+    timing: PollTiming,
 }
 
 impl<P: Provider> Shared<P> {
-    fn learned_latency(&self) -> Option<Duration> {
-        match self.fastest_us.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
-    fn observe_latency(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1);
-        self.fastest_us.fetch_min(us, Ordering::Relaxed);
-    }
-
     /// After the first poll, poll in steps of a tenth of the learned latency (at least 10 ms),
     /// growing to `--poll-max`; before anything is learned, the configured schedule.
     fn poll_schedule(&self) -> PollSchedule {
         let configured = self.pool.poll;
-        match self.learned_latency() {
+        match self.timing.fastest() {
             Some(l) => PollSchedule {
                 initial: (l / 10)
                     .clamp(Duration::from_millis(10), configured.initial.max(Duration::from_millis(10))),
@@ -175,6 +163,22 @@ impl<P: Provider> Shared<P> {
     }
 }
 
+/// A job's place among the `concurrency` in flight. Released as soon as the provider's part is
+/// over (the last output is on disk), before the final bookkeeping commit, so the next job can
+/// start while the store catches up.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    stats: Arc<RunStats>,
+}
+
+impl Slot {
+    fn release(&mut self) {
+        if self.permit.take().is_some() {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// How one job's turn ended, for the counters.
 enum JobEnd {
     Done,
@@ -197,7 +201,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         pool,
         stop: Mutex::new(None),
         low_credit_warned: std::sync::atomic::AtomicBool::new(false),
-        fastest_us: AtomicU64::new(u64::MAX),
+        timing: PollTiming::default(),
     });
     let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
@@ -279,11 +283,10 @@ fn spawn<P: Provider>(
     let span = info_span!("job", sku = %job.spec.sku, id = job.spec.id);
     tasks.spawn(
         async move {
-            let stats = &shared.pool.stats;
-            stats.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let end = work(&shared, job).await;
-            stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            drop(permit);
+            shared.pool.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let mut slot = Slot { permit: Some(permit), stats: Arc::clone(&shared.pool.stats) };
+            let end = work(&shared, job, &mut slot).await;
+            slot.release();
             end
         }
         .instrument(span),
@@ -329,26 +332,30 @@ fn record<P: Provider>(
     }
 }
 
-async fn work<P: Provider>(shared: &Shared<P>, job: StoredJob) -> Result<JobEnd, StoreError> {
+async fn work<P: Provider>(
+    shared: &Shared<P>,
+    job: StoredJob,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
     match job.state {
         JobState::Submitted => match &job.request {
-            Some(request) => poll_phase(shared, &job, request.clone(), None).await,
+            Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
             None => fail(shared, &job, None, "submitted without a request id (corrupt row)").await,
         },
         JobState::Fetching => {
             let parsed = job.result.as_deref().map(serde_json::from_str::<JobResult>);
             match parsed {
-                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result).await,
+                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result, None, slot).await,
                 // The result was lost; poll again if we can, the outputs are still paid for.
                 _ => match &job.request {
-                    Some(request) => poll_phase(shared, &job, request.clone(), None).await,
+                    Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
                     None => {
                         fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await
                     }
                 },
             }
         }
-        JobState::Pending | JobState::Waiting => submit_phase(shared, &job).await,
+        JobState::Pending | JobState::Waiting => submit_phase(shared, &job, slot).await,
         // Never claimed; listed for completeness.
         JobState::Submitting | JobState::Done | JobState::Failed | JobState::Ambiguous => Ok(JobEnd::Left),
     }
@@ -376,7 +383,11 @@ fn attempt_end(e: &ProviderError, class: &'static str, latency: Duration) -> Att
     }
 }
 
-async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Result<JobEnd, StoreError> {
+async fn submit_phase<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
     let spec = &job.spec;
     let mut attempts = job.attempts;
     if let Some(at) = job.next_attempt_at {
@@ -445,7 +456,7 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                     })
                     .await?;
                 let accepted = StoredJob { credits: job.credits + price, ..job.clone() };
-                return poll_phase(shared, &accepted, request, Some(started)).await;
+                return poll_phase(shared, &accepted, request, Some(started), slot).await;
             }
             Ok(Submission::Completed { request_id, result }) => {
                 let charged = result.charged.unwrap_or(price);
@@ -477,7 +488,7 @@ async fn submit_phase<P: Provider>(shared: &Shared<P>, job: &StoredJob) -> Resul
                     response_url: None,
                     cancel_url: None,
                 });
-                return fetch_phase(shared, job, request, result).await;
+                return fetch_phase(shared, job, request, result, None, slot).await;
             }
             Err(e) => match e.class() {
                 ErrorClass::Retry => {
@@ -560,8 +571,9 @@ async fn poll_phase<P: Provider>(
     job: &StoredJob,
     request: RequestRef,
     submitted_at: Option<Instant>,
+    slot: &mut Slot,
 ) -> Result<JobEnd, StoreError> {
-    let end = poll_loop(shared, job, &request, submitted_at).await;
+    let end = poll_loop(shared, job, &request, submitted_at, slot).await;
     if let Some(hooks) = &shared.pool.webhooks {
         hooks.forget(&request.request_id);
     }
@@ -573,20 +585,21 @@ async fn poll_loop<P: Provider>(
     job: &StoredJob,
     request: &RequestRef,
     submitted_at: Option<Instant>,
+    slot: &mut Slot,
 ) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
     let mut errors: u32 = 0;
     let mut woken = false;
     let schedule = shared.poll_schedule();
     loop {
-        let mut delay = match (polls, shared.learned_latency()) {
-            // The first poll goes when the fastest job of this run so far was ready: short jobs
-            // are not held back by a fixed first delay, long ones are not polled early.
-            (0, Some(learned)) => {
-                learned.saturating_sub(submitted_at.map_or(Duration::ZERO, |t| t.elapsed()))
-            }
-            _ => schedule.delay(polls + 1, rand::random::<f64>()),
-        };
+        let mut delay = match (polls, submitted_at) {
+            // The first two polls go where this run's jobs are likely done (see PollTiming):
+            // short jobs are not held back by a fixed first delay, long ones are not hammered.
+            (0, Some(t)) => shared.timing.probe().map(|p| p.saturating_sub(t.elapsed())),
+            (1, Some(t)) => shared.timing.fastest().map(|f| f.saturating_sub(t.elapsed())),
+            _ => None,
+        }
+        .unwrap_or_else(|| schedule.delay(polls, rand::random::<f64>()));
         let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
         if hooks.is_some() {
             // With webhooks, polls are only the fallback for a lost delivery: slower.
@@ -612,33 +625,26 @@ async fn poll_loop<P: Provider>(
         match shared.pool.provider.poll(request).await {
             Ok(PollOutcome::Running { queue_position }) => {
                 errors = 0;
+                if let Some(t) = submitted_at {
+                    shared.timing.saw_running(t.elapsed());
+                }
                 debug!(polls, queue_position, "still running");
             }
             Ok(PollOutcome::Completed(result)) => {
                 if let Some(t) = submitted_at {
-                    shared.observe_latency(t.elapsed());
+                    shared.timing.saw_done(t.elapsed());
                 }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.
-                let delta = result.charged.map_or(0.0, |c| c - job.credits).max(-job.credits);
-                let delta = if job.credits > 0.0 && result.charged.is_some() { delta } else { 0.0 };
+                let delta = result.charged.map_or(0.0, |c| c - shared.price(&job.spec));
                 if delta.abs() > 1e-9 {
                     shared.pool.budget.adjust(delta);
                     shared.pool.stats.add_spent(delta);
                 }
-                shared
-                    .pool
-                    .writer
-                    .send(Change::Completed {
-                        job_id: job.spec.id,
-                        attempt_id: None,
-                        request_id: None,
-                        result: result_json(&result),
-                        charged: delta,
-                        end: AttemptEnd::default(),
-                    })
-                    .await?;
-                return fetch_phase(shared, job, Some(request.clone()), result).await;
+                // Not committed on its own: the request id is saved, so after a crash a poll
+                // finds this result again. It is recorded with the outputs (or the failure).
+                let unsaved = Some(Unsaved { result: result_json(&result), charged: delta });
+                return fetch_phase(shared, job, Some(request.clone()), result, unsaved, slot).await;
             }
             Err(e) => match e.poll_class() {
                 ErrorClass::Fail => {
@@ -671,16 +677,24 @@ async fn poll_loop<P: Provider>(
     }
 }
 
+/// A polled result not yet in the store (see the poll loop).
+struct Unsaved {
+    result: String,
+    charged: f64,
+}
+
 async fn fetch_phase<P: Provider>(
     shared: &Shared<P>,
     job: &StoredJob,
     request: Option<RequestRef>,
     mut result: JobResult,
+    mut unsaved: Option<Unsaved>,
+    slot: &mut Slot,
 ) -> Result<JobEnd, StoreError> {
     let mut reresolved = 0;
     'again: loop {
         if result.images.is_empty() {
-            return fail(shared, job, None, "paid, but the provider returned no images").await;
+            return fail_paid(shared, job, unsaved.take(), "paid, but the provider returned no images").await;
         }
         let mut outputs = Vec::with_capacity(result.images.len());
         for (index, image) in result.images.iter().enumerate() {
@@ -689,7 +703,7 @@ async fn fetch_phase<P: Provider>(
             let saved = loop {
                 tries += 1;
                 let fetched = tokio::select! {
-                    r = shared.pool.fetcher.fetch(&job.spec.sku, index, image) => r,
+                    r = shared.pool.fetcher.download(&job.spec.sku, index, image) => r,
                     () = shared.stop_all.cancelled() => return Ok(JobEnd::Left),
                 };
                 match fetched {
@@ -702,11 +716,15 @@ async fn fetch_phase<P: Provider>(
                             if let Some(r) = request.as_ref()
                                 && let Ok(PollOutcome::Completed(fresh)) = shared.pool.provider.poll(r).await
                             {
+                                if let Some(u) = unsaved.as_mut() {
+                                    u.result = result_json(&fresh);
+                                }
                                 result = fresh;
                                 continue 'again;
                             }
                         }
-                        return fail(shared, job, None, &format!("paid, not downloaded: {e}")).await;
+                        return fail_paid(shared, job, unsaved.take(), &format!("paid, not downloaded: {e}"))
+                            .await;
                     }
                     Err(e) if e.is_retryable() && tries < shared.pool.retry.max_attempts.max(3) => {
                         RunStats::bump(&shared.pool.stats.retries);
@@ -717,16 +735,52 @@ async fn fetch_phase<P: Provider>(
                             return Ok(JobEnd::Left);
                         }
                     }
-                    Err(e) => return fail(shared, job, None, &download_reason(&e)).await,
+                    Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
                 }
             };
             outputs.push(saved);
         }
+        // Everything is received: the provider's part is over, so the slot goes to the next job
+        // while the files are made durable and the row is recorded.
+        slot.release();
+        let mut saved = Vec::with_capacity(outputs.len());
+        for downloaded in outputs {
+            match downloaded.persist().await {
+                Ok(output) => saved.push(output),
+                Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
+            }
+        }
         // Every file is fsynced and renamed: only now is the row done.
-        shared.commit(Change::Done { job_id: job.spec.id, outputs }).await?;
+        let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
+        shared.commit(Change::Done { job_id: job.spec.id, outputs: saved, result, charged }).await?;
         info!("done");
         return Ok(JobEnd::Done);
     }
+}
+
+/// Fails a row whose result was paid for, saving a polled result first so the store keeps what
+/// was charged and where the images were.
+async fn fail_paid<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+    reason: &str,
+) -> Result<JobEnd, StoreError> {
+    if let Some(u) = unsaved {
+        shared
+            .pool
+            .writer
+            .send(Change::Completed {
+                job_id: job.spec.id,
+                attempt_id: None,
+                request_id: None,
+                result: u.result,
+                charged: u.charged,
+                end: AttemptEnd::default(),
+            })
+            .await?;
+    }
+    fail(shared, job, None, reason).await
 }
 
 fn download_reason(e: &FetchError) -> String {

@@ -133,6 +133,11 @@ pub enum Change {
         job_id: i64,
         /// The files.
         outputs: Vec<SavedOutput>,
+        /// The result JSON, when it was not saved by an earlier [`Change::Completed`] (a polled
+        /// result: after a crash, polling again finds it, so it need not cost its own commit).
+        result: Option<String>,
+        /// Credits to add with it (a poll's correction of the estimate made at submit).
+        charged: f64,
     },
 }
 
@@ -411,7 +416,7 @@ async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<i64, Stor
             end_attempt(conn, *attempt_id, end, None, None).await?;
             Ok(0)
         }
-        Change::Done { job_id, outputs } => {
+        Change::Done { job_id, outputs, result, charged } => {
             sqlx::query("DELETE FROM outputs WHERE job_id = ?").bind(job_id).execute(&mut *conn).await?;
             for o in outputs {
                 sqlx::query(
@@ -432,8 +437,10 @@ async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<i64, Stor
             }
             sqlx::query(
                 "UPDATE jobs SET state = 'done', next_attempt_at = NULL, error = NULL, error_class = NULL,
-                        updated_at = ? WHERE id = ?",
+                        result = COALESCE(?, result), credits = credits + ?, updated_at = ? WHERE id = ?",
             )
+            .bind(result.as_deref())
+            .bind(charged)
             .bind(now)
             .bind(job_id)
             .execute(&mut *conn)
@@ -728,7 +735,7 @@ mod tests {
             content_type: "image/png".into(),
             source_url: "http://x/o.png".into(),
         };
-        w.commit(Change::Done { job_id: id, outputs: vec![out] }).await.unwrap();
+        w.commit(Change::Done { job_id: id, outputs: vec![out], result: None, charged: 0.0 }).await.unwrap();
         assert_eq!(state(&store, id).await.0, "done");
         assert!((store.total_spent().await.unwrap() - 8.0).abs() < 1e-9);
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM attempts WHERE job_id = ?")

@@ -743,7 +743,7 @@ async fn bad_downloads_leave_nothing_behind() {
     };
 
     let err = check(blob(200, b"<html>oops</html>".to_vec(), "image/png")).await;
-    assert!(matches!(err, FetchError::NotImage { .. }) && !err.is_retryable(), "{err:?}");
+    assert!(matches!(err, FetchError::NotImage { .. }) && err.is_retryable(), "{err:?}");
 
     let err = check(blob(200, png_bytes(200, 200), "image/png")).await;
     assert!(matches!(err, FetchError::TooLarge { .. }) && !err.is_retryable(), "{err:?}");

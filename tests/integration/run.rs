@@ -312,3 +312,33 @@ async fn the_sample_catalog_dry_run_prices_the_batch_and_sends_nothing() {
     assert!(text.contains("nothing was sent"), "{text}");
     assert_eq!(env.sim.stats().submits, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_output_urls_fail_the_row_as_paid_not_downloaded() {
+    for provider in ["seedance", "fal"] {
+        let faults = Faults { url_ttl_secs: Some(0.0), ..Faults::default() };
+        let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
+        let catalog = env.catalog(2);
+        let out = output(env.run_cmd(&catalog, &["--provider", provider])).await;
+        assert_eq!(code(&out), 3, "{provider}: {}", stderr(&out));
+        assert_eq!(env.states().await.get("failed"), Some(&2), "{provider}");
+        let store = env.store().await;
+        let errors: Vec<(String,)> =
+            sqlx::query_as("SELECT error FROM jobs").fetch_all(store.pool()).await.unwrap();
+        for (e,) in &errors {
+            assert!(e.contains("paid, not downloaded"), "{provider}: {e}");
+        }
+        if provider == "fal" {
+            let polls = env
+                .sim
+                .stats()
+                .by_route
+                .iter()
+                .filter(|(r, _)| r.contains("response"))
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            assert!(polls >= 4, "fal re-resolves the expired URLs through response_url: {polls}");
+        }
+        assert_eq!(env.sim.ledger().len(), 2, "{provider}: paid once, never resubmitted");
+    }
+}
