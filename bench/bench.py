@@ -610,9 +610,6 @@ def write_results(ctx, started, load_before, load_after, busy, elapsed, args):
         extra += "\n## Details\n\n" + "\n".join(details) + "\n"
     if ctx.notes:
         extra += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in ctx.notes) + "\n"
-    analysis = HERE / "analysis.md"
-    if analysis.exists() and not args.quick:
-        extra += "\n" + analysis.read_text()
     text = f"""# backdrop benchmark results
 
 Written by `bench/run` ({'quick mode: small sizes, not the real figures' if args.quick else 'full run'}).
