@@ -151,7 +151,7 @@ async fn open_rows(env: &TestEnv) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_mixed_faults_with_kills_and_terms() {
     let soak = std::env::var("BACKDROP_SOAK").is_ok_and(|v| v == "1");
-    let (scenarios, interruptions, rows) = if soak { (20, 15, 60) } else { (4, 5, 24) };
+    let (scenarios, interruptions, rows) = if soak { (20, 15, 200) } else { (4, 5, 24) };
     let mut totals = Totals::default();
     for seed in 0..scenarios {
         let provider = if seed % 2 == 0 { "seedance" } else { "fal" };
