@@ -82,8 +82,8 @@ impl Seedance {
         };
         let request = self.client.post(http::join(&self.base, GENERATE_PATH)).json(&body);
         let answer = http::send(request, &self.auth, "seedance generate").await?;
-        let sync: SyncAnswer = answer.json("seedance generate answer", &self.auth)?;
-        Ok(Submission::Completed { request_id: sync.id.clone(), result: sync.into_result()? })
+        let generated: GenerateAnswer = answer.json("seedance generate answer", &self.auth)?;
+        Ok(Submission::Completed { request_id: generated.id, result: generated.outputs.into_result()? })
     }
 
     async fn edit(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
@@ -113,15 +113,8 @@ impl Seedance {
         let answer = http::send(request, &self.auth, "seedance edit").await?;
         let parsed: EditAnswer = answer.json("seedance edit answer", &self.auth)?;
         // Tolerant of either shape whatever was asked: images mean done, an id means queued.
-        if parsed.images.as_ref().is_some_and(|i| !i.is_empty()) {
-            let result = SyncAnswer {
-                id: parsed.request_id.clone(),
-                images: parsed.images,
-                seed: parsed.seed,
-                credits_used: parsed.credits_used,
-                credits_remaining: parsed.credits_remaining,
-            }
-            .into_result()?;
+        if parsed.outputs.has_images() {
+            let result = parsed.outputs.into_result()?;
             return Ok(Submission::Completed { request_id: parsed.request_id, result });
         }
         match parsed.request_id {
@@ -169,15 +162,9 @@ impl Provider for Seedance {
         let status: StatusAnswer = answer.json("seedance status answer", &self.auth)?;
         match status.status.as_deref() {
             Some("completed") => {
-                let result = SyncAnswer {
-                    id: status.request_id,
-                    images: status.images,
-                    seed: status.seed,
-                    credits_used: status.credits_used,
-                    credits_remaining: status.credits_remaining,
-                }
-                .into_result()
-                .map_err(|e| ProviderError::Generation(format!("completed without a usable image: {e}")))?;
+                let result = status.outputs.into_result().map_err(|e| {
+                    ProviderError::Generation(format!("completed without a usable image: {e}"))
+                })?;
                 Ok(PollOutcome::Completed(result))
             }
             Some("failed") => {
@@ -232,11 +219,9 @@ struct Image {
     content_type: Option<String>,
 }
 
-/// The images of a finished request, whichever endpoint sent them.
+/// The outputs of a finished request, in the same fields whichever endpoint sent them.
 #[derive(Deserialize)]
-struct SyncAnswer {
-    #[serde(default)]
-    id: Option<String>,
+struct Outputs {
     #[serde(default)]
     images: Option<Vec<Image>>,
     #[serde(default)]
@@ -247,7 +232,11 @@ struct SyncAnswer {
     credits_remaining: Option<f64>,
 }
 
-impl SyncAnswer {
+impl Outputs {
+    fn has_images(&self) -> bool {
+        self.images.as_ref().is_some_and(|i| !i.is_empty())
+    }
+
     fn into_result(self) -> Result<JobResult, ProviderError> {
         let images: Vec<OutputRef> = self
             .images
@@ -267,34 +256,31 @@ impl SyncAnswer {
     }
 }
 
+/// `POST /v1/images/generate`: `{id, images, ...}`.
+#[derive(Deserialize)]
+struct GenerateAnswer {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(flatten)]
+    outputs: Outputs,
+}
+
+/// `POST /v1/seedream/v4.5/edit`: `{request_id, status}` when queued, the outputs when synchronous.
 #[derive(Deserialize)]
 struct EditAnswer {
     #[serde(default)]
     request_id: Option<String>,
-    #[serde(default)]
-    images: Option<Vec<Image>>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
-    credits_used: Option<f64>,
-    #[serde(default)]
-    credits_remaining: Option<f64>,
+    #[serde(flatten)]
+    outputs: Outputs,
 }
 
+/// `GET /v1/requests/{id}`.
 #[derive(Deserialize)]
 struct StatusAnswer {
     #[serde(default)]
-    request_id: Option<String>,
-    #[serde(default)]
     status: Option<String>,
-    #[serde(default)]
-    images: Option<Vec<Image>>,
-    #[serde(default)]
-    seed: Option<i64>,
-    #[serde(default)]
-    credits_used: Option<f64>,
-    #[serde(default)]
-    credits_remaining: Option<f64>,
+    #[serde(flatten)]
+    outputs: Outputs,
     #[serde(default)]
     queue_position: Option<u32>,
     #[serde(default)]
