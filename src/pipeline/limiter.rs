@@ -38,10 +38,11 @@ const PACING_MARGIN: f64 = 1.02;
 ///
 /// governor alone drifts, though: a worker that wakes a millisecond late pushes every later cell
 /// a millisecond later too, and on a busy machine that costs several percent of the rate. So
-/// [`Limiter::acquire`] also keeps a schedule of slots `period / count × 1.02` apart, fixed in
-/// advance: a late wake does not move the next slot, the 2% lets governor's spacing absorb a
-/// wake up to `period / 50` late, and `count + 1` slots always span more than a period, which
-/// leaves room for network jitter at the server.
+/// [`Limiter::acquire`] keeps a schedule of slots `period / count × 1.02` apart, fixed in
+/// advance: a late wake does not move the next slot. governor itself is checked at the send
+/// ([`Limiter::space_send`]), where the 2% lets it absorb a send held up by up to `period / 50`
+/// without slowing the rate, and `count + 1` slots always span more than a period, which leaves
+/// room for network jitter at the server.
 #[must_use]
 pub fn quota(rate: Rate) -> Quota {
     let interval = (rate.period / rate.count.max(1)).max(Duration::from_nanos(1));
@@ -88,9 +89,8 @@ impl Limiter {
     /// the gate was raised while this worker waited for its slot, it waits again (and takes a
     /// new slot), so the workers released by a gate are still paced and not sent as one burst.
     pub async fn acquire(&self) {
-        // One waiter at a time asks governor, in arrival order (tokio's mutex is fair): no
-        // thundering herd of workers waking together to lose the same cell, and rows keep
-        // their catalog order.
+        // One waiter at a time takes a slot, in arrival order (tokio's mutex is fair): no
+        // thundering herd, and rows keep their catalog order.
         let _turn = self.turn.lock().await;
         loop {
             while let Some(gate) = self.paused_until() {
@@ -103,17 +103,23 @@ impl Limiter {
                 slot
             };
             tokio::time::sleep_until(slot).await;
-            // governor keeps consecutive submits at least `period / count` apart; with slots 2%
-            // wider it only waits here after a wake later than that.
-            while let Err(not_until) = self.limiter.check() {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
-                tokio::time::sleep(wait).await;
-            }
-            // A 429 may have raised the gate while this worker waited: the cell is spent, wait
-            // for the gate and take a new slot.
+            // A 429 may have raised the gate while this worker waited: wait for the gate and
+            // take a new slot.
             if self.paused_until().is_none() {
                 return;
             }
+        }
+    }
+
+    /// Called right before the request leaves, after the work between [`Limiter::acquire`]
+    /// and the send (the intent commit, whose fsync time varies): governor keeps consecutive
+    /// sends at least `period / count` apart, so that variance cannot bunch them up at the
+    /// server. With slots 2% wider this waits only when an earlier send was held up by more
+    /// than that, so the wait is short.
+    pub async fn space_send(&self) {
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(self.limiter.clock()));
+            tokio::time::sleep(wait).await;
         }
     }
 }

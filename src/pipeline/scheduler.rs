@@ -428,6 +428,8 @@ async fn submit_phase<P: Provider>(
         // `submitting` → `ambiguous`, never as a silent second charge.
         let attempt_id =
             shared.commit(Change::Intent { job_id: spec.id, run_id: shared.pool.run_id }).await?;
+        // Pacing is enforced where the request leaves, after the intent's variable fsync.
+        shared.pool.limiter.space_send().await;
         attempts += 1;
         RunStats::bump(&shared.pool.stats.submits);
         let started = Instant::now();
