@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Arguments as _, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{JobState, Store, StoreError, now_ms};
@@ -197,7 +198,24 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
     // Set once a change nobody waits for could not be committed: from then on every change is
     // refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
     let mut poisoned: Option<String> = None;
-    while let Some(first) = rx.recv().await {
+    // When the oldest committed but not yet power-safe `Soon` change must be fsynced.
+    let mut sync_by: Option<tokio::time::Instant> = None;
+    loop {
+        let first = match sync_by {
+            Some(deadline) => tokio::select! {
+                op = rx.recv() => op,
+                () = tokio::time::sleep_until(deadline) => {
+                    // Nothing came along to carry the fsync: bump the heartbeat, synced.
+                    match heartbeat(&mut conn).await {
+                        Ok(()) => sync_by = None,
+                        Err(e) => tracing::warn!(error = %e, "could not sync the state file"),
+                    }
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(first) = first else { break };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -211,26 +229,67 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
             }
             continue;
         }
-        match apply_batch(&mut conn, &batch).await {
+        let needs = batch.iter().map(|op| op.change.durability()).max().unwrap_or(Durability::Whenever);
+        let now = tokio::time::Instant::now();
+        let sync = if needs == Durability::Now || sync_by.is_some_and(|d| d <= now) {
+            Sync::Full
+        } else {
+            Sync::Normal
+        };
+        match apply_batch(&mut conn, &batch, sync).await {
             Ok(ids) => {
                 for (op, id) in batch.into_iter().zip(ids) {
-                    reply(op, Ok(id));
+                    settle(op, id, &mut poisoned);
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, changes = batch.len(), "group commit failed; committing one by one");
                 for op in batch {
-                    let res = apply_batch(&mut conn, std::slice::from_ref(&op)).await.map(|ids| ids[0]);
-                    if let (Err(e), None) = (&res, &op.reply) {
-                        tracing::error!(error = %e, "a state change failed; refusing every later one");
-                        poisoned.get_or_insert_with(|| e.to_string());
-                    }
-                    reply(op, res);
+                    let res = match apply_batch(&mut conn, std::slice::from_ref(&op), sync).await {
+                        Ok(mut ids) => ids.pop().unwrap_or(Ok(0)),
+                        Err(e) => Err(e),
+                    };
+                    settle(op, res, &mut poisoned);
                 }
             }
         }
+        match sync {
+            Sync::Full => sync_by = None,
+            Sync::Normal if needs == Durability::Soon => {
+                sync_by = Some(sync_by.map_or(now + SOON, |d| d.min(now + SOON)));
+            }
+            Sync::Normal => {}
+        }
+    }
+    // Leave everything power-safe (the run's own end is recorded on another connection, synced).
+    if sync_by.is_some() {
+        let _ = heartbeat(&mut conn).await;
     }
     let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await;
+}
+
+/// A synced commit of a real change (an unchanged row would write nothing), so every earlier
+/// commit in the WAL becomes power-safe.
+async fn heartbeat(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    let bumped = sqlx::query(
+        "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; UPDATE heartbeat SET beats = beats + 1 WHERE id = 1; COMMIT;",
+    )
+    .execute(&mut *conn)
+    .await;
+    if let Err(e) = bumped {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Answers `op`; a change nobody waits for that failed poisons the writer.
+fn settle(op: Op, result: Result<i64, StoreError>, poisoned: &mut Option<String>) {
+    if let (Err(e), None) = (&result, &op.reply) {
+        tracing::error!(error = %e, "a state change failed; refusing every later one");
+        poisoned.get_or_insert_with(|| e.to_string());
+    }
+    reply(op, result);
 }
 
 fn reply(op: Op, result: Result<i64, StoreError>) {
@@ -240,10 +299,14 @@ fn reply(op: Op, result: Result<i64, StoreError>) {
     }
 }
 
-async fn apply_batch(conn: &mut SqliteConnection, batch: &[Op]) -> Result<Vec<i64>, StoreError> {
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    batch: &[Op],
+    sync: Sync,
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
     let mut attempt = 0;
     loop {
-        match try_apply(conn, batch).await {
+        match try_apply(conn, batch, sync).await {
             Ok(ids) => return Ok(ids),
             Err(e) if e.is_retryable() && attempt < 5 => {
                 attempt += 1;
@@ -254,200 +317,275 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &[Op]) -> Result<Vec<i6
     }
 }
 
-async fn try_apply(conn: &mut SqliteConnection, batch: &[Op]) -> Result<Vec<i64>, StoreError> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    let mut ids = Vec::with_capacity(batch.len());
-    for op in batch {
-        match apply(conn, &op.change).await {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                return Err(e);
-            }
-        }
-    }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
-    }
-    Ok(ids)
+/// How soon a change must survive a power cut. Every change survives a crash of this process the
+/// moment it is committed; power-safety needs an fsync of the WAL, which also covers every commit
+/// before it, so only the changes that cannot wait pay for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Durability {
+    /// Lost, the next run redoes it by itself at no cost: a `done` (the row is polled or
+    /// downloaded again, never resubmitted) and a polled result (polled again).
+    Whenever,
+    /// Lost, a paid row would turn `ambiguous` (a saved request id, a sync answer, an error):
+    /// power-safe within [`SOON`], usually carried by the next intent's fsync.
+    Soon,
+    /// The intent: power-safe before the writer answers, because the paid request leaves next.
+    Now,
 }
 
-async fn end_attempt(
+/// The longest a [`Durability::Soon`] change waits for another commit to carry its fsync.
+const SOON: Duration = Duration::from_millis(100);
+
+impl Change {
+    fn durability(&self) -> Durability {
+        match self {
+            Self::Intent { .. } => Durability::Now,
+            Self::Done { .. } | Self::Completed { attempt_id: None, .. } => Durability::Whenever,
+            _ => Durability::Soon,
+        }
+    }
+}
+
+/// The `synchronous` setting of one commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// fsync the WAL at commit: this commit and every one before it survive a power cut.
+    Full,
+    /// No fsync: survives a crash of this process; power-safe at the next `Full` commit.
+    Normal,
+}
+
+impl Sync {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "PRAGMA synchronous = FULL;",
+            Self::Normal => "PRAGMA synchronous = NORMAL;",
+        }
+    }
+}
+
+/// A whole batch as one multi-statement query, so a group commit costs one round trip to the
+/// connection's thread instead of one per statement.
+struct BatchSql<'q> {
+    sql: String,
+    args: SqliteArguments<'q>,
+    /// Per change, the job id whose new attempt id comes back as a row (intents only).
+    returns: Vec<Option<i64>>,
+}
+
+impl<'q> BatchSql<'q> {
+    fn new(sync: Sync) -> Self {
+        let mut sql = String::with_capacity(1024);
+        sql.push_str(sync.pragma());
+        sql.push_str("BEGIN IMMEDIATE;");
+        Self { sql, args: SqliteArguments::default(), returns: Vec::new() }
+    }
+
+    fn bind<T>(&mut self, value: T) -> Result<(), StoreError>
+    where
+        T: sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'q,
+    {
+        self.args.add(value).map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))
+    }
+
+    fn statement(&mut self, sql: &str) {
+        self.sql.push_str(sql);
+        self.sql.push(';');
+    }
+
+    fn end_attempt(
+        &mut self,
+        now: i64,
+        attempt_id: Option<i64>,
+        end: &'q AttemptEnd,
+        request_id: Option<&'q str>,
+        credits: Option<f64>,
+    ) -> Result<(), StoreError> {
+        let Some(id) = attempt_id else { return Ok(()) };
+        self.statement(
+            "UPDATE attempts SET finished_at = ?, status_code = ?, error_class = ?, error = ?, latency_ms = ?,
+                    request_id = COALESCE(?, request_id), credits = COALESCE(?, credits)
+             WHERE id = ?",
+        );
+        self.bind(now)?;
+        self.bind(end.status_code.map(i64::from))?;
+        self.bind(end.error_class)?;
+        self.bind(end.error.as_deref())?;
+        self.bind(end.latency_ms)?;
+        self.bind(request_id)?;
+        self.bind(credits)?;
+        self.bind(id)
+    }
+
+    #[allow(clippy::too_many_lines)] // one arm per change, each a few statements
+    fn change(&mut self, change: &'q Change) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut returns = None;
+        match change {
+            Change::Intent { job_id, run_id } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'submitting', attempts = attempts + 1, next_attempt_at = NULL,
+                            updated_at = ? WHERE id = ?",
+                );
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.statement(
+                    "INSERT INTO attempts (job_id, run_id, number, started_at)
+                     SELECT id, ?, attempts, ? FROM jobs WHERE id = ? RETURNING id, job_id",
+                );
+                self.bind(*run_id)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                returns = Some(*job_id);
+            }
+            Change::Accepted { job_id, attempt_id, request, charged, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'submitted', request_id = ?, status_url = ?, response_url = ?,
+                            cancel_url = ?, credits = credits + ?, error = NULL, error_class = NULL,
+                            updated_at = ? WHERE id = ?",
+                );
+                self.bind(request.request_id.as_str())?;
+                self.bind(request.status_url.as_deref())?;
+                self.bind(request.response_url.as_deref())?;
+                self.bind(request.cancel_url.as_deref())?;
+                self.bind(*charged)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.end_attempt(now, Some(*attempt_id), end, Some(&request.request_id), Some(*charged))?;
+            }
+            Change::Completed { job_id, attempt_id, request_id, result, charged, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'fetching', result = ?, request_id = COALESCE(?, request_id),
+                            credits = credits + ?, error = NULL, error_class = NULL, updated_at = ? WHERE id = ?",
+                );
+                self.bind(result.as_str())?;
+                self.bind(request_id.as_deref())?;
+                self.bind(*charged)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                let credits = attempt_id.map(|_| *charged);
+                self.end_attempt(now, *attempt_id, end, request_id.as_deref(), credits)?;
+            }
+            Change::Waiting { job_id, attempt_id, next_attempt_at, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'waiting', next_attempt_at = ?, error = ?, error_class = ?,
+                            updated_at = ? WHERE id = ?",
+                );
+                self.bind(*next_attempt_at)?;
+                self.bind(end.error.as_deref())?;
+                self.bind(end.error_class)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.end_attempt(now, *attempt_id, end, None, None)?;
+            }
+            Change::Failed { job_id, attempt_id, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'failed', next_attempt_at = NULL, error = ?, error_class = ?,
+                            updated_at = ? WHERE id = ?",
+                );
+                self.bind(end.error.as_deref())?;
+                self.bind(end.error_class.unwrap_or("fail"))?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.end_attempt(now, *attempt_id, end, None, None)?;
+            }
+            Change::Ambiguous { job_id, attempt_id, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'ambiguous', error = ?, error_class = 'ambiguous', updated_at = ?
+                     WHERE id = ?",
+                );
+                self.bind(end.error.as_deref())?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.end_attempt(now, Some(*attempt_id), end, None, None)?;
+            }
+            Change::Released { job_id, attempt_id, end } => {
+                self.statement(
+                    "UPDATE jobs SET state = 'pending', attempts = MAX(attempts - ?, 0), next_attempt_at = NULL,
+                            error = ?, error_class = ?, updated_at = ? WHERE id = ?",
+                );
+                self.bind(i64::from(attempt_id.is_some()))?;
+                self.bind(end.error.as_deref())?;
+                self.bind(end.error_class)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.end_attempt(now, *attempt_id, end, None, None)?;
+            }
+            Change::Done { job_id, outputs, result, charged } => {
+                self.statement("DELETE FROM outputs WHERE job_id = ?");
+                self.bind(*job_id)?;
+                for o in outputs {
+                    self.statement(
+                        "INSERT INTO outputs (job_id, idx, path, sha256, bytes, width, height, content_type, source_url)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    );
+                    self.bind(*job_id)?;
+                    self.bind(i64::from(o.index))?;
+                    self.bind(o.path.to_string_lossy().into_owned())?;
+                    self.bind(o.sha256.as_str())?;
+                    self.bind(i64::try_from(o.bytes).unwrap_or(i64::MAX))?;
+                    self.bind(i64::from(o.width))?;
+                    self.bind(i64::from(o.height))?;
+                    self.bind(o.content_type.as_str())?;
+                    self.bind(o.source_url.as_str())?;
+                }
+                self.statement(
+                    "UPDATE jobs SET state = 'done', next_attempt_at = NULL, error = NULL, error_class = NULL,
+                            result = COALESCE(?, result), credits = credits + ?, updated_at = ? WHERE id = ?",
+                );
+                self.bind(result.as_deref())?;
+                self.bind(*charged)?;
+                self.bind(now)?;
+                self.bind(*job_id)?;
+            }
+        }
+        self.returns.push(returns);
+        Ok(())
+    }
+}
+
+/// Applies `batch` in one transaction committed with `sync`. Answers, per change, the new
+/// attempt id for an intent and 0 otherwise.
+async fn try_apply(
     conn: &mut SqliteConnection,
-    attempt_id: Option<i64>,
-    end: &AttemptEnd,
-    request_id: Option<&str>,
-    credits: Option<f64>,
-) -> Result<(), StoreError> {
-    let Some(id) = attempt_id else { return Ok(()) };
-    sqlx::query(
-        "UPDATE attempts SET finished_at = ?, status_code = ?, error_class = ?, error = ?, latency_ms = ?,
-                request_id = COALESCE(?, request_id), credits = COALESCE(?, credits)
-         WHERE id = ?",
-    )
-    .bind(now_ms())
-    .bind(end.status_code.map(i64::from))
-    .bind(end.error_class)
-    .bind(end.error.as_deref())
-    .bind(end.latency_ms)
-    .bind(request_id)
-    .bind(credits)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn apply(conn: &mut SqliteConnection, change: &Change) -> Result<i64, StoreError> {
-    let now = now_ms();
-    match change {
-        Change::Intent { job_id, run_id } => {
-            let row = sqlx::query(
-                "UPDATE jobs SET state = 'submitting', attempts = attempts + 1, next_attempt_at = NULL,
-                        updated_at = ? WHERE id = ? RETURNING attempts",
-            )
-            .bind(now)
-            .bind(job_id)
-            .fetch_one(&mut *conn)
-            .await?;
-            let number: i64 = row.try_get(0)?;
-            let id = sqlx::query(
-                "INSERT INTO attempts (job_id, run_id, number, started_at) VALUES (?, ?, ?, ?) RETURNING id",
-            )
-            .bind(job_id)
-            .bind(run_id)
-            .bind(number)
-            .bind(now)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-            Ok(id)
+    batch: &[Op],
+    sync: Sync,
+) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+    let mut sql = BatchSql::new(sync);
+    for op in batch {
+        sql.change(&op.change)?;
+    }
+    sql.statement("COMMIT");
+    let BatchSql { sql, args, returns } = sql;
+    // A batch of one repeats often (the same text each time), so its prepared statements are
+    // worth caching; a mixed batch is rarely seen twice.
+    let rows = match sqlx::query_with(&sql, args).persistent(batch.len() == 1).fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            // The failed statement left the transaction open (or never began it).
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(e.into());
         }
-        Change::Accepted { job_id, attempt_id, request, charged, end } => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'submitted', request_id = ?, status_url = ?, response_url = ?,
-                        cancel_url = ?, credits = credits + ?, error = NULL, error_class = NULL,
-                        updated_at = ? WHERE id = ?",
-            )
-            .bind(&request.request_id)
-            .bind(request.status_url.as_deref())
-            .bind(request.response_url.as_deref())
-            .bind(request.cancel_url.as_deref())
-            .bind(charged)
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            end_attempt(conn, Some(*attempt_id), end, Some(&request.request_id), Some(*charged)).await?;
-            Ok(0)
-        }
-        Change::Completed { job_id, attempt_id, request_id, result, charged, end } => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'fetching', result = ?, request_id = COALESCE(?, request_id),
-                        credits = credits + ?, error = NULL, error_class = NULL, updated_at = ? WHERE id = ?",
-            )
-            .bind(result)
-            .bind(request_id.as_deref())
-            .bind(charged)
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            let credits = attempt_id.map(|_| *charged);
-            end_attempt(conn, *attempt_id, end, request_id.as_deref(), credits).await?;
-            Ok(0)
-        }
-        Change::Waiting { job_id, attempt_id, next_attempt_at, end } => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'waiting', next_attempt_at = ?, error = ?, error_class = ?,
-                        updated_at = ? WHERE id = ?",
-            )
-            .bind(next_attempt_at)
-            .bind(end.error.as_deref())
-            .bind(end.error_class)
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            end_attempt(conn, *attempt_id, end, None, None).await?;
-            Ok(0)
-        }
-        Change::Failed { job_id, attempt_id, end } => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'failed', next_attempt_at = NULL, error = ?, error_class = ?,
-                        updated_at = ? WHERE id = ?",
-            )
-            .bind(end.error.as_deref())
-            .bind(end.error_class.unwrap_or("fail"))
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            end_attempt(conn, *attempt_id, end, None, None).await?;
-            Ok(0)
-        }
-        Change::Ambiguous { job_id, attempt_id, end } => {
-            sqlx::query(
-                "UPDATE jobs SET state = 'ambiguous', error = ?, error_class = 'ambiguous', updated_at = ?
-                 WHERE id = ?",
-            )
-            .bind(end.error.as_deref())
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            end_attempt(conn, Some(*attempt_id), end, None, None).await?;
-            Ok(0)
-        }
-        Change::Released { job_id, attempt_id, end } => {
-            let uncount = i64::from(attempt_id.is_some());
-            sqlx::query(
-                "UPDATE jobs SET state = 'pending', attempts = MAX(attempts - ?, 0), next_attempt_at = NULL,
-                        error = ?, error_class = ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(uncount)
-            .bind(end.error.as_deref())
-            .bind(end.error_class)
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            end_attempt(conn, *attempt_id, end, None, None).await?;
-            Ok(0)
-        }
-        Change::Done { job_id, outputs, result, charged } => {
-            sqlx::query("DELETE FROM outputs WHERE job_id = ?").bind(job_id).execute(&mut *conn).await?;
-            for o in outputs {
-                sqlx::query(
-                    "INSERT INTO outputs (job_id, idx, path, sha256, bytes, width, height, content_type, source_url)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(job_id)
-                .bind(i64::from(o.index))
-                .bind(o.path.to_string_lossy())
-                .bind(&o.sha256)
-                .bind(i64::try_from(o.bytes).unwrap_or(i64::MAX))
-                .bind(i64::from(o.width))
-                .bind(i64::from(o.height))
-                .bind(&o.content_type)
-                .bind(&o.source_url)
-                .execute(&mut *conn)
-                .await?;
-            }
-            sqlx::query(
-                "UPDATE jobs SET state = 'done', next_attempt_at = NULL, error = NULL, error_class = NULL,
-                        result = COALESCE(?, result), credits = credits + ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(result.as_deref())
-            .bind(charged)
-            .bind(now)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-            Ok(0)
+    };
+    // The batch is committed: an intent whose job is missing fails alone (its statements
+    // changed nothing, and returned no row), the others are answered with their own rows.
+    let mut opened: std::collections::HashMap<i64, std::collections::VecDeque<i64>> =
+        std::collections::HashMap::new();
+    for row in &rows {
+        if let (Ok(id), Ok(job)) = (row.try_get::<i64, _>(0), row.try_get::<i64, _>(1)) {
+            opened.entry(job).or_default().push_back(id);
         }
     }
+    let ids = returns
+        .into_iter()
+        .map(|job| match job {
+            None => Ok(0),
+            Some(job_id) => opened
+                .get_mut(&job_id)
+                .and_then(std::collections::VecDeque::pop_front)
+                .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} is not in the store"))),
+        })
+        .collect();
+    Ok(ids)
 }
 
 /// What start-up recovery found.
@@ -778,6 +916,111 @@ mod tests {
         let end = AttemptEnd { status_code: Some(402), error_class: Some("stop"), ..AttemptEnd::default() };
         w.commit(Change::Released { job_id: 1, attempt_id: Some(a), end }).await.unwrap();
         assert_eq!(state(&store, 1).await, ("pending".into(), 0, None));
+    }
+
+    async fn beats(store: &Store) -> i64 {
+        sqlx::query_as::<_, (i64,)>("SELECT beats FROM heartbeat").fetch_one(store.pool()).await.unwrap().0
+    }
+
+    #[test]
+    fn only_the_intent_is_synced_before_the_answer() {
+        let end = AttemptEnd::default;
+        let request =
+            RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
+        let cases = [
+            (Change::Intent { job_id: 1, run_id: 1 }, Durability::Now),
+            (
+                Change::Accepted { job_id: 1, attempt_id: 1, request, charged: 0.0, end: end() },
+                Durability::Soon,
+            ),
+            (Change::Failed { job_id: 1, attempt_id: Some(1), end: end() }, Durability::Soon),
+            (
+                Change::Completed {
+                    job_id: 1,
+                    attempt_id: Some(1),
+                    request_id: None,
+                    result: String::new(),
+                    charged: 0.0,
+                    end: end(),
+                },
+                Durability::Soon,
+            ),
+            (
+                Change::Completed {
+                    job_id: 1,
+                    attempt_id: None,
+                    request_id: None,
+                    result: String::new(),
+                    charged: 0.0,
+                    end: end(),
+                },
+                Durability::Whenever,
+            ),
+            (
+                Change::Done { job_id: 1, outputs: Vec::new(), result: None, charged: 0.0 },
+                Durability::Whenever,
+            ),
+        ];
+        for (change, want) in cases {
+            assert_eq!(change.durability(), want, "{change:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_saved_request_id_is_synced_soon_even_when_nothing_follows() {
+        let (_dir, store, run) = store_with_jobs(1).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let attempt = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        assert_eq!(beats(&store).await, 0, "the intent carries its own fsync");
+        let request =
+            RequestRef { request_id: "req-9".into(), status_url: None, response_url: None, cancel_url: None };
+        w.send(Change::Accepted {
+            job_id: 1,
+            attempt_id: attempt,
+            request,
+            charged: 8.0,
+            end: AttemptEnd::default(),
+        })
+        .await
+        .unwrap();
+        // Committed at once (a crash of this process keeps it)...
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state(&store, 1).await.0 != "submitted" {
+            assert!(std::time::Instant::now() < deadline, "the request id was never committed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // ...and made power-safe by a synced heartbeat, since no other commit came to carry it.
+        while beats(&store).await == 0 {
+            assert!(std::time::Instant::now() < deadline, "no synced commit followed the request id");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_intent_for_a_missing_job_fails_alone() {
+        let (_dir, store, run) = store_with_jobs(2).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let (a, missing, b) = tokio::join!(
+            w.commit(Change::Intent { job_id: 1, run_id: run }),
+            w.commit(Change::Intent { job_id: 999, run_id: run }),
+            w.commit(Change::Intent { job_id: 2, run_id: run }),
+        );
+        assert!(missing.is_err());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a, b);
+        for (job, attempt) in [(1, a), (2, b)] {
+            let (owner,): (i64,) = sqlx::query_as("SELECT job_id FROM attempts WHERE id = ?")
+                .bind(attempt)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            assert_eq!(owner, job, "each intent gets its own job's attempt");
+            assert_eq!(state(&store, job).await, ("submitting".into(), 1, None));
+        }
+        // Nothing was applied twice by a retry of the batch.
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM attempts").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(n, 2);
     }
 
     #[tokio::test]
