@@ -309,6 +309,7 @@ async fn drive<P: Provider>(
         store: store.clone(),
         writer,
         provider: Arc::new(provider),
+        persister: fetch::Persister::start(&settings.out),
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: RetryPolicy {

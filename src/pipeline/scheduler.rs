@@ -17,7 +17,7 @@ use super::limiter::Limiter;
 use super::retry::{PollSchedule, PollTiming, RetryPolicy};
 use super::stats::RunStats;
 use super::webhook::Webhooks;
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher, Persister};
 use crate::job::JobSpec;
 use crate::provider::{
     ErrorClass, JobResult, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission,
@@ -64,6 +64,8 @@ pub struct Pool<P: Provider> {
     pub provider: Arc<P>,
     /// Downloads.
     pub fetcher: Arc<Fetcher>,
+    /// Makes downloads durable, in batches.
+    pub persister: Persister,
     /// The shared rate limiter and Retry-After gate.
     pub limiter: Arc<Limiter>,
     /// Submit retries.
@@ -745,13 +747,12 @@ async fn fetch_phase<P: Provider>(
         // Everything is received: the provider's part is over, so the slot goes to the next job
         // while the files are made durable and the row is recorded.
         slot.release();
-        let mut saved = Vec::with_capacity(outputs.len());
-        for downloaded in outputs {
-            match downloaded.persist().await {
-                Ok(output) => saved.push(output),
-                Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
-            }
-        }
+        // Alone in flight, nothing would join this job's sync: don't make it wait for company.
+        let urgent = shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0;
+        let saved = match shared.pool.persister.persist(outputs, urgent).await {
+            Ok(saved) => saved,
+            Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
+        };
         // Every file is fsynced and renamed: only now is the row done.
         let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
         shared.commit(Change::Done { job_id: job.spec.id, outputs: saved, result, charged }).await?;
