@@ -330,7 +330,10 @@ impl Downloaded {
             group.sync_data(None)?;
             group.rename()?;
             group.sync_names(None)?;
-            group.saved.pop().ok_or_else(|| FetchError::io(&final_path, io::Error::other("nothing was saved")))
+            group
+                .saved
+                .pop()
+                .ok_or_else(|| FetchError::io(&final_path, io::Error::other("nothing was saved")))
         })
         .await
         .map_err(|e| FetchError::io(Path::new("."), io::Error::other(e.to_string())))?
