@@ -1,4 +1,5 @@
-//! The state store: one SQLite file (WAL, `synchronous=FULL`) holding runs, jobs, attempts and
+//! The state store: one SQLite file (WAL, `synchronous=FULL` unless the writer says a commit may
+//! wait for the next sync; see `pipeline::Durability`) holding runs, jobs, attempts and
 //! outputs. Owns [`Store`] (opening, migrating, locking) and the job state machine [`JobState`];
 //! the queries live beside it, one method per statement, grouped by the part of backdrop that uses them.
 

@@ -1,6 +1,7 @@
 //! The pipeline's side of the store: crash recovery at start, the runs table, the queries that
 //! page claimable jobs, and [`Writer`], the single task through which every job state change is
-//! committed in group commits (one fsync for many changes; see the design's "Durability costs").
+//! committed in group commits (one fsync for many changes; see the design's "Durability costs"),
+//! each synced only as soon as its `Durability` requires.
 
 use std::time::Duration;
 
