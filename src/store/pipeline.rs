@@ -272,16 +272,9 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
 /// A synced commit of a real change (an unchanged row would write nothing), so every earlier
 /// commit in the WAL becomes power-safe.
 async fn heartbeat(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-    let bumped = sqlx::query(
-        "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; UPDATE heartbeat SET beats = beats + 1 WHERE id = 1; COMMIT;",
-    )
-    .execute(&mut *conn)
-    .await;
-    if let Err(e) = bumped {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
-    }
-    Ok(())
+    let mut sql = BatchSql::new(Sync::Full);
+    sql.statement("UPDATE heartbeat SET beats = beats + 1 WHERE id = 1");
+    sql.commit(conn, true).await.map(drop)
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
@@ -386,6 +379,24 @@ impl<'q> BatchSql<'q> {
         T: sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'q,
     {
         self.args.add(value).map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))
+    }
+
+    /// Ends the transaction and runs the whole text; answers the rows the statements returned.
+    /// On error nothing is kept: the failed statement left the transaction open (or never began
+    /// it), so it is rolled back.
+    async fn commit(
+        mut self,
+        conn: &mut SqliteConnection,
+        persistent: bool,
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, StoreError> {
+        self.statement("COMMIT");
+        match sqlx::query_with(&self.sql, self.args).persistent(persistent).fetch_all(&mut *conn).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                Err(e.into())
+            }
+        }
     }
 
     fn statement(&mut self, sql: &str) {
@@ -555,18 +566,10 @@ async fn try_apply(
     for op in batch {
         sql.change(&op.change)?;
     }
-    sql.statement("COMMIT");
-    let BatchSql { sql, args, returns } = sql;
+    let returns = std::mem::take(&mut sql.returns);
     // A batch of one repeats often (the same text each time), so its prepared statements are
     // worth caching; a mixed batch is rarely seen twice.
-    let rows = match sqlx::query_with(&sql, args).persistent(batch.len() == 1).fetch_all(&mut *conn).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            // The failed statement left the transaction open (or never began it).
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            return Err(e.into());
-        }
-    };
+    let rows = sql.commit(conn, batch.len() == 1).await?;
     // The batch is committed: an intent whose job is missing fails alone (its statements
     // changed nothing, and returned no row), the others are answered with their own rows.
     let mut opened: std::collections::HashMap<i64, std::collections::VecDeque<i64>> =
