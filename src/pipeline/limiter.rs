@@ -1,7 +1,7 @@
-//! The shared request rate limit: one governor limiter (burst 1) that keeps consecutive submits at
-//! least `period / count` apart, a drift-free schedule of slots 2% wider than that, and a "not
-//! before" gate every worker honours, raised when a server answers 429 with `Retry-After` (a
-//! governor quota cannot change at run time, so the slowdown is a shared instant instead).
+//! The shared request rate limit: one governor limiter that keeps submits within the rate, a
+//! drift-free schedule of slots 2% wider than that, and a "not before" gate every worker honours,
+//! raised when a server answers 429 with `Retry-After` (a governor quota cannot change at run
+//! time, so the slowdown is a shared instant instead).
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -20,47 +20,78 @@ pub struct Limiter {
     not_before: Mutex<Option<Instant>>,
     /// The waiter whose turn it is to take the next cell.
     turn: tokio::sync::Mutex<()>,
-    /// The next slot of the schedule.
+    /// The schedule's theoretical arrival time: when the next slot would be with no burst left.
     next_slot: Mutex<Option<Instant>>,
-    /// Slot spacing: the nominal interval plus [`PACING_MARGIN`].
+    /// Slot spacing: the sustained interval plus [`PACING_MARGIN`].
     spacing: Duration,
+    /// How far ahead of `next_slot` a slot may be taken: `burst - 1` spacings.
+    tolerance: Duration,
 }
 
-/// How much wider than the nominal interval the slots are (2%).
+/// How much wider than the sustained interval the slots are (2%).
 const PACING_MARGIN: f64 = 1.02;
 
-/// The governor quota for a rate: one request every `period / count`, burst 1.
+/// How many submits may leave back to back: 2% of the rate per second, at least 1. Below 100 a
+/// second that is 1, so `10/s`, `20/s` and `600/m` are evenly spaced; `1000/s` may send 20 at
+/// once.
+///
+/// A burst matters at high rates: with a burst of 1 every submit waits for the one before it,
+/// so the jobs whose slots free up together (one poll round) queue up behind each other, a
+/// millisecond each at `1000/s`, which at 50 in flight costs a few percent of the throughput.
+#[must_use]
+pub fn burst(rate: Rate) -> u32 {
+    let per_second = f64::from(rate.count) / rate.period.as_secs_f64().max(1e-9);
+    // Saturating float-to-int cast: huge rates give u32::MAX, clamped to the count below.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let burst = (per_second / 50.0) as u32;
+    burst.clamp(1, rate.count.max(1))
+}
+
+/// The time between submits once the burst is spent: `period / (count - burst + 1)`.
+///
+/// A limiter with burst `b` and interval `T` can put `b + ceil(w / T) - 1` requests in a
+/// half-open window of length `w`: `b` at its start, then one every `T`. With `w` the period and
+/// `T` as above that is exactly `count`, so the guarantee "never more than `count` in any one
+/// period" holds whatever the burst; the burst costs `b - 1` requests of the sustained rate.
+#[must_use]
+pub fn interval(rate: Rate) -> Duration {
+    let sustained = rate.count.max(1) - burst(rate) + 1;
+    (rate.period / sustained).max(Duration::from_nanos(1))
+}
+
+/// The governor quota for a rate: one request every [`interval`], [`burst`] at once.
 ///
 /// governor's burst defaults to the rate itself, which would let `10/s` send 10 requests at once
 /// after an idle second and then 10 more as the bucket refills: up to 20 in one second at the
-/// server. With a burst of 1 consecutive requests are at least `period / count` apart, so a
-/// half-open window of one period never holds more than `count`.
+/// server. With the burst and interval above a half-open window of one period never holds more
+/// than `count`.
 ///
 /// governor alone drifts, though: a worker that wakes a millisecond late pushes every later cell
 /// a millisecond later too, and on a busy machine that costs several percent of the rate. So
-/// [`Limiter::acquire`] keeps a schedule of slots `period / count × 1.02` apart, fixed in
-/// advance: a late wake does not move the next slot. governor itself is checked at the send
-/// ([`Limiter::space_send`]), where the 2% lets it absorb a send held up by up to `period / 50`
-/// without slowing the rate, and `count + 1` slots always span more than a period, which leaves
-/// room for network jitter at the server.
+/// [`Limiter::acquire`] keeps a schedule of slots `interval × 1.02` apart, fixed in advance: a
+/// late wake does not move the next slot. governor itself is checked at the send
+/// ([`Limiter::space_send`]), where the 2% lets it absorb a send held up by up to `interval / 50`
+/// without slowing the rate, and leaves room for network jitter at the server.
 #[must_use]
 pub fn quota(rate: Rate) -> Quota {
-    let interval = (rate.period / rate.count.max(1)).max(Duration::from_nanos(1));
-    Quota::with_period(interval)
+    let burst = NonZeroU32::new(burst(rate)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(interval(rate))
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-        .allow_burst(NonZeroU32::MIN)
+        .allow_burst(burst)
 }
 
 impl Limiter {
     /// A limiter for `rate`.
     #[must_use]
     pub fn new(rate: Rate) -> Self {
+        let spacing = interval(rate).mul_f64(PACING_MARGIN);
         Self {
             limiter: RateLimiter::direct(quota(rate)),
             not_before: Mutex::new(None),
             turn: tokio::sync::Mutex::new(()),
             next_slot: Mutex::new(None),
-            spacing: (rate.period / rate.count.max(1)).mul_f64(PACING_MARGIN),
+            spacing,
+            tolerance: spacing * (burst(rate) - 1),
         }
     }
 
@@ -87,7 +118,7 @@ impl Limiter {
 
     /// Waits until a request may be sent: first past the gate, then for a rate-limit slot. If
     /// the gate was raised while this worker waited for its slot, it waits again (and takes a
-    /// new slot), so the workers released by a gate are still paced and not sent as one burst.
+    /// new slot), so the workers released by a gate are still paced, at most a burst at once.
     pub async fn acquire(&self) {
         // One waiter at a time takes a slot, in arrival order (tokio's mutex is fair): no
         // thundering herd, and rows keep their catalog order.
@@ -96,13 +127,21 @@ impl Limiter {
             while let Some(gate) = self.paused_until() {
                 tokio::time::sleep_until(gate).await;
             }
+            // GCRA on a schedule fixed in advance: a slot may be taken up to `tolerance` ahead of
+            // the theoretical arrival time, which then moves one spacing on from where it was
+            // (or from now, after an idle spell), never from when the worker happened to wake.
             let slot = {
                 let mut next = self.next_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let slot = next.map_or_else(Instant::now, |n| n.max(Instant::now()));
-                *next = Some(slot + self.spacing);
-                slot
+                let now = Instant::now();
+                let tat = next.map_or(now, |n| n.max(now));
+                *next = Some(tat + self.spacing);
+                tat.checked_sub(self.tolerance).map_or(now, |s| s.max(now))
             };
-            tokio::time::sleep_until(slot).await;
+            // A slot due now is taken without a timer: tokio rounds every sleep up to its next
+            // millisecond tick, and the turn is held meanwhile, so a burst would queue a tick apiece.
+            if slot > Instant::now() {
+                tokio::time::sleep_until(slot).await;
+            }
             // A 429 may have raised the gate while this worker waited: wait for the gate and
             // take a new slot.
             if self.paused_until().is_none() {
@@ -178,6 +217,46 @@ mod tests {
         let times = sends(rate, Duration::from_secs(10));
         assert_eq!(times.len(), 20);
         assert_eq!(max_in_any_window(&times, 500), 1);
+    }
+
+    #[test]
+    fn high_rates_allow_a_small_burst_and_still_never_exceed_the_count() {
+        let rate: Rate = "1000/s".parse().unwrap();
+        assert_eq!(burst(rate), 20);
+        let times = sends(rate, Duration::from_secs(5));
+        assert_eq!(times.iter().take_while(|&&t| t == 0).count(), 20, "20 at once from idle");
+        assert!(max_in_any_window(&times, 1000) <= 1000, "{}", max_in_any_window(&times, 1000));
+        // 20 + 981 per second after that: the burst costs 19 of the 1000.
+        assert!(times.len() >= 4900, "paced, not starved: {}", times.len());
+        for (text, b) in [("10/s", 1), ("20/s", 1), ("99/s", 1), ("100/s", 2), ("600/m", 1), ("60000/m", 20)]
+        {
+            let rate: Rate = text.parse().unwrap();
+            assert_eq!(burst(rate), b, "{text}");
+        }
+    }
+
+    /// Every slot [`Limiter::acquire`] hands out, in milliseconds from the start, when `workers`
+    /// ask at once and then each asks again the moment it is served.
+    async fn slots(rate: Rate, total: usize) -> Vec<u64> {
+        let limiter = Limiter::new(rate);
+        let start = Instant::now();
+        let mut times = Vec::with_capacity(total);
+        for _ in 0..total {
+            limiter.acquire().await;
+            times.push(u64::try_from((Instant::now() - start).as_millis()).unwrap());
+        }
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_bursts_at_high_rates_and_spaces_low_ones() {
+        let fast = slots("1000/s".parse().unwrap(), 3000).await;
+        assert_eq!(fast.iter().take_while(|&&t| t == 0).count(), 20, "{:?}", &fast[..25]);
+        assert!(max_in_any_window(&fast, 1000) <= 1000);
+        let slow = slots("10/s".parse().unwrap(), 30).await;
+        assert_eq!(slow.iter().take_while(|&&t| t == 0).count(), 1);
+        assert!(slow.windows(2).all(|w| w[1] - w[0] >= 100), "{slow:?}");
+        assert_eq!(max_in_any_window(&slow, 1000), 10);
     }
 
     #[tokio::test(start_paused = true)]
