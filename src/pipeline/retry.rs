@@ -149,14 +149,19 @@ impl PollSchedule {
 ///
 /// It keeps two bounds, shared by every worker: the fastest time at which a poll saw a job
 /// completed (`done`), and the longest time, still below that, at which a poll saw one running
-/// (`running`). A job's first poll probes halfway between them (or at half of `done` while no
-/// lower bound is known) and its second goes at `done`. A probe that finds the job done lowers
-/// `done`; one that finds it running raises `running`: with steady latencies the two meet at the
-/// real latency within a few rounds, from either side, instead of creeping toward it.
+/// (`running`). A job's first poll probes at a random point between them (between the submit and
+/// `done` while no lower bound is known) and its second goes at `done`. A probe that finds
+/// the job done lowers `done`; one that finds it running raises `running`. Random probes, not the
+/// midpoint: the jobs submitted together all probe at once, and spread out they narrow the gap
+/// by a factor of their number in one round instead of halving it, so the first rounds of a run
+/// are not held back by a bound learned from the run's very first (late) poll.
 #[derive(Debug)]
 pub struct PollTiming {
     done_us: std::sync::atomic::AtomicU64,
     running_us: std::sync::atomic::AtomicU64,
+    /// Woken when the first completion is learned, so jobs sleeping on the configured schedule
+    /// can move their first poll to where the job is likely done.
+    first_done: tokio::sync::Notify,
 }
 
 impl Default for PollTiming {
@@ -164,6 +169,7 @@ impl Default for PollTiming {
         Self {
             done_us: std::sync::atomic::AtomicU64::new(u64::MAX),
             running_us: std::sync::atomic::AtomicU64::new(0),
+            first_done: tokio::sync::Notify::new(),
         }
     }
 }
@@ -179,10 +185,25 @@ impl PollTiming {
     /// has been seen.
     #[must_use]
     pub fn probe(&self) -> Option<Duration> {
+        self.probe_at(rand::random::<f64>())
+    }
+
+    /// [`PollTiming::probe`] for a sample `at` in `[0, 1]`: 0 is the lower bound, 1 is `done`.
+    #[must_use]
+    pub fn probe_at(&self, at: f64) -> Option<Duration> {
         let (done, running) = self.load();
         let done = done?;
-        let probe = if running > 0 && running < done { running + (done - running) / 2 } else { done / 2 };
-        Some(Duration::from_micros(probe))
+        let low = if running < done { running } else { 0 };
+        // Microsecond counts below 2^53 convert to f64 and back exactly; the cast saturates.
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let offset = ((done - low) as f64 * at.clamp(0.0, 1.0)) as u64;
+        Some(Duration::from_micros(low + offset))
+    }
+
+    /// Completes once some job has been seen done; at once if one already has. Create it before
+    /// checking [`PollTiming::fastest`], so a completion in between is not missed.
+    pub fn first_done(&self) -> tokio::sync::futures::Notified<'_> {
+        self.first_done.notified()
     }
 
     /// The fastest confirmed completion: the second poll's time.
@@ -194,7 +215,10 @@ impl PollTiming {
     /// A poll `elapsed` after the submit found the job completed.
     pub fn saw_done(&self, elapsed: Duration) {
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX - 1);
-        self.done_us.fetch_min(us, std::sync::atomic::Ordering::Relaxed);
+        let before = self.done_us.fetch_min(us, std::sync::atomic::Ordering::Relaxed);
+        if before == u64::MAX {
+            self.first_done.notify_waiters();
+        }
     }
 
     /// A poll `elapsed` after the submit found the job still running.
@@ -299,7 +323,7 @@ mod tests {
         // The first job was polled late, at 250 ms.
         t.saw_done(Duration::from_millis(250));
         for _ in 0..20 {
-            let probe = t.probe().unwrap();
+            let probe = t.probe_at(0.5).unwrap();
             if probe >= latency { t.saw_done(probe) } else { t.saw_running(probe) }
         }
         let done = t.fastest().unwrap();
@@ -313,7 +337,7 @@ mod tests {
         let latency = Duration::from_millis(3);
         let mut rounds = 0;
         while t.fastest().unwrap() > Duration::from_millis(4) {
-            let probe = t.probe().unwrap();
+            let probe = t.probe_at(0.5).unwrap();
             if probe >= latency {
                 t.saw_done(probe)
             } else {
@@ -329,6 +353,46 @@ mod tests {
         let t = PollTiming::default();
         t.saw_done(Duration::from_millis(100));
         t.saw_running(Duration::from_secs(5));
-        assert_eq!(t.probe(), Some(Duration::from_millis(50)));
+        assert_eq!(t.probe_at(0.0), Some(Duration::ZERO));
+        assert_eq!(t.probe_at(0.5), Some(Duration::from_millis(50)));
+        for _ in 0..100 {
+            let p = t.probe().unwrap();
+            assert!(p <= Duration::from_millis(100), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn one_round_of_spread_probes_closes_most_of_the_gap() {
+        // 50 jobs submitted together probe once each before any of them answers.
+        let t = PollTiming::default();
+        t.saw_done(Duration::from_millis(250));
+        let latency = Duration::from_millis(200);
+        let probes: Vec<_> = (0..50).map(|i| t.probe_at(f64::from(i) / 49.0).unwrap()).collect();
+        for p in probes {
+            if p >= latency { t.saw_done(p) } else { t.saw_running(p) }
+        }
+        let (done, running) = (t.fastest().unwrap(), Duration::from_micros(t.load().1));
+        assert!(running < latency && latency <= done, "{running:?} .. {done:?}");
+        // From 250 ms of doubt to one step of the spread: 250 / 49 ms.
+        assert!(done - running <= Duration::from_millis(6), "{running:?} .. {done:?}");
+    }
+
+    #[tokio::test]
+    async fn the_first_completion_wakes_the_waiters() {
+        let t = std::sync::Arc::new(PollTiming::default());
+        let waiter = {
+            let t = std::sync::Arc::clone(&t);
+            tokio::spawn(async move {
+                let learned = t.first_done();
+                if t.fastest().is_none() {
+                    learned.await;
+                }
+                t.fastest()
+            })
+        };
+        tokio::task::yield_now().await;
+        t.saw_done(Duration::from_millis(30));
+        let seen = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        assert_eq!(seen, Some(Duration::from_millis(30)));
     }
 }

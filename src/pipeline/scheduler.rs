@@ -620,6 +620,20 @@ async fn poll_loop<P: Provider>(
                 }
                 () = shared.stop_all.cancelled() => false,
             },
+            None if polls < 2 && submitted_at.is_some() => {
+                // Until a first completion is learned this sleeps the configured delay; the run's
+                // first completion wakes it to poll where jobs are likely done instead.
+                let learned = shared.timing.first_done();
+                if shared.timing.fastest().is_some() {
+                    shared.sleep(delay, &shared.stop_all).await
+                } else {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => true,
+                        () = learned => continue,
+                        () = shared.stop_all.cancelled() => false,
+                    }
+                }
+            }
             None => shared.sleep(delay, &shared.stop_all).await,
         };
         if !slept {
