@@ -103,6 +103,11 @@ pub async fn execute(
         provider: settings.provider.as_str(),
     })?;
 
+    // Building the HTTP client reads the system's root certificates, tens of milliseconds on a
+    // cold start: it runs on the blocking pool while the store is opened and the catalog planned.
+    let timeout = settings.request_timeout;
+    let client = tokio::task::spawn_blocking(move || providers::http::client(timeout));
+
     let _lock = RunLock::acquire(&settings.state)?;
     let store = Store::open(&settings.state).await?;
     let recovery = store.recover().await?;
@@ -149,9 +154,9 @@ pub async fn execute(
         progress::spawn(Arc::clone(&stats), money, bar_done.clone())
     });
     info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
+    let client = client.await.map_err(other_fatal)?.map_err(other_fatal)?;
     let result = match settings.provider {
         ProviderKind::Seedance => {
-            let client = providers::http::client(settings.request_timeout).map_err(other_fatal)?;
             let provider = Seedance::new(
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
@@ -162,7 +167,6 @@ pub async fn execute(
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
         ProviderKind::Fal => {
-            let client = providers::http::client(settings.request_timeout).map_err(other_fatal)?;
             let provider = Fal::new(
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
