@@ -144,6 +144,16 @@ impl PollSchedule {
     }
 }
 
+impl PollSchedule {
+    /// A first-wave job's first poll, before the run has seen any job done, for a sample in
+    /// `[0, 1]`: spread over the second half of `initial`, so that the earliest of the jobs
+    /// submitted together finds out when they are done for all of them (see `PollTiming`).
+    #[must_use]
+    pub fn first_probe(&self, sample: f64) -> Duration {
+        self.initial.mul_f64(0.5 + 0.5 * sample.clamp(0.0, 1.0))
+    }
+}
+
 /// What a run has learned about how long its jobs take, so the first poll of a job lands just
 /// when it is likely done instead of at a fixed delay.
 ///
@@ -313,6 +323,14 @@ mod tests {
         assert_eq!(s.delay(1, 1.0), Duration::from_millis(275));
         assert_eq!(s.delay(0, 0.5), s.delay(1, 0.5));
         assert_eq!(s.delay(u32::MAX, 0.5), S(5));
+    }
+
+    #[test]
+    fn first_wave_probes_spread_over_the_second_half_of_the_first_delay() {
+        let s = PollSchedule { initial: Duration::from_millis(250), max: S(5) };
+        assert_eq!(s.first_probe(0.0), Duration::from_millis(125));
+        assert_eq!(s.first_probe(1.0), Duration::from_millis(250));
+        assert_eq!(s.first_probe(9.0), Duration::from_millis(250), "samples are clamped");
     }
 
     #[test]

@@ -599,7 +599,14 @@ async fn poll_loop<P: Provider>(
         let mut delay = match (polls, submitted_at) {
             // The first two polls go where this run's jobs are likely done (see PollTiming):
             // short jobs are not held back by a fixed first delay, long ones are not hammered.
-            (0, Some(t)) => shared.timing.probe().map(|p| p.saturating_sub(t.elapsed())),
+            (0, Some(t)) => Some(match shared.timing.probe() {
+                Some(p) => p.saturating_sub(t.elapsed()),
+                // Nothing learned yet: the jobs of the first wave probe for each other. Their
+                // first polls are spread over the second half of the configured first delay,
+                // and the earliest to find its job done wakes the rest (below), instead of all
+                // of them waiting out the whole delay.
+                None => schedule.first_probe(rand::random::<f64>()),
+            }),
             (1, Some(t)) => shared.timing.fastest().map(|f| f.saturating_sub(t.elapsed())),
             _ => None,
         }
