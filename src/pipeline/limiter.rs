@@ -55,8 +55,11 @@ pub fn burst(rate: Rate) -> u32 {
 /// period" holds whatever the burst; the burst costs `b - 1` requests of the sustained rate.
 #[must_use]
 pub fn interval(rate: Rate) -> Duration {
-    let sustained = rate.count.max(1) - burst(rate) + 1;
-    (rate.period / sustained).max(Duration::from_nanos(1))
+    let sustained = u128::from(rate.count.max(1) - burst(rate) + 1);
+    // Rounded up: rounded down, `sustained` intervals would fall a few nanoseconds short of the
+    // period and one more request would fit in it.
+    let nanos = rate.period.as_nanos().div_ceil(sustained).max(1);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
 /// The governor quota for a rate: one request every [`interval`], [`burst`] at once.
@@ -232,6 +235,17 @@ mod tests {
         {
             let rate: Rate = text.parse().unwrap();
             assert_eq!(burst(rate), b, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_sustained_intervals_never_fall_short_of_the_period() {
+        // After a burst of b, the next count - b requests come one interval apart: the last of
+        // them must not fit inside the period that began with the burst.
+        for text in ["1/s", "7/s", "10/s", "20/s", "100/s", "333/s", "1000/s", "60000/m", "7/m", "3600/h"] {
+            let rate: Rate = text.parse().unwrap();
+            let sustained = rate.count - burst(rate) + 1;
+            assert!(interval(rate) * sustained >= rate.period, "{text}: {:?}", interval(rate));
         }
     }
 

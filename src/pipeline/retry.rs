@@ -210,8 +210,9 @@ impl PollTiming {
         Some(Duration::from_micros(low + offset))
     }
 
-    /// Completes once some job has been seen done; at once if one already has. Create it before
-    /// checking [`PollTiming::fastest`], so a completion in between is not missed.
+    /// Completes when the run's first completion is learned. Only that one event wakes it: one
+    /// created afterwards never completes, so create it first, then check
+    /// [`PollTiming::fastest`], and wait on it only while that is still `None`.
     pub fn first_done(&self) -> tokio::sync::futures::Notified<'_> {
         self.first_done.notified()
     }
