@@ -168,7 +168,8 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub sync: bool,
-    /// First poll of a submitted request after this long [default: 250ms].
+    /// Poll delay to start from [default: 250ms]. Until a job of the run is seen done, first
+    /// polls fall between half of it and all of it; after that they go where jobs finish.
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
     pub poll_initial: Option<String>,
     /// Polls back off up to this interval [default: 5s].
