@@ -894,17 +894,7 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         let a = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap();
-        let request =
-            RequestRef { request_id: "r".into(), status_url: None, response_url: None, cancel_url: None };
-        w.commit(Change::Accepted {
-            job_id: 2,
-            attempt_id: a,
-            request,
-            charged: 8.0,
-            end: AttemptEnd::default(),
-        })
-        .await
-        .unwrap();
+        w.commit(accepted(2, a, "r")).await.unwrap();
         let rec = store.recover().await.unwrap();
         assert_eq!(rec, Recovery { ambiguous: 1, resumable: 1 });
         assert_eq!(state(&store, 1).await.0, "ambiguous");
@@ -920,6 +910,17 @@ mod tests {
         let end = AttemptEnd { status_code: Some(402), error_class: Some("stop"), ..AttemptEnd::default() };
         w.commit(Change::Released { job_id: 1, attempt_id: Some(a), end }).await.unwrap();
         assert_eq!(state(&store, 1).await, ("pending".into(), 0, None));
+    }
+
+    /// A plain seedance acceptance: a request id only, 8 credits, a clean attempt end.
+    fn accepted(job_id: i64, attempt_id: i64, request_id: &str) -> Change {
+        let request = RequestRef {
+            request_id: request_id.into(),
+            status_url: None,
+            response_url: None,
+            cancel_url: None,
+        };
+        Change::Accepted { job_id, attempt_id, request, charged: 8.0, end: AttemptEnd::default() }
     }
 
     async fn beats(store: &Store) -> i64 {
@@ -976,17 +977,7 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         let attempt = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         assert_eq!(beats(&store).await, 0, "the intent carries its own fsync");
-        let request =
-            RequestRef { request_id: "req-9".into(), status_url: None, response_url: None, cancel_url: None };
-        w.send(Change::Accepted {
-            job_id: 1,
-            attempt_id: attempt,
-            request,
-            charged: 8.0,
-            end: AttemptEnd::default(),
-        })
-        .await
-        .unwrap();
+        w.send(accepted(1, attempt, "req-9")).await.unwrap();
         // Committed at once (a crash of this process keeps it)...
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while state(&store, 1).await.0 != "submitted" {
