@@ -628,8 +628,9 @@ async fn poll_loop<P: Provider>(
                 () = shared.stop_all.cancelled() => false,
             },
             None if polls < 2 && submitted_at.is_some() => {
-                // Until a first completion is learned this sleeps the configured delay; the run's
-                // first completion wakes it to poll where jobs are likely done instead.
+                // Until a first completion is learned, the delay above is a guess (the spread first
+                // probe, or the configured schedule); the run's first completion wakes this job to
+                // poll where jobs are likely done instead.
                 let learned = shared.timing.first_done();
                 if shared.timing.fastest().is_some() {
                     shared.sleep(delay, &shared.stop_all).await
