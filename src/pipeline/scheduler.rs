@@ -775,9 +775,15 @@ async fn fetch_phase<P: Provider>(
             Ok(saved) => saved,
             Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
         };
-        // Every file is fsynced and renamed: only now is the row done.
+        // Every file is fsynced and renamed: only now is the row done. With others in flight, the
+        // `done` rides along with their next change rather than paying for a transaction alone.
         let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
-        shared.commit(Change::Done { job_id: job.spec.id, outputs: saved, result, charged }).await?;
+        let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged };
+        if shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0 {
+            shared.commit(done).await?;
+        } else {
+            shared.pool.writer.commit_unhurried(done).await?;
+        }
         info!("done");
         return Ok(JobEnd::Done);
     }

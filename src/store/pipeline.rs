@@ -17,6 +17,15 @@ use crate::provider::RequestRef;
 /// Most changes committed in one transaction; bounds the latency a change can add to others.
 const MAX_BATCH: usize = 512;
 
+/// Changes sent to the connection's thread as one statement text. A batch goes in chunks of
+/// this many, each prepared once and then found in the statement cache: sorted by kind (see
+/// [`canonical_order`]), chunks take few shapes, while preparing a whole batch's statements
+/// anew each time was a fifth of the writer's CPU and most of a large group commit's time.
+const CHUNK: usize = 8;
+
+/// The longest an unhurried change ([`Writer::commit_unhurried`]) waits for company.
+const UNHURRIED: Duration = Duration::from_millis(100);
+
 /// A job the pipeline may work on, as stored.
 #[derive(Debug, Clone)]
 pub struct StoredJob {
@@ -147,6 +156,8 @@ struct Op {
     change: Change,
     /// `None` for changes sent without waiting ([`Writer::send`]).
     reply: Option<oneshot::Sender<Result<i64, StoreError>>>,
+    /// May wait up to [`UNHURRIED`] for another change to share its transaction.
+    unhurried: bool,
 }
 
 /// The single writer of job state changes. Cheap to clone; every clone feeds one task that
@@ -162,9 +173,17 @@ impl Writer {
     /// # Errors
     /// When no connection can be had.
     pub async fn start(store: &Store) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        Self::start_waiting(store, UNHURRIED).await
+    }
+
+    /// [`Writer::start`], with unhurried changes waiting up to `unhurried`.
+    async fn start_waiting(
+        store: &Store,
+        unhurried: Duration,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         let conn = store.pool().acquire().await?.detach();
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let handle = tokio::spawn(writer_loop(conn, rx));
+        let handle = tokio::spawn(writer_loop(conn, rx, unhurried));
         Ok((Self { tx }, handle))
     }
 
@@ -175,7 +194,21 @@ impl Writer {
     /// The database error, or [`StoreError::Corrupt`] when the writer has stopped.
     pub async fn commit(&self, change: Change) -> Result<i64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op { change, reply: Some(reply) }).await.map_err(|_| stopped())?;
+        self.tx.send(Op { change, reply: Some(reply), unhurried: false }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Like [`Writer::commit`], but the change may wait up to [`UNHURRIED`] for another one to
+    /// share its transaction. For a change that nothing else waits on and that costs nothing to
+    /// lose (a `done`: the next run downloads again), sent while other jobs are in flight, so that
+    /// company is likely: a transaction and its round trip to the connection's thread cost more
+    /// CPU than the statements in it.
+    ///
+    /// # Errors
+    /// As [`Writer::commit`].
+    pub async fn commit_unhurried(&self, change: Change) -> Result<i64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Op { change, reply: Some(reply), unhurried: true }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -187,7 +220,7 @@ impl Writer {
     /// # Errors
     /// [`StoreError::Corrupt`] when the writer has stopped.
     pub async fn send(&self, change: Change) -> Result<(), StoreError> {
-        self.tx.send(Op { change, reply: None }).await.map_err(|_| stopped())
+        self.tx.send(Op { change, reply: None, unhurried: false }).await.map_err(|_| stopped())
     }
 }
 
@@ -195,21 +228,31 @@ fn stopped() -> StoreError {
     StoreError::Corrupt("the state writer has stopped".into())
 }
 
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
-    // Set once a change nobody waits for could not be committed: from then on every change is
-    // refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
-    let mut poisoned: Option<String> = None;
-    // When the oldest committed but not yet power-safe `Soon` change must be fsynced.
-    let mut sync_by: Option<tokio::time::Instant> = None;
+async fn writer_loop(conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, unhurried: Duration) {
+    let mut w = WriterState {
+        conn,
+        poisoned: None,
+        sync_by: None,
+        parked: Vec::new(),
+        parked_until: None,
+        unhurried,
+    };
     loop {
-        let first = match sync_by {
+        let deadline = match (w.sync_by, w.parked_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let first = match deadline {
             Some(deadline) => tokio::select! {
                 op = rx.recv() => op,
                 () = tokio::time::sleep_until(deadline) => {
-                    // Nothing came along to carry the fsync: bump the heartbeat, synced.
-                    match heartbeat(&mut conn).await {
-                        Ok(()) => sync_by = None,
-                        Err(e) => tracing::warn!(error = %e, "could not sync the state file"),
+                    if w.parked.is_empty() {
+                        // Nothing came along to carry the fsync: bump the heartbeat, synced.
+                        w.heartbeat().await;
+                    } else {
+                        // Nothing came along to carry the unhurried changes: they go alone (and
+                        // carry the fsync, if one is due).
+                        w.commit(Vec::new(), true).await;
                     }
                     continue;
                 }
@@ -218,63 +261,146 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Op>) {
         };
         let Some(first) = first else { break };
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        drain(&mut rx, &mut batch);
+        w.commit(batch, false).await;
+    }
+    // Leave everything committed and power-safe (the run's own end is recorded on another
+    // connection, synced).
+    if !w.parked.is_empty() {
+        w.commit(Vec::new(), true).await;
+    }
+    if w.sync_by.is_some() {
+        w.heartbeat().await;
+    }
+    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut w.conn).await;
+}
+
+/// The writer task's connection and what it keeps between batches.
+struct WriterState {
+    conn: SqliteConnection,
+    /// Set once a change nobody waits for could not be committed: from then on every change is
+    /// refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
+    poisoned: Option<String>,
+    /// When the oldest committed but not yet power-safe `Soon` change must be fsynced.
+    sync_by: Option<tokio::time::Instant>,
+    /// Unhurried changes waiting for company, oldest first.
+    parked: Vec<Op>,
+    /// When the oldest parked change stops waiting.
+    parked_until: Option<tokio::time::Instant>,
+    /// How long an unhurried change may wait ([`UNHURRIED`]).
+    unhurried: Duration,
+}
+
+impl WriterState {
+    /// Commits `batch` with whatever parked changes may join it (all of them with `flush`).
+    /// Unhurried changes stay parked while the batch holds an intent (its sender waits to send a
+    /// paid request, so its transaction is kept short), and while nothing else comes along.
+    async fn commit(&mut self, mut batch: Vec<Op>, flush: bool) {
+        let now = tokio::time::Instant::now();
+        let deadline_passed = flush || self.parked_until.is_some_and(|d| d <= now);
+        let has_intent = batch.iter().any(|op| op.change.durability() == Durability::Now);
+        let touches_parked =
+            batch.iter().any(|op| self.parked.iter().any(|p| p.change.job_id() == op.change.job_id()));
+        if deadline_passed || touches_parked || (!has_intent && batch.iter().any(|op| !op.unhurried)) {
+            // Parked changes were queued first: they go first.
+            let mut all = std::mem::take(&mut self.parked);
+            all.append(&mut batch);
+            batch = all;
+            self.parked_until = None;
+        } else {
+            let (unhurried, rest): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| op.unhurried);
+            if !unhurried.is_empty() {
+                self.parked_until.get_or_insert(now + self.unhurried);
+                self.parked.extend(unhurried);
             }
+            batch = rest;
         }
-        if let Some(why) = &poisoned {
+        if batch.is_empty() {
+            return;
+        }
+        canonical_order(&mut batch);
+        if let Some(why) = &self.poisoned {
             for op in batch {
                 reply(op, Err(StoreError::Corrupt(format!("an earlier state change failed: {why}"))));
             }
-            continue;
+            return;
         }
         let needs = batch.iter().map(|op| op.change.durability()).max().unwrap_or(Durability::Whenever);
-        let now = tokio::time::Instant::now();
-        let sync = if needs == Durability::Now || sync_by.is_some_and(|d| d <= now) {
+        let sync = if needs == Durability::Now || self.sync_by.is_some_and(|d| d <= now) {
             Sync::Full
         } else {
             Sync::Normal
         };
-        match apply_batch(&mut conn, &batch, sync).await {
+        match apply_batch(&mut self.conn, &batch, sync).await {
             Ok(ids) => {
                 for (op, id) in batch.into_iter().zip(ids) {
-                    settle(op, id, &mut poisoned);
+                    settle(op, id, &mut self.poisoned);
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, changes = batch.len(), "group commit failed; committing one by one");
                 for op in batch {
-                    let res = match apply_batch(&mut conn, std::slice::from_ref(&op), sync).await {
+                    let res = match apply_batch(&mut self.conn, std::slice::from_ref(&op), sync).await {
                         Ok(mut ids) => ids.pop().unwrap_or(Ok(0)),
                         Err(e) => Err(e),
                     };
-                    settle(op, res, &mut poisoned);
+                    settle(op, res, &mut self.poisoned);
                 }
             }
         }
         match sync {
-            Sync::Full => sync_by = None,
+            Sync::Full => self.sync_by = None,
             Sync::Normal if needs == Durability::Soon => {
-                sync_by = Some(sync_by.map_or(now + SOON, |d| d.min(now + SOON)));
+                self.sync_by = Some(self.sync_by.map_or(now + SOON, |d| d.min(now + SOON)));
             }
             Sync::Normal => {}
         }
     }
-    // Leave everything power-safe (the run's own end is recorded on another connection, synced).
-    if sync_by.is_some() {
-        let _ = heartbeat(&mut conn).await;
+
+    async fn heartbeat(&mut self) {
+        match heartbeat(&mut self.conn).await {
+            Ok(()) => self.sync_by = None,
+            Err(e) => tracing::warn!(error = %e, "could not sync the state file"),
+        }
     }
-    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await;
+}
+
+/// Adds whatever has queued up, up to [`MAX_BATCH`].
+fn drain(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Sorts a batch by kind of change when no job appears twice in it (changes to different jobs
+/// commute inside one transaction; two of one job must keep their order), so the few shapes a
+/// small batch takes are each prepared once and then found in the statement cache.
+fn canonical_order(batch: &mut [Op]) {
+    if batch.len() < 2 {
+        return;
+    }
+    let mut jobs: Vec<i64> = batch.iter().map(|op| op.change.job_id()).collect();
+    jobs.sort_unstable();
+    if jobs.windows(2).all(|w| w[0] != w[1]) {
+        batch.sort_by_key(|op| op.change.kind());
+    }
 }
 
 /// A synced commit of a real change (an unchanged row would write nothing), so every earlier
 /// commit in the WAL becomes power-safe.
 async fn heartbeat(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-    let mut sql = BatchSql::new(Sync::Full);
+    let mut sql = BatchSql::default();
+    sql.begin(Sync::Full);
     sql.statement("UPDATE heartbeat SET beats = beats + 1 WHERE id = 1");
-    sql.commit(conn, true).await.map(drop)
+    sql.statement("COMMIT");
+    if let Err(e) = sql.run(conn).await {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
@@ -330,6 +456,34 @@ enum Durability {
 const SOON: Duration = Duration::from_millis(100);
 
 impl Change {
+    fn job_id(&self) -> i64 {
+        match self {
+            Self::Intent { job_id, .. }
+            | Self::Accepted { job_id, .. }
+            | Self::Completed { job_id, .. }
+            | Self::Waiting { job_id, .. }
+            | Self::Failed { job_id, .. }
+            | Self::Ambiguous { job_id, .. }
+            | Self::Released { job_id, .. }
+            | Self::Done { job_id, .. } => *job_id,
+        }
+    }
+
+    /// The statements a change runs depend on its kind only (and on a `done`'s number of
+    /// files), so batches sorted by it repeat.
+    fn kind(&self) -> (u8, usize) {
+        match self {
+            Self::Intent { .. } => (0, 0),
+            Self::Accepted { .. } => (1, 0),
+            Self::Completed { attempt_id, .. } => (2, usize::from(attempt_id.is_some())),
+            Self::Waiting { attempt_id, .. } => (3, usize::from(attempt_id.is_some())),
+            Self::Failed { attempt_id, .. } => (4, usize::from(attempt_id.is_some())),
+            Self::Ambiguous { .. } => (5, 0),
+            Self::Released { attempt_id, .. } => (6, usize::from(attempt_id.is_some())),
+            Self::Done { outputs, .. } => (7, outputs.len()),
+        }
+    }
+
     fn durability(&self) -> Durability {
         match self {
             Self::Intent { .. } => Durability::Now,
@@ -357,8 +511,9 @@ impl Sync {
     }
 }
 
-/// A whole batch as one multi-statement query, so a group commit costs one round trip to the
-/// connection's thread instead of one per statement.
+/// A chunk of a batch as one multi-statement query, so a group commit costs one round trip to
+/// the connection's thread per [`CHUNK`] changes instead of one per statement.
+#[derive(Default)]
 struct BatchSql<'q> {
     sql: String,
     args: SqliteArguments<'q>,
@@ -367,11 +522,10 @@ struct BatchSql<'q> {
 }
 
 impl<'q> BatchSql<'q> {
-    fn new(sync: Sync) -> Self {
-        let mut sql = String::with_capacity(1024);
-        sql.push_str(sync.pragma());
-        sql.push_str("BEGIN IMMEDIATE;");
-        Self { sql, args: SqliteArguments::default(), returns: Vec::new() }
+    /// Opens the transaction, committed with `sync`.
+    fn begin(&mut self, sync: Sync) {
+        self.sql.push_str(sync.pragma());
+        self.sql.push_str("BEGIN IMMEDIATE;");
     }
 
     fn bind<T>(&mut self, value: T) -> Result<(), StoreError>
@@ -381,22 +535,9 @@ impl<'q> BatchSql<'q> {
         self.args.add(value).map_err(|e| StoreError::Corrupt(format!("cannot bind a value: {e}")))
     }
 
-    /// Ends the transaction and runs the whole text; answers the rows the statements returned.
-    /// On error nothing is kept: the failed statement left the transaction open (or never began
-    /// it), so it is rolled back.
-    async fn commit(
-        mut self,
-        conn: &mut SqliteConnection,
-        persistent: bool,
-    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, StoreError> {
-        self.statement("COMMIT");
-        match sqlx::query_with(&self.sql, self.args).persistent(persistent).fetch_all(&mut *conn).await {
-            Ok(rows) => Ok(rows),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(e.into())
-            }
-        }
+    /// Runs the whole text (prepared once, then cached); answers the rows it returned.
+    async fn run(self, conn: &mut SqliteConnection) -> Result<Vec<sqlx::sqlite::SqliteRow>, sqlx::Error> {
+        sqlx::query_with(&self.sql, self.args).persistent(true).fetch_all(&mut *conn).await
     }
 
     fn statement(&mut self, sql: &str) {
@@ -555,21 +696,40 @@ impl<'q> BatchSql<'q> {
     }
 }
 
-/// Applies `batch` in one transaction committed with `sync`. Answers, per change, the new
-/// attempt id for an intent and 0 otherwise.
+/// Applies `batch` in one transaction committed with `sync`, [`CHUNK`] changes per round trip.
+/// Answers, per change, the new attempt id for an intent and 0 otherwise. On error nothing is
+/// kept: the transaction is rolled back.
 async fn try_apply(
     conn: &mut SqliteConnection,
     batch: &[Op],
     sync: Sync,
 ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
-    let mut sql = BatchSql::new(sync);
-    for op in batch {
-        sql.change(&op.change)?;
+    let mut returns = Vec::with_capacity(batch.len());
+    let mut rows = Vec::new();
+    let chunks = batch.len().div_ceil(CHUNK);
+    for (i, chunk) in batch.chunks(CHUNK).enumerate() {
+        let mut sql = BatchSql::default();
+        if i == 0 {
+            sql.begin(sync);
+        }
+        let built = chunk.iter().try_for_each(|op| sql.change(&op.change));
+        if i + 1 == chunks {
+            sql.statement("COMMIT");
+        }
+        returns.append(&mut sql.returns);
+        let ran = match built {
+            Ok(()) => sql.run(conn).await.map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        match ran {
+            Ok(mut r) => rows.append(&mut r),
+            Err(e) => {
+                // The failed statement left the transaction open (or never began it).
+                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                return Err(e);
+            }
+        }
     }
-    let returns = std::mem::take(&mut sql.returns);
-    // A batch of one repeats often (the same text each time), so its prepared statements are
-    // worth caching; a mixed batch is rarely seen twice.
-    let rows = sql.commit(conn, batch.len() == 1).await?;
     // The batch is committed: an intent whose job is missing fails alone (its statements
     // changed nothing, and returned no row), the others are answered with their own rows.
     let mut opened: std::collections::HashMap<i64, std::collections::VecDeque<i64>> =
@@ -1016,6 +1176,81 @@ mod tests {
         let (n,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM attempts").fetch_one(store.pool()).await.unwrap();
         assert_eq!(n, 2);
+    }
+
+    fn done(job_id: i64) -> Change {
+        Change::Done { job_id, outputs: Vec::new(), result: None, charged: 0.0 }
+    }
+
+    #[tokio::test]
+    async fn an_unhurried_done_waits_for_a_change_that_is_not_an_intent() {
+        let (_dir, store, run) = store_with_jobs(2).await;
+        // Long enough that only company can end the wait.
+        let (w, _h) = Writer::start_waiting(&store, Duration::from_secs(600)).await.unwrap();
+        w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        let lazy = {
+            let w = w.clone();
+            tokio::spawn(async move { w.commit_unhurried(done(1)).await })
+        };
+        tokio::task::yield_now().await;
+        // An intent's transaction stays short: the parked `done` does not join it.
+        let attempt = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap();
+        assert_eq!(state(&store, 2).await.0, "submitting");
+        assert_eq!(state(&store, 1).await.0, "submitting", "the done waits");
+        assert!(!lazy.is_finished());
+        // The request id, committed at once, takes the parked `done` along.
+        w.send(accepted(2, attempt, "req-2")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), lazy).await.unwrap().unwrap().unwrap();
+        assert_eq!(state(&store, 1).await.0, "done");
+        assert_eq!(state(&store, 2).await.0, "submitted");
+    }
+
+    #[tokio::test]
+    async fn an_unhurried_done_alone_is_committed_after_its_wait() {
+        let (_dir, store, run) = store_with_jobs(1).await;
+        let (w, _h) = Writer::start_waiting(&store, Duration::from_millis(50)).await.unwrap();
+        w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), w.commit_unhurried(done(1))).await.unwrap().unwrap();
+        assert_eq!(state(&store, 1).await.0, "done");
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_a_chunk_commits_whole_in_any_order_of_kinds() {
+        let n = i64::try_from(3 * CHUNK + 3).unwrap();
+        let (_dir, store, run) = store_with_jobs(2 * n).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        // Jobs 1..=n are already submitted; n+1..=2n are new.
+        let mut attempts = Vec::new();
+        for id in 1..=n {
+            attempts.push(w.commit(Change::Intent { job_id: id, run_id: run }).await.unwrap());
+        }
+        let mut tasks = Vec::new();
+        for id in 1..=n {
+            let (w1, w2) = (w.clone(), w.clone());
+            let attempt = attempts[usize::try_from(id - 1).unwrap()];
+            tasks
+                .push(tokio::spawn(async move { w1.commit(accepted(id, attempt, &format!("r{id}"))).await }));
+            tasks.push(tokio::spawn(async move {
+                w2.commit(Change::Intent { job_id: n + id, run_id: run }).await
+            }));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            let id = t.await.unwrap().unwrap();
+            assert!(id == 0 || ids.insert(id), "attempt {id} answered twice");
+        }
+        for id in 1..=n {
+            assert_eq!(state(&store, id).await, ("submitted".into(), 1, Some(format!("r{id}"))));
+            assert_eq!(state(&store, n + id).await, ("submitting".into(), 1, None));
+        }
+        // Every new attempt id went back to the intent of its own job.
+        let (mismatched,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.number != j.attempts",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(mismatched, 0);
     }
 
     #[tokio::test]
