@@ -230,7 +230,7 @@ fn stopped() -> StoreError {
 
 async fn writer_loop(conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, unhurried: Duration) {
     let mut w = WriterState {
-        conn,
+        conn: WriterConn { conn, sync: None },
         poisoned: None,
         sync_by: None,
         parked: Vec::new(),
@@ -272,12 +272,19 @@ async fn writer_loop(conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, unhurri
     if w.sync_by.is_some() {
         w.heartbeat().await;
     }
-    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut w.conn).await;
+    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut w.conn.conn).await;
+}
+
+/// The writer's connection and its `synchronous` setting, when known: the setting is only
+/// changed when a commit needs the other one (a pragma is prepared anew each time it runs).
+struct WriterConn {
+    conn: SqliteConnection,
+    sync: Option<Sync>,
 }
 
 /// The writer task's connection and what it keeps between batches.
 struct WriterState {
-    conn: SqliteConnection,
+    conn: WriterConn,
     /// Set once a change nobody waits for could not be committed: from then on every change is
     /// refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
     poisoned: Option<String>,
@@ -391,16 +398,21 @@ fn canonical_order(batch: &mut [Op]) {
 
 /// A synced commit of a real change (an unchanged row would write nothing), so every earlier
 /// commit in the WAL becomes power-safe.
-async fn heartbeat(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+async fn heartbeat(conn: &mut WriterConn) -> Result<(), StoreError> {
     let mut sql = BatchSql::default();
-    sql.begin(Sync::Full);
+    sql.begin(Sync::Full, &mut conn.sync);
     sql.statement("UPDATE heartbeat SET beats = beats + 1 WHERE id = 1");
     sql.statement("COMMIT");
-    if let Err(e) = sql.run(conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
+    match sql.run(&mut conn.conn).await {
+        Ok(_) => {
+            conn.sync = Some(Sync::Full);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut conn.conn).await;
+            Err(e.into())
+        }
     }
-    Ok(())
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
@@ -420,7 +432,7 @@ fn reply(op: Op, result: Result<i64, StoreError>) {
 }
 
 async fn apply_batch(
-    conn: &mut SqliteConnection,
+    conn: &mut WriterConn,
     batch: &[Op],
     sync: Sync,
 ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
@@ -522,9 +534,13 @@ struct BatchSql<'q> {
 }
 
 impl<'q> BatchSql<'q> {
-    /// Opens the transaction, committed with `sync`.
-    fn begin(&mut self, sync: Sync) {
-        self.sql.push_str(sync.pragma());
+    /// Opens the transaction, committed with `sync`. The setting is unknown until the text has
+    /// run.
+    fn begin(&mut self, sync: Sync, current: &mut Option<Sync>) {
+        if *current != Some(sync) {
+            self.sql.push_str(sync.pragma());
+            *current = None;
+        }
         self.sql.push_str("BEGIN IMMEDIATE;");
     }
 
@@ -700,7 +716,7 @@ impl<'q> BatchSql<'q> {
 /// Answers, per change, the new attempt id for an intent and 0 otherwise. On error nothing is
 /// kept: the transaction is rolled back.
 async fn try_apply(
-    conn: &mut SqliteConnection,
+    conn: &mut WriterConn,
     batch: &[Op],
     sync: Sync,
 ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
@@ -710,7 +726,7 @@ async fn try_apply(
     for (i, chunk) in batch.chunks(CHUNK).enumerate() {
         let mut sql = BatchSql::default();
         if i == 0 {
-            sql.begin(sync);
+            sql.begin(sync, &mut conn.sync);
         }
         let built = chunk.iter().try_for_each(|op| sql.change(&op.change));
         if i + 1 == chunks {
@@ -718,14 +734,17 @@ async fn try_apply(
         }
         returns.append(&mut sql.returns);
         let ran = match built {
-            Ok(()) => sql.run(conn).await.map_err(StoreError::from),
+            Ok(()) => sql.run(&mut conn.conn).await.map_err(StoreError::from),
             Err(e) => Err(e),
         };
         match ran {
-            Ok(mut r) => rows.append(&mut r),
+            Ok(mut r) => {
+                rows.append(&mut r);
+                conn.sync = Some(sync);
+            }
             Err(e) => {
                 // The failed statement left the transaction open (or never began it).
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                let _ = sqlx::query("ROLLBACK").execute(&mut conn.conn).await;
                 return Err(e);
             }
         }
@@ -1176,6 +1195,25 @@ mod tests {
         let (n,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM attempts").fetch_one(store.pool()).await.unwrap();
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn the_sync_setting_is_sent_whenever_it_is_not_known_to_be_right() {
+        let text = |sync, current: &mut Option<Sync>| {
+            let mut sql = BatchSql::default();
+            sql.begin(sync, current);
+            sql.sql
+        };
+        let mut current = None;
+        assert_eq!(text(Sync::Full, &mut current), "PRAGMA synchronous = FULL;BEGIN IMMEDIATE;");
+        assert_eq!(current, None, "unknown until the text has run");
+        current = Some(Sync::Full);
+        assert_eq!(text(Sync::Full, &mut current), "BEGIN IMMEDIATE;");
+        assert_eq!(current, Some(Sync::Full));
+        assert_eq!(text(Sync::Normal, &mut current), "PRAGMA synchronous = NORMAL;BEGIN IMMEDIATE;");
+        assert_eq!(current, None);
+        current = Some(Sync::Normal);
+        assert_eq!(text(Sync::Full, &mut current), "PRAGMA synchronous = FULL;BEGIN IMMEDIATE;");
     }
 
     fn done(job_id: i64) -> Change {
