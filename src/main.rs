@@ -56,8 +56,12 @@ fn init_logging(global: &GlobalArgs) {
             "{level},backdrop::pipeline::scheduler={rows},sqlx=warn,hyper=warn,reqwest=warn,axum=warn,h2=warn"
         ))
     });
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(backdrop::progress::LogWriter);
+    // Colours only for a person at a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(backdrop::progress::LogWriter)
+        .with_ansi(ansi);
     match global.log_format {
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
         LogFormat::Text => builder.with_target(false).init(),

@@ -122,8 +122,15 @@ async fn a_dropped_submit_becomes_ambiguous_and_is_not_resubmitted() {
         TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() })
             .await;
     let catalog = env.catalog(3);
-    let out = output(env.run_cmd(&catalog, &["--concurrency", "1"])).await;
+    let mut cmd = env.run_cmd(&catalog, &["--concurrency", "1"]);
+    // Logs to a pipe (a file, a CI log) are plain text, without terminal colour codes, even
+    // when NO_COLOR is not set.
+    cmd.env_remove("NO_COLOR");
+    let out = output(cmd).await;
     assert_eq!(code(&out), 3, "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(log.contains("WARN"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a piped log: {log:?}");
     let states = env.states().await;
     assert_eq!(states.get("ambiguous"), Some(&1), "{states:?}");
     assert_eq!(states.get("done"), Some(&2), "{states:?}");
