@@ -338,8 +338,11 @@ impl WriterState {
         } else {
             Sync::Normal
         };
+        // Whether a transaction committed with `sync`: only then are earlier commits power-safe.
+        let mut committed = false;
         match apply_batch(&mut self.conn, &batch, sync).await {
             Ok(ids) => {
+                committed = true;
                 for (op, id) in batch.into_iter().zip(ids) {
                     settle(op, id, &mut self.poisoned);
                 }
@@ -347,8 +350,17 @@ impl WriterState {
             Err(e) => {
                 tracing::warn!(error = %e, changes = batch.len(), "group commit failed; committing one by one");
                 for op in batch {
+                    // A change nobody waited for failed just before: nothing after it may land.
+                    if let Some(why) = &self.poisoned {
+                        let why = format!("an earlier state change failed: {why}");
+                        reply(op, Err(StoreError::Corrupt(why)));
+                        continue;
+                    }
                     let res = match apply_batch(&mut self.conn, std::slice::from_ref(&op), sync).await {
-                        Ok(mut ids) => ids.pop().unwrap_or(Ok(0)),
+                        Ok(mut ids) => {
+                            committed = true;
+                            ids.pop().unwrap_or(Ok(0))
+                        }
                         Err(e) => Err(e),
                     };
                     settle(op, res, &mut self.poisoned);
@@ -356,6 +368,8 @@ impl WriterState {
             }
         }
         match sync {
+            // Nothing committed synced: the deadline stays, and a heartbeat will try again.
+            Sync::Full if !committed => {}
             Sync::Full => self.sync_by = None,
             Sync::Normal if needs == Durability::Soon => {
                 self.sync_by = Some(self.sync_by.map_or(now + SOON, |d| d.min(now + SOON)));
@@ -367,7 +381,11 @@ impl WriterState {
     async fn heartbeat(&mut self) {
         match heartbeat(&mut self.conn).await {
             Ok(()) => self.sync_by = None,
-            Err(e) => tracing::warn!(error = %e, "could not sync the state file"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sync the state file; trying again shortly");
+                // Not at once: a failing disk must not turn the writer into a busy loop.
+                self.sync_by = Some(tokio::time::Instant::now() + SOON);
+            }
         }
     }
 }
@@ -1248,47 +1266,98 @@ mod tests {
         let (_dir, store, run) = store_with_jobs(1).await;
         let (w, _h) = Writer::start_waiting(&store, Duration::from_millis(50)).await.unwrap();
         w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        let asked = std::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(30), w.commit_unhurried(done(1))).await.unwrap().unwrap();
+        // It waited for company (a timer never fires early), then went alone.
+        assert!(asked.elapsed() >= Duration::from_millis(50), "committed without waiting");
         assert_eq!(state(&store, 1).await.0, "done");
     }
 
+    /// An op as the writer holds it, for driving `try_apply` directly.
+    fn op(change: Change) -> Op {
+        Op { change, reply: None, unhurried: false }
+    }
+
+    async fn writer_conn(store: &Store) -> WriterConn {
+        WriterConn { conn: store.pool().acquire().await.unwrap().detach(), sync: None }
+    }
+
+    async fn attempt_owner(store: &Store, attempt: i64) -> i64 {
+        sqlx::query_as::<_, (i64,)>("SELECT job_id FROM attempts WHERE id = ?")
+            .bind(attempt)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .0
+    }
+
     #[tokio::test]
-    async fn a_batch_larger_than_a_chunk_commits_whole_in_any_order_of_kinds() {
+    async fn a_batch_of_several_chunks_commits_whole_and_answers_each_intent_with_its_own_attempt() {
         let n = i64::try_from(3 * CHUNK + 3).unwrap();
         let (_dir, store, run) = store_with_jobs(2 * n).await;
-        let (w, _h) = Writer::start(&store).await.unwrap();
-        // Jobs 1..=n are already submitted; n+1..=2n are new.
-        let mut attempts = Vec::new();
+        let mut conn = writer_conn(&store).await;
+        // Jobs 1..=n have an open attempt; n+1..=2n are new. The two kinds alternate, so every
+        // chunk mixes them.
+        let opened = try_apply(
+            &mut conn,
+            &(1..=n).map(|id| op(Change::Intent { job_id: id, run_id: run })).collect::<Vec<_>>(),
+            Sync::Full,
+        )
+        .await
+        .unwrap();
+        let mut batch = Vec::new();
         for id in 1..=n {
-            attempts.push(w.commit(Change::Intent { job_id: id, run_id: run }).await.unwrap());
+            let attempt = *opened[usize::try_from(id - 1).unwrap()].as_ref().unwrap();
+            batch.push(op(accepted(id, attempt, &format!("r{id}"))));
+            batch.push(op(Change::Intent { job_id: n + id, run_id: run }));
         }
-        let mut tasks = Vec::new();
-        for id in 1..=n {
-            let (w1, w2) = (w.clone(), w.clone());
-            let attempt = attempts[usize::try_from(id - 1).unwrap()];
-            tasks
-                .push(tokio::spawn(async move { w1.commit(accepted(id, attempt, &format!("r{id}"))).await }));
-            tasks.push(tokio::spawn(async move {
-                w2.commit(Change::Intent { job_id: n + id, run_id: run }).await
-            }));
-        }
-        let mut ids = std::collections::HashSet::new();
-        for t in tasks {
-            let id = t.await.unwrap().unwrap();
-            assert!(id == 0 || ids.insert(id), "attempt {id} answered twice");
+        assert!(batch.len() > 3 * CHUNK);
+        let answers = try_apply(&mut conn, &batch, Sync::Full).await.unwrap();
+        assert_eq!(answers.len(), batch.len());
+        assert_eq!(conn.sync, Some(Sync::Full));
+        for (op, answer) in batch.iter().zip(answers) {
+            let answer = answer.unwrap();
+            match op.change {
+                Change::Intent { job_id, .. } => {
+                    assert_eq!(attempt_owner(&store, answer).await, job_id, "intent of job {job_id}");
+                }
+                _ => assert_eq!(answer, 0),
+            }
         }
         for id in 1..=n {
             assert_eq!(state(&store, id).await, ("submitted".into(), 1, Some(format!("r{id}"))));
             assert_eq!(state(&store, n + id).await, ("submitting".into(), 1, None));
         }
-        // Every new attempt id went back to the intent of its own job.
-        let (mismatched,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.number != j.attempts",
-        )
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-        assert_eq!(mismatched, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failure_in_a_later_chunk_rolls_back_the_earlier_ones() {
+        let n = i64::try_from(2 * CHUNK + 1).unwrap();
+        let (_dir, store, run) = store_with_jobs(n).await;
+        let mut conn = writer_conn(&store).await;
+        let mut batch: Vec<Op> = (1..=n).map(|id| op(Change::Intent { job_id: id, run_id: run })).collect();
+        // The last chunk records an output for a job that does not exist: a foreign key fails.
+        let output = SavedOutput {
+            index: 0,
+            path: "x/0.png".into(),
+            sha256: "0".repeat(64),
+            bytes: 1,
+            width: 1,
+            height: 1,
+            content_type: "image/png".into(),
+            source_url: "http://x/0.png".into(),
+        };
+        batch.push(op(Change::Done { job_id: 999, outputs: vec![output], result: None, charged: 0.0 }));
+        assert!(try_apply(&mut conn, &batch, Sync::Full).await.is_err());
+        for id in 1..=n {
+            assert_eq!(state(&store, id).await, ("pending".into(), 0, None), "job {id} was rolled back");
+        }
+        let (attempts,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM attempts").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(attempts, 0);
+        // The connection is usable again, outside any transaction.
+        try_apply(&mut conn, &batch[..1], Sync::Full).await.unwrap();
+        assert_eq!(state(&store, 1).await.0, "submitting");
     }
 
     #[tokio::test]
