@@ -193,9 +193,7 @@ impl Writer {
     /// # Errors
     /// The database error, or [`StoreError::Corrupt`] when the writer has stopped.
     pub async fn commit(&self, change: Change) -> Result<i64, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Op { change, reply: Some(reply), unhurried: false }).await.map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.commit_op(change, false).await
     }
 
     /// Like [`Writer::commit`], but the change may wait up to [`UNHURRIED`] for another one to
@@ -207,8 +205,12 @@ impl Writer {
     /// # Errors
     /// As [`Writer::commit`].
     pub async fn commit_unhurried(&self, change: Change) -> Result<i64, StoreError> {
+        self.commit_op(change, true).await
+    }
+
+    async fn commit_op(&self, change: Change, unhurried: bool) -> Result<i64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op { change, reply: Some(reply), unhurried: true }).await.map_err(|_| stopped())?;
+        self.tx.send(Op { change, reply: Some(reply), unhurried }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -1016,6 +1018,15 @@ mod tests {
             .unwrap()
     }
 
+    async fn attempt_owner(store: &Store, attempt: i64) -> i64 {
+        sqlx::query_as::<_, (i64,)>("SELECT job_id FROM attempts WHERE id = ?")
+            .bind(attempt)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .0
+    }
+
     #[tokio::test]
     async fn a_job_walks_the_whole_state_machine() {
         let (_dir, store, run) = store_with_jobs(1).await;
@@ -1201,12 +1212,7 @@ mod tests {
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_ne!(a, b);
         for (job, attempt) in [(1, a), (2, b)] {
-            let (owner,): (i64,) = sqlx::query_as("SELECT job_id FROM attempts WHERE id = ?")
-                .bind(attempt)
-                .fetch_one(store.pool())
-                .await
-                .unwrap();
-            assert_eq!(owner, job, "each intent gets its own job's attempt");
+            assert_eq!(attempt_owner(&store, attempt).await, job, "each intent gets its own job's attempt");
             assert_eq!(state(&store, job).await, ("submitting".into(), 1, None));
         }
         // Nothing was applied twice by a retry of the batch.
@@ -1280,15 +1286,6 @@ mod tests {
 
     async fn writer_conn(store: &Store) -> WriterConn {
         WriterConn { conn: store.pool().acquire().await.unwrap().detach(), sync: None }
-    }
-
-    async fn attempt_owner(store: &Store, attempt: i64) -> i64 {
-        sqlx::query_as::<_, (i64,)>("SELECT job_id FROM attempts WHERE id = ?")
-            .bind(attempt)
-            .fetch_one(store.pool())
-            .await
-            .unwrap()
-            .0
     }
 
     #[tokio::test]
