@@ -284,6 +284,33 @@ struct WriterConn {
     sync: Option<Sync>,
 }
 
+impl WriterConn {
+    /// Runs one text of a transaction begun with `sync` (see [`BatchSql::begin`]); answers the
+    /// rows it returned. On success the setting is known to be `sync`; on error the transaction
+    /// is rolled back, since the failed statement left it open (or never began it).
+    async fn run(
+        &mut self,
+        sql: BatchSql<'_>,
+        sync: Sync,
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, StoreError> {
+        match sql.run(&mut self.conn).await {
+            Ok(rows) => {
+                self.sync = Some(sync);
+                Ok(rows)
+            }
+            Err(e) => {
+                self.rollback().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Ends whatever transaction is open; its error is not worth more than the one that led here.
+    async fn rollback(&mut self) {
+        let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+    }
+}
+
 /// The writer task's connection and what it keeps between batches.
 struct WriterState {
     conn: WriterConn,
@@ -423,16 +450,7 @@ async fn heartbeat(conn: &mut WriterConn) -> Result<(), StoreError> {
     sql.begin(Sync::Full, &mut conn.sync);
     sql.statement("UPDATE heartbeat SET beats = beats + 1 WHERE id = 1");
     sql.statement("COMMIT");
-    match sql.run(&mut conn.conn).await {
-        Ok(_) => {
-            conn.sync = Some(Sync::Full);
-            Ok(())
-        }
-        Err(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut conn.conn).await;
-            Err(e.into())
-        }
-    }
+    conn.run(sql, Sync::Full).await.map(drop)
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
@@ -753,21 +771,12 @@ async fn try_apply(
             sql.statement("COMMIT");
         }
         returns.append(&mut sql.returns);
-        let ran = match built {
-            Ok(()) => sql.run(&mut conn.conn).await.map_err(StoreError::from),
-            Err(e) => Err(e),
-        };
-        match ran {
-            Ok(mut r) => {
-                rows.append(&mut r);
-                conn.sync = Some(sync);
-            }
-            Err(e) => {
-                // The failed statement left the transaction open (or never began it).
-                let _ = sqlx::query("ROLLBACK").execute(&mut conn.conn).await;
-                return Err(e);
-            }
+        if let Err(e) = built {
+            // Earlier chunks may have opened the transaction.
+            conn.rollback().await;
+            return Err(e);
         }
+        rows.append(&mut conn.run(sql, sync).await?);
     }
     // The batch is committed: an intent whose job is missing fails alone (its statements
     // changed nothing, and returned no row), the others are answered with their own rows.
