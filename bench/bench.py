@@ -345,12 +345,12 @@ def run_backdrop(ctx, d, catalog, sim, stop=None, sig=signal.SIGINT):
     return measure(argv, ctx.env(), d / "backdrop.log", stop=stop, stop_signal=sig)
 
 
-def run_floor(ctx, d, catalog, sim, stop=None, sig=signal.SIGINT):
+def run_floor(ctx, d, catalog, sim):
     """benches/floor.rs: the least a program keeping backdrop's promises does, as a CPU floor."""
     poll_ms = str(round(float(ctx.poll_interval) * 1000))
     argv = [ctx.floor, "--api-base", sim.base, "--catalog", catalog, "--state", d / "state.db",
             "--out", d / "out", "--concurrency", "5", "--poll-initial", poll_ms]
-    return measure(argv, ctx.env(), d / "floor.log", stop=stop, stop_signal=sig)
+    return measure(argv, ctx.env(), d / "floor.log")
 
 
 def script_done(d):
@@ -380,7 +380,7 @@ def bench_versus(ctx):
     results = {}
     for scenario, flags in scenarios:
         # The clean case carries the CPU target, and one run's CPU swings with what the hypervisor
-        # steals: it is run `repeat` times, the two tools taking turns, and the median run by CPU
+        # steals: it is run `repeat` times, the tools taking turns, and the median run by CPU
         # stands for each (every run's CPU is in the details).
         repeat = ctx.repeat if scenario == "clean" else 1
         # The floor runs on the clean case only: it has no retries, so faults would fail its rows.
