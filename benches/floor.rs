@@ -6,9 +6,11 @@
 //! Per row, with `--stage all`: the intent committed and fsynced before the submit leaves; the
 //! request id committed the moment it returns; one poll after `--poll-initial`, then every 25 ms;
 //! the image downloaded, hashed, written to a temporary file, fsynced and renamed into place;
-//! then `done` committed. Two state connections, so no commit changes the `synchronous` setting:
-//! one with `FULL` for intents, one with `NORMAL` for everything else. `--stage http` stops after
-//! the hash (no state, no file); `--stage files` adds the file, without its fsync.
+//! then `done` committed (the folder is not synced after the rename, which backdrop's batched
+//! `syncfs` covers: the floor errs low). Two state connections, so no commit changes the
+//! `synchronous` setting: one with `FULL` for intents, one with `NORMAL` for everything else.
+//! `--stage http` stops after the hash (no state, no file); `--stage files` adds the file,
+//! without its fsync.
 //!
 //! ```text
 //! cargo bench --bench floor -- --api-base URL --catalog CSV --state DB --out DIR [--concurrency 5]
