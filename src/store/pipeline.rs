@@ -357,7 +357,7 @@ impl WriterState {
         canonical_order(&mut batch);
         if let Some(why) = &self.poisoned {
             for op in batch {
-                reply(op, Err(StoreError::Corrupt(format!("an earlier state change failed: {why}"))));
+                reply(op, Err(refused(why)));
             }
             return;
         }
@@ -381,8 +381,7 @@ impl WriterState {
                 for op in batch {
                     // A change nobody waited for failed just before: nothing after it may land.
                     if let Some(why) = &self.poisoned {
-                        let why = format!("an earlier state change failed: {why}");
-                        reply(op, Err(StoreError::Corrupt(why)));
+                        reply(op, Err(refused(why)));
                         continue;
                     }
                     let res = match apply_batch(&mut self.conn, std::slice::from_ref(&op), sync).await {
@@ -451,6 +450,11 @@ async fn heartbeat(conn: &mut WriterConn) -> Result<(), StoreError> {
     sql.statement("UPDATE heartbeat SET beats = beats + 1 WHERE id = 1");
     sql.statement("COMMIT");
     conn.run(sql, Sync::Full).await.map(drop)
+}
+
+/// The error of a change refused because an earlier one (`why`) poisoned the writer.
+fn refused(why: &str) -> StoreError {
+    StoreError::Corrupt(format!("an earlier state change failed: {why}"))
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
