@@ -11,8 +11,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use backdrop::cli::RunArgs;
-use backdrop::config::Settings;
+use backdrop::domain::ProviderKind;
+use backdrop::plan::PlanInput;
 use backdrop::store::Store;
 
 const COLORS: [&str; 6] = ["white", "black", "cobalt blue", "olive", "signal red", "natural oak"];
@@ -48,13 +48,8 @@ fn generate(path: &str, rows: u64) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn plan(catalog: &str, prompt: &str, state: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let settings = Settings::resolve(RunArgs {
-        catalog: Some(PathBuf::from(catalog)),
-        prompt: Some(PathBuf::from(prompt)),
-        state: Some(PathBuf::from(state)),
-        ..RunArgs::default()
-    })?;
-    let store = Store::open(&settings.state).await?;
+    let settings = PlanInput::new(catalog, prompt, ProviderKind::Seedance);
+    let store = Store::open(std::path::Path::new(state)).await?;
     let (run,): (i64,) = sqlx::query_as(
         "INSERT INTO runs (started_at, catalog, provider, model) VALUES (?, ?, 'seedance', '') RETURNING id",
     )

@@ -7,7 +7,21 @@ use std::path::PathBuf;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use backdrop::domain::ProviderKind;
+use backdrop::report::Format;
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+
 use crate::exit::EXIT_CODES_HELP;
+
+/// `--provider`: the library's [`ProviderKind`], with its names listed in `--help`.
+fn provider_parser() -> impl clap::builder::TypedValueParser<Value = ProviderKind> {
+    PossibleValuesParser::new(ProviderKind::ALL.map(ProviderKind::as_str)).try_map(|s| s.parse::<ProviderKind>())
+}
+
+/// `--format`: the library's report [`Format`], with its names listed in `--help`.
+fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
+    PossibleValuesParser::new(Format::ALL.map(Format::as_str)).try_map(|s| s.parse::<Format>())
+}
 
 /// Runs a product catalog through ByteDance's Seedream image models: resumable, rate-limited,
 /// and never pays twice for a row.
@@ -63,28 +77,6 @@ pub enum Command {
     Sim(Box<crate::sim::SimArgs>),
 }
 
-/// Which remote API protocol to speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// The Seedance REST API (credits; `SEEDANCE_API_KEY`).
-    #[default]
-    Seedance,
-    /// The fal.ai queue API (dollars; `FAL_KEY`).
-    Fal,
-}
-
-impl ProviderKind {
-    /// The lowercase name used in flags, config and the store.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Seedance => "seedance",
-            Self::Fal => "fal",
-        }
-    }
-}
-
 /// Arguments of `backdrop run`. Every field is optional so a config file can supply it; the
 /// same struct is what `backdrop.toml` deserializes into (unknown keys are errors).
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -112,7 +104,7 @@ pub struct RunArgs {
     #[arg(long, env = "BACKDROP_OUTPUT_NAME", value_name = "TEMPLATE")]
     pub output_name: Option<String>,
     /// Which API protocol to speak [default: seedance].
-    #[arg(long, value_enum, env = "BACKDROP_PROVIDER")]
+    #[arg(long, value_parser = provider_parser(), env = "BACKDROP_PROVIDER")]
     pub provider: Option<ProviderKind>,
     /// Base URL of the API (default: the provider's public endpoint).
     #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
@@ -249,17 +241,6 @@ pub struct RetryArgs {
     pub sku: Vec<String>,
 }
 
-/// Report formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ReportFormat {
-    /// One line per row, spreadsheet-safe.
-    Csv,
-    /// A versioned JSON document.
-    Json,
-    /// A self-contained before/after gallery.
-    Html,
-}
-
 /// Arguments of `backdrop report`.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
@@ -267,8 +248,8 @@ pub struct ReportArgs {
     #[command(flatten)]
     pub state: StateArgs,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
-    pub format: ReportFormat,
+    #[arg(long, value_parser = format_parser(), default_value = "html")]
+    pub format: Format,
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,

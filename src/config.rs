@@ -7,7 +7,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{ProviderKind, RunArgs};
+use backdrop::catalog::CatalogSpec;
+use backdrop::domain::{ApiKey, ProviderKind, Rate};
+use backdrop::money::{self, PriceTable};
+use backdrop::pipeline::backoff::{PollSchedule, RetryPolicy};
+use backdrop::plan::PlanInput;
+use backdrop::provider::fal::FalOptions;
+use backdrop::provider::http::InlinePolicy;
+use backdrop::provider::seedance::SeedanceOptions;
+
+use crate::cli::RunArgs;
 
 /// Default jobs in flight.
 pub const DEFAULT_CONCURRENCY: u32 = 5;
@@ -18,7 +27,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Default output folder.
 pub const DEFAULT_OUT: &str = "out";
 /// Default output file name template.
-pub const DEFAULT_OUTPUT_NAME: &str = "{sku}/{index}.{ext}";
+pub use backdrop::fetch::DEFAULT_OUTPUT_NAME;
 /// Default first poll delay.
 pub const DEFAULT_POLL_INITIAL: Duration = Duration::from_millis(250);
 /// Default longest poll interval.
@@ -74,107 +83,6 @@ pub enum ConfigError {
         /// The provider.
         provider: &'static str,
     },
-}
-
-impl ConfigError {
-    /// Config errors never go away by trying again.
-    #[must_use]
-    pub const fn is_retryable(&self) -> bool {
-        false
-    }
-}
-
-/// An API key from the environment. Its `Debug` and `Display` print `[redacted]`, so a key can
-/// never reach a log, a report or an error message by accident; only [`ApiKey::expose`] reads it.
-#[derive(Clone)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// The environment variable that holds a provider's key.
-    #[must_use]
-    pub const fn env_var(provider: ProviderKind) -> &'static str {
-        match provider {
-            ProviderKind::Seedance => "SEEDANCE_API_KEY",
-            ProviderKind::Fal => "FAL_KEY",
-        }
-    }
-
-    /// Reads the provider's key from the environment.
-    ///
-    /// # Errors
-    /// [`ConfigError::MissingKey`] when the variable is unset or empty.
-    pub fn from_env(provider: ProviderKind) -> Result<Self, ConfigError> {
-        let var = Self::env_var(provider);
-        match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(Self(v.trim().to_owned())),
-            _ => Err(ConfigError::MissingKey { var, provider: provider.as_str() }),
-        }
-    }
-
-    /// Wraps a key (the simulator's, or a test's).
-    #[must_use]
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    /// The key itself, for the one place that builds the Authorization header.
-    #[must_use]
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey([redacted])")
-    }
-}
-
-impl std::fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-/// A request rate: `count` requests per `period`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// Requests allowed per period.
-    pub count: u32,
-    /// The period.
-    pub period: Duration,
-}
-
-impl std::str::FromStr for Rate {
-    type Err = String;
-
-    /// Parses `10/s`, `600/m`, `3600/h` or a bare number (per second).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let (n, unit) = s.split_once('/').unwrap_or((s, "s"));
-        let count: u32 = n.trim().parse().map_err(|_| format!("{s:?} is not a rate like 10/s or 600/m"))?;
-        if count == 0 {
-            return Err("the rate must be at least 1".into());
-        }
-        let period = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            other => return Err(format!("unknown rate unit {other:?} (use s, m or h)")),
-        };
-        Ok(Self { count, period })
-    }
-}
-
-impl std::fmt::Display for Rate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let unit = match self.period.as_secs() {
-            60 => "m",
-            3600 => "h",
-            _ => "s",
-        };
-        write!(f, "{}/{unit}", self.count)
-    }
 }
 
 /// Everything `backdrop run` needs, validated, with defaults applied.
@@ -379,7 +287,7 @@ impl Settings {
             table: args.table,
             query: args.query,
             prompt,
-            state: args.state.unwrap_or_else(|| PathBuf::from(crate::store::DEFAULT_STATE)),
+            state: args.state.unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE)),
             out: args.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
             output_name,
             provider: args.provider.unwrap_or_default(),
@@ -417,6 +325,78 @@ impl Settings {
             no_progress: args.no_progress,
             prices: args.prices.unwrap_or_default(),
         })
+    }
+}
+
+/// What each library part needs, cut from [`Settings`]: the library never sees the whole
+/// config, only the options it owns.
+impl Settings {
+    /// The provider's key from the environment.
+    ///
+    /// # Errors
+    /// [`ConfigError::MissingKey`] when the variable is unset or blank.
+    pub fn api_key(&self) -> Result<ApiKey, ConfigError> {
+        ApiKey::from_env(self.provider).ok_or(ConfigError::MissingKey {
+            var: self.provider.key_env_var(),
+            provider: self.provider.as_str(),
+        })
+    }
+
+    /// The price table: built-in prices with the config's `[prices]` on top.
+    #[must_use]
+    pub fn price_table(&self) -> PriceTable {
+        PriceTable::new(self.provider, &self.prices)
+    }
+
+    /// What the planner needs.
+    #[must_use]
+    pub fn plan_input(&self) -> PlanInput {
+        PlanInput {
+            catalog: CatalogSpec { path: self.catalog.clone(), table: self.table.clone(), query: self.query.clone() },
+            prompt: self.prompt.clone(),
+            provider: self.provider,
+            model: self.model.clone(),
+            force: self.force,
+            skip_invalid: self.skip_invalid,
+            limit: self.limit,
+            price_overrides: self.prices.clone(),
+        }
+    }
+
+    /// `--inline-local-images` and `--inline-max-bytes`.
+    #[must_use]
+    pub const fn inline_policy(&self) -> InlinePolicy {
+        InlinePolicy { allowed: self.inline_local_images, max_bytes: self.inline_max_bytes }
+    }
+
+    /// The seedance client's options (`--sync`, `--webhook-url`, local images).
+    #[must_use]
+    pub fn seedance_options(&self) -> SeedanceOptions {
+        SeedanceOptions { sync: self.sync, webhook_url: self.webhook_url.clone(), inline: self.inline_policy() }
+    }
+
+    /// The fal client's options (`--webhook-url`, local images).
+    #[must_use]
+    pub fn fal_options(&self) -> FalOptions {
+        FalOptions { webhook_url: self.webhook_url.clone(), inline: self.inline_policy() }
+    }
+
+    /// Submit retries (`--max-attempts`, `--retry-base`, `--retry-max`).
+    #[must_use]
+    pub const fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy { max_attempts: self.max_attempts, base: self.retry_base, cap: self.retry_max }
+    }
+
+    /// Poll cadence (`--poll-initial`, `--poll-max`).
+    #[must_use]
+    pub const fn poll_schedule(&self) -> PollSchedule {
+        PollSchedule { initial: self.poll_initial, max: self.poll_max }
+    }
+
+    /// The cap on this run's spend, in the provider's unit.
+    #[must_use]
+    pub fn spending_cap(&self) -> Option<f64> {
+        money::cap(self.provider, self.max_credits, self.max_cost)
     }
 }
 

@@ -13,13 +13,13 @@ pub enum Error {
     Config(#[from] crate::config::ConfigError),
     /// The catalog could not be read or has invalid rows.
     #[error(transparent)]
-    Catalog(#[from] crate::catalog::CatalogError),
+    Catalog(#[from] backdrop::catalog::CatalogError),
     /// The prompt template is invalid.
     #[error(transparent)]
-    Prompt(#[from] crate::prompt::PromptError),
+    Prompt(#[from] backdrop::prompt::PromptError),
     /// The state database.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] backdrop::store::StoreError),
     /// A file could not be read or written.
     #[error("{context}: {source}")]
     Io {
@@ -39,13 +39,25 @@ pub enum Error {
     },
 }
 
+impl From<backdrop::plan::PlanError> for Error {
+    fn from(e: backdrop::plan::PlanError) -> Self {
+        use backdrop::plan::PlanError;
+        match e {
+            PlanError::Prompt(e) => Self::Prompt(e),
+            PlanError::Catalog(e) => Self::Catalog(e),
+            PlanError::Store(e) => Self::Store(e),
+            other => Self::Other { message: other.to_string(), exit: ExitCode::Fatal },
+        }
+    }
+}
+
 impl Error {
     /// The exit code this error means.
     #[must_use]
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Self::Config(_) | Self::Catalog(_) | Self::Prompt(_) => ExitCode::Usage,
-            Self::Store(crate::store::StoreError::Locked { .. }) => ExitCode::Usage,
+            Self::Store(backdrop::store::StoreError::Locked { .. }) => ExitCode::Usage,
             Self::Store(_) | Self::Io { .. } => ExitCode::Fatal,
             Self::Other { exit, .. } => *exit,
         }

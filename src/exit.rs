@@ -35,25 +35,6 @@ impl ExitCode {
             Self::Interrupted => 130,
         }
     }
-
-    /// When two outcomes meet (a run that had failures and was then interrupted), the one a
-    /// scheduler most needs to act on wins: a stop outranks row failures, which outrank success.
-    #[must_use]
-    pub fn worst(self, other: Self) -> Self {
-        if other.rank() > self.rank() { other } else { self }
-    }
-
-    const fn rank(self) -> u8 {
-        match self {
-            Self::Success => 0,
-            Self::RowsFailed => 1,
-            Self::OutOfCredits => 2,
-            Self::Interrupted => 3,
-            Self::KeyRejected => 4,
-            Self::Usage => 5,
-            Self::Fatal => 6,
-        }
-    }
 }
 
 /// The exit codes as shown at the end of `backdrop --help`.
@@ -86,12 +67,5 @@ mod tests {
             assert_eq!(exit.code(), code, "{exit:?}");
             assert!(super::EXIT_CODES_HELP.contains(&format!("  {code} ")));
         }
-    }
-
-    #[test]
-    fn worst_prefers_the_stop_over_row_failures() {
-        assert_eq!(ExitCode::RowsFailed.worst(ExitCode::Success), ExitCode::RowsFailed);
-        assert_eq!(ExitCode::RowsFailed.worst(ExitCode::OutOfCredits), ExitCode::OutOfCredits);
-        assert_eq!(ExitCode::Interrupted.worst(ExitCode::RowsFailed), ExitCode::Interrupted);
     }
 }

@@ -1,9 +1,22 @@
 //! The `backdrop` binary: parse flags, set up logging and the runtime, run the subcommand, and
-//! turn its outcome into an exit code. Everything else lives in the library.
+//! turn its outcome into an exit code. The pipeline itself is the `backdrop` library; this crate
+//! is the application layer on top of it, the only place that knows clap, the config file and
+//! exit codes.
+//!
+//! - [`cli`]: clap definitions; [`config`]: flags + env + `backdrop.toml` → [`config::Settings`].
+//! - [`command`]: one module per subcommand; [`exit`]: the exit codes; [`error`]: the top-level
+//!   error that maps to them.
+
+mod cli;
+mod command;
+mod config;
+mod error;
+mod exit;
+mod sim;
 
 use std::process::ExitCode;
 
-use backdrop::cli::{Cli, GlobalArgs, LogFormat};
+use cli::{Cli, GlobalArgs, LogFormat};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -19,12 +32,12 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("backdrop: error: cannot start the async runtime: {e}");
-            return ExitCode::from(backdrop::exit::ExitCode::Fatal.code());
+            return ExitCode::from(exit::ExitCode::Fatal.code());
         }
     };
     let interrupt = CancellationToken::new();
     runtime.spawn(watch_signals(interrupt.clone()));
-    let outcome = runtime.block_on(backdrop::command::dispatch(cli, interrupt));
+    let outcome = runtime.block_on(command::dispatch(cli, interrupt));
     // Don't wait for stray blocking tasks (a download stuck in a syscall) on the way out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
@@ -85,5 +98,5 @@ async fn watch_signals(interrupt: CancellationToken) {
             interrupt.cancel();
         }
     }
-    std::process::exit(i32::from(backdrop::exit::ExitCode::Interrupted.code()));
+    std::process::exit(i32::from(exit::ExitCode::Interrupted.code()));
 }

@@ -9,7 +9,7 @@ use crate::cli::{GlobalArgs, ReportArgs};
 use crate::config::DEFAULT_OUT;
 use crate::error::Error;
 use crate::exit::ExitCode;
-use crate::report::{ReportError, ReportFormatter, RunSummary, formatter};
+use backdrop::report::{ReportError, ReportFormatter, RunSummary, formatter};
 
 use super::status::{config_file, require_existing, state_path};
 
@@ -26,7 +26,7 @@ pub async fn execute(global: &GlobalArgs, args: &ReportArgs) -> Result<ExitCode,
         .clone()
         .or_else(|| file.as_ref().and_then(|f| f.out.clone()))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT));
-    let store = crate::store::Store::open(&path).await?;
+    let store = backdrop::store::Store::open(&path).await?;
     let summary = RunSummary::load(&store).await?;
     store.close().await;
 

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use crate::cli::{GlobalArgs, RetryArgs};
 use crate::error::Error;
 use crate::exit::ExitCode;
-use crate::report::rfc3339;
-use crate::store::{JobState, KeepReason, Requeue, RequeuePlan, RunLock, Store};
+use backdrop::report::rfc3339;
+use backdrop::store::{JobState, KeepReason, Requeue, RequeuePlan, RunLock, Store};
 
 use super::status::{config_file, one_line, print_stdout, require_existing, state_path};
 

@@ -9,24 +9,26 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cli::{GlobalArgs, LogFormat, ProviderKind, RunArgs};
-use crate::config::{self, ApiKey, Settings};
+use backdrop::domain::{ApiKey, ProviderKind};
+use backdrop::money::{PriceTable, Unit};
+
+use crate::cli::{GlobalArgs, LogFormat, RunArgs};
+use crate::config::{self, Settings};
 use crate::error::Error;
 use crate::exit::ExitCode;
-use crate::fetch::{self, Fetcher};
-use crate::pipeline::budget::Budget;
-use crate::pipeline::limiter::Limiter;
-use crate::pipeline::retry::{PollSchedule, RetryPolicy};
-use crate::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
-use crate::pipeline::stats::RunStats;
-use crate::pipeline::webhook::{self, WebhookSettings, Webhooks};
-use crate::plan::{self, PriceTable};
-use crate::progress;
-use crate::provider::Provider;
-use crate::provider::fal::{Fal, FalOptions};
-use crate::provider::seedance::{Seedance, SeedanceOptions};
-use crate::provider::{self as providers};
-use crate::store::{JobState, RunLock, Store, now_ms};
+use backdrop::fetch::{self, Fetcher};
+use backdrop::money::Budget;
+use backdrop::pipeline::limiter::Limiter;
+use backdrop::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
+use backdrop::pipeline::stats::RunStats;
+use backdrop::pipeline::webhooks::{WebhookSettings, Webhooks};
+use backdrop::plan;
+use backdrop::progress;
+use backdrop::provider::Provider;
+use backdrop::provider::fal::Fal;
+use backdrop::provider::seedance::Seedance;
+use backdrop::provider::{self as providers};
+use backdrop::store::{JobState, RunLock, Store, now_ms};
 
 /// Version of the `--summary-json` document.
 pub const SUMMARY_VERSION: u32 = 1;
@@ -89,19 +91,19 @@ pub async fn execute(
     let key = match (settings.simulate, settings.dry_run) {
         (true, _) => Some(ApiKey::new("simulated-key")),
         (false, true) => None,
-        (false, false) => Some(ApiKey::from_env(settings.provider)?),
+        (false, false) => Some(settings.api_key()?),
     };
     if settings.dry_run {
         let store = Store::open(&settings.state).await?;
-        let plan = plan::plan(&store, &settings, None).await?;
+        let plan = plan::plan(&store, &settings.plan_input(), None).await?;
         println!("{}", plan.render_text());
         println!("dry run: nothing was sent, nothing was charged");
         return Ok(ExitCode::Success);
     }
-    let key = key.ok_or(config::ConfigError::MissingKey {
-        var: ApiKey::env_var(settings.provider),
-        provider: settings.provider.as_str(),
-    })?;
+    let key = match key {
+        Some(key) => key,
+        None => settings.api_key()?,
+    };
 
     // Building the HTTP client reads the system's root certificates, tens of milliseconds on a
     // cold start: it runs on the blocking pool while the store is opened and the catalog planned.
@@ -126,11 +128,11 @@ pub async fn execute(
     let run_id = store.start_run(&catalog, settings.provider.as_str(), &model_hint, false).await?;
     let started = Instant::now();
     let started_at = now_ms();
-    let plan = match plan::plan(&store, &settings, Some(run_id)).await {
+    let plan = match plan::plan(&store, &settings.plan_input(), Some(run_id)).await {
         Ok(plan) => plan,
         Err(e) => {
             let _ = store.finish_run(run_id, "usage", ExitCode::Usage.code(), "{}").await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     eprintln!("{}", plan.render_text());
@@ -142,16 +144,12 @@ pub async fn execute(
         (None, base) => base.clone(),
     };
 
-    let prices = PriceTable::new(settings.provider, &settings.prices);
+    let prices = settings.price_table();
     let stats = Arc::new(RunStats::default());
     let bar_done = CancellationToken::new();
     let json_logs = global.log_format == LogFormat::Json;
     let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress).then(|| {
-        let money = match settings.provider {
-            ProviderKind::Seedance => progress::Money::Credits,
-            ProviderKind::Fal => progress::Money::Dollars,
-        };
-        progress::spawn(Arc::clone(&stats), money, bar_done.clone())
+        progress::spawn(Arc::clone(&stats), Unit::of(settings.provider), bar_done.clone())
     });
     info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
     let client = client.await.map_err(other_fatal)?.map_err(other_fatal)?;
@@ -161,7 +159,7 @@ pub async fn execute(
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
                 key,
-                SeedanceOptions::from_settings(&settings),
+                settings.seedance_options(),
             )
             .map_err(other_usage)?;
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
@@ -171,7 +169,7 @@ pub async fn execute(
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
                 key,
-                FalOptions::from_settings(&settings),
+                settings.fal_options(),
             )
             .map_err(other_usage)?;
             drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
@@ -288,14 +286,14 @@ async fn drive<P: Provider>(
         settings.output_name.clone(),
         settings.max_download_bytes,
     );
-    let limit = budget_limit(settings, prices);
+    let limit = settings.spending_cap();
     let spent = store.total_spent().await?;
     if let Some(limit) = limit {
         info!(limit, spent, "budget");
     }
     let webhooks = match settings.webhook_listen {
         Some(listen) => {
-            let jwks_url = settings.jwks_url.clone().unwrap_or_else(|| webhook::DEFAULT_JWKS_URL.to_owned());
+            let jwks_url = settings.jwks_url.clone().unwrap_or_else(|| backdrop::pipeline::webhooks::DEFAULT_JWKS_URL.to_owned());
             let hooks = Webhooks::start(
                 WebhookSettings { listen, provider: settings.provider, jwks_url, client: client.clone() },
                 interrupt.child_token(),
@@ -307,8 +305,7 @@ async fn drive<P: Provider>(
         }
         None => None,
     };
-    let (writer, writer_task) = crate::store::Writer::start(store).await?;
-    let price_table = prices.clone();
+    let (writer, writer_task) = backdrop::store::Writer::start(store).await?;
     let pool = Pool {
         store: store.clone(),
         writer,
@@ -316,14 +313,10 @@ async fn drive<P: Provider>(
         persister: fetch::Persister::start(&settings.out),
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
-        retry: RetryPolicy {
-            max_attempts: settings.max_attempts,
-            base: settings.retry_base,
-            cap: settings.retry_max,
-        },
-        poll: PollSchedule { initial: settings.poll_initial, max: settings.poll_max },
+        retry: settings.retry_policy(),
+        poll: settings.poll_schedule(),
         budget: Arc::new(Budget::new(limit, spent)),
-        unit_price: Arc::new(move |model: &str| price_table.unit_price(model).unwrap_or(0.0)),
+        prices: Arc::new(prices.clone()),
         stats: Arc::clone(stats),
         run_id,
         concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
@@ -336,21 +329,6 @@ async fn drive<P: Provider>(
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.
     let _ = writer_task.await;
     Ok(outcome?)
-}
-
-/// The budget in the provider's unit: the tighter of `--max-credits` and `--max-cost`.
-fn budget_limit(settings: &Settings, prices: &PriceTable) -> Option<f64> {
-    let per_dollar = 1.0 / prices.to_dollars(1.0);
-    let from_cost = settings.max_cost.map(|usd| usd * per_dollar);
-    let from_credits = match settings.provider {
-        ProviderKind::Seedance => settings.max_credits,
-        // fal bills dollars; a credit cap there means cents, as on seedance.
-        ProviderKind::Fal => settings.max_credits.map(|c| c * 0.01),
-    };
-    match (from_cost, from_credits) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
 }
 
 fn write_summary(path: &std::path::Path, json: &str) -> Result<(), Error> {

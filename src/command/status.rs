@@ -10,8 +10,8 @@ use serde::Serialize;
 use crate::cli::{GlobalArgs, RunArgs, StateArgs, StatusArgs};
 use crate::error::Error;
 use crate::exit::ExitCode;
-use crate::report::{REPORT_VERSION, describe_spend, rfc3339};
-use crate::store::{DEFAULT_STATE, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
+use backdrop::report::{REPORT_VERSION, describe_spend, rfc3339};
+use backdrop::store::{DEFAULT_STATE, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
 
 /// At most this many failed or ambiguous rows are listed in text; `--json` and `report` list all.
 const TEXT_LIST_LIMIT: usize = 50;

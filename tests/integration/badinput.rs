@@ -5,9 +5,8 @@
 use std::path::Path;
 
 use backdrop::catalog::CatalogError;
-use backdrop::cli::RunArgs;
-use backdrop::config::Settings;
-use backdrop::error::Error;
+use backdrop::domain::ProviderKind;
+use backdrop::plan::{PlanError, PlanInput};
 use backdrop::prompt::{PromptError, Template};
 use backdrop::store::Store;
 use proptest::prelude::*;
@@ -31,25 +30,19 @@ fn fixture() -> Fixture {
 fn plan_bytes(f: &Fixture, bytes: &[u8]) -> Result<(), TestCaseError> {
     let catalog = f.dir.path().join("catalog.csv");
     std::fs::write(&catalog, bytes).unwrap();
-    let args = RunArgs {
-        catalog: Some(catalog.clone()),
-        prompt: Some(f.dir.path().join("prompt.txt")),
-        state: Some(f.dir.path().join("state.db")),
-        ..RunArgs::default()
-    };
-    let settings = Settings::resolve(args).unwrap();
+    let settings = PlanInput::new(catalog.clone(), f.dir.path().join("prompt.txt"), ProviderKind::Seedance);
     match f.runtime.block_on(backdrop::plan::plan(&f.store, &settings, None)) {
         Ok(plan) => {
             prop_assert!(plan.render_text().contains("to run"));
         }
-        Err(Error::Catalog(CatalogError::Invalid { problems, total, .. })) => {
+        Err(PlanError::Catalog(CatalogError::Invalid { problems, total, .. })) => {
             prop_assert!(total >= 1 && !problems.is_empty());
             for p in &problems {
                 let text = p.to_string();
                 prop_assert!(text.starts_with("line ") || text.starts_with("columns"), "{text}");
             }
         }
-        Err(Error::Catalog(CatalogError::Unusable { message, .. })) => {
+        Err(PlanError::Catalog(CatalogError::Unusable { message, .. })) => {
             prop_assert!(!message.is_empty());
         }
         Err(other) => return Err(TestCaseError::fail(format!("unexpected error: {other}"))),

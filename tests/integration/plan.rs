@@ -4,11 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use backdrop::cli::{ProviderKind, RunArgs};
-use backdrop::config::Settings;
-use backdrop::error::Error;
-use backdrop::exit::ExitCode;
-use backdrop::plan::{PriceUnit, plan};
+use backdrop::domain::ProviderKind;
+use backdrop::money::Unit;
+use backdrop::plan::{PlanError, PlanInput, plan};
 use backdrop::store::Store;
 
 fn root() -> PathBuf {
@@ -19,11 +17,10 @@ fn fixture(name: &str) -> PathBuf {
     root().join("fixtures/catalog").join(name)
 }
 
-fn settings(catalog: &Path, prompt: &Path, edit: impl FnOnce(&mut RunArgs)) -> Settings {
-    let mut args =
-        RunArgs { catalog: Some(catalog.to_owned()), prompt: Some(prompt.to_owned()), ..RunArgs::default() };
-    edit(&mut args);
-    Settings::resolve(args).unwrap()
+fn settings(catalog: &Path, prompt: &Path, edit: impl FnOnce(&mut PlanInput)) -> PlanInput {
+    let mut input = PlanInput::new(catalog, prompt, ProviderKind::Seedance);
+    edit(&mut input);
+    input
 }
 
 struct Env {
@@ -81,7 +78,7 @@ async fn sample_catalog_plans_into_an_empty_store() {
     assert_eq!(p.counts.valid(), 12);
     assert_eq!(p.to_run, 12);
     assert_eq!(p.model, "seedream-v4-5");
-    assert_eq!(p.estimate.unit, PriceUnit::Credits);
+    assert_eq!(p.estimate.unit, Unit::Credits);
     assert_eq!(p.estimate.images, 12);
     assert_eq!(p.estimate.amount, Some(96.0));
     assert!((p.estimate.dollars.unwrap() - 0.96).abs() < 1e-9);
@@ -228,13 +225,13 @@ async fn a_bad_catalog_writes_nothing_and_means_exit_2() {
     let s = settings(&fixture("mixed.csv"), &fixture("simple.txt"), |_| {});
     let run = env.run_id().await;
     let err = plan(&env.store, &s, Some(run)).await.unwrap_err();
-    assert_eq!(err.exit_code(), ExitCode::Usage);
+    assert!(!err.is_retryable(), "a bad catalog is a usage error (exit 2), not worth retrying");
     let msg = err.to_string();
     assert!(msg.contains("mixed.csv: 3 problems:"), "{msg}");
     assert!(msg.contains("\n  line 3: empty sku"), "{msg}");
     assert!(msg.contains("\n  line 5: duplicate sku \"A-1\" (first on line 2)"), "{msg}");
     assert!(msg.contains("\n  line 6: image \"../outside.png\": "), "{msg}");
-    assert!(matches!(err, Error::Catalog(_)));
+    assert!(matches!(err, PlanError::Catalog(_)));
     assert_eq!(
         env.count("SELECT count(*) FROM jobs").await,
         0,
@@ -251,8 +248,8 @@ async fn a_bad_catalog_writes_nothing_and_means_exit_2() {
 
     let bad_prompt = settings(&fixture("good.csv"), &fixture("bad-front-matter.txt"), |_| {});
     let err = plan(&env.store, &bad_prompt, None).await.unwrap_err();
-    assert!(matches!(err, Error::Prompt(_)), "{err}");
-    assert_eq!(err.exit_code(), ExitCode::Usage);
+    assert!(matches!(err, PlanError::Prompt(_)), "{err}");
+    assert!(!err.is_retryable());
 }
 
 #[tokio::test]
@@ -294,13 +291,13 @@ async fn sqlite_catalogs_plan_by_table_and_by_query() {
     .unwrap();
     conn.close().await.unwrap();
 
-    let s = settings(&db, &fixture("simple.txt"), |a| a.table = Some("products".into()));
+    let s = settings(&db, &fixture("simple.txt"), |a| a.catalog.table = Some("products".into()));
     let err = plan(&env.store, &s, None).await.unwrap_err().to_string();
     assert!(err.contains("rowid 30: duplicate sku \"S-1\" (first on rowid 10)"), "{err}");
     assert!(err.contains("rowid 40: empty sku"), "{err}");
 
     let q = settings(&db, &fixture("simple.txt"), |a| {
-        a.query = Some(
+        a.catalog.query = Some(
             "SELECT sku, name, color, image_url FROM products WHERE active = 1 AND sku <> '' AND rowid < 30"
                 .into(),
         );
@@ -309,7 +306,7 @@ async fn sqlite_catalogs_plan_by_table_and_by_query() {
     let p = plan(&env.store, &q, Some(run)).await.unwrap();
     assert_eq!(p.counts.new, 1);
     let s = settings(&db, &fixture("simple.txt"), |a| {
-        a.table = Some("products".into());
+        a.catalog.table = Some("products".into());
         a.skip_invalid = true;
     });
     let run = env.run_id().await;
@@ -331,11 +328,11 @@ async fn sqlite_catalogs_plan_by_table_and_by_query() {
 async fn fal_text_to_image_is_priced_in_dollars() {
     let env = Env::new().await;
     let s = settings(&root().join("sample-catalog.csv"), &root().join("prompts/category-header.txt"), |a| {
-        a.provider = Some(ProviderKind::Fal);
+        a.provider = ProviderKind::Fal;
     });
     let p = plan(&env.store, &s, None).await.unwrap();
     assert_eq!(p.model, "fal-ai/bytedance/seedream/v4.5/text-to-image");
-    assert_eq!(p.estimate.unit, PriceUnit::Dollars);
+    assert_eq!(p.estimate.unit, Unit::Dollars);
     assert!((p.estimate.dollars.unwrap() - 0.48).abs() < 1e-9);
     assert!(p.render_text().contains("= $0.48"), "{}", p.render_text());
     assert!(

@@ -12,14 +12,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
-use backdrop::config::ApiKey;
+use backdrop::domain::{ApiKey, JobSpec, OutputRef, Params, RequestRef, Task};
 use backdrop::fetch::{FetchError, Fetcher};
-use backdrop::job::{JobSpec, Params, Task};
 use backdrop::provider::fal::{Fal, FalOptions};
 use backdrop::provider::http::{self, InlinePolicy};
 use backdrop::provider::seedance::{Seedance, SeedanceOptions};
 use backdrop::provider::{
-    ErrorClass, OutputRef, PollOutcome, Provider, ProviderError, RequestRef, StopReason, Submission,
+    ErrorClass, PollOutcome, Provider, ProviderError, StopReason, Submission,
 };
 use serde_json::{Value, json};
 use sha2::Digest as _;

@@ -1,0 +1,819 @@
+//! The worker pool: resumes jobs a crash left at the provider, then claims this run's jobs in
+//! catalog order, at most `concurrency` in flight end to end (submit → poll → download), and
+//! drives each through the provider with the budget, rate limit, retry policy and store writer.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::money::{Budget, PriceTable};
+use super::limiter::Limiter;
+use super::backoff::{PollSchedule, PollTiming, RetryPolicy};
+use super::stats::RunStats;
+use super::webhooks::Webhooks;
+use crate::fetch::{FetchError, Fetcher, Persister};
+use crate::domain::{JobSpec, RequestRef};
+use crate::provider::{
+    ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission,
+};
+use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
+
+/// Rows read from the store per page: memory stays flat whatever the catalog size.
+const PAGE: i64 = 256;
+/// Consecutive failed polls before a job is left `submitted` for the next run.
+const MAX_POLL_ERRORS: u32 = 30;
+/// Times an expired output URL is re-resolved through the provider.
+const MAX_RERESOLVE: u32 = 2;
+
+/// Why a run stopped submitting before the queue was empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// 402 from the provider.
+    OutOfCredits,
+    /// `--max-credits` / `--max-cost` reached.
+    Budget,
+    /// 401/403 from the provider.
+    KeyRejected,
+    /// Ctrl-C or SIGTERM.
+    Interrupted,
+}
+
+/// How the pool ended.
+#[derive(Debug, Clone, Default)]
+pub struct PoolOutcome {
+    /// The first stop, if any.
+    pub stop: Option<Stop>,
+    /// Jobs left at the provider (polls kept failing); the next run collects them.
+    pub unfinished: u64,
+}
+
+/// What the workers share.
+pub struct Pool<P: Provider> {
+    /// The state store (reads).
+    pub store: Store,
+    /// The state writer.
+    pub writer: Writer,
+    /// The provider.
+    pub provider: Arc<P>,
+    /// Downloads.
+    pub fetcher: Arc<Fetcher>,
+    /// Makes downloads durable, in batches.
+    pub persister: Persister,
+    /// The shared rate limiter and Retry-After gate.
+    pub limiter: Arc<Limiter>,
+    /// Submit retries.
+    pub retry: RetryPolicy,
+    /// Poll cadence.
+    pub poll: PollSchedule,
+    /// The spending cap.
+    pub budget: Arc<Budget>,
+    /// Prices per image, in the provider's unit (a model missing from it costs 0).
+    pub prices: Arc<PriceTable>,
+    /// Live counters.
+    pub stats: Arc<RunStats>,
+    /// This run.
+    pub run_id: i64,
+    /// Jobs in flight at once.
+    pub concurrency: usize,
+    /// Rows to claim at most (resumed jobs not counted: they are already paid for).
+    pub limit: Option<u64>,
+    /// Warn when the provider reports fewer credits than this.
+    pub low_credit_warning: Option<f64>,
+    /// Cancelled on Ctrl-C/SIGTERM: stop claiming, leave at safe points.
+    pub interrupt: CancellationToken,
+    /// The webhook receiver, when `--webhook-listen` is set: a delivery wakes its poller early.
+    pub webhooks: Option<Webhooks>,
+}
+
+struct Shared<P: Provider> {
+    pool: Pool<P>,
+    stop: Mutex<Option<Stop>>,
+    /// Cancelled when submits must stop (402, budget, 401, interrupt).
+    stop_submits: CancellationToken,
+    /// Cancelled when everything must stop now (401, interrupt).
+    stop_all: CancellationToken,
+    low_credit_warned: std::sync::atomic::AtomicBool,
+    /// When this run's jobs tend to be done, for the first polls.
+    timing: PollTiming,
+}
+
+impl<P: Provider> Shared<P> {
+    /// After the first poll, poll in steps of a tenth of the learned latency (at least 10 ms),
+    /// growing to `--poll-max`; before anything is learned, the configured schedule.
+    fn poll_schedule(&self) -> PollSchedule {
+        let configured = self.pool.poll;
+        match self.timing.fastest() {
+            Some(l) => PollSchedule {
+                initial: (l / 10)
+                    .clamp(Duration::from_millis(10), configured.initial.max(Duration::from_millis(10))),
+                max: configured.max,
+            },
+            None => configured,
+        }
+    }
+
+    fn stop(&self, why: Stop) {
+        let mut stop = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stop.is_none() {
+            match why {
+                Stop::OutOfCredits => {
+                    warn!("out of credits (402): no new submits; finishing the jobs in flight")
+                }
+                Stop::Budget => warn!("budget reached: no new submits; finishing the jobs in flight"),
+                Stop::KeyRejected => warn!("the API rejected the key: stopping now"),
+                Stop::Interrupted => warn!("interrupted: finishing safe points, then exiting"),
+            }
+            *stop = Some(why);
+        }
+        drop(stop);
+        self.stop_submits.cancel();
+        if matches!(why, Stop::KeyRejected | Stop::Interrupted) {
+            self.stop_all.cancel();
+        }
+    }
+
+    fn price(&self, job: &JobSpec) -> f64 {
+        self.pool.prices.job_price(&job.model, job.params.num_images).unwrap_or(0.0)
+    }
+
+    async fn commit(&self, change: Change) -> Result<i64, StoreError> {
+        self.pool.writer.commit(change).await
+    }
+
+    /// Sleeps, unless `token` fires first; answers false when cut short.
+    async fn sleep(&self, d: Duration, token: &CancellationToken) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = token.cancelled() => false,
+        }
+    }
+
+    fn note_credits_remaining(&self, result: &JobResult) {
+        if let (Some(left), Some(threshold)) = (result.credits_remaining, self.pool.low_credit_warning)
+            && left < threshold
+            && !self.low_credit_warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            warn!(credits_remaining = left, threshold, "provider balance is low");
+        }
+    }
+}
+
+/// A job's place among the `concurrency` in flight. Released as soon as the provider's part is
+/// over (the last output is on disk), before the final bookkeeping commit, so the next job can
+/// start while the store catches up.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    stats: Arc<RunStats>,
+}
+
+impl Slot {
+    fn release(&mut self) {
+        if self.permit.take().is_some() {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How one job's turn ended, for the counters.
+enum JobEnd {
+    Done,
+    Failed,
+    Ambiguous,
+    /// Left for a later run (stop, interrupt, polls failing): nothing lost.
+    Left,
+    Unfinished,
+}
+
+/// Runs the pool to completion (or to a stop) and answers how it ended.
+///
+/// # Errors
+/// A store error: the state file can no longer be written, so nothing is safe to send.
+pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> {
+    let concurrency = pool.concurrency.max(1);
+    let shared = Arc::new(Shared {
+        stop_submits: pool.interrupt.child_token(),
+        stop_all: pool.interrupt.child_token(),
+        pool,
+        stop: Mutex::new(None),
+        low_credit_warned: std::sync::atomic::AtomicBool::new(false),
+        timing: PollTiming::default(),
+    });
+    let semaphore = Arc::new(Semaphore::new(concurrency));
+    let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
+    let mut outcome = PoolOutcome::default();
+    let mut fatal: Option<StoreError> = None;
+
+    // 1. Jobs a previous run left at the provider: poll or re-download them, never resubmit.
+    let mut after_id = 0;
+    'resume: loop {
+        let page = shared.pool.store.resumable_jobs(after_id, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after_id = last.spec.id;
+        for job in page {
+            let Some(permit) = acquire(&shared, &semaphore, &shared.stop_all).await else { break 'resume };
+            RunStats::bump(&shared.pool.stats.total);
+            spawn(&mut tasks, &shared, job, permit);
+            reap(&mut tasks, &mut outcome, &mut fatal, &shared);
+        }
+    }
+
+    // 2. This run's plan, in catalog order.
+    let mut after_position = i64::MIN;
+    let mut claimed: u64 = 0;
+    'claim: loop {
+        if fatal.is_some() || shared.stop_submits.is_cancelled() {
+            break;
+        }
+        let page = shared.pool.store.claimable_jobs(shared.pool.run_id, after_position, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after_position = last.position;
+        for job in page {
+            if shared.pool.limit.is_some_and(|limit| claimed >= limit) {
+                break 'claim;
+            }
+            let Some(permit) = acquire(&shared, &semaphore, &shared.stop_submits).await else { break 'claim };
+            claimed += 1;
+            RunStats::bump(&shared.pool.stats.total);
+            spawn(&mut tasks, &shared, job, permit);
+            reap(&mut tasks, &mut outcome, &mut fatal, &shared);
+            if fatal.is_some() {
+                break 'claim;
+            }
+        }
+    }
+
+    while let Some(joined) = tasks.join_next().await {
+        record(joined, &mut outcome, &mut fatal, &shared);
+    }
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    if shared.pool.interrupt.is_cancelled() {
+        shared.stop(Stop::Interrupted);
+    }
+    outcome.stop = *shared.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(outcome)
+}
+
+async fn acquire<P: Provider>(
+    shared: &Shared<P>,
+    semaphore: &Arc<Semaphore>,
+    token: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    let _ = shared;
+    tokio::select! {
+        // The semaphore is never closed, so an error cannot happen; treat it as a stop anyway.
+        permit = semaphore.clone().acquire_owned() => permit.ok(),
+        () = token.cancelled() => None,
+    }
+}
+
+fn spawn<P: Provider>(
+    tasks: &mut JoinSet<Result<JobEnd, StoreError>>,
+    shared: &Arc<Shared<P>>,
+    job: StoredJob,
+    permit: OwnedSemaphorePermit,
+) {
+    let shared = Arc::clone(shared);
+    let span = info_span!("job", sku = %job.spec.sku, id = job.spec.id);
+    tasks.spawn(
+        async move {
+            shared.pool.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let mut slot = Slot { permit: Some(permit), stats: Arc::clone(&shared.pool.stats) };
+            let end = work(&shared, job, &mut slot).await;
+            slot.release();
+            end
+        }
+        .instrument(span),
+    );
+}
+
+/// Collects finished tasks without waiting, so the JoinSet does not grow with the catalog.
+fn reap<P: Provider>(
+    tasks: &mut JoinSet<Result<JobEnd, StoreError>>,
+    outcome: &mut PoolOutcome,
+    fatal: &mut Option<StoreError>,
+    shared: &Shared<P>,
+) {
+    while let Some(joined) = tasks.try_join_next() {
+        record(joined, outcome, fatal, shared);
+    }
+}
+
+fn record<P: Provider>(
+    joined: Result<Result<JobEnd, StoreError>, tokio::task::JoinError>,
+    outcome: &mut PoolOutcome,
+    fatal: &mut Option<StoreError>,
+    shared: &Shared<P>,
+) {
+    let stats = &shared.pool.stats;
+    match joined {
+        Ok(Ok(JobEnd::Done)) => RunStats::bump(&stats.done),
+        Ok(Ok(JobEnd::Failed)) => RunStats::bump(&stats.failed),
+        Ok(Ok(JobEnd::Ambiguous)) => RunStats::bump(&stats.ambiguous),
+        Ok(Ok(JobEnd::Left)) => {}
+        Ok(Ok(JobEnd::Unfinished)) => outcome.unfinished += 1,
+        Ok(Err(e)) => {
+            // Without a working store nothing else may be sent: stop everything.
+            tracing::error!(error = %e, "state database write failed; stopping");
+            shared.stop_submits.cancel();
+            shared.stop_all.cancel();
+            fatal.get_or_insert(e);
+        }
+        Err(join) => {
+            tracing::error!(error = %join, "a worker panicked; its row keeps its last saved state");
+            RunStats::bump(&stats.failed);
+        }
+    }
+}
+
+async fn work<P: Provider>(
+    shared: &Shared<P>,
+    job: StoredJob,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
+    match job.state {
+        JobState::Submitted => match &job.request {
+            Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
+            None => fail(shared, &job, None, "submitted without a request id (corrupt row)").await,
+        },
+        JobState::Fetching => {
+            let parsed = job.result.as_deref().map(serde_json::from_str::<JobResult>);
+            match parsed {
+                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result, None, slot).await,
+                // The result was lost; poll again if we can, the outputs are still paid for.
+                _ => match &job.request {
+                    Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
+                    None => {
+                        fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await
+                    }
+                },
+            }
+        }
+        JobState::Pending | JobState::Waiting => submit_phase(shared, &job, slot).await,
+        // Never claimed; listed for completeness.
+        JobState::Submitting | JobState::Done | JobState::Failed | JobState::Ambiguous => Ok(JobEnd::Left),
+    }
+}
+
+async fn fail<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    attempt_id: Option<i64>,
+    reason: &str,
+) -> Result<JobEnd, StoreError> {
+    warn!(sku = %job.spec.sku, reason, "row failed");
+    let end =
+        AttemptEnd { error_class: Some("fail"), error: Some(reason.to_owned()), ..AttemptEnd::default() };
+    shared.commit(Change::Failed { job_id: job.spec.id, attempt_id, end }).await?;
+    Ok(JobEnd::Failed)
+}
+
+fn attempt_end(e: &ProviderError, class: &'static str, latency: Duration) -> AttemptEnd {
+    AttemptEnd {
+        status_code: e.status(),
+        error_class: Some(class),
+        error: Some(e.to_string()),
+        latency_ms: Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX)),
+    }
+}
+
+async fn submit_phase<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
+    let spec = &job.spec;
+    let mut attempts = job.attempts;
+    if let Some(at) = job.next_attempt_at {
+        let wait = u64::try_from(at - now_ms()).unwrap_or(0);
+        if wait > 0 && !shared.sleep(Duration::from_millis(wait), &shared.stop_submits).await {
+            return Ok(JobEnd::Left);
+        }
+    }
+    loop {
+        if attempts >= shared.pool.retry.max_attempts {
+            return fail(shared, job, None, &format!("gave up after {attempts} attempts")).await;
+        }
+        if shared.stop_submits.is_cancelled() {
+            return Ok(JobEnd::Left);
+        }
+        let ready = tokio::select! {
+            () = shared.pool.limiter.acquire() => true,
+            () = shared.stop_submits.cancelled() => false,
+        };
+        if !ready {
+            return Ok(JobEnd::Left);
+        }
+        // Reserved after the rate limiter, so workers queued there hold no money.
+        let price = shared.price(spec);
+        let reservation = tokio::select! {
+            r = shared.pool.budget.reserve(price) => r,
+            () = shared.stop_submits.cancelled() => return Ok(JobEnd::Left),
+        };
+        let Some(reservation) = reservation else {
+            shared.stop(Stop::Budget);
+            return Ok(JobEnd::Left);
+        };
+        if shared.stop_submits.is_cancelled() {
+            shared.pool.budget.release(reservation);
+            return Ok(JobEnd::Left);
+        }
+        // The intent is durable before the request leaves: a crash from here on shows up as
+        // `submitting` → `ambiguous`, never as a silent second charge.
+        let attempt_id =
+            shared.commit(Change::Intent { job_id: spec.id, run_id: shared.pool.run_id }).await?;
+        // Pacing is enforced where the request leaves, after the intent's variable fsync.
+        shared.pool.limiter.space_send().await;
+        attempts += 1;
+        RunStats::bump(&shared.pool.stats.submits);
+        let started = Instant::now();
+        // Not raced against shutdown: the answer carries the request id we must save. The
+        // client's request timeout bounds the wait.
+        let answer = shared.pool.provider.submit(spec).await;
+        let latency = started.elapsed();
+        let latency_ms = Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX));
+        match answer {
+            Ok(Submission::Accepted(request)) => {
+                info!(request_id = %request.request_id, attempt = attempts, latency_ms, "submitted");
+                shared.pool.budget.charge(reservation, price);
+                shared.pool.stats.add_spent(price);
+                let end = AttemptEnd { status_code: Some(200), latency_ms, ..AttemptEnd::default() };
+                // Queued at once, not awaited: polling can start while the writer commits it,
+                // and the writer's order guarantees it is durable before any later change.
+                shared
+                    .pool
+                    .writer
+                    .send(Change::Accepted {
+                        job_id: spec.id,
+                        attempt_id,
+                        request: request.clone(),
+                        charged: price,
+                        end,
+                    })
+                    .await?;
+                let accepted = StoredJob { credits: job.credits + price, ..job.clone() };
+                return poll_phase(shared, &accepted, request, Some(started), slot).await;
+            }
+            Ok(Submission::Completed { request_id, result }) => {
+                let charged = result.charged.unwrap_or(price);
+                info!(
+                    request_id = request_id.as_deref().unwrap_or(""),
+                    attempt = attempts,
+                    latency_ms,
+                    "completed"
+                );
+                shared.pool.budget.charge(reservation, charged);
+                shared.pool.stats.add_spent(charged);
+                shared.note_credits_remaining(&result);
+                let end = AttemptEnd { status_code: Some(200), latency_ms, ..AttemptEnd::default() };
+                shared
+                    .pool
+                    .writer
+                    .send(Change::Completed {
+                        job_id: spec.id,
+                        attempt_id: Some(attempt_id),
+                        request_id: request_id.clone(),
+                        result: result_json(&result),
+                        charged,
+                        end,
+                    })
+                    .await?;
+                let request = request_id.map(|request_id| RequestRef {
+                    request_id,
+                    status_url: None,
+                    response_url: None,
+                    cancel_url: None,
+                });
+                return fetch_phase(shared, job, request, result, None, slot).await;
+            }
+            Err(e) => match e.class() {
+                ErrorClass::Retry => {
+                    shared.pool.budget.release(reservation);
+                    if let Some(ra) = e.retry_after() {
+                        let pause = ra.min(shared.pool.retry.cap);
+                        shared.pool.limiter.pause_until(tokio::time::Instant::now() + pause);
+                        info!(
+                            pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                            "rate limited: pausing all submits"
+                        );
+                    }
+                    let Some(delay) = shared.pool.retry.next_delay(attempts, e.retry_after()) else {
+                        let reason = format!("gave up after {attempts} attempts: {e}");
+                        warn!(reason, "row failed");
+                        let end = attempt_end(&e, "fail", latency);
+                        let end = AttemptEnd { error: Some(reason), ..end };
+                        shared
+                            .commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                            .await?;
+                        return Ok(JobEnd::Failed);
+                    };
+                    RunStats::bump(&shared.pool.stats.retries);
+                    info!(attempt = attempts, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), status = e.status(), error = %e, "retrying");
+                    let next_attempt_at = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                    shared
+                        .commit(Change::Waiting {
+                            job_id: spec.id,
+                            attempt_id: Some(attempt_id),
+                            next_attempt_at,
+                            end: attempt_end(&e, "retry", latency),
+                        })
+                        .await?;
+                    if !shared.sleep(delay, &shared.stop_submits).await {
+                        return Ok(JobEnd::Left);
+                    }
+                }
+                ErrorClass::Fail => {
+                    shared.pool.budget.release(reservation);
+                    warn!(status = e.status(), error = %e, "row failed");
+                    let end = attempt_end(&e, "fail", latency);
+                    shared
+                        .commit(Change::Failed { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                        .await?;
+                    return Ok(JobEnd::Failed);
+                }
+                ErrorClass::Stop(reason) => {
+                    // 401 and 402 are answered before any work: nothing was charged.
+                    shared.pool.budget.release(reservation);
+                    let end = attempt_end(&e, "stop", latency);
+                    shared
+                        .commit(Change::Released { job_id: spec.id, attempt_id: Some(attempt_id), end })
+                        .await?;
+                    shared.stop(match reason {
+                        StopReason::KeyRejected => Stop::KeyRejected,
+                        StopReason::OutOfCredits => Stop::OutOfCredits,
+                    });
+                    return Ok(JobEnd::Left);
+                }
+                ErrorClass::Ambiguous => {
+                    // It may have been charged: keep the reservation so the budget stays safe.
+                    shared.pool.budget.charge(reservation, price);
+                    warn!(error = %e, "the request may have been charged but no id came back: ambiguous");
+                    let end = attempt_end(&e, "ambiguous", latency);
+                    shared.commit(Change::Ambiguous { job_id: spec.id, attempt_id, end }).await?;
+                    return Ok(JobEnd::Ambiguous);
+                }
+            },
+        }
+    }
+}
+
+fn result_json(result: &JobResult) -> String {
+    // JobResult is plain data; serializing it cannot fail.
+    serde_json::to_string(result).unwrap_or_else(|_| "{}".to_owned())
+}
+
+async fn poll_phase<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: RequestRef,
+    submitted_at: Option<Instant>,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
+    let end = poll_loop(shared, job, &request, submitted_at, slot).await;
+    if let Some(hooks) = &shared.pool.webhooks {
+        hooks.forget(&request.request_id);
+    }
+    end
+}
+
+async fn poll_loop<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: &RequestRef,
+    submitted_at: Option<Instant>,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
+    let mut polls: u32 = 0;
+    let mut errors: u32 = 0;
+    let mut woken = false;
+    let schedule = shared.poll_schedule();
+    loop {
+        let mut delay = match (polls, submitted_at) {
+            // The first two polls go where this run's jobs are likely done (see PollTiming):
+            // short jobs are not held back by a fixed first delay, long ones are not hammered.
+            (0, Some(t)) => Some(match shared.timing.probe() {
+                Some(p) => p.saturating_sub(t.elapsed()),
+                // Nothing learned yet: the jobs of the first wave probe for each other. Their
+                // first polls are spread over the second half of the configured first delay,
+                // and the earliest to find its job done wakes the rest (below), instead of all
+                // of them waiting out the whole delay.
+                None => schedule.first_probe(rand::random::<f64>()),
+            }),
+            (1, Some(t)) => shared.timing.fastest().map(|f| f.saturating_sub(t.elapsed())),
+            _ => None,
+        }
+        .unwrap_or_else(|| schedule.delay(polls, rand::random::<f64>()));
+        let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
+        if hooks.is_some() {
+            // With webhooks, polls are only the fallback for a lost delivery: slower.
+            delay = delay.max(shared.pool.poll.max) * 2;
+        }
+        let slept = match hooks {
+            Some(hooks) => tokio::select! {
+                () = tokio::time::sleep(delay) => true,
+                () = hooks.delivered(&request.request_id) => {
+                    // A delivery stays delivered: from now on the timer alone paces the polls.
+                    woken = true;
+                    debug!("webhook delivery: polling now");
+                    true
+                }
+                () = shared.stop_all.cancelled() => false,
+            },
+            None if polls < 2 && submitted_at.is_some() => {
+                // Until a first completion is learned, the delay above is a guess (the spread first
+                // probe, or the configured schedule); the run's first completion wakes this job to
+                // poll where jobs are likely done instead.
+                let learned = shared.timing.first_done();
+                if shared.timing.fastest().is_some() {
+                    shared.sleep(delay, &shared.stop_all).await
+                } else {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => true,
+                        () = learned => continue,
+                        () = shared.stop_all.cancelled() => false,
+                    }
+                }
+            }
+            None => shared.sleep(delay, &shared.stop_all).await,
+        };
+        if !slept {
+            return Ok(JobEnd::Left);
+        }
+        polls += 1;
+        match shared.pool.provider.poll(request).await {
+            Ok(PollOutcome::Running { queue_position }) => {
+                errors = 0;
+                if let Some(t) = submitted_at {
+                    shared.timing.saw_running(t.elapsed());
+                }
+                debug!(polls, queue_position, "still running");
+            }
+            Ok(PollOutcome::Completed(result)) => {
+                if let Some(t) = submitted_at {
+                    shared.timing.saw_done(t.elapsed());
+                }
+                shared.note_credits_remaining(&result);
+                // A poll may report the real charge; correct the estimate made at submit.
+                let delta = result.charged.map_or(0.0, |c| c - shared.price(&job.spec));
+                if delta.abs() > 1e-9 {
+                    shared.pool.budget.adjust(delta);
+                    shared.pool.stats.add_spent(delta);
+                }
+                // Not committed on its own: the request id is saved, so after a crash a poll
+                // finds this result again. It is recorded with the outputs (or the failure).
+                let unsaved = Some(Unsaved { result: result_json(&result), charged: delta });
+                return fetch_phase(shared, job, Some(request.clone()), result, unsaved, slot).await;
+            }
+            Err(e) => match e.poll_class() {
+                ErrorClass::Fail => {
+                    let reason = format!("paid, generation failed: {e}");
+                    return fail(shared, job, None, &reason).await;
+                }
+                ErrorClass::Stop(StopReason::KeyRejected) => {
+                    shared.stop(Stop::KeyRejected);
+                    return Ok(JobEnd::Left);
+                }
+                ErrorClass::Retry | ErrorClass::Stop(StopReason::OutOfCredits) | ErrorClass::Ambiguous => {
+                    errors += 1;
+                    if let Some(ra) = e.retry_after() {
+                        shared
+                            .pool
+                            .limiter
+                            .pause_until(tokio::time::Instant::now() + ra.min(shared.pool.retry.cap));
+                        if !shared.sleep(ra.min(shared.pool.retry.cap), &shared.stop_all).await {
+                            return Ok(JobEnd::Left);
+                        }
+                    }
+                    if errors >= MAX_POLL_ERRORS {
+                        warn!(error = %e, "polls keep failing; leaving the request for the next run");
+                        return Ok(JobEnd::Unfinished);
+                    }
+                    debug!(error = %e, errors, "poll failed; polling again");
+                }
+            },
+        }
+    }
+}
+
+/// A polled result not yet in the store (see the poll loop).
+struct Unsaved {
+    result: String,
+    charged: f64,
+}
+
+async fn fetch_phase<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: Option<RequestRef>,
+    mut result: JobResult,
+    mut unsaved: Option<Unsaved>,
+    slot: &mut Slot,
+) -> Result<JobEnd, StoreError> {
+    let mut reresolved = 0;
+    'again: loop {
+        if result.images.is_empty() {
+            return fail_paid(shared, job, unsaved.take(), "paid, but the provider returned no images").await;
+        }
+        let mut outputs = Vec::with_capacity(result.images.len());
+        for (index, image) in result.images.iter().enumerate() {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            let mut tries = 0;
+            let saved = loop {
+                tries += 1;
+                let fetched = tokio::select! {
+                    r = shared.pool.fetcher.download(&job.spec.sku, index, image) => r,
+                    () = shared.stop_all.cancelled() => return Ok(JobEnd::Left),
+                };
+                match fetched {
+                    Ok(saved) => break saved,
+                    Err(e) if e.is_expired() => {
+                        let fal = request.as_ref().is_some_and(|r| r.response_url.is_some());
+                        if fal && reresolved < MAX_RERESOLVE {
+                            reresolved += 1;
+                            info!(error = %e, "output URL expired: asking the provider again");
+                            if let Some(r) = request.as_ref()
+                                && let Ok(PollOutcome::Completed(fresh)) = shared.pool.provider.poll(r).await
+                            {
+                                if let Some(u) = unsaved.as_mut() {
+                                    u.result = result_json(&fresh);
+                                }
+                                result = fresh;
+                                continue 'again;
+                            }
+                        }
+                        return fail_paid(shared, job, unsaved.take(), &format!("paid, not downloaded: {e}"))
+                            .await;
+                    }
+                    Err(e) if e.is_retryable() && tries < shared.pool.retry.max_attempts.max(3) => {
+                        RunStats::bump(&shared.pool.stats.retries);
+                        let delay =
+                            shared.pool.retry.next_delay(tries, None).unwrap_or(shared.pool.retry.cap);
+                        info!(error = %e, tries, "download failed; retrying");
+                        if !shared.sleep(delay, &shared.stop_all).await {
+                            return Ok(JobEnd::Left);
+                        }
+                    }
+                    Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
+                }
+            };
+            outputs.push(saved);
+        }
+        // Everything is received: the provider's part is over, so the slot goes to the next job
+        // while the files are made durable and the row is recorded.
+        slot.release();
+        // Alone in flight, nothing would join this job's sync: don't make it wait for company.
+        let urgent = shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0;
+        let saved = match shared.pool.persister.persist(outputs, urgent).await {
+            Ok(saved) => saved,
+            Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
+        };
+        // Every file is fsynced and renamed: only now is the row done. With others in flight, the
+        // `done` rides along with their next change rather than paying for a transaction alone.
+        let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
+        let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged };
+        if shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0 {
+            shared.commit(done).await?;
+        } else {
+            shared.pool.writer.commit_unhurried(done).await?;
+        }
+        info!("done");
+        return Ok(JobEnd::Done);
+    }
+}
+
+/// Fails a row whose result was paid for, saving a polled result first so the store keeps what
+/// was charged and where the images were.
+async fn fail_paid<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+    reason: &str,
+) -> Result<JobEnd, StoreError> {
+    if let Some(u) = unsaved {
+        shared
+            .pool
+            .writer
+            .send(Change::Completed {
+                job_id: job.spec.id,
+                attempt_id: None,
+                request_id: None,
+                result: u.result,
+                charged: u.charged,
+                end: AttemptEnd::default(),
+            })
+            .await?;
+    }
+    fail(shared, job, None, reason).await
+}
+
+fn download_reason(e: &FetchError) -> String {
+    format!("paid, not downloaded: {e}")
+}

@@ -1,0 +1,406 @@
+//! Prompt templates: a body with `{column}` placeholders and `{{`/`}}` escapes, after optional TOML
+//! front matter between `+++` lines (model, task, num_images, output_format, size, seed).
+//! [`Template`] parses once and renders each catalog row into a reused buffer.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::job::{Params, Task};
+
+/// Errors parsing a template file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PromptError {
+    /// The template file could not be read.
+    #[error("cannot read prompt template {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The front matter is not valid TOML, has an unknown key or an out-of-range value.
+    #[error("prompt template {path}: front matter: {message}")]
+    FrontMatter {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line in the file.
+        message: String,
+    },
+    /// The body has an unclosed `{`, a stray `}` or an empty placeholder.
+    #[error("prompt template {path}: line {line}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// Line in the file (1-based).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The body is empty.
+    #[error("prompt template {path} has no prompt text")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl PromptError {
+    /// A bad template never fixes itself.
+    #[must_use]
+    pub const fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// The optional TOML header of a template. Unknown keys are errors (typos must not be silently
+/// ignored: a misspelt `num_images` would change what the user pays for).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontMatter {
+    /// Model name or fal model id.
+    pub model: Option<String>,
+    /// `edit` (default) or `generate`.
+    pub task: Option<Task>,
+    /// Images per row, 1–6.
+    pub num_images: Option<u32>,
+    /// `png` or `jpeg`.
+    pub output_format: Option<String>,
+    /// `WIDTHxHEIGHT` or a fal size name.
+    pub size: Option<String>,
+    /// Seed for reproducible output.
+    pub seed: Option<i64>,
+}
+
+/// One piece of a template body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// Literal text (escapes already resolved).
+    Text(String),
+    /// A `{column}` placeholder.
+    Field(String),
+}
+
+/// A parsed template body: literal text and placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body {
+    parts: Vec<Part>,
+}
+
+impl Body {
+    /// Parses a body. `first_line` is the file line the body starts on (for messages).
+    ///
+    /// # Errors
+    /// `(line, message)` for an unclosed `{`, a stray `}` or an empty placeholder.
+    pub fn parse(text: &str, first_line: usize) -> Result<Self, (usize, String)> {
+        let mut parts = Vec::new();
+        let mut text_buf = String::new();
+        let mut line = first_line;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text_buf.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text_buf.push('}');
+                }
+                '}' => return Err((line, "stray `}` (write `}}` for a literal brace)".into())),
+                '{' => {
+                    let mut name = String::new();
+                    let mut closed = false;
+                    for c in chars.by_ref() {
+                        match c {
+                            '}' => {
+                                closed = true;
+                                break;
+                            }
+                            '{' | '\n' => break,
+                            c => name.push(c),
+                        }
+                    }
+                    if !closed {
+                        return Err((line, "unclosed `{` (write `{{` for a literal brace)".into()));
+                    }
+                    let name = name.trim();
+                    if name.is_empty() {
+                        return Err((line, "empty placeholder `{}`".into()));
+                    }
+                    if !text_buf.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut text_buf)));
+                    }
+                    parts.push(Part::Field(name.to_owned()));
+                }
+                '\n' => {
+                    line += 1;
+                    // Templates are hard-wrapped for reading: a single newline joins lines with a
+                    // space, a blank line keeps a paragraph break.
+                    if chars.peek() == Some(&'\n') || text_buf.ends_with('\n') {
+                        text_buf.push('\n');
+                    } else {
+                        text_buf.push(' ');
+                    }
+                }
+                c => text_buf.push(c),
+            }
+        }
+        if !text_buf.is_empty() {
+            parts.push(Part::Text(text_buf));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The placeholder names, in order of appearance (repeats included).
+    pub fn placeholders(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Field(name) => Some(name.as_str()),
+            Part::Text(_) => None,
+        })
+    }
+
+    /// The parts, for callers that bind placeholders to column indexes once.
+    #[must_use]
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
+    /// Renders into `out` (cleared first). `lookup` gives a placeholder's value; `None` means the
+    /// name is not a column, and is returned as the error.
+    ///
+    /// # Errors
+    /// The first placeholder `lookup` does not know.
+    pub fn render_into<'v, F>(&self, out: &mut String, mut lookup: F) -> Result<(), &str>
+    where
+        F: FnMut(&str) -> Option<&'v str>,
+    {
+        out.clear();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Field(name) => out.push_str(lookup(name).ok_or(name.as_str())?),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A prompt template file: front matter and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    path: PathBuf,
+    front: FrontMatter,
+    body: Body,
+}
+
+impl Template {
+    /// Reads and parses a template file.
+    ///
+    /// # Errors
+    /// [`PromptError::Read`] when the file cannot be read; see [`Template::parse`].
+    pub fn load(path: &Path) -> Result<Self, PromptError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PromptError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses template text; `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`PromptError::FrontMatter`] for bad TOML, unknown keys or values out of range,
+    /// [`PromptError::Syntax`] for a malformed body, [`PromptError::Empty`] for no text.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, PromptError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let (front, body_text, body_line) = split_front_matter(path, text)?;
+        let front: FrontMatter = toml::from_str(front).map_err(|e| {
+            let line = e.span().map_or(0, |s| front[..s.start.min(front.len())].matches('\n').count() + 2);
+            let at = if line > 0 { format!("line {line}: ") } else { String::new() };
+            PromptError::FrontMatter { path: path.to_owned(), message: format!("{at}{}", e.message().trim()) }
+        })?;
+        check_front(path, &front)?;
+        let trimmed = body_text.trim();
+        if trimmed.is_empty() {
+            return Err(PromptError::Empty { path: path.to_owned() });
+        }
+        // Leading blank lines are dropped: count them so messages still name the file's line.
+        let skipped = body_text[..body_text.len() - body_text.trim_start().len()].matches('\n').count();
+        let body = Body::parse(trimmed, body_line + skipped)
+            .map_err(|(line, message)| PromptError::Syntax { path: path.to_owned(), line, message })?;
+        Ok(Self { path: path.to_owned(), front, body })
+    }
+
+    /// The file this template came from.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The front matter as written.
+    #[must_use]
+    pub fn front(&self) -> &FrontMatter {
+        &self.front
+    }
+
+    /// The body.
+    #[must_use]
+    pub fn body(&self) -> &Body {
+        &self.body
+    }
+
+    /// The task (front matter, else edit).
+    #[must_use]
+    pub fn task(&self) -> Task {
+        self.front.task.unwrap_or_default()
+    }
+
+    /// The generation parameters the front matter sets (defaults otherwise).
+    #[must_use]
+    pub fn params(&self) -> Params {
+        Params {
+            num_images: self.front.num_images.unwrap_or(1),
+            output_format: self.front.output_format.clone(),
+            size: self.front.size.clone(),
+            seed: self.front.seed,
+        }
+    }
+}
+
+/// Splits `+++\n<toml>\n+++\n<body>`; returns (toml, body, body's first line number).
+fn split_front_matter<'t>(path: &Path, text: &'t str) -> Result<(&'t str, &'t str, usize), PromptError> {
+    let mut lines = text.split_inclusive('\n');
+    let Some(first) = lines.next() else { return Ok(("", text, 1)) };
+    if first.trim_end() != "+++" {
+        return Ok(("", text, 1));
+    }
+    let start = first.len();
+    let mut offset = start;
+    for (i, line) in lines.enumerate() {
+        if line.trim_end() == "+++" {
+            return Ok((&text[start..offset], &text[offset + line.len()..], i + 3));
+        }
+        offset += line.len();
+    }
+    Err(PromptError::FrontMatter { path: path.to_owned(), message: "no closing `+++` line".into() })
+}
+
+fn check_front(path: &Path, front: &FrontMatter) -> Result<(), PromptError> {
+    let bad = |message: String| Err(PromptError::FrontMatter { path: path.to_owned(), message });
+    if let Some(n) = front.num_images
+        && !(1..=6).contains(&n)
+    {
+        return bad(format!("num_images = {n} is outside 1..=6"));
+    }
+    if let Some(f) = &front.output_format
+        && !matches!(f.as_str(), "png" | "jpeg")
+    {
+        return bad(format!("output_format = {f:?}: use \"png\" or \"jpeg\""));
+    }
+    if let Some(m) = &front.model
+        && m.trim().is_empty()
+    {
+        return bad("model is empty".into());
+    }
+    if let Some(s) = &front.size {
+        let probe = Params { size: Some(s.clone()), ..Params::default() };
+        let named = s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if probe.dimensions().is_none() && !named {
+            return bad(format!(
+                "size = {s:?}: use WIDTHxHEIGHT (e.g. 2048x2048) or a size name (e.g. square_hd)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Template, PromptError> {
+        Template::parse(Path::new("t.txt"), text)
+    }
+
+    fn render(t: &Template, cols: &[(&str, &str)]) -> Result<String, String> {
+        let mut out = String::new();
+        t.body()
+            .render_into(&mut out, |n| cols.iter().find(|(k, _)| *k == n).map(|(_, v)| *v))
+            .map_err(str::to_owned)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn placeholders_and_escapes_render() {
+        let t = parse("Put the {name} ({ color }) on marble. Literal {{braces}} stay.\n").unwrap();
+        let out = render(&t, &[("name", "mug"), ("color", "red")]).unwrap();
+        assert_eq!(out, "Put the mug (red) on marble. Literal {braces} stay.");
+        assert_eq!(t.body().placeholders().collect::<Vec<_>>(), ["name", "color"]);
+    }
+
+    #[test]
+    fn unknown_placeholder_is_named_at_render() {
+        let t = parse("A {name} in {colour}").unwrap();
+        assert_eq!(render(&t, &[("name", "mug")]).unwrap_err(), "colour");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_line() {
+        let err = parse("+++\nseed = 1\n+++\n\nfirst\nsecond {name\n").unwrap_err();
+        assert!(matches!(err, PromptError::Syntax { line: 6, .. }), "{err}");
+        let err = parse("a } b").unwrap_err();
+        assert!(err.to_string().contains("stray `}`"), "{err}");
+        let err = parse("a {} b").unwrap_err();
+        assert!(err.to_string().contains("empty placeholder"), "{err}");
+        assert!(matches!(parse("+++\n+++\n  \n").unwrap_err(), PromptError::Empty { .. }));
+    }
+
+    #[test]
+    fn front_matter_sets_task_model_and_params() {
+        let t = parse(
+            "+++\nmodel = \"seedream-v3\"\ntask = \"generate\"\nnum_images = 2\noutput_format = \"jpeg\"\nsize = \"2048x1152\"\nseed = 42\n+++\nA {category} banner\n",
+        )
+        .unwrap();
+        assert_eq!(t.task(), Task::Generate);
+        assert_eq!(t.front().model.as_deref(), Some("seedream-v3"));
+        let p = t.params();
+        assert_eq!((p.num_images, p.seed, p.dimensions()), (2, Some(42), Some((2048, 1152))));
+        assert_eq!(p.output_format.as_deref(), Some("jpeg"));
+        assert_eq!(render(&t, &[("category", "Kitchen")]).unwrap(), "A Kitchen banner");
+    }
+
+    #[test]
+    fn front_matter_rejects_unknown_keys_and_bad_values() {
+        let err = parse("+++\nseed = 1\nnum_image = 2\n+++\nx").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("num_image") && msg.contains("line 3"), "{msg}");
+        assert!(parse("+++\nnum_images = 7\n+++\nx").unwrap_err().to_string().contains("1..=6"));
+        assert!(parse("+++\noutput_format = \"gif\"\n+++\nx").is_err());
+        assert!(parse("+++\ntask = \"paint\"\n+++\nx").is_err());
+        assert!(parse("+++\nsize = \"big x\"\n+++\nx").is_err());
+        assert!(parse("+++\nsize = \"square_hd\"\n+++\nx").is_ok());
+        assert!(parse("+++\nseed = 1\nno closing").unwrap_err().to_string().contains("closing"));
+    }
+
+    #[test]
+    fn no_front_matter_means_edit_one_image() {
+        let t = parse("\u{feff}Just {name}").unwrap();
+        assert_eq!(t.task(), Task::Edit);
+        assert_eq!(t.params(), Params::default());
+        assert_eq!(t.front(), &FrontMatter::default());
+    }
+
+    #[test]
+    fn shipped_templates_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            Template::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+        assert!(n >= 4, "at least four shipped templates");
+    }
+}

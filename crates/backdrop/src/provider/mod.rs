@@ -1,0 +1,251 @@
+//! The provider trait every remote API implements, the results it hands back, and
+//! [`ProviderError`]: the one place where an API failure is classified as retry, fail the row,
+//! stop the run, or ambiguous (a paid request may have left and we cannot know).
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{JobSpec, OutputRef, RequestRef};
+
+pub mod fal;
+pub mod http;
+pub mod seedance;
+
+/// What to do about an error: decided once, here, for every caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Transient (429, 5xx, timeouts before sending, resets on polls): try again later.
+    Retry,
+    /// Permanent for this row (400, 422, content policy, a failed generation): record and move on.
+    Fail,
+    /// The whole run must stop (see [`StopReason`]).
+    Stop(StopReason),
+    /// A submit may have reached the server and been charged, but no request id came back.
+    Ambiguous,
+}
+
+/// Why a run stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// 401/403: the API rejected the key.
+    KeyRejected,
+    /// 402: not enough credits (nothing was charged).
+    OutOfCredits,
+}
+
+/// A failure talking to a provider. Never contains the API key: the key only lives in a header.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The API answered with an error status.
+    #[error("HTTP {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The API's error code (`rate_limited`, `insufficient_credits`, fal's `error_type`).
+        code: Option<String>,
+        /// The API's message, as given.
+        message: String,
+        /// A `Retry-After` the server sent.
+        retry_after: Option<Duration>,
+        /// fal's `X-Fal-Retryable` header, when present.
+        retryable_hint: Option<bool>,
+        /// fal's `X-Fal-Request-Timeout-Type: user` (a 504 the user's own timeout caused).
+        user_timeout: bool,
+    },
+    /// The request never reached the server (connection refused, DNS): safe to retry.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The request may have reached the server, but no answer came (timeout, reset, drop).
+    #[error("no answer{}: {message}", if *.sent { " after the request was sent" } else { "" })]
+    NoAnswer {
+        /// True when the body may have been delivered (so a submit may have been charged).
+        sent: bool,
+        /// What happened.
+        message: String,
+    },
+    /// The answer could not be understood (bad JSON, missing fields).
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+    /// The generation itself failed (seedance `failed` status, fal result with an error).
+    #[error("generation failed: {0}")]
+    Generation(String),
+    /// The row's input cannot be sent (local file too large for a data URI, unreadable file).
+    #[error("bad input: {0}")]
+    Input(String),
+}
+
+impl ProviderError {
+    /// How the pipeline must react when this error answers a **submit** (a paid request).
+    #[must_use]
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Http { status, retry_after, retryable_hint, user_timeout, .. } => {
+                classify_status(*status, retry_after.is_some(), *retryable_hint, *user_timeout)
+            }
+            Self::Connect(_) => ErrorClass::Retry,
+            Self::NoAnswer { sent: false, .. } => ErrorClass::Retry,
+            Self::NoAnswer { sent: true, .. } => ErrorClass::Ambiguous,
+            // A 2xx we cannot read may have been charged: do not resubmit blindly.
+            Self::Decode(_) => ErrorClass::Ambiguous,
+            Self::Generation(_) | Self::Input(_) => ErrorClass::Fail,
+        }
+    }
+
+    /// How to react when this error answers a **poll** or a result fetch: those cost nothing,
+    /// so anything that is not a clear verdict is retried.
+    #[must_use]
+    pub fn poll_class(&self) -> ErrorClass {
+        match self.class() {
+            ErrorClass::Ambiguous => ErrorClass::Retry,
+            other => other,
+        }
+    }
+
+    /// True when trying again may succeed.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        self.class() == ErrorClass::Retry
+    }
+
+    /// The server's `Retry-After`, if it sent one.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if the server answered.
+    #[must_use]
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn classify_status(status: u16, has_retry_after: bool, hint: Option<bool>, user_timeout: bool) -> ErrorClass {
+    match status {
+        401 | 403 => ErrorClass::Stop(StopReason::KeyRejected),
+        402 => ErrorClass::Stop(StopReason::OutOfCredits),
+        408 | 429 => ErrorClass::Retry,
+        504 if user_timeout => ErrorClass::Fail,
+        500..=599 => ErrorClass::Retry,
+        // A 4xx with a Retry-After is the server asking us to come back.
+        _ if has_retry_after => ErrorClass::Retry,
+        _ if hint == Some(true) => ErrorClass::Retry,
+        _ => ErrorClass::Fail,
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The output images.
+    pub images: Vec<OutputRef>,
+    /// What the provider says it charged (credits for seedance; fal does not say).
+    pub charged: Option<f64>,
+    /// Seedance's `credits_remaining`, for the low-balance warning.
+    pub credits_remaining: Option<f64>,
+    /// The seed used, when the model returns it.
+    pub seed: Option<i64>,
+}
+
+/// The answer to a submit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// Queued: persist the reference, then poll it.
+    Accepted(RequestRef),
+    /// Answered synchronously with the outputs (seedance generate, or edit without `async`).
+    Completed {
+        /// An id to record, when the API gives one.
+        request_id: Option<String>,
+        /// The result.
+        result: JobResult,
+    },
+}
+
+/// The answer to a poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PollOutcome {
+    /// Still queued or running.
+    Running {
+        /// Position in the provider's queue, when it says.
+        queue_position: Option<u32>,
+    },
+    /// Finished with outputs.
+    Completed(JobResult),
+}
+
+/// A remote image API. One implementation per wire protocol; the pipeline is generic over it.
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's name (`seedance`, `fal`), for logs and the store.
+    fn name(&self) -> &'static str;
+
+    /// Sends the paid request. The caller has already committed its intent to the store.
+    ///
+    /// # Errors
+    /// A [`ProviderError`]; [`ProviderError::class`] says what to do.
+    fn submit(&self, job: &JobSpec) -> impl Future<Output = Result<Submission, ProviderError>> + Send;
+
+    /// Asks where a saved request is; fetches its result once it is complete.
+    ///
+    /// # Errors
+    /// A [`ProviderError`]; [`ProviderError::poll_class`] says what to do. A generation that
+    /// failed on the provider's side is [`ProviderError::Generation`].
+    fn poll(&self, request: &RequestRef) -> impl Future<Output = Result<PollOutcome, ProviderError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16) -> ProviderError {
+        http_with(status, None, false)
+    }
+
+    fn http_with(status: u16, retryable_hint: Option<bool>, user_timeout: bool) -> ProviderError {
+        ProviderError::Http {
+            status,
+            code: None,
+            message: "m".into(),
+            retry_after: None,
+            retryable_hint,
+            user_timeout,
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified_as_the_spec_says() {
+        assert_eq!(http(400).class(), ErrorClass::Fail);
+        assert_eq!(http(422).class(), ErrorClass::Fail);
+        assert_eq!(http(401).class(), ErrorClass::Stop(StopReason::KeyRejected));
+        assert_eq!(http(403).class(), ErrorClass::Stop(StopReason::KeyRejected));
+        assert_eq!(http(402).class(), ErrorClass::Stop(StopReason::OutOfCredits));
+        assert_eq!(http(429).class(), ErrorClass::Retry);
+        for s in [500, 502, 503, 504] {
+            assert_eq!(http(s).class(), ErrorClass::Retry, "{s}");
+        }
+        let user_504 = http_with(504, None, true);
+        assert_eq!(user_504.class(), ErrorClass::Fail);
+        let hinted = http_with(422, Some(true), false);
+        assert_eq!(hinted.class(), ErrorClass::Retry);
+    }
+
+    #[test]
+    fn a_submit_that_may_have_left_is_ambiguous_but_a_poll_is_retried() {
+        let e = ProviderError::NoAnswer { sent: true, message: "reset".into() };
+        assert_eq!(e.class(), ErrorClass::Ambiguous);
+        assert_eq!(e.poll_class(), ErrorClass::Retry);
+        let e = ProviderError::NoAnswer { sent: false, message: "refused".into() };
+        assert_eq!(e.class(), ErrorClass::Retry);
+        assert_eq!(ProviderError::Connect("refused".into()).class(), ErrorClass::Retry);
+    }
+}

@@ -1,0 +1,600 @@
+//! The store queries behind `status`, `retry` and `report`: counts per state, money spent, the
+//! last run, the rows of a report with their outputs, and re-queueing rows ([`Requeue`]) for the
+//! next `run`. Read-only apart from [`Store::apply_requeue`].
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use super::{JobState, Store, StoreError, now_ms};
+
+/// How many jobs are in each state. Serialized with one key per state, in life order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    /// Planned, not yet claimed.
+    pub pending: i64,
+    /// A paid request may be leaving.
+    pub submitting: i64,
+    /// Accepted by the provider, being polled.
+    pub submitted: i64,
+    /// Downloading outputs.
+    pub fetching: i64,
+    /// Finished and verified.
+    pub done: i64,
+    /// Waiting to retry a transient error.
+    pub waiting: i64,
+    /// Failed permanently.
+    pub failed: i64,
+    /// A paid request may have left without its id being saved.
+    pub ambiguous: i64,
+    /// Every job.
+    pub total: i64,
+}
+
+impl StateCounts {
+    /// The count of one state.
+    #[must_use]
+    pub const fn get(&self, state: JobState) -> i64 {
+        match state {
+            JobState::Pending => self.pending,
+            JobState::Submitting => self.submitting,
+            JobState::Submitted => self.submitted,
+            JobState::Fetching => self.fetching,
+            JobState::Done => self.done,
+            JobState::Waiting => self.waiting,
+            JobState::Failed => self.failed,
+            JobState::Ambiguous => self.ambiguous,
+        }
+    }
+
+    const fn slot(&mut self, state: JobState) -> &mut i64 {
+        match state {
+            JobState::Pending => &mut self.pending,
+            JobState::Submitting => &mut self.submitting,
+            JobState::Submitted => &mut self.submitted,
+            JobState::Fetching => &mut self.fetching,
+            JobState::Done => &mut self.done,
+            JobState::Waiting => &mut self.waiting,
+            JobState::Failed => &mut self.failed,
+            JobState::Ambiguous => &mut self.ambiguous,
+        }
+    }
+}
+
+/// Money charged so far, in each provider's own unit (`SUM(jobs.credits)` per provider).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Spend {
+    /// Seedance credits (1 credit = $0.01).
+    pub seedance_credits: f64,
+    /// fal.ai dollars.
+    pub fal_dollars: f64,
+    /// Both, in dollars.
+    pub total_dollars: f64,
+}
+
+/// One row of the `runs` table.
+#[derive(Debug, Clone, PartialEq, Serialize, FromRow)]
+pub struct RunRecord {
+    /// `runs.id`.
+    pub id: i64,
+    /// Start, unix ms.
+    pub started_at: i64,
+    /// End, unix ms; `None` while running or after a crash.
+    pub ended_at: Option<i64>,
+    /// The catalog it read.
+    pub catalog: String,
+    /// The provider it spoke to.
+    pub provider: String,
+    /// The model it asked for.
+    pub model: String,
+    /// Whether it only planned and priced.
+    pub dry_run: bool,
+    /// `done`, `rows_failed`, `out_of_credits`, `budget`, `key_rejected`, `interrupted`, `fatal`.
+    pub outcome: Option<String>,
+    /// The exit code it ended with.
+    pub exit_code: Option<i64>,
+}
+
+#[derive(FromRow)]
+struct BriefRow {
+    id: i64,
+    sku: String,
+    state: String,
+    attempts: i64,
+    request_id: Option<String>,
+    error: Option<String>,
+    error_class: Option<String>,
+    updated_at: i64,
+}
+
+/// A job as `status` and `retry` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobBrief {
+    /// `jobs.id`.
+    #[serde(skip)]
+    pub id: i64,
+    /// The row's SKU.
+    pub sku: String,
+    /// Its state.
+    pub state: JobState,
+    /// Submissions so far.
+    pub attempts: i64,
+    /// The saved request id, if any.
+    pub request_id: Option<String>,
+    /// Why it failed or waits.
+    pub error: Option<String>,
+    /// `retry`, `fail`, `stop` or `ambiguous`.
+    pub error_class: Option<String>,
+    /// Last change, unix ms.
+    pub updated_at: i64,
+}
+
+impl TryFrom<BriefRow> for JobBrief {
+    type Error = StoreError;
+
+    fn try_from(r: BriefRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            id: r.id,
+            sku: r.sku,
+            state: r.state.parse()?,
+            attempts: r.attempts,
+            request_id: r.request_id,
+            error: r.error,
+            error_class: r.error_class,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct JobRow {
+    id: i64,
+    sku: String,
+    position: i64,
+    provider: String,
+    model: String,
+    task: String,
+    prompt: String,
+    inputs: String,
+    state: String,
+    attempts: i64,
+    request_id: Option<String>,
+    credits: f64,
+    error: Option<String>,
+    error_class: Option<String>,
+    updated_at: i64,
+}
+
+/// A job with everything a report shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRecord {
+    /// `jobs.id`.
+    #[serde(skip)]
+    pub id: i64,
+    /// The row's SKU.
+    pub sku: String,
+    /// Catalog order.
+    pub position: i64,
+    /// `seedance` or `fal`: the unit of `credits`.
+    pub provider: String,
+    /// The model.
+    pub model: String,
+    /// `edit` or `generate`.
+    pub task: String,
+    /// The rendered prompt.
+    pub prompt: String,
+    /// Input images: http(s) URLs or absolute local paths.
+    pub inputs: Vec<String>,
+    /// Its state.
+    pub state: JobState,
+    /// Submissions so far.
+    pub attempts: i64,
+    /// The saved request id, if any.
+    pub request_id: Option<String>,
+    /// Charged so far, in the provider's unit.
+    pub credits: f64,
+    /// Why it failed or waits.
+    pub error: Option<String>,
+    /// `retry`, `fail`, `stop` or `ambiguous`.
+    pub error_class: Option<String>,
+    /// Last change, unix ms.
+    pub updated_at: i64,
+    /// Its output files, by index.
+    pub outputs: Vec<OutputRecord>,
+}
+
+/// One output file of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
+pub struct OutputRecord {
+    /// `outputs.job_id`.
+    #[serde(skip)]
+    pub job_id: i64,
+    /// Index among the job's outputs.
+    pub idx: i64,
+    /// Path relative to the output folder.
+    pub path: String,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: i64,
+    /// Pixel width.
+    pub width: i64,
+    /// Pixel height.
+    pub height: i64,
+    /// MIME type.
+    pub content_type: String,
+}
+
+/// Which rows `backdrop retry` puts back in the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requeue {
+    /// Every failed row.
+    pub failed: bool,
+    /// Every ambiguous row (and `submitting` rows a dead process left behind).
+    pub ambiguous: bool,
+    /// These SKUs, whatever their state (rows with a live paid request excepted).
+    pub skus: Vec<String>,
+}
+
+/// Why a selected row is left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepReason {
+    /// It is pending already.
+    AlreadyPending,
+    /// It has a saved request id the next run resumes; re-queueing it would pay again.
+    InFlight,
+}
+
+/// What a [`Requeue`] would do: computed by [`Store::plan_requeue`], done by
+/// [`Store::apply_requeue`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequeuePlan {
+    /// Rows to move back to pending, in catalog order, as they are now.
+    pub requeue: Vec<JobBrief>,
+    /// Selected rows left alone, and why.
+    pub kept: Vec<(JobBrief, KeepReason)>,
+    /// `--sku` values with no job.
+    pub unknown: Vec<String>,
+}
+
+impl RequeuePlan {
+    /// The rows to re-queue whose paid request may already have gone out: re-queueing them may
+    /// charge twice.
+    pub fn at_risk(&self) -> impl Iterator<Item = &JobBrief> {
+        self.requeue.iter().filter(|j| may_be_charged_twice(j.state))
+    }
+}
+
+/// `submitting` counts as ambiguous here: `retry` holds the run lock, so no live process is
+/// sending it, and the next `run` would mark it ambiguous anyway.
+const fn may_be_charged_twice(state: JobState) -> bool {
+    matches!(state, JobState::Ambiguous | JobState::Submitting)
+}
+
+const BRIEF_COLUMNS: &str = "id, sku, state, attempts, request_id, error, error_class, updated_at";
+
+impl Store {
+    /// Counts jobs per state.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for a state backdrop never writes.
+    pub async fn state_counts(&self) -> Result<StateCounts, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(self.pool()).await?;
+        let mut counts = StateCounts::default();
+        for (state, n) in rows {
+            *counts.slot(state.parse()?) += n;
+            counts.total += n;
+        }
+        Ok(counts)
+    }
+
+    /// Money charged so far: `SUM(jobs.credits)` per provider, the same figure the pipeline
+    /// adds each attempt's charge to.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for an unknown provider.
+    pub async fn spend(&self) -> Result<Spend, StoreError> {
+        let rows: Vec<(String, f64)> =
+            sqlx::query_as("SELECT provider, COALESCE(SUM(credits), 0.0) FROM jobs GROUP BY provider")
+                .fetch_all(self.pool())
+                .await?;
+        let mut spend = Spend::default();
+        for (provider, sum) in rows {
+            match provider.as_str() {
+                "seedance" => spend.seedance_credits += sum,
+                "fal" => spend.fal_dollars += sum,
+                other => return Err(StoreError::Corrupt(format!("unknown provider {other:?} in jobs"))),
+            }
+        }
+        spend.total_dollars = crate::money::Unit::Credits.to_dollars(spend.seedance_credits) + spend.fal_dollars;
+        Ok(spend)
+    }
+
+    /// The most recent run, if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn last_run(&self) -> Result<Option<RunRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, started_at, ended_at, catalog, provider, model, dry_run, outcome, exit_code
+             FROM runs ORDER BY started_at DESC, id DESC LIMIT 1",
+        )
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// The jobs in one state, in catalog order.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`].
+    pub async fn jobs_in_state(&self, state: JobState) -> Result<Vec<JobBrief>, StoreError> {
+        let sql = format!("SELECT {BRIEF_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY position, id");
+        let rows: Vec<BriefRow> = sqlx::query_as(&sql).bind(state.as_str()).fetch_all(self.pool()).await?;
+        rows.into_iter().map(JobBrief::try_from).collect()
+    }
+
+    /// Every job with its outputs, in catalog order (`jobs.position`): the rows of a report.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for an unknown state or an `inputs` column
+    /// that is not a JSON array of strings.
+    pub async fn report_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let jobs: Vec<JobRow> = sqlx::query_as(
+            "SELECT id, sku, position, provider, model, task, prompt, inputs, state, attempts,
+                    request_id, credits, error, error_class, updated_at
+             FROM jobs ORDER BY position, id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let outputs: Vec<OutputRecord> = sqlx::query_as(
+            "SELECT job_id, idx, path, sha256, bytes, width, height, content_type
+             FROM outputs ORDER BY job_id, idx",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut by_job: BTreeMap<i64, Vec<OutputRecord>> = BTreeMap::new();
+        for o in outputs {
+            by_job.entry(o.job_id).or_default().push(o);
+        }
+        jobs.into_iter()
+            .map(|j| {
+                let inputs: Vec<String> = serde_json::from_str(&j.inputs).map_err(|e| {
+                    StoreError::Corrupt(format!("inputs of {:?} are not a JSON list of strings: {e}", j.sku))
+                })?;
+                Ok(JobRecord {
+                    outputs: by_job.remove(&j.id).unwrap_or_default(),
+                    id: j.id,
+                    sku: j.sku,
+                    position: j.position,
+                    provider: j.provider,
+                    model: j.model,
+                    task: j.task,
+                    prompt: j.prompt,
+                    inputs,
+                    state: j.state.parse()?,
+                    attempts: j.attempts,
+                    request_id: j.request_id,
+                    credits: j.credits,
+                    error: j.error,
+                    error_class: j.error_class,
+                    updated_at: j.updated_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Works out which rows a [`Requeue`] moves back to pending, without changing anything.
+    ///
+    /// A `--sku` row with a saved request id that is still live (`submitted`, `fetching`, or
+    /// `waiting` on a poll) is kept: the next `run` resumes it, and re-queueing it would drop
+    /// a paid request and pay again.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`].
+    pub async fn plan_requeue(&self, which: &Requeue) -> Result<RequeuePlan, StoreError> {
+        let mut selected: BTreeMap<i64, JobBrief> = BTreeMap::new();
+        let mut states = Vec::new();
+        if which.failed {
+            states.push(JobState::Failed);
+        }
+        if which.ambiguous {
+            states.extend([JobState::Ambiguous, JobState::Submitting]);
+        }
+        for state in states {
+            for job in self.jobs_in_state(state).await? {
+                selected.insert(job.id, job);
+            }
+        }
+        let mut plan = RequeuePlan::default();
+        let by_sku = format!("SELECT {BRIEF_COLUMNS} FROM jobs WHERE sku = ?1");
+        for sku in &which.skus {
+            let row: Option<BriefRow> = sqlx::query_as(&by_sku).bind(sku).fetch_optional(self.pool()).await?;
+            match row {
+                Some(row) => {
+                    let job = JobBrief::try_from(row)?;
+                    selected.insert(job.id, job);
+                }
+                None if !plan.unknown.contains(sku) => plan.unknown.push(sku.clone()),
+                None => {}
+            }
+        }
+        let mut jobs: Vec<JobBrief> = selected.into_values().collect();
+        // Catalog order; ids are a stable tie-break. Positions come from one more query rather
+        // than carrying them in every brief.
+        let positions: BTreeMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>("SELECT id, position FROM jobs")
+            .fetch_all(self.pool())
+            .await?
+            .into_iter()
+            .collect();
+        jobs.sort_by_key(|j| (positions.get(&j.id).copied().unwrap_or(i64::MAX), j.id));
+        for job in jobs {
+            match keep_reason(&job) {
+                Some(reason) => plan.kept.push((job, reason)),
+                None => plan.requeue.push(job),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Moves the plan's rows back to pending in one transaction: attempts reset, error and
+    /// `next_attempt_at` cleared, request id, URLs and result cleared (a pending row has no live
+    /// request), and its old output records dropped (the next run writes new ones). Credits
+    /// and the attempt history stay: that money was spent. A row whose state changed since the
+    /// plan is left alone. Returns how many rows moved.
+    ///
+    /// # Errors
+    /// A database error; nothing is changed then.
+    pub async fn apply_requeue(&self, plan: &RequeuePlan) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut moved = 0;
+        for job in &plan.requeue {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = NULL, error = NULL,
+                        error_class = NULL, request_id = NULL, status_url = NULL, response_url = NULL,
+                        cancel_url = NULL, result = NULL, updated_at = ?1
+                 WHERE id = ?2 AND state = ?3",
+            )
+            .bind(now)
+            .bind(job.id)
+            .bind(job.state.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                sqlx::query("DELETE FROM outputs WHERE job_id = ?1").bind(job.id).execute(&mut *tx).await?;
+                moved += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+}
+
+fn keep_reason(job: &JobBrief) -> Option<KeepReason> {
+    match job.state {
+        JobState::Pending => Some(KeepReason::AlreadyPending),
+        JobState::Submitted | JobState::Fetching => Some(KeepReason::InFlight),
+        JobState::Waiting if job.request_id.is_some() => Some(KeepReason::InFlight),
+        JobState::Waiting
+        | JobState::Done
+        | JobState::Failed
+        | JobState::Ambiguous
+        | JobState::Submitting => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fixture() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+        let rows = [
+            ("A", 1, "done", "seedance", 30.0, None, None),
+            ("B", 2, "failed", "seedance", 0.0, None, Some("HTTP 422: content policy")),
+            ("C", 3, "ambiguous", "fal", 0.03, None, None),
+            ("D", 4, "submitted", "seedance", 30.0, Some("req-d"), None),
+            ("E", 5, "pending", "seedance", 0.0, None, None),
+            ("F", 6, "waiting", "seedance", 0.0, Some("req-f"), Some("HTTP 503")),
+            ("G", 7, "submitting", "seedance", 0.0, None, None),
+        ];
+        for (sku, pos, state, provider, credits, req, err) in rows {
+            sqlx::query(
+                "INSERT INTO jobs (sku, position, fingerprint, provider, model, task, prompt, inputs, params,
+                                   state, attempts, request_id, credits, error, error_class, next_attempt_at,
+                                   result, created_at, updated_at)
+                 VALUES (?1, ?2, 'fp', ?3, 'm', 'edit', 'p', '[\"/x.png\"]', '{}', ?4, 2, ?5, ?6, ?7,
+                         'fail', 99, '{}', 1, 1)",
+            )
+            .bind(sku)
+            .bind(pos)
+            .bind(provider)
+            .bind(state)
+            .bind(req)
+            .bind(credits)
+            .bind(err)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO outputs (job_id, idx, path, sha256, bytes, width, height, content_type, source_url)
+             SELECT id, 0, 'A/0.png', 'ab', 10, 4, 4, 'image/png', 'http://x' FROM jobs WHERE sku = 'A'",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn counts_and_spend_come_from_the_store() {
+        let (_dir, store) = fixture().await;
+        let counts = store.state_counts().await.unwrap();
+        assert_eq!((counts.total, counts.done, counts.failed, counts.ambiguous), (7, 1, 1, 1));
+        assert_eq!(counts.get(JobState::Waiting), 1);
+        let spend = store.spend().await.unwrap();
+        assert!((spend.seedance_credits - 60.0).abs() < 1e-9);
+        assert!((spend.fal_dollars - 0.03).abs() < 1e-9);
+        assert!((spend.total_dollars - 0.63).abs() < 1e-9);
+        assert_eq!(store.last_run().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn report_jobs_are_in_catalog_order_with_outputs() {
+        let (_dir, store) = fixture().await;
+        let jobs = store.report_jobs().await.unwrap();
+        let skus: Vec<_> = jobs.iter().map(|j| j.sku.as_str()).collect();
+        assert_eq!(skus, ["A", "B", "C", "D", "E", "F", "G"]);
+        assert_eq!(jobs[0].outputs.len(), 1);
+        assert_eq!(jobs[0].inputs, ["/x.png"]);
+        assert!(jobs[1].outputs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn requeue_moves_only_what_is_safe_and_resets_it() {
+        let (_dir, store) = fixture().await;
+        let which = Requeue {
+            failed: true,
+            ambiguous: true,
+            skus: vec!["A".into(), "D".into(), "E".into(), "F".into(), "nope".into()],
+        };
+        let plan = store.plan_requeue(&which).await.unwrap();
+        let requeued: Vec<_> = plan.requeue.iter().map(|j| j.sku.as_str()).collect();
+        assert_eq!(requeued, ["A", "B", "C", "G"]);
+        let risky: Vec<_> = plan.at_risk().map(|j| j.sku.as_str()).collect();
+        assert_eq!(risky, ["C", "G"]);
+        let kept: Vec<_> = plan.kept.iter().map(|(j, r)| (j.sku.as_str(), *r)).collect();
+        assert_eq!(
+            kept,
+            [("D", KeepReason::InFlight), ("E", KeepReason::AlreadyPending), ("F", KeepReason::InFlight)]
+        );
+        assert_eq!(plan.unknown, ["nope"]);
+
+        assert_eq!(store.apply_requeue(&plan).await.unwrap(), 4);
+        type Reset = (String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, f64);
+        let row: Reset = sqlx::query_as(
+            "SELECT state, attempts, next_attempt_at, error, request_id, result, credits FROM jobs WHERE sku = 'A'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(row, ("pending".into(), 0, None, None, None, None, 30.0));
+        let (outputs,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM outputs").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(outputs, 0);
+        let d: (String, Option<String>) =
+            sqlx::query_as("SELECT state, request_id FROM jobs WHERE sku = 'D'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(d, ("submitted".into(), Some("req-d".into())));
+
+        // Applying the same plan again moves nothing: every row changed state since.
+        assert_eq!(store.apply_requeue(&plan).await.unwrap(), 0);
+    }
+}
