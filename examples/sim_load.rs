@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use backdrop::sim::{SimConfig, start};
+use backdrop_sim::{SimConfig, start};
 use serde_json::{Value, json};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -137,7 +137,7 @@ async fn main() -> Result<(), Failure> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cycles = done.load(Ordering::Relaxed);
-    let stats: backdrop::sim::SimStats = match &sim {
+    let stats: backdrop_sim::SimStats = match &sim {
         Some(sim) => sim.stats(),
         None => client.get(format!("{base}/__sim/stats")).send().await?.json().await?,
     };

@@ -60,7 +60,7 @@ pub enum Command {
     /// Write a report of every row: csv, json, or an html before/after gallery.
     Report(ReportArgs),
     /// Start the local simulator of the Seedance and fal.ai APIs.
-    Sim(Box<crate::sim::SimArgs>),
+    Sim(Box<backdrop_sim::SimArgs>),
 }
 
 /// Which remote API protocol to speak.

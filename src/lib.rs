@@ -19,7 +19,6 @@
 //! - [`fetch`]: verified, durable downloads of output images.
 //! - [`progress`]: the progress bar and the log writer that keeps logs off it.
 //! - [`report`]: csv, json and html reports built from the store.
-//! - [`sim`]: the local simulator of both APIs, with money and fault injection.
 //! - [`command`]: one function per subcommand; [`exit`]: the exit codes; [`error`]: the
 //!   top-level error that maps to them.
 
@@ -37,5 +36,4 @@ pub mod progress;
 pub mod prompt;
 pub mod provider;
 pub mod report;
-pub mod sim;
 pub mod store;

@@ -252,12 +252,12 @@ fn other_fatal(e: impl std::fmt::Display) -> Error {
     Error::Other { message: e.to_string(), exit: ExitCode::Fatal }
 }
 
-async fn start_simulator(settings: &Settings) -> Result<crate::sim::SimHandle, Error> {
+async fn start_simulator(settings: &Settings) -> Result<backdrop_sim::SimHandle, Error> {
     let config = match &settings.sim_scenario {
-        Some(path) => crate::sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
-        None => crate::sim::SimConfig::default(),
+        Some(path) => backdrop_sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
+        None => backdrop_sim::SimConfig::default(),
     };
-    let sim = crate::sim::start(config).await.map_err(other_fatal)?;
+    let sim = backdrop_sim::start(config).await.map_err(other_fatal)?;
     info!(base_url = %sim.base_url(), "simulator started");
     Ok(sim)
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
+use backdrop_sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::harness::{SENTINEL_KEY, TestEnv};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Faults, Latency, SimConfig};
+use backdrop_sim::{Faults, Latency, SimConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::harness::{TestEnv, code, output, stderr};

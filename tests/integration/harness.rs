@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use backdrop::sim::{SimConfig, SimHandle};
 use backdrop::store::Store;
+use backdrop_sim::{SimConfig, SimHandle};
 use sha2::{Digest, Sha256};
 
 /// A key that must never show up anywhere but the Authorization header.
@@ -21,7 +21,7 @@ pub(crate) struct TestEnv {
 impl TestEnv {
     pub(crate) async fn new(config: SimConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let sim = backdrop::sim::start(config).await.expect("simulator starts");
+        let sim = backdrop_sim::start(config).await.expect("simulator starts");
         Self { dir, sim }
     }
 

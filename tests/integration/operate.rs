@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Faults, Latency, SimConfig};
+use backdrop_sim::{Faults, Latency, SimConfig};
 
 use crate::harness::{TestEnv, code, output, stderr};
 

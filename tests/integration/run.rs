@@ -1,7 +1,7 @@
 //! `backdrop run` end to end: the real binary against the in-process simulator, with real
 //! SQLite, real HTTP on 127.0.0.1 and real PNG files.
 
-use backdrop::sim::{Faults, Latency, ScriptStep, SimConfig};
+use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig};
 
 use crate::harness::{SENTINEL_KEY, TestEnv, code, output, stderr};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::HeaderMap;
-use backdrop::sim::{Faults, Latency, ScriptStep, SimConfig, SimHandle, start};
+use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig, SimHandle, start};
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde_json::{Value, json};
@@ -318,7 +318,7 @@ async fn fal_webhooks_are_signed_with_the_published_key_and_tampering_is_caught(
     tampered[last] ^= 1;
     assert!(!verify_fal_webhook(&jwks, headers, &tampered, now));
     assert!(!verify_fal_webhook(&jwks, headers, body, now + 3600));
-    let other = backdrop::sim::webhook::jwks_document(
+    let other = backdrop_sim::webhook::jwks_document(
         &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
     );
     assert!(!verify_fal_webhook(&other, headers, body, now));
@@ -387,7 +387,7 @@ async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_ch
         assert!(charge.request_id.starts_with("req_"));
     }
     // The admin API reads the same ledger and tops up the balance.
-    let remote: Vec<backdrop::sim::Charge> =
+    let remote: Vec<backdrop_sim::Charge> =
         c.get(format!("{}/__sim/ledger", sim.base_url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(remote, ledger);
     let b: Value = c
@@ -409,7 +409,7 @@ async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_ch
     assert!(refused.json::<Value>().await.unwrap()["detail"].is_string());
     sim.set_fal_balance(1.0);
     assert_eq!(post_fal(&c, &sim, "", &edit_body(&sim, "F2")).await.status(), 200);
-    assert_eq!(sim.ledger().iter().filter(|c| c.protocol == backdrop::sim::Protocol::Fal).count(), 2);
+    assert_eq!(sim.ledger().iter().filter(|c| c.protocol == backdrop_sim::Protocol::Fal).count(), 2);
     sim.shutdown().await;
 }
 
@@ -455,7 +455,7 @@ async fn scripted_429s_rate_limits_and_bursts_answer_with_the_right_headers() {
 
     let sim = sim_with(Faults {
         rate_limit_per_sec: Some(3),
-        retry_after_format: backdrop::sim::RetryAfterFormat::HttpDate,
+        retry_after_format: backdrop_sim::RetryAfterFormat::HttpDate,
         ..Faults::default()
     })
     .await;
@@ -556,7 +556,7 @@ async fn in_flight_counts_generations_until_their_outputs_are_downloaded() {
     }
     let stats = sim.stats();
     assert_eq!((stats.in_flight, stats.peak_in_flight, stats.accepted), (0, 3, 3));
-    let remote: backdrop::sim::SimStats =
+    let remote: backdrop_sim::SimStats =
         c.get(format!("{}/__sim/stats", sim.base_url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(remote.peak_in_flight, 3);
     sim.shutdown().await;
@@ -566,8 +566,8 @@ async fn in_flight_counts_generations_until_their_outputs_are_downloaded() {
 async fn data_uri_inputs_are_edited() {
     let sim = sim_with(Faults::default()).await;
     let c = client();
-    let input = backdrop::sim::imagegen::product_on_white("local-file", 80, 60);
-    let encoded = backdrop::sim::imagegen::encode(&input, backdrop::sim::imagegen::Format::Png).unwrap();
+    let input = backdrop_sim::imagegen::product_on_white("local-file", 80, 60);
+    let encoded = backdrop_sim::imagegen::encode(&input, backdrop_sim::imagegen::Format::Png).unwrap();
     let uri = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&encoded));
     let body = json!({ "prompt": "on linen", "image_urls": [uri] });
     let v: Value = post_seedance(&c, &sim, EDIT, &body).await.json().await.unwrap();
