@@ -10,10 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use backdrop::sim::{SimConfig, start};
+use backdrop_sim::{SimConfig, start};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the report needs from `GET /__sim/stats`.
+#[derive(Debug, Deserialize)]
+struct Stats {
+    by_status: std::collections::BTreeMap<u16, u64>,
+    peak_in_flight: u64,
+}
 
 async fn seedance_cycle(client: &reqwest::Client, base: &str, n: u64) -> Result<(), Failure> {
     let body = json!({
@@ -137,10 +145,8 @@ async fn main() -> Result<(), Failure> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cycles = done.load(Ordering::Relaxed);
-    let stats: backdrop::sim::SimStats = match &sim {
-        Some(sim) => sim.stats(),
-        None => client.get(format!("{base}/__sim/stats")).send().await?.json().await?,
-    };
+    let stats: Stats =
+        client.get(format!("{base}/__sim/stats")).send().await?.error_for_status()?.json().await?;
     println!(
         "{} cycles in {elapsed:.1}s = {:.0} cycles/s ({} workers, {} errors, {} requests, peak in flight {})",
         if fal { "fal submit+status+response+download" } else { "seedance submit+poll+download" },

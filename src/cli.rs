@@ -15,7 +15,8 @@ use crate::exit::EXIT_CODES_HELP;
 
 /// `--provider`: the library's [`ProviderKind`], with its names listed in `--help`.
 fn provider_parser() -> impl clap::builder::TypedValueParser<Value = ProviderKind> {
-    PossibleValuesParser::new(ProviderKind::ALL.map(ProviderKind::as_str)).try_map(|s| s.parse::<ProviderKind>())
+    PossibleValuesParser::new(ProviderKind::ALL.map(ProviderKind::as_str))
+        .try_map(|s| s.parse::<ProviderKind>())
 }
 
 /// `--format`: the library's report [`Format`], with its names listed in `--help`.
@@ -27,35 +28,35 @@ fn format_parser() -> impl clap::builder::TypedValueParser<Value = Format> {
 /// and never pays twice for a row.
 #[derive(Debug, Parser)]
 #[command(name = "backdrop", version, max_term_width = 100, after_long_help = EXIT_CODES_HELP, args_override_self = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Flags every subcommand takes.
     #[command(flatten)]
-    pub global: GlobalArgs,
+    pub(crate) global: GlobalArgs,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Flags every subcommand takes.
 #[derive(Debug, Clone, Args)]
-pub struct GlobalArgs {
+pub(crate) struct GlobalArgs {
     /// Read settings from this TOML file (every `run` flag can live there; flags win).
     #[arg(long, global = true, env = "BACKDROP_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = ArgAction::Count)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// Only errors on stderr, no progress bar.
     #[arg(short, long, global = true)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// Log format on stderr: human text, or one JSON object per event for log shippers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BACKDROP_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per event.
@@ -64,7 +65,7 @@ pub enum LogFormat {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Plan the catalog against the state database, then process what is new, changed or unfinished.
     Run(Box<RunArgs>),
     /// Counts per state, credits spent, failures with reasons, the last run.
@@ -74,189 +75,189 @@ pub enum Command {
     /// Write a report of every row: csv, json, or an html before/after gallery.
     Report(ReportArgs),
     /// Start the local simulator of the Seedance and fal.ai APIs.
-    Sim(Box<crate::sim::SimArgs>),
+    Sim(Box<backdrop_sim::SimArgs>),
 }
 
 /// Arguments of `backdrop run`. Every field is optional so a config file can supply it; the
 /// same struct is what `backdrop.toml` deserializes into (unknown keys are errors).
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The catalog: a CSV file, or a SQLite database with --table or --query.
     #[arg(value_name = "CATALOG")]
-    pub catalog: Option<PathBuf>,
+    pub(crate) catalog: Option<PathBuf>,
     /// Table to read when CATALOG is a SQLite database.
     #[arg(long, env = "BACKDROP_TABLE", conflicts_with = "query")]
-    pub table: Option<String>,
+    pub(crate) table: Option<String>,
     /// Query to read when CATALOG is a SQLite database (must return a `sku` column).
     #[arg(long, env = "BACKDROP_QUERY")]
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// Prompt template file (see prompts/).
     #[arg(long, env = "BACKDROP_PROMPT", value_name = "FILE")]
-    pub prompt: Option<PathBuf>,
+    pub(crate) prompt: Option<PathBuf>,
     /// State database (created if missing).
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
-    pub state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
     /// Output folder for finished images.
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]
     #[arg(long, env = "BACKDROP_OUTPUT_NAME", value_name = "TEMPLATE")]
-    pub output_name: Option<String>,
+    pub(crate) output_name: Option<String>,
     /// Which API protocol to speak [default: seedance].
     #[arg(long, value_parser = provider_parser(), env = "BACKDROP_PROVIDER")]
-    pub provider: Option<ProviderKind>,
+    pub(crate) provider: Option<ProviderKind>,
     /// Base URL of the API (default: the provider's public endpoint).
     #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
-    pub api_base: Option<String>,
+    pub(crate) api_base: Option<String>,
     /// Model, overriding the prompt's front matter.
     #[arg(long, env = "BACKDROP_MODEL")]
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Jobs in flight at once, submit to download [default: 5].
     #[arg(long, env = "BACKDROP_CONCURRENCY")]
-    pub concurrency: Option<u32>,
+    pub(crate) concurrency: Option<u32>,
     /// Request rate limit shared by every worker, e.g. 10/s or 600/m [default: 10/s].
     #[arg(long, env = "BACKDROP_RATE")]
-    pub rate: Option<String>,
+    pub(crate) rate: Option<String>,
     /// Submissions per row before it fails [default: 5].
     #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
-    pub max_attempts: Option<u32>,
+    pub(crate) max_attempts: Option<u32>,
     /// Stop submitting once this many credits are spent or reserved (seedance).
     #[arg(long, env = "BACKDROP_MAX_CREDITS")]
-    pub max_credits: Option<f64>,
+    pub(crate) max_credits: Option<f64>,
     /// Stop submitting once this many dollars are spent or reserved.
     #[arg(long, env = "BACKDROP_MAX_COST", value_name = "USD")]
-    pub max_cost: Option<f64>,
+    pub(crate) max_cost: Option<f64>,
     /// Warn when the provider reports fewer credits remaining than this.
     #[arg(long, env = "BACKDROP_LOW_CREDIT_WARNING")]
-    pub low_credit_warning: Option<f64>,
+    pub(crate) low_credit_warning: Option<f64>,
     /// Process at most this many rows in this run.
     #[arg(long, env = "BACKDROP_LIMIT")]
-    pub limit: Option<u64>,
+    pub(crate) limit: Option<u64>,
     /// Plan and price only; send nothing.
     #[arg(long)]
     #[serde(default)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Re-run rows that are already done.
     #[arg(long)]
     #[serde(default)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Process the valid rows of a catalog with errors, listing the invalid ones.
     #[arg(long)]
     #[serde(default)]
-    pub skip_invalid: bool,
+    pub(crate) skip_invalid: bool,
     /// Start the built-in simulator on a free port and send everything there (no key needed).
     #[arg(long)]
     #[serde(default)]
-    pub simulate: bool,
+    pub(crate) simulate: bool,
     /// Send local image files from the catalog as data: URIs (refused above --inline-max-bytes).
     #[arg(long)]
     #[serde(default)]
-    pub inline_local_images: bool,
+    pub(crate) inline_local_images: bool,
     /// Largest local image sent as a data: URI [default: 4000000].
     #[arg(long, env = "BACKDROP_INLINE_MAX_BYTES")]
-    pub inline_max_bytes: Option<u64>,
+    pub(crate) inline_max_bytes: Option<u64>,
     /// Seedance edits: wait for the answer in the submit call instead of polling.
     #[arg(long)]
     #[serde(default)]
-    pub sync: bool,
+    pub(crate) sync: bool,
     /// Poll delay to start from [default: 250ms]. Until a job of the run is seen done, first
     /// polls fall between half of it and all of it; after that they go where jobs finish.
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
-    pub poll_initial: Option<String>,
+    pub(crate) poll_initial: Option<String>,
     /// Polls back off up to this interval [default: 5s].
     #[arg(long, env = "BACKDROP_POLL_MAX", value_name = "DURATION")]
-    pub poll_max: Option<String>,
+    pub(crate) poll_max: Option<String>,
     /// First retry delay; doubles each attempt, with full jitter [default: 1s].
     #[arg(long, env = "BACKDROP_RETRY_BASE", value_name = "DURATION")]
-    pub retry_base: Option<String>,
+    pub(crate) retry_base: Option<String>,
     /// Longest retry delay, and the cap on a server's Retry-After [default: 60s].
     #[arg(long, env = "BACKDROP_RETRY_MAX", value_name = "DURATION")]
-    pub retry_max: Option<String>,
+    pub(crate) retry_max: Option<String>,
     /// Time limit of one HTTP request, downloads included [default: 120s].
     #[arg(long, env = "BACKDROP_REQUEST_TIMEOUT", value_name = "DURATION")]
-    pub request_timeout: Option<String>,
+    pub(crate) request_timeout: Option<String>,
     /// Largest output file accepted [default: 50000000].
     #[arg(long, env = "BACKDROP_MAX_DOWNLOAD_BYTES")]
-    pub max_download_bytes: Option<u64>,
+    pub(crate) max_download_bytes: Option<u64>,
     /// Address the embedded webhook receiver listens on, e.g. 127.0.0.1:8080.
     #[arg(long, env = "BACKDROP_WEBHOOK_LISTEN", value_name = "ADDR")]
-    pub webhook_listen: Option<String>,
+    pub(crate) webhook_listen: Option<String>,
     /// Public URL the provider should deliver webhooks to (reaches --webhook-listen).
     #[arg(long, env = "BACKDROP_WEBHOOK_URL", value_name = "URL")]
-    pub webhook_url: Option<String>,
+    pub(crate) webhook_url: Option<String>,
     /// JWKS document with the keys that sign fal webhooks.
     #[arg(long, env = "BACKDROP_JWKS_URL", value_name = "URL")]
-    pub jwks_url: Option<String>,
+    pub(crate) jwks_url: Option<String>,
     /// Write the run's outcome as JSON here at the end of every run (interrupted runs too).
     #[arg(long, env = "BACKDROP_SUMMARY_JSON", value_name = "FILE")]
-    pub summary_json: Option<PathBuf>,
+    pub(crate) summary_json: Option<PathBuf>,
     /// Simulator scenario (TOML) for --simulate.
     #[arg(long, env = "BACKDROP_SIM_SCENARIO", value_name = "FILE")]
-    pub sim_scenario: Option<PathBuf>,
+    pub(crate) sim_scenario: Option<PathBuf>,
     /// Hide the progress bar.
     #[arg(long)]
     #[serde(default)]
-    pub no_progress: bool,
+    pub(crate) no_progress: bool,
     /// Price table overrides: model name to price per image, in the provider's unit.
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prices: Option<std::collections::BTreeMap<String, f64>>,
+    pub(crate) prices: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// Where the state database is, for the commands that only read or re-queue.
 #[derive(Debug, Clone, Args)]
-pub struct StateArgs {
+pub(crate) struct StateArgs {
     /// State database [default: backdrop.db, or `state` from the config file].
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
-    pub state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
 }
 
 /// Arguments of `backdrop status`.
 #[derive(Debug, Clone, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The state database.
     #[command(flatten)]
-    pub state: StateArgs,
+    pub(crate) state: StateArgs,
     /// Print JSON instead of text.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// Arguments of `backdrop retry`.
 #[derive(Debug, Clone, Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["failed", "ambiguous", "sku"])))]
-pub struct RetryArgs {
+pub(crate) struct RetryArgs {
     /// The state database.
     #[command(flatten)]
-    pub state: StateArgs,
+    pub(crate) state: StateArgs,
     /// Re-queue every failed row.
     #[arg(long)]
-    pub failed: bool,
+    pub(crate) failed: bool,
     /// Re-queue rows whose paid request may have left before the process died (may be charged twice).
     #[arg(long)]
-    pub ambiguous: bool,
+    pub(crate) ambiguous: bool,
     /// Re-queue these SKUs, whatever their state.
     #[arg(long, value_name = "SKU", num_args = 1..)]
-    pub sku: Vec<String>,
+    pub(crate) sku: Vec<String>,
 }
 
 /// Arguments of `backdrop report`.
 #[derive(Debug, Clone, Args)]
-pub struct ReportArgs {
+pub(crate) struct ReportArgs {
     /// The state database.
     #[command(flatten)]
-    pub state: StateArgs,
+    pub(crate) state: StateArgs,
     /// Output format.
     #[arg(long, value_parser = format_parser(), default_value = "html")]
-    pub format: Format,
+    pub(crate) format: Format,
     /// Write here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
-    pub output: Option<PathBuf>,
+    pub(crate) output: Option<PathBuf>,
     /// Output folder of the run, where the html report finds the finished images
     /// [default: out, or `out` from the config file].
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[cfg(test)]

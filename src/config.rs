@@ -19,34 +19,34 @@ use backdrop::provider::seedance::SeedanceOptions;
 use crate::cli::RunArgs;
 
 /// Default jobs in flight.
-pub const DEFAULT_CONCURRENCY: u32 = 5;
+pub(crate) const DEFAULT_CONCURRENCY: u32 = 5;
 /// Default request rate.
-pub const DEFAULT_RATE: &str = "10/s";
+pub(crate) const DEFAULT_RATE: &str = "10/s";
 /// Default submissions per row.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Default output folder.
-pub const DEFAULT_OUT: &str = "out";
+pub(crate) const DEFAULT_OUT: &str = "out";
 /// Default output file name template.
-pub use backdrop::fetch::DEFAULT_OUTPUT_NAME;
+pub(crate) use backdrop::fetch::DEFAULT_OUTPUT_NAME;
 /// Default first poll delay.
-pub const DEFAULT_POLL_INITIAL: Duration = Duration::from_millis(250);
+pub(crate) const DEFAULT_POLL_INITIAL: Duration = Duration::from_millis(250);
 /// Default longest poll interval.
-pub const DEFAULT_POLL_MAX: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_POLL_MAX: Duration = Duration::from_secs(5);
 /// Default first retry delay.
-pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
 /// Default longest retry delay (and cap on Retry-After).
-pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Default time limit of one HTTP request.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default cap on one output file.
-pub const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 50_000_000;
+pub(crate) const DEFAULT_MAX_DOWNLOAD_BYTES: u64 = 50_000_000;
 /// Default cap on a local image sent inline.
-pub const DEFAULT_INLINE_MAX_BYTES: u64 = 4_000_000;
+pub(crate) const DEFAULT_INLINE_MAX_BYTES: u64 = 4_000_000;
 
 /// Errors in flags or the config file. All of them mean: nothing was sent (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
@@ -88,88 +88,88 @@ pub enum ConfigError {
 /// Everything `backdrop run` needs, validated, with defaults applied.
 #[derive(Debug, Clone)]
 #[expect(clippy::struct_excessive_bools, reason = "each bool is an independent user flag")]
-pub struct Settings {
+pub(crate) struct Settings {
     /// The catalog file or database.
-    pub catalog: PathBuf,
+    pub(crate) catalog: PathBuf,
     /// Table to read from a SQLite catalog.
-    pub table: Option<String>,
+    pub(crate) table: Option<String>,
     /// Query to read from a SQLite catalog.
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// The prompt template file.
-    pub prompt: PathBuf,
+    pub(crate) prompt: PathBuf,
     /// The state database.
-    pub state: PathBuf,
+    pub(crate) state: PathBuf,
     /// The output folder.
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// The output file name template.
-    pub output_name: String,
+    pub(crate) output_name: String,
     /// Which protocol to speak.
-    pub provider: ProviderKind,
+    pub(crate) provider: ProviderKind,
     /// Base URL override; `None` means the provider's public endpoint (or the simulator's).
-    pub api_base: Option<String>,
+    pub(crate) api_base: Option<String>,
     /// Model override.
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Jobs in flight at once.
-    pub concurrency: u32,
+    pub(crate) concurrency: u32,
     /// Shared request rate.
-    pub rate: Rate,
+    pub(crate) rate: Rate,
     /// Submissions per row.
-    pub max_attempts: u32,
+    pub(crate) max_attempts: u32,
     /// Credit budget.
-    pub max_credits: Option<f64>,
+    pub(crate) max_credits: Option<f64>,
     /// Dollar budget.
-    pub max_cost: Option<f64>,
+    pub(crate) max_cost: Option<f64>,
     /// Low-balance warning threshold.
-    pub low_credit_warning: Option<f64>,
+    pub(crate) low_credit_warning: Option<f64>,
     /// Row limit for this run.
-    pub limit: Option<u64>,
+    pub(crate) limit: Option<u64>,
     /// Plan and price only.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Re-run done rows.
-    pub force: bool,
+    pub(crate) force: bool,
     /// Process the valid rows of a bad catalog.
-    pub skip_invalid: bool,
+    pub(crate) skip_invalid: bool,
     /// Use the in-process simulator.
-    pub simulate: bool,
+    pub(crate) simulate: bool,
     /// Send local images as data URIs.
-    pub inline_local_images: bool,
+    pub(crate) inline_local_images: bool,
     /// Cap on inline images.
-    pub inline_max_bytes: u64,
+    pub(crate) inline_max_bytes: u64,
     /// Seedance synchronous edits.
-    pub sync: bool,
+    pub(crate) sync: bool,
     /// First poll delay.
-    pub poll_initial: Duration,
+    pub(crate) poll_initial: Duration,
     /// Longest poll interval.
-    pub poll_max: Duration,
+    pub(crate) poll_max: Duration,
     /// First retry delay.
-    pub retry_base: Duration,
+    pub(crate) retry_base: Duration,
     /// Longest retry delay and Retry-After cap.
-    pub retry_max: Duration,
+    pub(crate) retry_max: Duration,
     /// One HTTP request's time limit.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
     /// Cap on one output file.
-    pub max_download_bytes: u64,
+    pub(crate) max_download_bytes: u64,
     /// Webhook receiver address.
-    pub webhook_listen: Option<SocketAddr>,
+    pub(crate) webhook_listen: Option<SocketAddr>,
     /// Public webhook URL.
-    pub webhook_url: Option<String>,
+    pub(crate) webhook_url: Option<String>,
     /// JWKS URL for fal webhook signatures.
-    pub jwks_url: Option<String>,
+    pub(crate) jwks_url: Option<String>,
     /// Where to write the run summary.
-    pub summary_json: Option<PathBuf>,
+    pub(crate) summary_json: Option<PathBuf>,
     /// Simulator scenario for --simulate.
-    pub sim_scenario: Option<PathBuf>,
+    pub(crate) sim_scenario: Option<PathBuf>,
     /// Hide the progress bar.
-    pub no_progress: bool,
+    pub(crate) no_progress: bool,
     /// Price overrides per model.
-    pub prices: BTreeMap<String, f64>,
+    pub(crate) prices: BTreeMap<String, f64>,
 }
 
 /// Reads a config file into the same shape as the flags.
 ///
 /// # Errors
 /// [`ConfigError::Read`] or [`ConfigError::Parse`] (unknown keys name the key and line).
-pub fn load_file(path: &Path) -> Result<RunArgs, ConfigError> {
+pub(crate) fn load_file(path: &Path) -> Result<RunArgs, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse_file(path, &text)
@@ -196,7 +196,7 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 ///
 /// # Errors
 /// Never in practice: both sides are the same serde shape.
-pub fn merge(flags: RunArgs, file: RunArgs) -> Result<RunArgs, ConfigError> {
+pub(crate) fn merge(flags: RunArgs, file: RunArgs) -> Result<RunArgs, ConfigError> {
     let invalid = |e: serde_json::Error| ConfigError::Invalid { name: "config", message: e.to_string() };
     let mut merged = serde_json::to_value(file).map_err(invalid)?;
     let flags = serde_json::to_value(flags).map_err(invalid)?;
@@ -225,7 +225,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError::Missing`] without a catalog or prompt, [`ConfigError::Invalid`] for a value
     /// out of range.
-    pub fn resolve(args: RunArgs) -> Result<Self, ConfigError> {
+    pub(crate) fn resolve(args: RunArgs) -> Result<Self, ConfigError> {
         let catalog = args.catalog.ok_or(ConfigError::Missing("CATALOG (the catalog file)"))?;
         let prompt = args.prompt.ok_or(ConfigError::Missing("--prompt FILE"))?;
         let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
@@ -335,7 +335,7 @@ impl Settings {
     ///
     /// # Errors
     /// [`ConfigError::MissingKey`] when the variable is unset or blank.
-    pub fn api_key(&self) -> Result<ApiKey, ConfigError> {
+    pub(crate) fn api_key(&self) -> Result<ApiKey, ConfigError> {
         ApiKey::from_env(self.provider).ok_or(ConfigError::MissingKey {
             var: self.provider.key_env_var(),
             provider: self.provider.as_str(),
@@ -344,15 +344,19 @@ impl Settings {
 
     /// The price table: built-in prices with the config's `[prices]` on top.
     #[must_use]
-    pub fn price_table(&self) -> PriceTable {
+    pub(crate) fn price_table(&self) -> PriceTable {
         PriceTable::new(self.provider, &self.prices)
     }
 
     /// What the planner needs.
     #[must_use]
-    pub fn plan_input(&self) -> PlanInput {
+    pub(crate) fn plan_input(&self) -> PlanInput {
         PlanInput {
-            catalog: CatalogSpec { path: self.catalog.clone(), table: self.table.clone(), query: self.query.clone() },
+            catalog: CatalogSpec {
+                path: self.catalog.clone(),
+                table: self.table.clone(),
+                query: self.query.clone(),
+            },
             prompt: self.prompt.clone(),
             provider: self.provider,
             model: self.model.clone(),
@@ -365,37 +369,41 @@ impl Settings {
 
     /// `--inline-local-images` and `--inline-max-bytes`.
     #[must_use]
-    pub const fn inline_policy(&self) -> InlinePolicy {
+    pub(crate) const fn inline_policy(&self) -> InlinePolicy {
         InlinePolicy { allowed: self.inline_local_images, max_bytes: self.inline_max_bytes }
     }
 
     /// The seedance client's options (`--sync`, `--webhook-url`, local images).
     #[must_use]
-    pub fn seedance_options(&self) -> SeedanceOptions {
-        SeedanceOptions { sync: self.sync, webhook_url: self.webhook_url.clone(), inline: self.inline_policy() }
+    pub(crate) fn seedance_options(&self) -> SeedanceOptions {
+        SeedanceOptions {
+            sync: self.sync,
+            webhook_url: self.webhook_url.clone(),
+            inline: self.inline_policy(),
+        }
     }
 
     /// The fal client's options (`--webhook-url`, local images).
     #[must_use]
-    pub fn fal_options(&self) -> FalOptions {
+    pub(crate) fn fal_options(&self) -> FalOptions {
         FalOptions { webhook_url: self.webhook_url.clone(), inline: self.inline_policy() }
     }
 
     /// Submit retries (`--max-attempts`, `--retry-base`, `--retry-max`).
     #[must_use]
-    pub const fn retry_policy(&self) -> RetryPolicy {
+    pub(crate) const fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy { max_attempts: self.max_attempts, base: self.retry_base, cap: self.retry_max }
     }
 
     /// Poll cadence (`--poll-initial`, `--poll-max`).
     #[must_use]
-    pub const fn poll_schedule(&self) -> PollSchedule {
+    pub(crate) const fn poll_schedule(&self) -> PollSchedule {
         PollSchedule { initial: self.poll_initial, max: self.poll_max }
     }
 
     /// The cap on this run's spend, in the provider's unit.
     #[must_use]
-    pub fn spending_cap(&self) -> Option<f64> {
+    pub(crate) fn spending_cap(&self) -> Option<f64> {
         money::cap(self.provider, self.max_credits, self.max_cost)
     }
 }

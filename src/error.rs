@@ -7,7 +7,7 @@ use crate::exit::ExitCode;
 /// Why a command stopped before producing its normal outcome.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub(crate) enum Error {
     /// Flags or config file.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -54,7 +54,7 @@ impl From<backdrop::plan::PlanError> for Error {
 impl Error {
     /// The exit code this error means.
     #[must_use]
-    pub fn exit_code(&self) -> ExitCode {
+    pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
             Self::Config(_) | Self::Catalog(_) | Self::Prompt(_) => ExitCode::Usage,
             Self::Store(backdrop::store::StoreError::Locked { .. }) => ExitCode::Usage,
@@ -64,7 +64,7 @@ impl Error {
     }
 
     /// Wraps an I/O error with what backdrop was doing.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io { context: context.into(), source }
     }
 }

@@ -4,7 +4,7 @@
 /// Every way a backdrop command can end, with the number the process exits with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ExitCode {
+pub(crate) enum ExitCode {
     /// Every row is done or was skipped.
     Success,
     /// A fatal error: the database could not be opened, the simulator could not start, a bug.
@@ -24,7 +24,7 @@ pub enum ExitCode {
 impl ExitCode {
     /// The number the process exits with.
     #[must_use]
-    pub const fn code(self) -> u8 {
+    pub(crate) const fn code(self) -> u8 {
         match self {
             Self::Success => 0,
             Self::Fatal => 1,
@@ -38,7 +38,7 @@ impl ExitCode {
 }
 
 /// The exit codes as shown at the end of `backdrop --help`.
-pub const EXIT_CODES_HELP: &str = "\
+pub(crate) const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    every row done or skipped
   1    fatal error

@@ -12,12 +12,11 @@ mod command;
 mod config;
 mod error;
 mod exit;
-mod sim;
 
 use std::process::ExitCode;
 
-use cli::{Cli, GlobalArgs, LogFormat};
 use clap::Parser;
+use cli::{Cli, GlobalArgs, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

@@ -7,17 +7,17 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
-pub mod report;
-pub mod retry;
-pub mod run;
-pub mod sim;
-pub mod status;
+pub(crate) mod report;
+pub(crate) mod retry;
+pub(crate) mod run;
+pub(crate) mod sim;
+pub(crate) mod status;
 
 /// Runs the subcommand the user asked for.
 ///
 /// # Errors
 /// Whatever stopped the command; [`Error::exit_code`] says how to exit.
-pub async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
+pub(crate) async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Run(args) => run::execute(&cli.global, *args, interrupt).await,
         Command::Status(args) => status::execute(&cli.global, &args).await,

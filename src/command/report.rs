@@ -17,7 +17,7 @@ use super::status::{config_file, require_existing, state_path};
 ///
 /// # Errors
 /// Exit 2 when the state database does not exist; a database or write error otherwise.
-pub async fn execute(global: &GlobalArgs, args: &ReportArgs) -> Result<ExitCode, Error> {
+pub(crate) async fn execute(global: &GlobalArgs, args: &ReportArgs) -> Result<ExitCode, Error> {
     let file = config_file(global)?;
     let path = state_path(&args.state, file.as_ref());
     require_existing(&path)?;

@@ -17,7 +17,7 @@ use super::status::{config_file, one_line, print_stdout, require_existing, state
 /// # Errors
 /// Exit 2 when the state database does not exist, a run holds it, or none of the `--sku`
 /// values names a row; a database error otherwise.
-pub async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<ExitCode, Error> {
+pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<ExitCode, Error> {
     let path = state_path(&args.state, config_file(global)?.as_ref());
     require_existing(&path)?;
     // Re-queueing under a live run would race its claims, and a `submitting` row is only safe

@@ -31,45 +31,45 @@ use backdrop::provider::{self as providers};
 use backdrop::store::{JobState, RunLock, Store, now_ms};
 
 /// Version of the `--summary-json` document.
-pub const SUMMARY_VERSION: u32 = 1;
+pub(crate) const SUMMARY_VERSION: u32 = 1;
 
 /// The outcome of one `run`, as written to `--summary-json` and `runs.summary`.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunOutcome {
+pub(crate) struct RunOutcome {
     /// Document version.
-    pub version: u32,
+    pub(crate) version: u32,
     /// The run's id in the store.
-    pub run_id: i64,
+    pub(crate) run_id: i64,
     /// `done`, `rows_failed`, `out_of_credits`, `budget`, `key_rejected`, `interrupted`, `fatal`.
-    pub outcome: String,
+    pub(crate) outcome: String,
     /// The process exit code.
-    pub exit_code: u8,
+    pub(crate) exit_code: u8,
     /// Unix ms.
-    pub started_at: i64,
+    pub(crate) started_at: i64,
     /// Unix ms.
-    pub ended_at: i64,
+    pub(crate) ended_at: i64,
     /// Wall time.
-    pub duration_secs: f64,
+    pub(crate) duration_secs: f64,
     /// `seedance` or `fal`.
-    pub provider: String,
+    pub(crate) provider: String,
     /// The model.
-    pub model: String,
+    pub(crate) model: String,
     /// Rows of the catalog by state at the end (this run's plan plus rows still at the provider).
-    pub counts: std::collections::BTreeMap<String, u64>,
+    pub(crate) counts: std::collections::BTreeMap<String, u64>,
     /// Rows that reached done in this run.
-    pub done_this_run: u64,
+    pub(crate) done_this_run: u64,
     /// Rows that failed in this run.
-    pub failed_this_run: u64,
+    pub(crate) failed_this_run: u64,
     /// Submissions sent in this run.
-    pub submits: u64,
+    pub(crate) submits: u64,
     /// Retries in this run.
-    pub retries: u64,
+    pub(crate) retries: u64,
     /// Charged in this run, in the provider's unit (credits or dollars).
-    pub spent: f64,
+    pub(crate) spent: f64,
     /// Charged in this run, in dollars.
-    pub spent_usd: f64,
+    pub(crate) spent_usd: f64,
     /// Jobs left at the provider because polls kept failing.
-    pub unfinished: u64,
+    pub(crate) unfinished: u64,
 }
 
 /// Runs `backdrop run`.
@@ -77,7 +77,7 @@ pub struct RunOutcome {
 /// # Errors
 /// Config, catalog and prompt errors (exit 2), a locked or broken store, a simulator that cannot
 /// start. Row failures are not errors: they set the exit code.
-pub async fn execute(
+pub(crate) async fn execute(
     global: &GlobalArgs,
     args: RunArgs,
     interrupt: CancellationToken,
@@ -148,9 +148,8 @@ pub async fn execute(
     let stats = Arc::new(RunStats::default());
     let bar_done = CancellationToken::new();
     let json_logs = global.log_format == LogFormat::Json;
-    let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress).then(|| {
-        progress::spawn(Arc::clone(&stats), Unit::of(settings.provider), bar_done.clone())
-    });
+    let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress)
+        .then(|| progress::spawn(Arc::clone(&stats), Unit::of(settings.provider), bar_done.clone()));
     info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
     let client = client.await.map_err(other_fatal)?.map_err(other_fatal)?;
     let result = match settings.provider {
@@ -250,12 +249,12 @@ fn other_fatal(e: impl std::fmt::Display) -> Error {
     Error::Other { message: e.to_string(), exit: ExitCode::Fatal }
 }
 
-async fn start_simulator(settings: &Settings) -> Result<crate::sim::SimHandle, Error> {
+async fn start_simulator(settings: &Settings) -> Result<backdrop_sim::SimHandle, Error> {
     let config = match &settings.sim_scenario {
-        Some(path) => crate::sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
-        None => crate::sim::SimConfig::default(),
+        Some(path) => backdrop_sim::SimConfig::from_scenario_file(path).map_err(other_usage)?,
+        None => backdrop_sim::SimConfig::default(),
     };
-    let sim = crate::sim::start(config).await.map_err(other_fatal)?;
+    let sim = backdrop_sim::start(config).await.map_err(other_fatal)?;
     info!(base_url = %sim.base_url(), "simulator started");
     Ok(sim)
 }
@@ -293,7 +292,10 @@ async fn drive<P: Provider>(
     }
     let webhooks = match settings.webhook_listen {
         Some(listen) => {
-            let jwks_url = settings.jwks_url.clone().unwrap_or_else(|| backdrop::pipeline::webhooks::DEFAULT_JWKS_URL.to_owned());
+            let jwks_url = settings
+                .jwks_url
+                .clone()
+                .unwrap_or_else(|| backdrop::pipeline::webhooks::DEFAULT_JWKS_URL.to_owned());
             let hooks = Webhooks::start(
                 WebhookSettings { listen, provider: settings.provider, jwks_url, client: client.clone() },
                 interrupt.child_token(),

@@ -3,9 +3,10 @@
 
 use std::io::Write as _;
 
+use backdrop_sim::{SimArgs, SimConfig, SimError};
+
 use crate::error::Error;
 use crate::exit::ExitCode;
-use crate::sim::{SimArgs, SimConfig, SimError};
 
 fn fail(e: &SimError) -> Error {
     let exit = match e {
@@ -19,9 +20,9 @@ fn fail(e: &SimError) -> Error {
 ///
 /// # Errors
 /// A usage error for bad flags or scenario, a fatal one when the address cannot be opened.
-pub async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
+pub(crate) async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
     let config = SimConfig::from_args(args).map_err(|e| fail(&e))?;
-    let handle = crate::sim::start_on(args.listen, config).await.map_err(|e| fail(&e))?;
+    let handle = backdrop_sim::start_on(args.listen, config).await.map_err(|e| fail(&e))?;
     let base = handle.base_url();
     let banner = format!(
         "backdrop sim listening on {base}\n  \

@@ -18,21 +18,21 @@ const TEXT_LIST_LIMIT: usize = 50;
 
 /// What `status` shows. Its JSON form is `status --json` (versioned like the report).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     /// The shape version, the same as the report's.
-    pub version: u32,
+    pub(crate) version: u32,
     /// The state database.
-    pub state_file: String,
+    pub(crate) state_file: String,
     /// Jobs per state.
-    pub counts: StateCounts,
+    pub(crate) counts: StateCounts,
     /// Money charged so far (from the store).
-    pub spent: Spend,
+    pub(crate) spent: Spend,
     /// The most recent run.
-    pub last_run: Option<RunRecord>,
+    pub(crate) last_run: Option<RunRecord>,
     /// Failed rows with their reasons, in catalog order.
-    pub failed: Vec<JobBrief>,
+    pub(crate) failed: Vec<JobBrief>,
     /// Rows whose paid request may have left without its id being saved.
-    pub ambiguous: Vec<JobBrief>,
+    pub(crate) ambiguous: Vec<JobBrief>,
 }
 
 impl Status {
@@ -40,7 +40,7 @@ impl Status {
     ///
     /// # Errors
     /// A database error.
-    pub async fn load(store: &Store) -> Result<Self, Error> {
+    pub(crate) async fn load(store: &Store) -> Result<Self, Error> {
         Ok(Self {
             version: REPORT_VERSION,
             state_file: store.path().display().to_string(),
@@ -54,7 +54,7 @@ impl Status {
 
     /// The human-readable form.
     #[must_use]
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "state: {}", self.state_file);
@@ -130,7 +130,7 @@ fn list(s: &mut String, jobs: &[JobBrief], detail: impl Fn(&JobBrief) -> String)
 ///
 /// # Errors
 /// Exit 2 when the state database does not exist; a database error otherwise.
-pub async fn execute(global: &GlobalArgs, args: &StatusArgs) -> Result<ExitCode, Error> {
+pub(crate) async fn execute(global: &GlobalArgs, args: &StatusArgs) -> Result<ExitCode, Error> {
     let store = open_existing(global, &args.state).await?;
     let status = Status::load(&store).await?;
     store.close().await;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
+use backdrop_sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::harness::{SENTINEL_KEY, TestEnv};
@@ -130,7 +130,8 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     store.close().await;
     assert_eq!(env.verify_outputs().await, usize::try_from(done).unwrap());
     assert!(env.temp_files().is_empty(), "seed {seed}: temp files {:?}", env.temp_files());
-    assert!(env.double_charges().is_empty(), "seed {seed}: charged twice {:?}", env.double_charges());
+    let doubles = env.double_charges().await;
+    assert!(doubles.is_empty(), "seed {seed}: charged twice {doubles:?}");
     for log in &logs {
         assert!(!String::from_utf8_lossy(log).contains(SENTINEL_KEY), "seed {seed}: key in a log");
     }
@@ -139,7 +140,7 @@ async fn run_scenario(seed: u64, provider: &str, rows: usize, interruptions: u32
     totals.done += done;
     totals.failed += failed;
     totals.ambiguous += ambiguous;
-    totals.charges += env.sim.ledger().len();
+    totals.charges += env.sim.ledger().await.len();
 }
 
 /// Rows that still have work to do.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Faults, Latency, SimConfig};
+use backdrop_sim::{Faults, Latency, SimConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::harness::{TestEnv, code, output, stderr};
@@ -58,7 +58,8 @@ async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32
     assert_eq!(done + ambiguous, rows as i64, "every row done or ambiguous: {states:?}");
     assert_eq!(env.verify_outputs().await, usize::try_from(done).unwrap());
     assert!(env.temp_files().is_empty(), "partial downloads left: {:?}", env.temp_files());
-    assert!(env.double_charges().is_empty(), "charged twice: {:?}", env.double_charges());
+    let doubles = env.double_charges().await;
+    assert!(doubles.is_empty(), "charged twice: {doubles:?}");
     let store = env.store().await;
     let (check,): (String,) = sqlx::query_as("PRAGMA integrity_check").fetch_one(store.pool()).await.unwrap();
     assert_eq!(check, "ok");
@@ -75,14 +76,14 @@ fn crashy() -> SimConfig {
 async fn seedance_sigkill_twelve_times_never_pays_twice() {
     let env = TestEnv::new(crashy()).await;
     let ambiguous = kill_and_restart(&env, "seedance", 120, 12, 1).await;
-    eprintln!("seedance crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
+    eprintln!("seedance crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().await.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fal_sigkill_twelve_times_never_pays_twice() {
     let env = TestEnv::new(crashy()).await;
     let ambiguous = kill_and_restart(&env, "fal", 120, 12, 2).await;
-    eprintln!("fal crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().len());
+    eprintln!("fal crash test: {ambiguous} ambiguous rows, {} charges", env.sim.ledger().await.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,8 +103,8 @@ async fn sigterm_exits_130_and_the_next_run_resumes() {
     let again = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&again), 0, "{}", stderr(&again));
     assert_eq!(env.states().await.get("done"), Some(&20));
-    assert!(env.double_charges().is_empty());
-    assert_eq!(env.sim.ledger().len(), 20);
+    assert!(env.double_charges().await.is_empty());
+    assert_eq!(env.sim.ledger().await.len(), 20);
 }
 
 /// The crate forbids unsafe code, so tests send signals other than SIGKILL with `kill(1)`.

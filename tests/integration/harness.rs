@@ -1,27 +1,168 @@
 //! The test harness: a temp folder with a catalog, a prompt and a state file, the simulator
 //! running in-process on 127.0.0.1:0, and the real `backdrop` binary pointed at it with
 //! millisecond-scale poll and retry settings.
+//!
+//! Tests start the simulator from its launch configuration ([`SimConfig`]) and stop it; all
+//! else they learn or change goes over HTTP through its `/__sim/*` admin endpoints ([`Sim`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use backdrop::sim::{SimConfig, SimHandle};
 use backdrop::store::Store;
+use backdrop_sim::{SimConfig, SimHandle};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 /// A key that must never show up anywhere but the Authorization header.
 pub(crate) const SENTINEL_KEY: &str = "sk-sentinel-7f3a9c2e5b1d4f60";
 
+/// One ledger entry, as `GET /__sim/ledger` lists it (the fields the tests read).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct Charge {
+    pub(crate) request_id: String,
+    /// Hex sha256 of the request body that was charged.
+    pub(crate) body_sha256: String,
+    /// Credits or dollars; negative for a refund.
+    pub(crate) amount: f64,
+    /// `"seedance"` or `"fal"`.
+    pub(crate) protocol: String,
+    pub(crate) model: String,
+}
+
+/// The simulator's counters, as `GET /__sim/stats` shows them (the fields the tests read).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) struct Stats {
+    pub(crate) submits: u64,
+    pub(crate) accepted: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) peak_in_flight: u64,
+    pub(crate) peak_submits_per_second: u64,
+    pub(crate) dropped_connections: u64,
+    pub(crate) webhooks_delivered: u64,
+    pub(crate) webhooks_failed: u64,
+    pub(crate) by_status: BTreeMap<u16, u64>,
+    pub(crate) by_route: BTreeMap<String, u64>,
+}
+
+/// The balances, as `GET /__sim/balance` shows them.
+#[derive(Debug, Deserialize)]
+struct Balance {
+    credits: f64,
+    fal_balance: f64,
+}
+
+/// The simulator as the tests see it: started in-process, then read and steered only over HTTP.
+pub(crate) struct Sim {
+    base: String,
+    handle: SimHandle,
+    http: reqwest::Client,
+}
+
+impl Sim {
+    /// Starts the simulator on a free port of 127.0.0.1.
+    pub(crate) async fn start(config: SimConfig) -> Self {
+        let handle = backdrop_sim::start(config).await.expect("simulator starts");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("http client");
+        Self { base: handle.base_url(), handle, http }
+    }
+
+    /// Stops the simulator.
+    pub(crate) async fn shutdown(self) {
+        self.handle.shutdown().await;
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:40123` (no trailing slash).
+    pub(crate) fn base_url(&self) -> String {
+        self.base.clone()
+    }
+
+    /// The JWKS document with the key that signs fal webhooks.
+    pub(crate) fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.base)
+    }
+
+    /// A deterministic "product on white" input picture named `name`.
+    pub(crate) fn input_url(&self, name: &str) -> String {
+        format!("{}/__sim/input/{name}.png", self.base)
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let response =
+            self.http.get(format!("{}{path}", self.base)).send().await.expect("GET admin endpoint");
+        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        response.json().await.expect("admin endpoint answers JSON")
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("POST admin endpoint");
+        assert!(response.status().is_success(), "POST {path} {body}: {}", response.status());
+        response.json().await.expect("admin endpoint answers JSON")
+    }
+
+    /// Every charge so far, in order.
+    pub(crate) async fn ledger(&self) -> Vec<Charge> {
+        serde_json::from_value(self.get("/__sim/ledger").await).expect("a ledger")
+    }
+
+    /// The current counters.
+    pub(crate) async fn stats(&self) -> Stats {
+        serde_json::from_value(self.get("/__sim/stats").await).expect("stats")
+    }
+
+    async fn balance(&self) -> Balance {
+        serde_json::from_value(self.get("/__sim/balance").await).expect("balances")
+    }
+
+    /// Seedance credits left.
+    pub(crate) async fn credits(&self) -> f64 {
+        self.balance().await.credits
+    }
+
+    /// fal dollars left.
+    pub(crate) async fn fal_balance(&self) -> f64 {
+        self.balance().await.fal_balance
+    }
+
+    /// Sets the seedance credit balance.
+    pub(crate) async fn set_credits(&self, credits: f64) {
+        self.post("/__sim/balance", &json!({ "credits": credits })).await;
+    }
+
+    /// Sets the fal balance, in dollars.
+    pub(crate) async fn set_fal_balance(&self, usd: f64) {
+        self.post("/__sim/balance", &json!({ "fal_balance": usd })).await;
+    }
+
+    /// Revokes (`true`) or restores (`false`) every key: revoked keys get 401 everywhere.
+    pub(crate) async fn revoke_keys(&self, revoked: bool) {
+        self.post("/__sim/keys", &json!({ "revoked": revoked })).await;
+    }
+
+    /// Makes every submit answer `status` for the next `duration`.
+    pub(crate) async fn start_burst(&self, status: u16, duration: Duration) {
+        self.post("/__sim/burst", &json!({ "status": status, "seconds": duration.as_secs_f64() })).await;
+    }
+}
+
 pub(crate) struct TestEnv {
     pub(crate) dir: tempfile::TempDir,
-    pub(crate) sim: SimHandle,
+    pub(crate) sim: Sim,
 }
 
 impl TestEnv {
     pub(crate) async fn new(config: SimConfig) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let sim = backdrop::sim::start(config).await.expect("simulator starts");
+        let sim = Sim::start(config).await;
         Self { dir, sim }
     }
 
@@ -159,9 +300,9 @@ impl TestEnv {
     }
 
     /// Ledger entries whose request body was charged more than once.
-    pub(crate) fn double_charges(&self) -> Vec<String> {
+    pub(crate) async fn double_charges(&self) -> Vec<String> {
         let mut seen = std::collections::HashMap::new();
-        for charge in self.sim.ledger() {
+        for charge in self.sim.ledger().await {
             *seen.entry(charge.body_sha256.clone()).or_insert(0) += 1;
         }
         seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("{k} x{n}")).collect()

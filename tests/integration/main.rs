@@ -11,3 +11,4 @@ mod plan;
 mod provider;
 mod run;
 mod sim;
+mod tidy;

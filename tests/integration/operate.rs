@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use backdrop::sim::{Faults, Latency, SimConfig};
+use backdrop_sim::{Faults, Latency, SimConfig};
 
 use crate::harness::{TestEnv, code, output, stderr};
 
@@ -75,13 +75,13 @@ async fn the_config_file_supplies_flags_and_flags_win() {
     cmd.arg("--config").arg(&config);
     let out = output(cmd).await;
     assert_eq!(code(&out), 4, "the file's budget of 8 credits buys one row: {}", stderr(&out));
-    assert_eq!(env.sim.ledger().len(), 1);
+    assert_eq!(env.sim.ledger().await.len(), 1);
 
     let mut cmd = env.run_cmd(&catalog, &["--max-credits", "1000"]);
     cmd.arg("--config").arg(&config);
     let out = output(cmd).await;
     assert_eq!(code(&out), 0, "the flag wins over the file: {}", stderr(&out));
-    assert_eq!(env.sim.ledger().len(), 4);
+    assert_eq!(env.sim.ledger().await.len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +96,7 @@ async fn an_unknown_config_key_is_named_with_its_line_and_nothing_is_sent() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("line 3") && err.contains("concurency"), "{err}");
-    assert_eq!(env.sim.stats().submits, 0);
+    assert_eq!(env.sim.stats().await.submits, 0);
 }
 
 /// A fal run whose polls alone would take 20 s per row: webhooks must carry it.
@@ -133,7 +133,7 @@ async fn signed_webhooks_wake_the_pollers() {
     let (env, out) = webhook_run(faults, &[]).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&6));
-    assert!(env.sim.stats().webhooks_delivered >= 6);
+    assert!(env.sim.stats().await.webhooks_delivered >= 6);
     // Generous: polls alone would need 20 s for the first row.
     assert!(started.elapsed() < Duration::from_secs(15), "webhooks did not wake the pollers");
 }
@@ -149,8 +149,8 @@ async fn late_and_duplicate_webhooks_change_nothing() {
     let (env, out) = webhook_run(faults, &[]).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&6));
-    assert_eq!(env.sim.ledger().len(), 6);
-    assert!(env.double_charges().is_empty());
+    assert_eq!(env.sim.ledger().await.len(), 6);
+    assert!(env.double_charges().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +159,7 @@ async fn lost_webhooks_only_delay_a_row() {
     let (env, out) = webhook_run(faults, &["--poll-initial", "100ms", "--poll-max", "300ms"]).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&6));
-    assert_eq!(env.sim.stats().webhooks_delivered, 0);
+    assert_eq!(env.sim.stats().await.webhooks_delivered, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

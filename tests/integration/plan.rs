@@ -344,7 +344,7 @@ async fn fal_text_to_image_is_priced_in_dollars() {
     let unknown =
         settings(&root().join("sample-catalog.csv"), &root().join("prompts/marble-counter.txt"), |a| {
             a.model = Some("seedream-v9".into());
-            a.prices = Some([("seedream-v3".to_owned(), 5.0)].into());
+            a.price_overrides = [("seedream-v3".to_owned(), 5.0)].into();
         });
     let p = plan(&env.store, &unknown, None).await.unwrap();
     assert_eq!(p.estimate.amount, None);

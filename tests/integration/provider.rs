@@ -17,9 +17,7 @@ use backdrop::fetch::{FetchError, Fetcher};
 use backdrop::provider::fal::{Fal, FalOptions};
 use backdrop::provider::http::{self, InlinePolicy};
 use backdrop::provider::seedance::{Seedance, SeedanceOptions};
-use backdrop::provider::{
-    ErrorClass, PollOutcome, Provider, ProviderError, StopReason, Submission,
-};
+use backdrop::provider::{ErrorClass, PollOutcome, Provider, ProviderError, StopReason, Submission};
 use serde_json::{Value, json};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -1,7 +1,7 @@
 //! `backdrop run` end to end: the real binary against the in-process simulator, with real
 //! SQLite, real HTTP on 127.0.0.1 and real PNG files.
 
-use backdrop::sim::{Faults, Latency, ScriptStep, SimConfig};
+use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig};
 
 use crate::harness::{SENTINEL_KEY, TestEnv, code, output, stderr};
 
@@ -13,13 +13,13 @@ async fn seedance_run_finishes_every_row_and_a_second_run_sends_nothing() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&8));
     assert_eq!(env.verify_outputs().await, 8);
-    assert_eq!(env.sim.ledger().len(), 8);
-    assert!(env.double_charges().is_empty());
+    assert_eq!(env.sim.ledger().await.len(), 8);
+    assert!(env.double_charges().await.is_empty());
     assert!(env.temp_files().is_empty());
 
     let again = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&again), 0, "{}", stderr(&again));
-    assert_eq!(env.sim.ledger().len(), 8, "a finished catalog costs nothing the second time");
+    assert_eq!(env.sim.ledger().await.len(), 8, "a finished catalog costs nothing the second time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,7 +30,7 @@ async fn fal_run_finishes_every_row_through_the_queue() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&6));
     assert_eq!(env.verify_outputs().await, 6);
-    assert_eq!(env.sim.ledger().len(), 6);
+    assert_eq!(env.sim.ledger().await.len(), 6);
     let store = env.store().await;
     let (with_urls,): (i64,) = sqlx::query_as(
         "SELECT COUNT(*) FROM jobs WHERE status_url IS NOT NULL AND response_url IS NOT NULL AND cancel_url IS NOT NULL",
@@ -48,7 +48,7 @@ async fn concurrency_cap_is_held_and_reached() {
     let catalog = env.catalog(24);
     let out = output(env.run_cmd(&catalog, &["--concurrency", "4"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let stats = env.sim.stats();
+    let stats = env.sim.stats().await;
     assert_eq!(stats.peak_in_flight, 4, "at most 4 in flight, and the pool fills up: {stats:?}");
 }
 
@@ -58,9 +58,9 @@ async fn rate_limit_holds_in_every_one_second_window() {
     let catalog = env.catalog(12);
     let out = output(env.run_cmd(&catalog, &["--rate", "5/s", "--concurrency", "10"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let stats = env.sim.stats();
+    let stats = env.sim.stats().await;
     assert!(stats.peak_submits_per_second <= 5, "{stats:?}");
-    assert_eq!(env.sim.ledger().len(), 12);
+    assert_eq!(env.sim.ledger().await.len(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,8 +73,8 @@ async fn a_429_storm_with_retry_after_is_waited_out() {
     let out = output(env.run_cmd(&catalog, &["--max-attempts", "10"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&5));
-    assert_eq!(env.sim.ledger().len(), 5, "429s are never charged and never double-charge");
-    assert!(env.double_charges().is_empty());
+    assert_eq!(env.sim.ledger().await.len(), 5, "429s are never charged and never double-charge");
+    assert!(env.double_charges().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +87,7 @@ async fn a_server_that_always_says_429_cannot_hold_a_row_forever() {
     let out = output(env.run_cmd(&catalog, &["--max-attempts", "3", "--retry-max", "100ms"])).await;
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert_eq!(env.states().await.get("failed"), Some(&2));
-    assert!(env.sim.ledger().is_empty());
+    assert!(env.sim.ledger().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +100,7 @@ async fn a_5xx_burst_is_retried_to_completion() {
     let out = output(env.run_cmd(&catalog, &["--max-attempts", "8"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&6));
-    assert_eq!(env.sim.ledger().len(), 6);
+    assert_eq!(env.sim.ledger().await.len(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +111,7 @@ async fn truncated_downloads_are_fetched_again() {
     let out = output(env.run_cmd(&catalog, &["--max-attempts", "10"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.verify_outputs().await, 8);
-    assert_eq!(env.sim.ledger().len(), 8, "a bad download is fetched again, never paid again");
+    assert_eq!(env.sim.ledger().await.len(), 8, "a bad download is fetched again, never paid again");
     assert!(env.temp_files().is_empty());
 }
 
@@ -134,12 +134,12 @@ async fn a_dropped_submit_becomes_ambiguous_and_is_not_resubmitted() {
     let states = env.states().await;
     assert_eq!(states.get("ambiguous"), Some(&1), "{states:?}");
     assert_eq!(states.get("done"), Some(&2), "{states:?}");
-    let charged = env.sim.ledger().len();
+    let charged = env.sim.ledger().await.len();
     assert_eq!(charged, 3, "the dropped submit was charged by the server");
 
     let again = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&again), 3, "ambiguous rows still need a decision: {}", stderr(&again));
-    assert_eq!(env.sim.ledger().len(), charged, "an ambiguous row is never resubmitted on its own");
+    assert_eq!(env.sim.ledger().await.len(), charged, "an ambiguous row is never resubmitted on its own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,22 +153,22 @@ async fn out_of_credits_stops_then_a_top_up_finishes_the_rest() {
     assert_eq!(states.get("done"), Some(&3), "{states:?}");
     assert_eq!(states.get("pending"), Some(&3), "{states:?}");
 
-    env.sim.set_credits(1000.0);
+    env.sim.set_credits(1000.0).await;
     let again = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&again), 0, "{}", stderr(&again));
     assert_eq!(env.states().await.get("done"), Some(&6));
-    assert_eq!(env.sim.ledger().len(), 6);
-    assert!(env.double_charges().is_empty());
+    assert_eq!(env.sim.ledger().await.len(), 6);
+    assert!(env.double_charges().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_stops_the_run_with_exit_5() {
     let env = TestEnv::plain().await;
-    env.sim.revoke_keys(true);
+    env.sim.revoke_keys(true).await;
     let catalog = env.catalog(4);
     let out = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(env.sim.ledger().is_empty());
+    assert!(env.sim.ledger().await.is_empty());
     assert_eq!(env.states().await.get("pending"), Some(&4), "nothing charged, nothing lost");
 }
 
@@ -180,11 +180,11 @@ async fn a_budget_cap_holds_with_twenty_workers() {
     // 8 credits per row: 100 credits buys 12 rows, never 13.
     let out = output(env.run_cmd(&catalog, &["--concurrency", "20", "--max-credits", "100"])).await;
     assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert_eq!(env.sim.ledger().len(), 12);
+    assert_eq!(env.sim.ledger().await.len(), 12);
     assert_eq!(env.states().await.get("done"), Some(&12));
     let again = output(env.run_cmd(&catalog, &["--concurrency", "20", "--max-credits", "100"])).await;
     assert_eq!(code(&again), 4, "the budget counts what earlier runs spent: {}", stderr(&again));
-    assert_eq!(env.sim.ledger().len(), 12);
+    assert_eq!(env.sim.ledger().await.len(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +196,7 @@ async fn a_missing_key_is_an_error_before_anything_is_sent() {
     let out = output(cmd).await;
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("SEEDANCE_API_KEY"));
-    assert_eq!(env.sim.stats().submits, 0);
+    assert_eq!(env.sim.stats().await.submits, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +284,7 @@ async fn a_bad_catalog_is_rejected_with_every_problem_before_anything_is_sent() 
             assert!(err.contains(line), "{line} missing from: {err}");
         }
     }
-    assert_eq!(env.sim.stats().submits, 0);
+    assert_eq!(env.sim.stats().await.submits, 0);
     assert!(!env.state().exists() || env.states().await.is_empty(), "nothing planned");
 }
 
@@ -317,7 +317,7 @@ async fn the_sample_catalog_dry_run_prices_the_batch_and_sends_nothing() {
     assert!(text.contains("new 12"), "{text}");
     assert!(text.contains("96 credits ($0.96)"), "{text}");
     assert!(text.contains("nothing was sent"), "{text}");
-    assert_eq!(env.sim.stats().submits, 0);
+    assert_eq!(env.sim.stats().await.submits, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,6 +339,7 @@ async fn expired_output_urls_fail_the_row_as_paid_not_downloaded() {
             let polls = env
                 .sim
                 .stats()
+                .await
                 .by_route
                 .iter()
                 .filter(|(r, _)| r.contains("response"))
@@ -346,6 +347,6 @@ async fn expired_output_urls_fail_the_row_as_paid_not_downloaded() {
                 .sum::<u64>();
             assert!(polls >= 4, "fal re-resolves the expired URLs through response_url: {polls}");
         }
-        assert_eq!(env.sim.ledger().len(), 2, "{provider}: paid once, never resubmitted");
+        assert_eq!(env.sim.ledger().await.len(), 2, "{provider}: paid once, never resubmitted");
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::HeaderMap;
-use backdrop::sim::{Faults, Latency, ScriptStep, SimConfig, SimHandle, start};
+use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig};
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+use crate::harness::{Charge, Sim, Stats};
 
 const EDIT: &str = "/v1/seedream/v4.5/edit";
 const FAL_EDIT: &str = "/fal-ai/bytedance/seedream/v4.5/edit";
@@ -22,19 +24,19 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
 }
 
-async fn sim_with(faults: Faults) -> SimHandle {
-    start(SimConfig { faults, ..SimConfig::default() }).await.unwrap()
+async fn sim_with(faults: Faults) -> Sim {
+    Sim::start(SimConfig { faults, ..SimConfig::default() }).await
 }
 
-fn edit_body(sim: &SimHandle, sku: &str) -> Value {
+fn edit_body(sim: &Sim, sku: &str) -> Value {
     json!({ "prompt": "Replace the background with polished marble", "image_urls": [sim.input_url(sku)] })
 }
 
-async fn post_seedance(c: &reqwest::Client, sim: &SimHandle, path: &str, body: &Value) -> reqwest::Response {
+async fn post_seedance(c: &reqwest::Client, sim: &Sim, path: &str, body: &Value) -> reqwest::Response {
     c.post(format!("{}{path}", sim.base_url())).bearer_auth(KEY).json(body).send().await.unwrap()
 }
 
-async fn post_fal(c: &reqwest::Client, sim: &SimHandle, query: &str, body: &Value) -> reqwest::Response {
+async fn post_fal(c: &reqwest::Client, sim: &Sim, query: &str, body: &Value) -> reqwest::Response {
     c.post(format!("{}{FAL_EDIT}{query}", sim.base_url()))
         .header("authorization", format!("Key {KEY}"))
         .json(body)
@@ -57,7 +59,7 @@ async fn png(c: &reqwest::Client, url: &str) -> image::RgbImage {
 
 #[tokio::test]
 async fn seedance_generate_and_sync_edit_return_real_images() {
-    let sim = start(SimConfig { max_side: 128, ..SimConfig::default() }).await.unwrap();
+    let sim = Sim::start(SimConfig { max_side: 128, ..SimConfig::default() }).await;
     let c = client();
     let body = json!({ "model": "seedream-v3", "prompt": "a teapot on oak", "width": 2048, "height": 1152, "num_images": 2 });
     let response = post_seedance(&c, &sim, "/v1/images/generate", &body).await;
@@ -218,7 +220,7 @@ async fn fal_queue_lifecycle_uses_the_urls_it_hands_out() {
 
     // Cancel works while queued, and refunds.
     let v: Value = post_fal(&c, &sim, "", &edit_body(&sim, "SKU-G")).await.json().await.unwrap();
-    let before = sim.fal_balance();
+    let before = sim.fal_balance().await;
     let cancel = c
         .put(v["cancel_url"].as_str().unwrap())
         .header("authorization", format!("Key {KEY}"))
@@ -226,8 +228,8 @@ async fn fal_queue_lifecycle_uses_the_urls_it_hands_out() {
         .await
         .unwrap();
     assert_eq!(cancel.status(), 202);
-    assert!((sim.fal_balance() - before - 0.04).abs() < 1e-6);
-    assert!(sim.ledger().last().unwrap().amount < 0.0);
+    assert!((sim.fal_balance().await - before - 0.04).abs() < 1e-6);
+    assert!(sim.ledger().await.last().unwrap().amount < 0.0);
     sim.shutdown().await;
 }
 
@@ -318,9 +320,15 @@ async fn fal_webhooks_are_signed_with_the_published_key_and_tampering_is_caught(
     tampered[last] ^= 1;
     assert!(!verify_fal_webhook(&jwks, headers, &tampered, now));
     assert!(!verify_fal_webhook(&jwks, headers, body, now + 3600));
-    let other = backdrop::sim::webhook::jwks_document(
-        &ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
-    );
+    let foreign = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let other = json!({ "keys": [{
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(foreign.to_bytes()),
+        "kid": "foreign",
+        "use": "sig",
+        "alg": "EdDSA",
+    }] });
     assert!(!verify_fal_webhook(&other, headers, body, now));
     sim.shutdown().await;
 }
@@ -349,13 +357,13 @@ async fn seedance_webhooks_arrive_unsigned_and_can_be_dropped() {
     post_seedance(&c, &sim, EDIT, &body).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(got.lock().unwrap().is_empty());
-    assert_eq!(sim.stats().webhooks_failed, 1);
+    assert_eq!(sim.stats().await.webhooks_failed, 1);
     sim.shutdown().await;
 }
 
 #[tokio::test]
 async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_charge() {
-    let sim = start(SimConfig { credits: 20.0, fal_balance: 0.05, ..SimConfig::default() }).await.unwrap();
+    let sim = Sim::start(SimConfig { credits: 20.0, fal_balance: 0.05, ..SimConfig::default() }).await;
     let c = client();
     let mut bodies = Vec::new();
     for sku in ["A", "B"] {
@@ -377,8 +385,8 @@ async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_ch
     assert_eq!(v["error"]["code"], "insufficient_credits");
     assert_eq!(v["error"]["credits_required"], 8.0);
     assert_eq!(v["error"]["credits_available"], 4.0);
-    assert_eq!(sim.credits(), 4.0);
-    let ledger = sim.ledger();
+    assert_eq!(sim.credits().await, 4.0);
+    let ledger = sim.ledger().await;
     assert_eq!(ledger.len(), 2, "the 402 charged nothing");
     for (charge, body) in ledger.iter().zip(&bodies) {
         assert_eq!(charge.body_sha256, hex::encode(Sha256::digest(body)));
@@ -386,8 +394,8 @@ async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_ch
         assert_eq!(charge.model, "seedream-v4-5");
         assert!(charge.request_id.starts_with("req_"));
     }
-    // The admin API reads the same ledger and tops up the balance.
-    let remote: Vec<backdrop::sim::Charge> =
+    // The admin API gives the same ledger on every read, and tops up the balance.
+    let remote: Vec<Charge> =
         c.get(format!("{}/__sim/ledger", sim.base_url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(remote, ledger);
     let b: Value = c
@@ -407,9 +415,9 @@ async fn balance_runs_out_with_402_before_any_charge_and_the_ledger_has_every_ch
     let refused = post_fal(&c, &sim, "", &edit_body(&sim, "F2")).await;
     assert_eq!(refused.status(), 402);
     assert!(refused.json::<Value>().await.unwrap()["detail"].is_string());
-    sim.set_fal_balance(1.0);
+    sim.set_fal_balance(1.0).await;
     assert_eq!(post_fal(&c, &sim, "", &edit_body(&sim, "F2")).await.status(), 200);
-    assert_eq!(sim.ledger().iter().filter(|c| c.protocol == backdrop::sim::Protocol::Fal).count(), 2);
+    assert_eq!(sim.ledger().await.iter().filter(|c| c.protocol == "fal").count(), 2);
     sim.shutdown().await;
 }
 
@@ -425,9 +433,9 @@ async fn revoked_keys_get_401_until_restored() {
     assert_eq!(post_fal(&c, &sim, "", &edit_body(&sim, "A")).await.status(), 401);
     set(false).await.unwrap();
     assert_eq!(post_seedance(&c, &sim, EDIT, &edit_body(&sim, "A")).await.status(), 200);
-    sim.revoke_keys(true);
+    sim.revoke_keys(true).await;
     assert_eq!(post_seedance(&c, &sim, EDIT, &edit_body(&sim, "A")).await.status(), 401);
-    assert_eq!(sim.ledger().len(), 1);
+    assert_eq!(sim.ledger().await.len(), 1);
     sim.shutdown().await;
 }
 
@@ -446,8 +454,8 @@ async fn scripted_429s_rate_limits_and_bursts_answer_with_the_right_headers() {
         }
     }
     assert_eq!(statuses, [429, 429, 503, 200]);
-    assert_eq!(sim.ledger().len(), 1, "refused submits are never charged");
-    sim.start_burst(503, Duration::from_secs(30));
+    assert_eq!(sim.ledger().await.len(), 1, "refused submits are never charged");
+    sim.start_burst(503, Duration::from_secs(30)).await;
     let r = post_fal(&c, &sim, "", &edit_body(&sim, "A")).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("x-fal-error-type"));
@@ -455,7 +463,7 @@ async fn scripted_429s_rate_limits_and_bursts_answer_with_the_right_headers() {
 
     let sim = sim_with(Faults {
         rate_limit_per_sec: Some(3),
-        retry_after_format: backdrop::sim::RetryAfterFormat::HttpDate,
+        retry_after_format: backdrop_sim::RetryAfterFormat::HttpDate,
         ..Faults::default()
     })
     .await;
@@ -469,7 +477,7 @@ async fn scripted_429s_rate_limits_and_bursts_answer_with_the_right_headers() {
         }
     }
     assert!(limited >= 3, "{limited}");
-    let stats = sim.stats();
+    let stats = sim.stats().await;
     assert!(stats.peak_submits_per_second >= 6, "{stats:?}");
     assert_eq!(stats.by_status.get(&429).copied(), Some(limited));
     assert_eq!(stats.by_route.get("POST /v1/seedream/v4.5/edit").copied(), Some(6));
@@ -489,8 +497,8 @@ async fn a_dropped_connection_is_an_error_to_the_client_after_the_charge() {
         .await
         .expect_err("the connection was dropped");
     assert!(!err.is_status() && !err.is_timeout(), "{err:?}");
-    assert_eq!(sim.ledger().len(), 1, "charged before the drop");
-    assert_eq!(sim.stats().dropped_connections, 1);
+    assert_eq!(sim.ledger().await.len(), 1, "charged before the drop");
+    assert_eq!(sim.stats().await.dropped_connections, 1);
     // The server is fine afterwards.
     assert_eq!(post_seedance(&c, &sim, EDIT, &edit_body(&sim, "A")).await.status(), 200);
     sim.shutdown().await;
@@ -506,7 +514,7 @@ async fn download_faults_truncate_expire_and_mislabel() {
     let promised = response.content_length().unwrap();
     assert!(promised > 100);
     assert!(response.bytes().await.is_err(), "the body stops short of its Content-Length");
-    assert_eq!(sim.stats().in_flight, 1, "a cut download does not count as downloaded");
+    assert_eq!(sim.stats().await.in_flight, 1, "a cut download does not count as downloaded");
     sim.shutdown().await;
 
     let sim = sim_with(Faults { url_ttl_secs: Some(0.2), ..Faults::default() }).await;
@@ -550,13 +558,13 @@ async fn in_flight_counts_generations_until_their_outputs_are_downloaded() {
             .unwrap();
         urls.push(s["images"][0]["url"].as_str().unwrap().to_owned());
     }
-    assert_eq!(sim.stats().in_flight, 3);
+    assert_eq!(sim.stats().await.in_flight, 3);
     for url in &urls {
         png(&c, url).await;
     }
-    let stats = sim.stats();
+    let stats = sim.stats().await;
     assert_eq!((stats.in_flight, stats.peak_in_flight, stats.accepted), (0, 3, 3));
-    let remote: backdrop::sim::SimStats =
+    let remote: Stats =
         c.get(format!("{}/__sim/stats", sim.base_url())).send().await.unwrap().json().await.unwrap();
     assert_eq!(remote.peak_in_flight, 3);
     sim.shutdown().await;
@@ -566,8 +574,17 @@ async fn in_flight_counts_generations_until_their_outputs_are_downloaded() {
 async fn data_uri_inputs_are_edited() {
     let sim = sim_with(Faults::default()).await;
     let c = client();
-    let input = backdrop::sim::imagegen::product_on_white("local-file", 80, 60);
-    let encoded = backdrop::sim::imagegen::encode(&input, backdrop::sim::imagegen::Format::Png).unwrap();
+    // The simulator's own "product on white", downloaded and sent back inline.
+    let encoded = c
+        .get(format!("{}?w=80&h=60", sim.input_url("local-file")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let input = image::load_from_memory_with_format(&encoded, image::ImageFormat::Png).unwrap().to_rgb8();
+    assert_eq!(input.dimensions(), (80, 60));
     let uri = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&encoded));
     let body = json!({ "prompt": "on linen", "image_urls": [uri] });
     let v: Value = post_seedance(&c, &sim, EDIT, &body).await.json().await.unwrap();
@@ -582,14 +599,14 @@ async fn data_uri_inputs_are_edited() {
 
 async fn fault_sequence(seed: u64) -> (Vec<u16>, Vec<String>) {
     let faults = Faults { error_rate: 0.4, ..Faults::default() };
-    let sim = start(SimConfig { seed, faults, ..SimConfig::default() }).await.unwrap();
+    let sim = Sim::start(SimConfig { seed, faults, ..SimConfig::default() }).await;
     let c = client();
     let mut statuses = Vec::new();
     for i in 0..24 {
         let r = post_seedance(&c, &sim, EDIT, &edit_body(&sim, &format!("S{i}"))).await;
         statuses.push(r.status().as_u16());
     }
-    let ids = sim.ledger().into_iter().map(|c| c.request_id).collect();
+    let ids = sim.ledger().await.into_iter().map(|c| c.request_id).collect();
     sim.shutdown().await;
     (statuses, ids)
 }
@@ -663,7 +680,7 @@ fn the_binary_refuses_a_bad_scenario_with_the_usage_exit_code() {
 
 #[tokio::test]
 async fn fal_text_to_image_returns_images_and_a_seed() {
-    let sim = start(SimConfig { max_side: 64, ..SimConfig::default() }).await.unwrap();
+    let sim = Sim::start(SimConfig { max_side: 64, ..SimConfig::default() }).await;
     let c = client();
     let submit: Value = c
         .post(format!("{}/fal-ai/bytedance/seedream/v4.5/text-to-image", sim.base_url()))

@@ -702,5 +702,4 @@ mod tests {
             fingerprint("a", Task::Edit, "bc", "p", &[], "{}")
         );
     }
-
 }

@@ -11,7 +11,9 @@ mod secret;
 
 pub use job::{JobSpec, Params, Task};
 pub use output::SavedOutput;
-pub use provider::{DEFAULT_FAL_EDIT_MODEL, DEFAULT_FAL_GENERATE_MODEL, DEFAULT_SEEDANCE_MODEL, ProviderKind};
+pub use provider::{
+    DEFAULT_FAL_EDIT_MODEL, DEFAULT_FAL_GENERATE_MODEL, DEFAULT_SEEDANCE_MODEL, ProviderKind,
+};
 pub use rate::Rate;
 pub use request::{OutputRef, RequestRef};
 pub use secret::ApiKey;

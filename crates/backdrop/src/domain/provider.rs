@@ -14,8 +14,6 @@ pub const DEFAULT_FAL_EDIT_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/edit";
 /// Default fal model for text to image.
 pub const DEFAULT_FAL_GENERATE_MODEL: &str = "fal-ai/bytedance/seedream/v4.5/text-to-image";
 
-
-
 /// Which remote API protocol to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

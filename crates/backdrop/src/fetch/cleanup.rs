@@ -50,5 +50,4 @@ mod tests {
         assert!(dir.path().join("A").join("1.png").exists());
         assert_eq!(clean_temp_files(&dir.path().join("missing")).unwrap(), 0);
     }
-
 }

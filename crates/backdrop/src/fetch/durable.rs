@@ -360,5 +360,4 @@ mod tests {
         assert!(!out.path().join("BAD/0.png").exists(), "a bad image never gets its final name");
         assert_eq!(clean_temp_files(out.path()).unwrap(), 0, "no temporary file is left behind");
     }
-
 }

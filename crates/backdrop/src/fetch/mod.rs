@@ -18,7 +18,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::domain::{OutputRef, SavedOutput};
 
-
 /// The longest side backdrop accepts (a larger header is a decompression bomb, not a photo).
 pub const MAX_SIDE: u32 = 16_384;
 /// The most pixels backdrop accepts (64 MP).
@@ -28,7 +27,6 @@ pub const MAX_PIXELS: u64 = 64_000_000;
 const SNIFF_BYTES: usize = 16;
 /// Bytes kept from the end of a download to find the image's end marker.
 const TAIL_BYTES: usize = 64;
-
 
 /// Why a download failed. [`FetchError::is_retryable`] and [`FetchError::is_expired`] tell the
 /// pipeline what to do; everything else is permanent.
@@ -347,7 +345,6 @@ fn check_image(path: &Path, url: &str) -> Result<(u32, u32), FetchError> {
     }
     Ok((width, height))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -88,7 +88,6 @@ fn is_windows_reserved(name: &str) -> bool {
             && base.as_bytes()[3].is_ascii_digit())
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -221,5 +220,4 @@ mod tests {
             prop_assert_ne!(pa, pb);
         }
     }
-
 }

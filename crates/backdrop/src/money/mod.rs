@@ -73,7 +73,6 @@ pub enum Unit {
     Dollars,
 }
 
-
 impl Unit {
     /// The unit `provider` bills in.
     #[must_use]

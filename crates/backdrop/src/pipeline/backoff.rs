@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 
-
 /// Beyond this many doublings every sane base has long reached any cap; counting further would
 /// only spin the backoff iterator.
 const MAX_DOUBLINGS: u32 = 64;
@@ -26,7 +25,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-
     /// `min(cap, base * 2^(n-1))`, the upper bound of the delay after attempt `n` (1-based; `0`
     /// counts as `1`).
     ///
@@ -119,7 +117,6 @@ const POLL_GROWTH: f64 = 1.75;
 const POLL_JITTER: f64 = 0.1;
 
 impl PollSchedule {
-
     /// The wait before poll `poll_number` (1-based; `0` counts as `1`) for a jitter sample
     /// `jitter_source` in `[0, 1]`: `min(max, initial * 1.75^(n-1)) * (0.9 + 0.2 * jitter)`,
     /// never above `max`.

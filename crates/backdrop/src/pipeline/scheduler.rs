@@ -12,16 +12,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::money::{Budget, PriceTable};
-use super::limiter::Limiter;
 use super::backoff::{PollSchedule, PollTiming, RetryPolicy};
+use super::limiter::Limiter;
 use super::stats::RunStats;
 use super::webhooks::Webhooks;
-use crate::fetch::{FetchError, Fetcher, Persister};
 use crate::domain::{JobSpec, RequestRef};
-use crate::provider::{
-    ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission,
-};
+use crate::fetch::{FetchError, Fetcher, Persister};
+use crate::money::{Budget, PriceTable};
+use crate::provider::{ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission};
 use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
 
 /// Rows read from the store per page: memory stays flat whatever the catalog size.

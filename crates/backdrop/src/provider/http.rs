@@ -299,7 +299,6 @@ pub struct InlinePolicy {
 }
 
 impl InlinePolicy {
-
     /// Local files refused.
     #[must_use]
     pub const fn refuse() -> Self {

@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{self, Auth, InlinePolicy};
 use super::{JobResult, PollOutcome, Provider, ProviderError, Submission};
-use crate::domain::{OutputRef, RequestRef};
 use crate::domain::ApiKey;
 use crate::domain::job::{JobSpec, Task};
+use crate::domain::{OutputRef, RequestRef};
 
 /// The public endpoint.
 pub const DEFAULT_BASE_URL: &str = "https://api.seedance.it.com";

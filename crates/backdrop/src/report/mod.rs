@@ -8,10 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::store::{
-    JobRecord, JobState, OutputRecord, RunRecord, Spend, StateCounts, Store,
-    StoreError,
-};
+use crate::store::{JobRecord, JobState, OutputRecord, RunRecord, Spend, StateCounts, Store, StoreError};
 
 pub mod csv;
 pub mod html;

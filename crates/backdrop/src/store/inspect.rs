@@ -309,7 +309,8 @@ impl Store {
                 other => return Err(StoreError::Corrupt(format!("unknown provider {other:?} in jobs"))),
             }
         }
-        spend.total_dollars = crate::money::Unit::Credits.to_dollars(spend.seedance_credits) + spend.fal_dollars;
+        spend.total_dollars =
+            crate::money::Unit::Credits.to_dollars(spend.seedance_credits) + spend.fal_dollars;
         Ok(spend)
     }
 

@@ -18,12 +18,11 @@ pub mod writer;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
+pub use inspect::{
+    JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend, StateCounts,
+};
 pub use queue::{Recovery, StoredJob};
 pub use writer::{AttemptEnd, Change, Writer};
-pub use inspect::{
-    JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan,
-    RunRecord, Spend, StateCounts,
-};
 
 /// Default path of the state database.
 pub const DEFAULT_STATE: &str = "backdrop.db";

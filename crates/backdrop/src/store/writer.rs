@@ -23,7 +23,6 @@ const CHUNK: usize = 8;
 /// The longest an unhurried change ([`Writer::commit_unhurried`]) waits for company.
 const UNHURRIED: Duration = Duration::from_millis(100);
 
-
 /// The outcome of one HTTP submission, recorded on its attempt row.
 #[derive(Debug, Clone, Default)]
 pub struct AttemptEnd {

@@ -7,9 +7,9 @@ use serde_json::Value;
 
 use super::http::{self, Auth, InlinePolicy};
 use super::{JobResult, PollOutcome, Provider, ProviderError, Submission};
-use crate::domain::{OutputRef, RequestRef};
 use crate::domain::ApiKey;
 use crate::domain::job::{JobSpec, Task};
+use crate::domain::{OutputRef, RequestRef};
 
 /// The public queue endpoint.
 pub const DEFAULT_BASE_URL: &str = "https://queue.fal.run";

@@ -1,7 +1,13 @@
-//! The local simulator of both remote APIs (Seedance REST and the fal.ai queue), with money,
-//! a ledger, seeded fault injection and real images: an axum app that tests start in-process on
-//! `127.0.0.1:0` ([`start`]) and users run as `backdrop sim`. Key types: [`SimConfig`],
-//! [`SimHandle`], [`SimStats`], [`Charge`].
+//! `backdrop-sim`: a local simulator of the two remote image APIs backdrop talks to (Seedance
+//! REST and the fal.ai queue), with money, a ledger, seeded fault injection and real images.
+//!
+//! This crate owns the simulator's whole surface: the HTTP server (an axum app), its launch
+//! configuration ([`SimConfig`], [`Faults`], and a scenario TOML file with the same keys), its
+//! command line ([`SimArgs`], the flags of `backdrop sim`), and the `/__sim/*` admin endpoints
+//! through which a client reads the ledger and the counters and changes balances, keys and
+//! bursts. It depends on no other backdrop crate. A program starts it with [`start`] or
+//! [`start_on`] (or [`serve`] on a listener it owns) and stops it with
+//! [`SimHandle::shutdown`]; everything else can be done over HTTP.
 //!
 //! # Routes
 //! - Seedance: `POST /v1/images/generate`, `POST /v1/seedream/v4.5/edit`, `GET /v1/requests/{id}`.
@@ -12,7 +18,7 @@
 //! # In flight
 //! A generation is *in flight* from the moment it is accepted (and charged) until the client has
 //! downloaded every output once, or has read its failure, or cancelled it. That is what the
-//! providers' concurrency limits count and what the pipeline's `--concurrency` caps, so
+//! providers' concurrency limits count and what backdrop's `--concurrency` caps, so
 //! [`SimStats::peak_in_flight`] proves the cap; [`SimStats::peak_open_requests`] separately
 //! counts HTTP requests being served at once.
 
@@ -176,7 +182,7 @@ pub struct SimStats {
     pub submits: u64,
     /// Submits accepted and charged.
     pub accepted: u64,
-    /// Generations in flight now (see the module docs).
+    /// Generations in flight now (see the crate docs).
     pub in_flight: u64,
     /// Most generations in flight at once.
     pub peak_in_flight: u64,

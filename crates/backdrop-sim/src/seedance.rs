@@ -1,6 +1,7 @@
 //! The Seedance REST protocol: synchronous text-to-image, edits that are synchronous, polled
 //! (`async: true`) or pushed to a webhook, the status endpoint, and `{"error": {code, message}}`
-//! bodies with the statuses the spec lists (400/401/402/429/5xx).
+//! bodies: 400 for a bad request or a failed generation, 401 for a missing or revoked key, 402
+//! when the credits run out, 429 with `Retry-After` when rate limited, and 5xx for server faults.
 
 #![expect(
     clippy::result_large_err,

@@ -160,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn prices_follow_the_spec() {
+    fn known_models_have_a_per_image_price_and_unknown_ones_none() {
         assert_eq!(price(Protocol::Seedance, "seedream-v4-5"), Some(8.0));
         assert_eq!(price(Protocol::Seedance, "seedream-v3"), Some(6.0));
         assert_eq!(price(Protocol::Fal, "fal-ai/bytedance/seedream/v4.5/edit"), Some(0.04));
