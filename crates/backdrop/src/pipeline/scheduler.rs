@@ -166,12 +166,12 @@ impl<P: Provider> Shared<P> {
 /// A job's place among the `concurrency` in flight. Released as soon as the provider's part is
 /// over (the last output is on disk), before the final bookkeeping commit, so the next job can
 /// start while the store catches up.
-struct Slot {
+struct InFlight {
     permit: Option<OwnedSemaphorePermit>,
     stats: Arc<RunStats>,
 }
 
-impl Slot {
+impl InFlight {
     fn release(&mut self) {
         if self.permit.take().is_some() {
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -284,9 +284,9 @@ fn spawn<P: Provider>(
     tasks.spawn(
         async move {
             shared.pool.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let mut slot = Slot { permit: Some(permit), stats: Arc::clone(&shared.pool.stats) };
-            let end = work(&shared, job, &mut slot).await;
-            slot.release();
+            let mut in_flight = InFlight { permit: Some(permit), stats: Arc::clone(&shared.pool.stats) };
+            let end = work(&shared, job, &mut in_flight).await;
+            in_flight.release();
             end
         }
         .instrument(span),
@@ -335,27 +335,29 @@ fn record<P: Provider>(
 async fn work<P: Provider>(
     shared: &Shared<P>,
     job: StoredJob,
-    slot: &mut Slot,
+    in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     match job.state {
         JobState::Submitted => match &job.request {
-            Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
+            Some(request) => poll_phase(shared, &job, request.clone(), None, in_flight).await,
             None => fail(shared, &job, None, "submitted without a request id (corrupt row)").await,
         },
         JobState::Fetching => {
             let parsed = job.result.as_deref().map(serde_json::from_str::<JobResult>);
             match parsed {
-                Some(Ok(result)) => fetch_phase(shared, &job, job.request.clone(), result, None, slot).await,
+                Some(Ok(result)) => {
+                    fetch_phase(shared, &job, job.request.clone(), result, None, in_flight).await
+                }
                 // The result was lost; poll again if we can, the outputs are still paid for.
                 _ => match &job.request {
-                    Some(request) => poll_phase(shared, &job, request.clone(), None, slot).await,
+                    Some(request) => poll_phase(shared, &job, request.clone(), None, in_flight).await,
                     None => {
                         fail(shared, &job, None, "paid, not downloaded: the saved result is unreadable").await
                     }
                 },
             }
         }
-        JobState::Pending | JobState::Waiting => submit_phase(shared, &job, slot).await,
+        JobState::Pending | JobState::Waiting => submit_phase(shared, &job, in_flight).await,
         // Never claimed; listed for completeness.
         JobState::Submitting | JobState::Done | JobState::Failed | JobState::Ambiguous => Ok(JobEnd::Left),
     }
@@ -386,7 +388,7 @@ fn attempt_end(e: &ProviderError, class: &'static str, latency: Duration) -> Att
 async fn submit_phase<P: Provider>(
     shared: &Shared<P>,
     job: &StoredJob,
-    slot: &mut Slot,
+    in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     let spec = &job.spec;
     let mut attempts = job.attempts;
@@ -458,7 +460,7 @@ async fn submit_phase<P: Provider>(
                     })
                     .await?;
                 let accepted = StoredJob { credits: job.credits + price, ..job.clone() };
-                return poll_phase(shared, &accepted, request, Some(started), slot).await;
+                return poll_phase(shared, &accepted, request, Some(started), in_flight).await;
             }
             Ok(Submission::Completed { request_id, result }) => {
                 let charged = result.charged.unwrap_or(price);
@@ -490,7 +492,7 @@ async fn submit_phase<P: Provider>(
                     response_url: None,
                     cancel_url: None,
                 });
-                return fetch_phase(shared, job, request, result, None, slot).await;
+                return fetch_phase(shared, job, request, result, None, in_flight).await;
             }
             Err(e) => match e.class() {
                 ErrorClass::Retry => {
@@ -573,9 +575,9 @@ async fn poll_phase<P: Provider>(
     job: &StoredJob,
     request: RequestRef,
     submitted_at: Option<Instant>,
-    slot: &mut Slot,
+    in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
-    let end = poll_loop(shared, job, &request, submitted_at, slot).await;
+    let end = poll_loop(shared, job, &request, submitted_at, in_flight).await;
     if let Some(hooks) = &shared.pool.webhooks {
         hooks.forget(&request.request_id);
     }
@@ -587,7 +589,7 @@ async fn poll_loop<P: Provider>(
     job: &StoredJob,
     request: &RequestRef,
     submitted_at: Option<Instant>,
-    slot: &mut Slot,
+    in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
     let mut errors: u32 = 0;
@@ -668,7 +670,7 @@ async fn poll_loop<P: Provider>(
                 // Not committed on its own: the request id is saved, so after a crash a poll
                 // finds this result again. It is recorded with the outputs (or the failure).
                 let unsaved = Some(Unsaved { result: result_json(&result), charged: delta });
-                return fetch_phase(shared, job, Some(request.clone()), result, unsaved, slot).await;
+                return fetch_phase(shared, job, Some(request.clone()), result, unsaved, in_flight).await;
             }
             Err(e) => match e.poll_class() {
                 ErrorClass::Fail => {
@@ -713,7 +715,7 @@ async fn fetch_phase<P: Provider>(
     request: Option<RequestRef>,
     mut result: JobResult,
     mut unsaved: Option<Unsaved>,
-    slot: &mut Slot,
+    in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     let mut reresolved = 0;
     'again: loop {
@@ -764,9 +766,9 @@ async fn fetch_phase<P: Provider>(
             };
             outputs.push(saved);
         }
-        // Everything is received: the provider's part is over, so the slot goes to the next job
+        // Everything is received: the provider's part is over, so the in-flight place goes to the next job
         // while the files are made durable and the row is recorded.
-        slot.release();
+        in_flight.release();
         // Alone in flight, nothing would join this job's sync: don't make it wait for company.
         let urgent = shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0;
         let saved = match shared.pool.persister.persist(outputs, urgent).await {

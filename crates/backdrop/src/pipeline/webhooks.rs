@@ -547,7 +547,7 @@ impl KeyCache {
 /// is never held across an await.
 #[derive(Debug, Default)]
 struct Registry {
-    slots: HashMap<String, Slot>,
+    deliveries: HashMap<String, Delivered>,
     /// Delivered ids no poller has asked about yet, oldest first: a webhook can beat the submit
     /// answer that tells us the id, but unsigned seedance deliveries can also be junk, so these
     /// are capped.
@@ -558,7 +558,7 @@ struct Registry {
 }
 
 #[derive(Debug)]
-struct Slot {
+struct Delivered {
     delivered: watch::Sender<bool>,
     /// A poller has asked for this id, so it is never evicted as junk.
     claimed: bool,
@@ -569,22 +569,22 @@ impl Registry {
         if self.retired.contains(id) {
             return Delivery::Duplicate;
         }
-        if let Some(slot) = self.slots.get(id) {
-            if *slot.delivered.borrow() {
+        if let Some(entry) = self.deliveries.get(id) {
+            if *entry.delivered.borrow() {
                 return Delivery::Duplicate;
             }
             // send_replace, not send: it stores the value even when no receiver is alive.
-            slot.delivered.send_replace(true);
+            entry.delivered.send_replace(true);
             return Delivery::Accepted;
         }
         let (delivered, _) = watch::channel(true);
-        self.slots.insert(id.to_owned(), Slot { delivered, claimed: false });
+        self.deliveries.insert(id.to_owned(), Delivered { delivered, claimed: false });
         self.unclaimed.push_back(id.to_owned());
         while self.unclaimed.len() > MAX_REMEMBERED {
             if let Some(old) = self.unclaimed.pop_front()
-                && self.slots.get(&old).is_some_and(|s| !s.claimed)
+                && self.deliveries.get(&old).is_some_and(|d| !d.claimed)
             {
-                self.slots.remove(&old);
+                self.deliveries.remove(&old);
             }
         }
         Delivery::Accepted
@@ -596,17 +596,17 @@ impl Registry {
         if self.retired.contains(id) {
             return None;
         }
-        let slot = self
-            .slots
+        let entry = self
+            .deliveries
             .entry(id.to_owned())
-            .or_insert_with(|| Slot { delivered: watch::channel(false).0, claimed: true });
-        slot.claimed = true;
-        Some(slot.delivered.subscribe())
+            .or_insert_with(|| Delivered { delivered: watch::channel(false).0, claimed: true });
+        entry.claimed = true;
+        Some(entry.delivered.subscribe())
     }
 
     fn forget(&mut self, id: &str) {
-        let Some(slot) = self.slots.remove(id) else { return };
-        if *slot.delivered.borrow() && self.retired.insert(id.to_owned()) {
+        let Some(entry) = self.deliveries.remove(id) else { return };
+        if *entry.delivered.borrow() && self.retired.insert(id.to_owned()) {
             self.retired_order.push_back(id.to_owned());
             while self.retired_order.len() > MAX_REMEMBERED {
                 if let Some(old) = self.retired_order.pop_front() {
@@ -1052,10 +1052,10 @@ mod tests {
         for i in 0..=MAX_REMEMBERED {
             assert_eq!(registry.record(&format!("junk-{i}")), Delivery::Accepted);
         }
-        assert!(!registry.slots.contains_key("junk-0"), "the oldest unclaimed delivery is evicted");
-        assert!(registry.slots.contains_key(&format!("junk-{MAX_REMEMBERED}")));
-        assert!(registry.slots.contains_key("claimed"));
-        assert!(registry.slots.len() <= MAX_REMEMBERED + 1);
+        assert!(!registry.deliveries.contains_key("junk-0"), "the oldest unclaimed delivery is evicted");
+        assert!(registry.deliveries.contains_key(&format!("junk-{MAX_REMEMBERED}")));
+        assert!(registry.deliveries.contains_key("claimed"));
+        assert!(registry.deliveries.len() <= MAX_REMEMBERED + 1);
     }
 
     #[test]
@@ -1066,7 +1066,7 @@ mod tests {
             registry.record(&id);
             registry.forget(&id);
         }
-        assert!(registry.slots.is_empty());
+        assert!(registry.deliveries.is_empty());
         assert_eq!(registry.retired.len(), MAX_REMEMBERED);
         assert_eq!(registry.record("done-0"), Delivery::Accepted, "the oldest retired id was dropped");
         assert_eq!(registry.record(&format!("done-{MAX_REMEMBERED}")), Delivery::Duplicate);
