@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -19,41 +18,21 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ProviderKind;
+use crate::provider::fal::webhook::Verifier;
+pub use crate::provider::fal::webhook::{DEFAULT_JWKS_URL, KeyPolicy, VerifyError};
 
-/// Where fal publishes the keys that sign its webhooks.
-pub const DEFAULT_JWKS_URL: &str = "https://rest.alpha.fal.ai/.well-known/jwks.json";
 /// Largest delivery body accepted; real deliveries carry a few URLs, far below this.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-/// A signed timestamp further than this from now is a replay (or a badly wrong clock).
-pub const REPLAY_WINDOW_SECS: u64 = 300;
-/// Signing keys are refetched once they are this old.
-pub const JWKS_MAX_AGE: Duration = Duration::from_hours(24);
-/// A signature no cached key verifies triggers a refetch (key rotation) at most this often, so
-/// forged deliveries cannot make us hammer the JWKS endpoint.
-pub const JWKS_MIN_REFETCH: Duration = Duration::from_mins(1);
-/// After a failed JWKS fetch, deliveries are answered 503 without refetching for this long.
-pub const JWKS_FAILURE_BACKOFF: Duration = Duration::from_secs(5);
-/// One JWKS fetch may take this long; deliveries wait for it.
-const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries for ids nobody waits for (yet), and ids forgotten after delivery, are remembered
 /// up to this many each; beyond it the oldest go, which at worst delays a row to its next poll.
 const MAX_REMEMBERED: usize = 10_000;
 /// Request ids are short provider-issued tokens; longer ones are refused to bound memory.
 const MAX_REQUEST_ID_LEN: usize = 256;
-
-const HEADER_REQUEST_ID: &str = "x-fal-webhook-request-id";
-const HEADER_USER_ID: &str = "x-fal-webhook-user-id";
-const HEADER_TIMESTAMP: &str = "x-fal-webhook-timestamp";
-const HEADER_SIGNATURE: &str = "x-fal-webhook-signature";
 
 /// What the receiver needs: where to listen, which protocol's deliveries to expect, and where
 /// fal's signing keys live.
@@ -82,26 +61,10 @@ pub enum WebhookError {
         #[source]
         source: std::io::Error,
     },
-    /// A signature header is missing or is not text.
-    #[error("header {0} is missing")]
-    MissingHeader(&'static str),
-    /// A signature header does not parse.
-    #[error("header {name} is malformed: {reason}")]
-    BadHeader {
-        /// The header.
-        name: &'static str,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// The signed timestamp is outside the replay window.
-    #[error("timestamp is {skew_secs} s from now (window {REPLAY_WINDOW_SECS} s)")]
-    Stale {
-        /// Signed timestamp minus now, in seconds.
-        skew_secs: i64,
-    },
-    /// No signing key verifies the signature: forged, tampered, or signed for another body.
-    #[error("no signing key verifies the signature")]
-    BadSignature,
+    /// A fal delivery's signature does not hold (or cannot be checked now: see
+    /// [`VerifyError::is_retryable`]).
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// The signed request id header names another request than the body.
     #[error("signed request id does not match the body's request_id")]
     RequestIdMismatch,
@@ -114,14 +77,6 @@ pub enum WebhookError {
         /// The cap.
         limit: usize,
     },
-    /// The signing keys could not be fetched, so nothing can be verified now.
-    #[error("cannot fetch signing keys from {url}: {message}")]
-    Jwks {
-        /// The JWKS URL.
-        url: String,
-        /// What went wrong.
-        message: String,
-    },
 }
 
 impl WebhookError {
@@ -129,7 +84,7 @@ impl WebhookError {
     /// answered 503 (fal then retries the delivery).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Jwks { .. })
+        matches!(self, Self::Verify(e) if e.is_retryable())
     }
 
     /// The HTTP status a delivery refused for this reason is answered with.
@@ -137,14 +92,10 @@ impl WebhookError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::MissingHeader(_)
-            | Self::BadHeader { .. }
-            | Self::Stale { .. }
-            | Self::BadSignature
-            | Self::RequestIdMismatch => StatusCode::UNAUTHORIZED,
+            Self::Verify(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Verify(_) | Self::RequestIdMismatch => StatusCode::UNAUTHORIZED,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Jwks { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -190,10 +141,7 @@ impl Webhooks {
         let local_addr = listener.local_addr().map_err(|source| WebhookError::Bind { addr, source })?;
         let inner = Arc::new(Inner {
             provider: settings.provider,
-            jwks_url: settings.jwks_url,
-            client: settings.client,
-            keys: tokio::sync::Mutex::new(KeyCache::default()),
-            policy,
+            verifier: Verifier::new(settings.jwks_url, settings.client, policy),
             registry: Mutex::new(Registry::default()),
             counts: Counters::default(),
         });
@@ -258,12 +206,8 @@ impl Webhooks {
 #[derive(Debug)]
 struct Inner {
     provider: ProviderKind,
-    jwks_url: String,
-    client: reqwest::Client,
-    /// An async mutex on purpose: it is held across the JWKS fetch so concurrent deliveries
-    /// wait for one fetch instead of each starting their own.
-    keys: tokio::sync::Mutex<KeyCache>,
-    policy: KeyPolicy,
+    /// Checks fal's signatures (unused for seedance, whose deliveries are unsigned).
+    verifier: Verifier,
     registry: Mutex<Registry>,
     counts: Counters,
 }
@@ -345,11 +289,9 @@ impl Inner {
     async fn accept(&self, headers: &HeaderMap, body: &[u8]) -> Result<(Delivery, String), WebhookError> {
         let id = match self.provider {
             ProviderKind::Fal => {
-                let signed = SignedHeaders::parse(headers)?;
-                check_timestamp(signed.timestamp, unix_now())?;
-                self.verify(&signed.message(body), &signed.signature).await?;
+                let signed_id = self.verifier.verify(headers, body).await?;
                 let id = request_id_of(body)?;
-                if id != signed.request_id {
+                if id != signed_id {
                     return Err(WebhookError::RequestIdMismatch);
                 }
                 id
@@ -359,187 +301,6 @@ impl Inner {
         };
         let delivery = self.registry().record(&id);
         Ok((delivery, id))
-    }
-
-    /// Verifies with the cached keys, fetching them when missing or old, and refetching once
-    /// (rate-limited) when none verifies, in case fal rotated its key.
-    async fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), WebhookError> {
-        let mut cache = self.keys.lock().await;
-        let now = Instant::now();
-        if !cache.is_fresh(now, self.policy.max_age) {
-            if !cache.may_fetch(now, self.policy.failure_backoff) {
-                return Err(self.jwks_error("a recent fetch failed; retrying shortly".into()));
-            }
-            self.refresh(&mut cache, now).await?;
-        }
-        if verify_any(&cache.keys, message, signature) {
-            return Ok(());
-        }
-        if cache.may_fetch(now, self.policy.min_refetch) {
-            self.refresh(&mut cache, now).await?;
-            if verify_any(&cache.keys, message, signature) {
-                return Ok(());
-            }
-        }
-        Err(WebhookError::BadSignature)
-    }
-
-    async fn refresh(&self, cache: &mut KeyCache, now: Instant) -> Result<(), WebhookError> {
-        cache.last_attempt = Some(now);
-        match self.fetch_keys().await {
-            Ok(keys) => {
-                tracing::debug!(keys = keys.len(), url = %self.jwks_url, "fetched webhook signing keys");
-                cache.keys = keys;
-                cache.fetched_at = Some(now);
-                Ok(())
-            }
-            Err(message) => Err(self.jwks_error(message)),
-        }
-    }
-
-    async fn fetch_keys(&self) -> Result<Vec<VerifyingKey>, String> {
-        let response = self
-            .client
-            .get(&self.jwks_url)
-            .timeout(JWKS_FETCH_TIMEOUT)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| e.to_string())?;
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
-        parse_jwks(&body)
-    }
-
-    fn jwks_error(&self, message: String) -> WebhookError {
-        WebhookError::Jwks { url: self.jwks_url.clone(), message }
-    }
-}
-
-/// The four fal signature headers, parsed.
-#[derive(Debug)]
-struct SignedHeaders {
-    request_id: String,
-    user_id: String,
-    /// The header exactly as sent: it is what the sender signed.
-    timestamp_text: String,
-    timestamp: i64,
-    signature: Signature,
-}
-
-impl SignedHeaders {
-    fn parse(headers: &HeaderMap) -> Result<Self, WebhookError> {
-        let text = |name: &'static str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .ok_or(WebhookError::MissingHeader(name))
-        };
-        let request_id = text(HEADER_REQUEST_ID)?.to_owned();
-        let user_id = text(HEADER_USER_ID)?.to_owned();
-        let timestamp_text = text(HEADER_TIMESTAMP)?;
-        let timestamp = timestamp_text
-            .parse::<i64>()
-            .map_err(|_| WebhookError::BadHeader { name: HEADER_TIMESTAMP, reason: "not unix seconds" })?;
-        let bytes = hex::decode(text(HEADER_SIGNATURE)?)
-            .map_err(|_| WebhookError::BadHeader { name: HEADER_SIGNATURE, reason: "not hex" })?;
-        let signature = Signature::from_slice(&bytes)
-            .map_err(|_| WebhookError::BadHeader { name: HEADER_SIGNATURE, reason: "not 64 bytes" })?;
-        Ok(Self { request_id, user_id, timestamp_text: timestamp_text.to_owned(), timestamp, signature })
-    }
-
-    /// `request_id \n user_id \n timestamp \n hex(sha256(body))`, as fal documents it, built
-    /// from the header texts as received (not re-rendered), since those are what was signed.
-    fn message(&self, body: &[u8]) -> Vec<u8> {
-        let digest = hex::encode(Sha256::digest(body));
-        format!("{}\n{}\n{}\n{digest}", self.request_id, self.user_id, self.timestamp_text).into_bytes()
-    }
-}
-
-fn unix_now() -> i64 {
-    // A clock before 1970 is not a state this program can do anything useful in; 0 then makes
-    // every delivery stale, which polling survives.
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// Refuses timestamps more than [`REPLAY_WINDOW_SECS`] away from `now`, in either direction.
-fn check_timestamp(timestamp: i64, now: i64) -> Result<(), WebhookError> {
-    if timestamp.abs_diff(now) > REPLAY_WINDOW_SECS {
-        return Err(WebhookError::Stale { skew_secs: timestamp.saturating_sub(now) });
-    }
-    Ok(())
-}
-
-fn verify_any(keys: &[VerifyingKey], message: &[u8], signature: &Signature) -> bool {
-    // Strict verification refuses malleable signatures and small-order keys.
-    keys.iter().any(|key| key.verify_strict(message, signature).is_ok())
-}
-
-#[derive(Debug, Deserialize)]
-struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Jwk {
-    kty: String,
-    #[serde(default)]
-    crv: Option<String>,
-    #[serde(default)]
-    x: Option<String>,
-}
-
-/// The Ed25519 keys of a JWKS document; other key types are skipped, and a document with no
-/// usable key is an error (nothing could ever verify).
-fn parse_jwks(body: &[u8]) -> Result<Vec<VerifyingKey>, String> {
-    let jwks: Jwks = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
-    let keys: Vec<VerifyingKey> = jwks
-        .keys
-        .iter()
-        .filter(|k| k.kty == "OKP" && k.crv.as_deref() == Some("Ed25519"))
-        .filter_map(|k| {
-            // Tolerate padded base64url: the spec says unpadded, publishers vary.
-            let bytes = URL_SAFE_NO_PAD.decode(k.x.as_deref()?.trim_end_matches('=')).ok()?;
-            VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()
-        })
-        .collect();
-    if keys.is_empty() {
-        return Err("the JWKS document has no Ed25519 key".into());
-    }
-    Ok(keys)
-}
-
-/// How long keys live and how often they may be fetched; constants in production, shortened
-/// in tests so key rotation and outages can be exercised without waiting minutes.
-#[derive(Debug, Clone, Copy)]
-struct KeyPolicy {
-    max_age: Duration,
-    min_refetch: Duration,
-    failure_backoff: Duration,
-}
-
-impl Default for KeyPolicy {
-    fn default() -> Self {
-        Self { max_age: JWKS_MAX_AGE, min_refetch: JWKS_MIN_REFETCH, failure_backoff: JWKS_FAILURE_BACKOFF }
-    }
-}
-
-/// The signing keys with the time they were fetched, and when a fetch was last tried.
-#[derive(Debug, Default)]
-struct KeyCache {
-    keys: Vec<VerifyingKey>,
-    fetched_at: Option<Instant>,
-    last_attempt: Option<Instant>,
-}
-
-impl KeyCache {
-    fn is_fresh(&self, now: Instant, max_age: Duration) -> bool {
-        self.fetched_at.is_some_and(|t| now.saturating_duration_since(t) < max_age)
-    }
-
-    fn may_fetch(&self, now: Instant, min_gap: Duration) -> bool {
-        self.last_attempt.is_none_or(|t| now.saturating_duration_since(t) >= min_gap)
     }
 }
 
@@ -626,7 +387,15 @@ mod tests {
     use futures::FutureExt as _;
     use serde_json::json;
 
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    use std::time::Duration;
+
     use super::*;
+    use sha2::{Digest as _, Sha256};
+
+    use crate::provider::fal::webhook::unix_now;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -1004,44 +773,6 @@ mod tests {
         assert!(waiting.now_or_never().is_none());
         // Never delivered, so it is not remembered as done either.
         assert!(!h.is_delivered("gone"));
-    }
-
-    #[test]
-    fn the_replay_window_is_300_seconds_either_way() {
-        assert!(check_timestamp(1_000, 1_000).is_ok());
-        assert!(check_timestamp(700, 1_000).is_ok());
-        assert!(check_timestamp(1_300, 1_000).is_ok());
-        assert!(matches!(check_timestamp(699, 1_000), Err(WebhookError::Stale { skew_secs: -301 })));
-        assert!(matches!(check_timestamp(1_301, 1_000), Err(WebhookError::Stale { skew_secs: 301 })));
-        assert!(check_timestamp(i64::MIN, 1_000).is_err());
-    }
-
-    #[test]
-    fn jwks_parsing_keeps_only_ed25519_keys() {
-        let key = fal_key().verifying_key();
-        let padded = format!("{}=", URL_SAFE_NO_PAD.encode(key.to_bytes()));
-        let doc = json!({"keys": [
-            {"kty": "OKP", "crv": "X25519", "x": URL_SAFE_NO_PAD.encode([1u8; 32])},
-            {"kty": "OKP", "crv": "Ed25519", "x": "too-short"},
-            {"kty": "OKP", "crv": "Ed25519", "x": padded},
-        ]});
-        assert_eq!(parse_jwks(&serde_json::to_vec(&doc).unwrap()).unwrap(), vec![key]);
-        assert!(parse_jwks(br#"{"keys": []}"#).is_err());
-        assert!(parse_jwks(b"<html>").is_err());
-    }
-
-    #[test]
-    fn the_key_cache_expires_after_a_day_and_throttles_fetches() {
-        let t0 = Instant::now();
-        let mut cache = KeyCache::default();
-        assert!(!cache.is_fresh(t0, JWKS_MAX_AGE));
-        assert!(cache.may_fetch(t0, JWKS_MIN_REFETCH));
-        cache.fetched_at = Some(t0);
-        cache.last_attempt = Some(t0);
-        assert!(cache.is_fresh(t0 + Duration::from_hours(23), JWKS_MAX_AGE));
-        assert!(!cache.is_fresh(t0 + JWKS_MAX_AGE, JWKS_MAX_AGE));
-        assert!(!cache.may_fetch(t0 + Duration::from_secs(59), JWKS_MIN_REFETCH));
-        assert!(cache.may_fetch(t0 + JWKS_MIN_REFETCH, JWKS_MIN_REFETCH));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! three URLs that are stored and used exactly as given; polls `GET status_url`, then fetches the
 //! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`].
 
+pub mod webhook;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
