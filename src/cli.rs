@@ -13,6 +13,11 @@ use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 
 use crate::exit::EXIT_CODES_HELP;
 
+/// Parses the process's arguments (clap exits with its own message and code 2 on a usage error).
+pub(crate) fn parse() -> Cli {
+    Cli::parse()
+}
+
 /// `--provider`: the library's [`ProviderKind`], with its names listed in `--help`.
 fn provider_parser() -> impl clap::builder::TypedValueParser<Value = ProviderKind> {
     PossibleValuesParser::new(ProviderKind::ALL.map(ProviderKind::as_str))

@@ -53,7 +53,7 @@ mod tests {
     use super::ExitCode;
 
     #[test]
-    fn codes_match_the_design() {
+    fn codes_match_the_readme() {
         let all = [
             (ExitCode::Success, 0),
             (ExitCode::Fatal, 1),

@@ -15,13 +15,12 @@ mod exit;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use cli::{Cli, GlobalArgs, LogFormat};
+use cli::{GlobalArgs, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     init_logging(&cli.global);
     // One thread: backdrop waits on the network and the disk, not the CPU, and on a small machine a
     // second worker mostly wakes up to steal tasks (measured: a third fewer context switches and

@@ -117,7 +117,7 @@ async fn seedance_async_edit_is_polled_to_completion_and_errors_have_the_spec_sh
     assert_eq!(done["credits_used"], 8.0);
     png(&c, done["images"][0]["url"].as_str().unwrap()).await;
 
-    // Errors: {"error": {code, message}} with the statuses of the spec.
+    // Errors: {"error": {code, message}} with the statuses each API documents.
     let no_key = c.post(format!("{}{EDIT}", sim.base_url())).json(&body).send().await.unwrap();
     assert_eq!(no_key.status(), 401);
     let v: Value = no_key.json().await.unwrap();
@@ -265,7 +265,7 @@ async fn wait_for(got: &Deliveries, n: usize) -> Vec<(HeaderMap, Bytes)> {
     got.lock().unwrap().clone()
 }
 
-/// A small fal webhook verifier, written from the spec, not from the simulator's code.
+/// A small fal webhook verifier, written from fal's documented message format, not from the simulator's code.
 fn verify_fal_webhook(jwks: &Value, headers: &HeaderMap, body: &[u8], now: u64) -> bool {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (Some(id), Some(user), Some(ts), Some(sig)) = (

@@ -205,7 +205,7 @@ impl Class {
     }
 }
 
-/// The plan rules (see the module docs of the design): a changed row in flight or ambiguous is
+/// The plan rules: a changed row in flight or ambiguous is
 /// left alone because a paid request is already out; the next plan sees the change.
 fn classify(existing: Option<&Existing>, fingerprint: &str, force: bool) -> Class {
     let Some(e) = existing else { return Class::New };

@@ -1,4 +1,4 @@
-//! The Seedance REST protocol (api-spec §1): synchronous text-to-image, edits submitted with
+//! The Seedance REST protocol: synchronous text-to-image, edits submitted with
 //! `async: true` (or synchronously with `--sync`) and polled at `/v1/requests/{id}`. Owns
 //! [`Seedance`], its [`SeedanceOptions`] and the request and answer shapes of that API.
 
@@ -163,7 +163,8 @@ impl Provider for Seedance {
                     .map_or_else(|| "the request failed (no reason given)".to_owned(), ErrorObject::describe);
                 Err(ProviderError::Generation(self.auth.redact(&message)))
             }
-            // `queued`, `in_progress`, and anything undocumented: still running (api-spec §1).
+            // `queued`, `in_progress`, and anything undocumented: still running (only
+            // `completed` and `failed` are final).
             _ => Ok(PollOutcome::Running { queue_position: status.queue_position }),
         }
     }

@@ -106,7 +106,9 @@ impl StoreError {
     }
 }
 
-/// Where a job is in its life (see the design's "Job life").
+/// Where a job is in its life: `pending → submitting → submitted → fetching → done`, with
+/// `waiting` (retry later), `failed` (permanent) and `ambiguous` (maybe charged, held for the user;
+/// see `ARCHITECTURE.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
@@ -197,7 +199,7 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a commit that is lost on power failure can be a saved request id, i.e. a
-            // second charge. See the design's note on group commits for how we keep it fast.
+            // second charge. The writer (`writer.rs`) keeps it fast by group-committing many changes per fsync.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);

@@ -1,4 +1,4 @@
-//! The fal.ai queue protocol (api-spec §2): `POST {base}/{model_id}` answers with a request id and
+//! The fal.ai queue protocol: `POST {base}/{model_id}` answers with a request id and
 //! three URLs that are stored and used exactly as given; polls `GET status_url`, then fetches the
 //! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`].
 
@@ -241,7 +241,8 @@ impl Provider for Fal {
         let answer = http::send(self.client.get(url), &self.auth, "fal status").await?;
         let status: Status = answer.json("fal status answer", &self.auth)?;
         match status.status.as_deref() {
-            // There is no FAILED status: a failure shows on the result (api-spec §2).
+            // There is no FAILED status (fal's queue documents only IN_QUEUE, IN_PROGRESS and
+            // COMPLETED): a failure shows on the result.
             Some("COMPLETED") => Ok(PollOutcome::Completed(self.result(request).await?)),
             // IN_QUEUE, IN_PROGRESS, and anything new: still running.
             _ => Ok(PollOutcome::Running { queue_position: status.queue_position }),

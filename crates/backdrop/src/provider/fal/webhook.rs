@@ -122,7 +122,7 @@ fn parse_jwks(body: &[u8]) -> Result<Vec<VerifyingKey>, String> {
         .iter()
         .filter(|k| k.kty == "OKP" && k.crv.as_deref() == Some("Ed25519"))
         .filter_map(|k| {
-            // Tolerate padded base64url: the spec says unpadded, publishers vary.
+            // Tolerate padded base64url: RFC 7517 says unpadded, publishers vary.
             let bytes = URL_SAFE_NO_PAD.decode(k.x.as_deref()?.trim_end_matches('=')).ok()?;
             VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()
         })
