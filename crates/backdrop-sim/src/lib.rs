@@ -574,49 +574,8 @@ impl SimHandle {
         self.addr
     }
 
-    /// Every charge so far, in order.
-    #[must_use]
-    pub fn ledger(&self) -> Vec<Charge> {
-        lock(&self.sim.money).ledger.clone()
-    }
-
-    /// The current counters.
-    #[must_use]
-    pub fn stats(&self) -> SimStats {
-        self.sim.stats()
-    }
-
-    /// Seedance credits left.
-    #[must_use]
-    pub fn credits(&self) -> f64 {
-        lock(&self.sim.money).credits
-    }
-
-    /// fal dollars left.
-    #[must_use]
-    pub fn fal_balance(&self) -> f64 {
-        lock(&self.sim.money).fal_balance
-    }
-
-    /// Sets the seedance credit balance.
-    pub fn set_credits(&self, credits: f64) {
-        lock(&self.sim.money).credits = credits;
-    }
-
-    /// Sets the fal balance, in dollars.
-    pub fn set_fal_balance(&self, usd: f64) {
-        lock(&self.sim.money).fal_balance = usd;
-    }
-
-    /// Revokes (`true`) or restores (`false`) every key: revoked keys get 401 everywhere.
-    pub fn revoke_keys(&self, revoked: bool) {
-        self.sim.revoked.store(revoked, Ordering::SeqCst);
-    }
-
-    /// Makes every submit answer `status` for the next `duration`.
-    pub fn start_burst(&self, status: u16, duration: Duration) {
-        *lock(&self.sim.manual_burst) = Some((Instant::now() + duration, status));
-    }
+    // Everything else a client learns or changes goes over HTTP (`/__sim/*`, see `admin`), so a
+    // test observes the simulator the way backdrop does: through the wire, sharing no types.
 
     /// The JWKS document with the key that signs fal webhooks.
     #[must_use]
