@@ -22,8 +22,8 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
     require_existing(&path)?;
     // Re-queueing under a live run would race its claims, and a `submitting` row is only safe
     // to call ambiguous when no process can still be sending it.
-    let _lock = RunLock::acquire(&path)?;
-    let store = Store::open(&path).await?;
+    let lock = RunLock::acquire(&path)?;
+    let store = Store::open_locked(&lock).await?;
     let which = Requeue { failed: args.failed, ambiguous: args.ambiguous, skus: args.sku.clone() };
     let plan = store.plan_requeue(&which).await?;
 

@@ -110,8 +110,9 @@ pub(crate) async fn execute(
     let timeout = settings.request_timeout;
     let client = tokio::task::spawn_blocking(move || providers::http::client(timeout));
 
-    let _lock = RunLock::acquire(&settings.state)?;
-    let store = Store::open(&settings.state).await?;
+    // Held until the process exits: no other run may use this database (by any name).
+    let lock = RunLock::acquire(&settings.state)?;
+    let store = Store::open_locked(&lock).await?;
     let recovery = store.recover().await?;
     if recovery.ambiguous > 0 {
         warn!(
