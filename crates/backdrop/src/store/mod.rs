@@ -19,7 +19,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection as _, SqliteConnection, SqlitePool};
 
 pub use inspect::{
-    JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend, StateCounts,
+    DueDownload, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend,
+    StateCounts,
 };
 pub use lock::{FileIdentity, RunLock};
 pub use queue::{Recovery, StoredJob};

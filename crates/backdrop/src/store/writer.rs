@@ -673,7 +673,7 @@ impl<'q> BatchSql<'q> {
             Change::Intent { job_id, run_id } => {
                 self.statement(
                     "UPDATE jobs SET state = 'submitting', attempts = attempts + 1, next_attempt_at = NULL,
-                            updated_at = ? WHERE id = ?",
+                            accepted_at = NULL, updated_at = ? WHERE id = ?",
                 );
                 self.bind(now)?;
                 self.bind(*job_id)?;
@@ -690,7 +690,7 @@ impl<'q> BatchSql<'q> {
                 self.statement(
                     "UPDATE jobs SET state = 'submitted', request_id = ?, status_url = ?, response_url = ?,
                             cancel_url = ?, credits = credits + ?, error = NULL, error_class = NULL,
-                            updated_at = ? WHERE id = ?",
+                            accepted_at = ?, updated_at = ? WHERE id = ?",
                 );
                 self.bind(request.request_id.as_str())?;
                 self.bind(request.status_url.as_deref())?;
@@ -698,17 +698,20 @@ impl<'q> BatchSql<'q> {
                 self.bind(request.cancel_url.as_deref())?;
                 self.bind(*charged)?;
                 self.bind(now)?;
+                self.bind(now)?;
                 self.bind(*job_id)?;
                 self.end_attempt(now, Some(*attempt_id), end, Some(&request.request_id), Some(*charged))?;
             }
             Change::Completed { job_id, attempt_id, request_id, result, charged, end } => {
                 self.statement(
                     "UPDATE jobs SET state = 'fetching', result = ?, request_id = COALESCE(?, request_id),
-                            credits = credits + ?, error = NULL, error_class = NULL, updated_at = ? WHERE id = ?",
+                            credits = credits + ?, error = NULL, error_class = NULL,
+                            accepted_at = COALESCE(accepted_at, ?), updated_at = ? WHERE id = ?",
                 );
                 self.bind(result.as_str())?;
                 self.bind(request_id.as_deref())?;
                 self.bind(*charged)?;
+                self.bind(now)?;
                 self.bind(now)?;
                 self.bind(*job_id)?;
                 let credits = attempt_id.map(|_| *charged);
