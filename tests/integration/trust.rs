@@ -132,7 +132,10 @@ async fn retry_failed_downloads_a_paid_result_again_and_never_pays_twice() {
     let o = output(retry(&["--failed"])).await;
     let text = stdout(&o);
     assert_eq!(code(&o), 0, "{text}{}", stderr(&o));
-    assert!(text.contains("SKU-0000: paid, not downloaded: re-queued to download its saved result again"), "{text}");
+    assert!(
+        text.contains("SKU-0000: paid, not downloaded: re-queued to download its saved result again"),
+        "{text}"
+    );
     assert!(text.contains("re-queued 4 rows (4 for download only)"), "{text}");
     assert_eq!(job(&env, "SKU-0000").await.0, "fetching");
 
@@ -150,7 +153,10 @@ async fn retry_failed_downloads_a_paid_result_again_and_never_pays_twice() {
     assert_eq!(job(&env, "SKU-0001").await.0, "done");
     let o = output(retry(&["--sku", "SKU-0001", "--pay-again"])).await;
     let text = stdout(&o);
-    assert!(text.contains("warning: --pay-again: 1 row(s) the provider already charged are re-queued"), "{text}");
+    assert!(
+        text.contains("warning: --pay-again: 1 row(s) the provider already charged are re-queued"),
+        "{text}"
+    );
     assert_eq!(job(&env, "SKU-0001").await.0, "pending");
 }
 
@@ -323,7 +329,8 @@ async fn a_second_run_on_the_same_output_folder_leaves_the_first_runs_downloads_
     .await;
     let second = output(env.run_cmd(&b, &["--state", env.path("b.db").to_str().unwrap()])).await;
     assert_eq!(code(&second), 0, "{}", stderr(&second));
-    let first = tokio::time::timeout(Duration::from_secs(60), first.wait_with_output()).await.unwrap().unwrap();
+    let first =
+        tokio::time::timeout(Duration::from_secs(60), first.wait_with_output()).await.unwrap().unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
     assert_eq!(env.states().await.get("done"), Some(&3), "no paid row of the first run was lost");
     assert_eq!(env.verify_outputs().await, 3);
