@@ -183,7 +183,7 @@ pub(crate) async fn execute(
     let pool_outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            let _ = store.finish_run(run_id, "fatal", ExitCode::Fatal.code(), "{}").await;
+            let _ = store.finish_run(run_id, "fatal", e.exit_code().code(), "{}").await;
             if let Some(sim) = sim {
                 sim.shutdown().await;
             }

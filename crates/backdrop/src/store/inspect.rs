@@ -536,7 +536,7 @@ impl Store {
     /// A database error; nothing is changed then.
     pub async fn apply_requeue(&self, plan: &RequeuePlan) -> Result<u64, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(|e| self.write_error(e))?;
         let mut moved = 0;
         for job in &plan.requeue {
             let done = sqlx::query(
@@ -571,7 +571,7 @@ impl Store {
                 moved += 1;
             }
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| self.write_error(e))?;
         Ok(moved)
     }
 }

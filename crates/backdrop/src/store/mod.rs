@@ -368,6 +368,11 @@ impl Store {
         &self.path
     }
 
+    /// A failed write as a [`StoreError`], naming this database when the disk under it failed.
+    pub(crate) fn write_error(&self, e: sqlx::Error) -> StoreError {
+        StoreError::from(e).at(&self.path)
+    }
+
     /// Closes the pool, waiting for connections to finish (checkpoints the WAL).
     pub async fn close(&self) {
         self.pool.close().await;
