@@ -105,7 +105,7 @@ impl RunLock {
             Err(std::fs::TryLockError::WouldBlock) => {
                 let identity = FileIdentity::of_file(&file).ok().flatten();
                 let holder = identity.and_then(holder_pid);
-                let same_file = std::fs::canonicalize(state).ok().filter(|c| c != state);
+                let same_file = link_target(state);
                 // Closing this descriptor is safe: this process has no SQLite connection to the
                 // file (see `Drop`).
                 drop(file);
@@ -155,6 +155,18 @@ impl Drop for RunLock {
             drop(file);
         }
     }
+}
+
+/// Where `path` leads when its last component is a symlink (the file another run may know by its
+/// real name); `None` for a plain file.
+fn link_target(path: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(path).ok()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let direct = std::fs::canonicalize(parent).ok()?.join(path.file_name()?);
+    (target != direct).then_some(target)
 }
 
 /// The pid of the process holding a `flock` on the file `id`, read from `/proc/locks` (Linux:
@@ -231,6 +243,11 @@ mod tests {
             let err = RunLock::acquire(other).unwrap_err();
             assert!(matches!(err, StoreError::Locked { .. }), "{}: {err}", other.display());
         }
+        let real = std::fs::canonicalize(&path).unwrap();
+        let err = RunLock::acquire(&link).unwrap_err();
+        assert!(err.to_string().contains(&format!("(the same file as {})", real.display())), "{err}");
+        let err = RunLock::acquire(&path).unwrap_err();
+        assert!(!err.to_string().contains("the same file as"), "{err}");
         // No side file exists whose removal could release the lock.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
