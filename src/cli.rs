@@ -245,6 +245,11 @@ pub(crate) struct RetryArgs {
     /// Re-queue these SKUs, whatever their state.
     #[arg(long, value_name = "SKU", num_args = 1..)]
     pub(crate) sku: Vec<String>,
+    /// Also resubmit selected rows the provider already charged (done, or failed after their
+    /// request was accepted): the next run PAYS FOR THEM AGAIN. Without it such rows are left as
+    /// they are, and a failed row whose result is saved is only downloaded again.
+    #[arg(long)]
+    pub(crate) pay_again: bool,
 }
 
 /// Arguments of `backdrop report`.

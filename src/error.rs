@@ -57,7 +57,10 @@ impl Error {
     pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
             Self::Config(_) | Self::Catalog(_) | Self::Prompt(_) => ExitCode::Usage,
-            Self::Store(backdrop::store::StoreError::Locked { .. }) => ExitCode::Usage,
+            Self::Store(
+                backdrop::store::StoreError::Locked { .. } | backdrop::store::StoreError::NotBackdrop { .. },
+            ) => ExitCode::Usage,
+            Self::Store(e) if e.is_disk_failure() => ExitCode::DiskFailing,
             Self::Store(_) | Self::Io { .. } => ExitCode::Fatal,
             Self::Other { exit, .. } => *exit,
         }

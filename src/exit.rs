@@ -17,6 +17,9 @@ pub(crate) enum ExitCode {
     OutOfCredits,
     /// The API rejected the key (401/403).
     KeyRejected,
+    /// The output folder or the state file cannot be written (disk full, read-only, permissions,
+    /// I/O errors); paid rows keep their results. Resumable once the disk is fixed.
+    DiskFailing,
     /// Interrupted by Ctrl-C or SIGTERM; resumable.
     Interrupted,
 }
@@ -32,6 +35,7 @@ impl ExitCode {
             Self::RowsFailed => 3,
             Self::OutOfCredits => 4,
             Self::KeyRejected => 5,
+            Self::DiskFailing => 6,
             Self::Interrupted => 130,
         }
     }
@@ -46,6 +50,7 @@ Exit codes:
   3    finished, some rows failed
   4    stopped by out-of-credits or the budget cap (resumable)
   5    the API rejected the key
+  6    stopped: the output folder or state file cannot be written (resumable once fixed)
   130  interrupted (resumable)";
 
 #[cfg(test)]
@@ -61,6 +66,7 @@ mod tests {
             (ExitCode::RowsFailed, 3),
             (ExitCode::OutOfCredits, 4),
             (ExitCode::KeyRejected, 5),
+            (ExitCode::DiskFailing, 6),
             (ExitCode::Interrupted, 130),
         ];
         for (exit, code) in all {

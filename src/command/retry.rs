@@ -1,6 +1,8 @@
 //! `backdrop retry`: puts failed, ambiguous or named rows back to pending for the next `run`.
 //! Ambiguous rows are listed with their risk (a paid request may already have gone out) before
-//! they are re-queued; rows with a live saved request are left for `run` to resume.
+//! they are re-queued; rows with a live saved request are left for `run` to resume; a failed row
+//! whose paid result is saved is re-queued for its download only; rows the provider already
+//! charged are resubmitted only with `--pay-again`, whose warning says they are paid for again.
 
 use std::fmt::Write as _;
 
@@ -22,10 +24,17 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
     require_existing(&path)?;
     // Re-queueing under a live run would race its claims, and a `submitting` row is only safe
     // to call ambiguous when no process can still be sending it.
-    let _lock = RunLock::acquire(&path)?;
-    let store = Store::open(&path).await?;
-    let which = Requeue { failed: args.failed, ambiguous: args.ambiguous, skus: args.sku.clone() };
+    let lock = RunLock::acquire(&path)?;
+    let store = Store::open_locked(&lock).await?;
+    let which = Requeue {
+        failed: args.failed,
+        ambiguous: args.ambiguous,
+        skus: args.sku.clone(),
+        pay_again: args.pay_again,
+    };
     let plan = store.plan_requeue(&which).await?;
+    let due: std::collections::HashMap<String, i64> =
+        store.downloads_due().await?.into_iter().map(|d| (d.sku, d.deadline)).collect();
 
     let mut text = String::new();
     for sku in &plan.unknown {
@@ -58,6 +67,41 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
             );
         }
     }
+    let paid_again: Vec<_> = plan.paid_again().collect();
+    if !paid_again.is_empty() {
+        let _ = writeln!(
+            text,
+            "warning: --pay-again: {} row(s) the provider already charged are re-queued: the next run pays \
+             for them again:",
+            paid_again.len()
+        );
+        for job in &paid_again {
+            let _ = writeln!(text, "  {}  ({})", one_line(&job.sku), job.state);
+        }
+    }
+    let now = backdrop::store::now_ms();
+    for job in &plan.download {
+        let _ = write!(
+            text,
+            "{}: paid, not downloaded: re-queued to download its saved result again (nothing is paid again)",
+            one_line(&job.sku)
+        );
+        match due.get(&job.sku) {
+            Some(&deadline) if deadline <= now => {
+                let _ = write!(
+                    text,
+                    "; its output URLs expired at {}, so the download will likely fail (`--pay-again` submits \
+                     it again and pays again)",
+                    rfc3339(deadline)
+                );
+            }
+            Some(&deadline) => {
+                let _ = write!(text, "; its output URLs work until at least {}", rfc3339(deadline));
+            }
+            None => {}
+        }
+        text.push('\n');
+    }
     for (job, reason) in &plan.kept {
         let why = match reason {
             KeepReason::AlreadyPending => "already pending".to_owned(),
@@ -66,12 +110,14 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
                 job.state,
                 one_line(job.request_id.as_deref().unwrap_or("?"))
             ),
+            KeepReason::Charged => format!(
+                "left as {}: the provider already charged for it{}; `--pay-again` re-queues it and the next \
+                 run pays for it again",
+                job.state,
+                job.request_id.as_deref().map(|r| format!(" (request {})", one_line(r))).unwrap_or_default()
+            ),
         };
         let _ = writeln!(text, "{}: {why}", one_line(&job.sku));
-    }
-    let redo = plan.requeue.iter().filter(|j| j.state == JobState::Done).count();
-    if redo > 0 {
-        let _ = writeln!(text, "note: {redo} done row(s) re-queued: the next run pays for them again");
     }
     // Printed before the change, so the risk is on screen even if the update fails.
     print_stdout(&text)?;
@@ -88,16 +134,19 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
     Ok(ExitCode::Success)
 }
 
-/// `2 failed, 1 ambiguous`: what the re-queued rows were, in life order.
+/// `2 failed, 1 ambiguous, 3 for download only`: what the re-queued rows were, in life order.
 fn by_state(plan: &RequeuePlan) -> String {
-    JobState::ALL
+    let mut parts: Vec<String> = JobState::ALL
         .into_iter()
         .filter_map(|st| {
             let n = plan.requeue.iter().filter(|j| j.state == st).count();
             (n > 0).then(|| format!("{n} {st}"))
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    if !plan.download.is_empty() {
+        parts.push(format!("{} for download only", plan.download.len()));
+    }
+    parts.join(", ")
 }
 
 fn dedup_len(skus: &[String]) -> usize {

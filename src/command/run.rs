@@ -110,8 +110,10 @@ pub(crate) async fn execute(
     let timeout = settings.request_timeout;
     let client = tokio::task::spawn_blocking(move || providers::http::client(timeout));
 
-    let _lock = RunLock::acquire(&settings.state)?;
-    let store = Store::open(&settings.state).await?;
+    check_writable(&settings)?;
+    // Held until the process exits: no other run may use this database (by any name).
+    let lock = RunLock::acquire(&settings.state)?;
+    let store = Store::open_locked(&lock).await?;
     let recovery = store.recover().await?;
     if recovery.ambiguous > 0 {
         warn!(
@@ -181,7 +183,7 @@ pub(crate) async fn execute(
     let pool_outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            let _ = store.finish_run(run_id, "fatal", ExitCode::Fatal.code(), "{}").await;
+            let _ = store.finish_run(run_id, "fatal", e.exit_code().code(), "{}").await;
             if let Some(sim) = sim {
                 sim.shutdown().await;
             }
@@ -240,9 +242,26 @@ fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64) -> (ExitCode, &'stati
         Some(Stop::KeyRejected) => (ExitCode::KeyRejected, "key_rejected"),
         Some(Stop::OutOfCredits) => (ExitCode::OutOfCredits, "out_of_credits"),
         Some(Stop::Budget) => (ExitCode::OutOfCredits, "budget"),
+        Some(Stop::OutputFailing) => (ExitCode::DiskFailing, "output_failing"),
         None if failed > 0 || ambiguous > 0 || pool.unfinished > 0 => (ExitCode::RowsFailed, "rows_failed"),
         None => (ExitCode::Success, "done"),
     }
+}
+
+/// Before anything is paid for: a file can be written, synced and removed in the output folder and
+/// in the state file's folder (exit 6 naming the path and the OS error otherwise).
+fn check_writable(settings: &Settings) -> Result<(), Error> {
+    let state_dir = match settings.state.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    for (what, dir) in [("output folder", settings.out.as_path()), ("state file's folder", state_dir)] {
+        fetch::probe_writable(dir).map_err(|e| Error::Other {
+            message: format!("the {what} cannot be written, so nothing was sent: {e}"),
+            exit: ExitCode::DiskFailing,
+        })?;
+    }
+    Ok(())
 }
 
 fn other_fatal(e: impl std::fmt::Display) -> Error {
@@ -274,10 +293,18 @@ async fn drive<P: Provider>(
     stats: &Arc<RunStats>,
     interrupt: CancellationToken,
 ) -> Result<PoolOutcome, Error> {
-    let removed = fetch::clean_temp_files(&settings.out)
-        .map_err(|e| Error::io(format!("cleaning temp files in {}", settings.out.display()), e))?;
-    if removed > 0 {
-        info!(files = removed, "removed partial downloads left by an earlier run");
+    // Held while this run may write there: another run's start-up clean-up leaves our downloads
+    // in progress alone.
+    let (_out_lock, clean) = fetch::OutputFolderLock::claim(&settings.out)
+        .map_err(|e| Error::io(format!("claiming the output folder {}", settings.out.display()), e))?;
+    if clean.removed > 0 {
+        info!(files = clean.removed, "removed partial downloads left by an earlier run");
+    }
+    if clean.kept > 0 {
+        info!(
+            files = clean.kept,
+            "left partial downloads alone: another live run is using this output folder"
+        );
     }
     let fetcher = Fetcher::new(
         client.clone(),

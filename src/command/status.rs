@@ -11,7 +11,7 @@ use crate::cli::{GlobalArgs, RunArgs, StateArgs, StatusArgs};
 use crate::error::Error;
 use crate::exit::ExitCode;
 use backdrop::report::{REPORT_VERSION, describe_spend, rfc3339};
-use backdrop::store::{DEFAULT_STATE, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
+use backdrop::store::{DEFAULT_STATE, DueDownload, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
 
 /// At most this many failed or ambiguous rows are listed in text; `--json` and `report` list all.
 const TEXT_LIST_LIMIT: usize = 50;
@@ -33,6 +33,9 @@ pub(crate) struct Status {
     pub(crate) failed: Vec<JobBrief>,
     /// Rows whose paid request may have left without its id being saved.
     pub(crate) ambiguous: Vec<JobBrief>,
+    /// Paid rows not downloaded yet, soonest deadline first: their output URLs work at least
+    /// until `deadline` (unix ms).
+    pub(crate) downloads_due: Vec<DueDownload>,
 }
 
 impl Status {
@@ -49,12 +52,19 @@ impl Status {
             last_run: store.last_run().await?,
             failed: store.jobs_in_state(JobState::Failed).await?,
             ambiguous: store.jobs_in_state(JobState::Ambiguous).await?,
+            downloads_due: store.downloads_due().await?,
         })
     }
 
     /// The human-readable form.
     #[must_use]
     pub(crate) fn to_text(&self) -> String {
+        let mut s = self.main_text();
+        due_text(&mut s, &self.downloads_due, backdrop::store::now_ms());
+        s
+    }
+
+    fn main_text(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "state: {}", self.state_file);
@@ -112,6 +122,41 @@ impl Status {
         }
         s
     }
+}
+
+/// Paid rows still to download, each with the deadline of its output URLs.
+fn due_text(s: &mut String, due: &[DueDownload], now: i64) {
+    use std::fmt::Write as _;
+    if due.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "paid, not downloaded ({}): `backdrop run` downloads them (failed ones after `backdrop retry \
+         --failed`) while their output URLs work:",
+        due.len()
+    );
+    for d in due.iter().take(TEXT_LIST_LIMIT) {
+        let when = if d.deadline <= now {
+            format!("URLs expired {}", rfc3339(d.deadline))
+        } else {
+            let left = std::time::Duration::from_secs(u64::try_from((d.deadline - now) / 1000).unwrap_or(0));
+            format!(
+                "download by {} (in {})",
+                rfc3339(d.deadline),
+                humantime::format_duration(round_to_minutes(left))
+            )
+        };
+        let _ = writeln!(s, "  {}  ({}) {when}", one_line(&d.sku), d.state);
+    }
+    if due.len() > TEXT_LIST_LIMIT {
+        let _ = writeln!(s, "  … and {} more (`status --json` lists all)", due.len() - TEXT_LIST_LIMIT);
+    }
+}
+
+/// A time left, to the minute: the seconds of a 24-hour deadline are noise.
+fn round_to_minutes(d: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(d.as_secs().max(60) / 60 * 60)
 }
 
 fn list(s: &mut String, jobs: &[JobBrief], detail: impl Fn(&JobBrief) -> String) {
@@ -231,6 +276,7 @@ mod tests {
             error: error.map(Into::into),
             error_class: None,
             updated_at: 0,
+            has_result: false,
         };
         let status = Status {
             version: 1,
@@ -240,6 +286,7 @@ mod tests {
             last_run: None,
             failed: vec![brief("F-1", JobState::Failed, Some("HTTP 422\ncontent policy"))],
             ambiguous: vec![brief("A-1", JobState::Ambiguous, None)],
+            downloads_due: Vec::new(),
         };
         let text = status.to_text();
         assert!(text.contains("  failed           1\n"), "{text}");
@@ -247,5 +294,27 @@ mod tests {
         assert!(text.contains("F-1  (2 attempts) HTTP 422 content policy"), "{text}");
         assert!(text.contains("may be charged twice"), "{text}");
         assert!(text.contains("last run: none"), "{text}");
+    }
+
+    #[test]
+    fn text_lists_paid_rows_to_download_with_their_deadline() {
+        let due =
+            |sku: &str, state, deadline| DueDownload { sku: sku.into(), state, request_id: None, deadline };
+        let now = 1_795_000_000_000;
+        let mut s = String::new();
+        due_text(
+            &mut s,
+            &[
+                due("OLD-1", JobState::Failed, now - 1),
+                due("NEW-1", JobState::Fetching, now + 90 * 60 * 1000 + 500),
+            ],
+            now,
+        );
+        assert!(s.starts_with("paid, not downloaded (2):"), "{s}");
+        assert!(s.contains("  OLD-1  (failed) URLs expired 2026-11-18T11:06:39Z"), "{s}");
+        assert!(s.contains("  NEW-1  (fetching) download by 2026-11-18T12:36:40Z (in 1h 30m)"), "{s}");
+        let mut none = String::new();
+        due_text(&mut none, &[], now);
+        assert!(none.is_empty());
     }
 }

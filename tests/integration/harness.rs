@@ -148,6 +148,11 @@ impl Sim {
         self.post("/__sim/keys", &json!({ "revoked": revoked })).await;
     }
 
+    /// Expires every output URL handed out so far: they answer 410 Gone from now on.
+    pub(crate) async fn expire_urls(&self) {
+        self.post("/__sim/expire-urls", &json!({})).await;
+    }
+
     /// Makes every submit answer `status` for the next `duration`.
     pub(crate) async fn start_burst(&self, status: u16, duration: Duration) {
         self.post("/__sim/burst", &json!({ "status": status, "seconds": duration.as_secs_f64() })).await;

@@ -12,3 +12,4 @@ mod provider;
 mod run;
 mod sim;
 mod tidy;
+mod trust;

@@ -352,14 +352,25 @@ async fn retry_by_sku_reports_unknown_skus_and_keeps_live_requests() {
     assert!(stdout(&o).contains("unknown SKU: NOPE-1"), "{}", stdout(&o));
     assert!(stderr(&o).contains("nothing was re-queued"), "{}", stderr(&o));
 
-    // SKU-001 is done: the user asked to redo it. SKU-006 waits with no live request.
+    // SKU-001 is done: the provider charged it, so naming it is not enough to pay again.
+    // SKU-006 waits with no live request.
     let o = backdrop(&["retry", "--sku", "SKU-001", "SKU-006", "SKU-005", "NOPE", "--state", s(&f.state)]);
     let text = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{text}{}", stderr(&o));
     assert!(text.contains("unknown SKU: NOPE"), "{text}");
     assert!(text.contains("SKU-005: already pending"), "{text}");
-    assert!(text.contains("re-queued 2 rows (1 done, 1 waiting)"), "{text}");
-    assert!(text.contains("1 done row(s) re-queued: the next run pays for them again"), "{text}");
+    assert!(
+        text.contains("SKU-001: left as done: the provider already charged for it (request sd-req-1)"),
+        "{text}"
+    );
+    assert!(text.contains("re-queued 1 row (1 waiting)"), "{text}");
+    assert_eq!(job_row(&f.state, "SKU-001").await.0, "done");
+    // With the flag that says so, it is re-queued, and the warning says it is paid for again.
+    let o = backdrop(&["retry", "--sku", "SKU-001", "--pay-again", "--state", s(&f.state)]);
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}{}", stderr(&o));
+    assert!(text.contains("warning: --pay-again: 1 row(s) the provider already charged are re-queued: the next run pays for them again"), "{text}");
+    assert!(text.contains("re-queued 1 row (1 done)"), "{text}");
     assert_eq!(job_row(&f.state, "SKU-001").await, ("pending".into(), 0, None, None, None));
     assert_eq!(job_row(&f.state, "SKU-006").await, ("pending".into(), 0, None, None, None));
 

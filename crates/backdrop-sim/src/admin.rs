@@ -9,6 +9,7 @@
 //! | `GET`/`POST /__sim/balance` | read, or `{credits?, fal_balance?, add_credits?, add_fal_balance?}` |
 //! | `POST /__sim/keys` | `{"revoked": true}` makes every key answer 401; `false` restores |
 //! | `POST /__sim/burst` | `{"status": 503, "seconds": 30}`: every submit gets that status meanwhile |
+//! | `POST /__sim/expire-urls` | every output URL ready so far answers 410 Gone from now on |
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
 //! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
 
@@ -34,6 +35,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/balance", get(balance).post(set_balance))
         .route("/__sim/keys", post(keys))
         .route("/__sim/burst", post(burst))
+        .route("/__sim/expire-urls", post(expire_urls))
         .route("/__sim/config", get(config))
         .route("/__sim/input/{file}", get(super::files::input))
 }
@@ -119,4 +121,11 @@ async fn burst(State(sim): State<Arc<Sim>>, Json(burst): Json<BurstNow>) -> Resp
     }
     *lock(&sim.manual_burst) = Some((Instant::now() + Duration::from_secs_f64(burst.seconds), burst.status));
     Json(json!({ "status": burst.status, "seconds": burst.seconds })).into_response()
+}
+
+/// Output URLs that expired while the client was away: whatever is ready now is gone for good,
+/// as a provider's URLs are once their lifetime (24 h for seedance, 7 days for fal) is over.
+async fn expire_urls(State(sim): State<Arc<Sim>>) -> Response {
+    *lock(&sim.urls_expired_at) = Some(Instant::now());
+    Json(json!({ "expired": true })).into_response()
 }

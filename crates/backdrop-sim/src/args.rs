@@ -115,7 +115,8 @@ Scenario file (--scenario FILE), every key optional:
 
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
-GET /__sim/config, GET /__sim/input/{name}.png";
+POST /__sim/expire-urls (every output ready so far answers 410 Gone), GET /__sim/config,
+GET /__sim/input/{name}.png";
 
 fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
     humantime::parse_duration(text.trim())

@@ -68,6 +68,9 @@ pub(crate) async fn output(
     if now < ready {
         return plain(StatusCode::NOT_FOUND, "not found");
     }
+    if lock(&sim.urls_expired_at).is_some_and(|at| ready <= at) {
+        return plain(StatusCode::GONE, "this output URL has expired");
+    }
     let faults = &sim.config.faults;
     if let Some(ttl) = faults.url_ttl_secs
         && now.duration_since(ready) > Duration::from_secs_f64(ttl)

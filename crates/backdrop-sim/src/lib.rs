@@ -255,6 +255,9 @@ pub(crate) struct Sim {
     accept_window: Mutex<SecondWindow>,
     /// A burst started through the admin API: (until, status).
     pub(crate) manual_burst: Mutex<Option<(Instant, u16)>>,
+    /// Set through the admin API: every output ready by then answers 410 Gone (URLs that expired
+    /// while the client was away).
+    pub(crate) urls_expired_at: Mutex<Option<Instant>>,
     submit_seq: AtomicU64,
     pub(crate) accepted: AtomicU64,
     in_flight: AtomicU64,
@@ -309,6 +312,7 @@ impl Sim {
             submit_window: Mutex::new(SecondWindow::default()),
             accept_window: Mutex::new(SecondWindow::default()),
             manual_burst: Mutex::new(None),
+            urls_expired_at: Mutex::new(None),
             submit_seq: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),

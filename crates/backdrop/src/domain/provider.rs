@@ -48,6 +48,16 @@ impl ProviderKind {
         }
     }
 
+    /// How long the provider keeps a result's output URLs working, from when it made them
+    /// (seedance: 24 hours; fal: at least 7 days). A paid result not downloaded by then is lost.
+    #[must_use]
+    pub const fn output_url_lifetime(self) -> std::time::Duration {
+        match self {
+            Self::Seedance => std::time::Duration::from_secs(24 * 3600),
+            Self::Fal => std::time::Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
     /// The environment variable that holds this provider's key.
     #[must_use]
     pub const fn key_env_var(self) -> &'static str {

@@ -6,7 +6,7 @@ pub mod cleanup;
 pub mod durable;
 pub mod naming;
 
-pub use cleanup::{TEMP_MARKER, clean_temp_files};
+pub use cleanup::{CleanUp, OutputFolderLock, TEMP_MARKER, clean_temp_files, probe_writable, temp_file_name};
 pub use durable::Persister;
 pub use naming::{DEFAULT_OUTPUT_NAME, output_path};
 
@@ -231,7 +231,7 @@ impl Fetcher {
             }
         };
         let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp_path = dir.join(format!(".{file_name}{TEMP_MARKER}{:016x}", rand::random::<u64>()));
+        let temp_path = dir.join(temp_file_name(&file_name));
         let mut temp = TempFile::create(&temp_path)?;
 
         let mut hasher = Sha256::new();

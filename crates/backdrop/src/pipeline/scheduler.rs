@@ -28,6 +28,10 @@ const PAGE: i64 = 256;
 const MAX_POLL_ERRORS: u32 = 30;
 /// Times an expired output URL is re-resolved through the provider.
 const MAX_RERESOLVE: u32 = 2;
+/// After Ctrl-C or SIGTERM, how long rows in flight may still poll once and download a result
+/// that is ready (output URLs expire: 24 h for seedance), before everything stops. Inside
+/// Docker's 10 s between SIGTERM and SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 /// Why a run stopped submitting before the queue was empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -41,6 +45,8 @@ pub enum Stop {
     KeyRejected,
     /// Ctrl-C or SIGTERM.
     Interrupted,
+    /// The output folder cannot be written (full, read-only, not permitted, failing).
+    OutputFailing,
 }
 
 /// How the pool ended.
@@ -95,7 +101,8 @@ struct Shared<P: Provider> {
     stop: Mutex<Option<Stop>>,
     /// Cancelled when submits must stop (402, budget, 401, interrupt).
     stop_submits: CancellationToken,
-    /// Cancelled when everything must stop now (401, interrupt).
+    /// Cancelled when everything must stop now (401, a store failure, the end of the grace after
+    /// an interrupt).
     stop_all: CancellationToken,
     low_credit_warned: std::sync::atomic::AtomicBool,
     /// When this run's jobs tend to be done, for the first polls.
@@ -126,13 +133,21 @@ impl<P: Provider> Shared<P> {
                 }
                 Stop::Budget => warn!("budget reached: no new submits; finishing the jobs in flight"),
                 Stop::KeyRejected => warn!("the API rejected the key: stopping now"),
-                Stop::Interrupted => warn!("interrupted: finishing safe points, then exiting"),
+                Stop::Interrupted => warn!(
+                    grace_secs = SHUTDOWN_GRACE.as_secs(),
+                    "interrupted: no new submits; downloading results that are ready, then exiting"
+                ),
+                Stop::OutputFailing => warn!(
+                    "the output folder cannot be written: no new submits; paid rows keep their results \
+                     and the next run downloads them"
+                ),
             }
             *stop = Some(why);
         }
         drop(stop);
         self.stop_submits.cancel();
-        if matches!(why, Stop::KeyRejected | Stop::Interrupted) {
+        // An interrupt stops everything only after the grace (see `run`).
+        if why == Stop::KeyRejected {
             self.stop_all.cancel();
         }
     }
@@ -150,6 +165,19 @@ impl<P: Provider> Shared<P> {
         tokio::select! {
             () = tokio::time::sleep(d) => true,
             () = token.cancelled() => false,
+        }
+    }
+
+    /// Sleeps until the next poll: answers false when everything must stop, true to poll, early
+    /// (setting `last_poll`) when the run is interrupted.
+    async fn poll_sleep(&self, d: Duration, last_poll: &mut bool) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.stop_all.cancelled() => false,
+            () = self.pool.interrupt.cancelled() => {
+                *last_poll = true;
+                true
+            }
         }
     }
 
@@ -197,7 +225,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     let concurrency = pool.concurrency.max(1);
     let shared = Arc::new(Shared {
         stop_submits: pool.interrupt.child_token(),
-        stop_all: pool.interrupt.child_token(),
+        stop_all: CancellationToken::new(),
         pool,
         stop: Mutex::new(None),
         low_credit_warned: std::sync::atomic::AtomicBool::new(false),
@@ -207,6 +235,20 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
     let mut outcome = PoolOutcome::default();
     let mut fatal: Option<StoreError> = None;
+    // On Ctrl-C or SIGTERM: no new submits at once; rows in flight poll once more and download
+    // what is ready (paid results whose URLs would expire while the process is away), and
+    // everything stops after the grace.
+    // Aborted on every way out: it holds the writer, whose task ends only when all its holders do.
+    let grace = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            shared.pool.interrupt.cancelled().await;
+            shared.stop(Stop::Interrupted);
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            warn!("shutdown grace over: leaving what is still in flight for the next run");
+            shared.stop_all.cancel();
+        }
+    }));
 
     // 1. Jobs a previous run left at the provider: poll or re-download them, never resubmit.
     let mut after_id = 0;
@@ -215,7 +257,12 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         let Some(last) = page.last() else { break };
         after_id = last.spec.id;
         for job in page {
-            let Some(permit) = acquire(&shared, &semaphore, &shared.stop_all).await else { break 'resume };
+            let permit = tokio::select! {
+                permit = acquire(&shared, &semaphore, &shared.stop_all) => permit,
+                // Interrupted: what is in flight finishes; nothing more is taken on.
+                () = shared.pool.interrupt.cancelled() => None,
+            };
+            let Some(permit) = permit else { break 'resume };
             RunStats::bump(&shared.pool.stats.total);
             spawn(&mut tasks, &shared, job, permit);
             reap(&mut tasks, &mut outcome, &mut fatal, &shared);
@@ -250,6 +297,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     while let Some(joined) = tasks.join_next().await {
         record(joined, &mut outcome, &mut fatal, &shared);
     }
+    drop(grace);
     if let Some(e) = fatal {
         return Err(e);
     }
@@ -594,8 +642,18 @@ async fn poll_loop<P: Provider>(
     let mut polls: u32 = 0;
     let mut errors: u32 = 0;
     let mut woken = false;
+    // Set on Ctrl-C/SIGTERM: one more poll at once, and a result that is ready is downloaded
+    // (within the grace); a request still running is left for the next run.
+    let mut last_poll = false;
     let schedule = shared.poll_schedule();
+    let interrupt = &shared.pool.interrupt;
     loop {
+        if interrupt.is_cancelled() {
+            if last_poll || shared.stop_all.is_cancelled() {
+                return Ok(JobEnd::Left);
+            }
+            last_poll = true;
+        }
         let mut delay = match (polls, submitted_at) {
             // The first two polls go where this run's jobs are likely done (see PollTiming):
             // short jobs are not held back by a fixed first delay, long ones are not hammered.
@@ -617,6 +675,7 @@ async fn poll_loop<P: Provider>(
             delay = delay.max(shared.pool.poll.max) * 2;
         }
         let slept = match hooks {
+            _ if last_poll => true,
             Some(hooks) => tokio::select! {
                 () = tokio::time::sleep(delay) => true,
                 () = hooks.delivered(&request.request_id) => {
@@ -626,6 +685,7 @@ async fn poll_loop<P: Provider>(
                     true
                 }
                 () = shared.stop_all.cancelled() => false,
+                () = interrupt.cancelled() => { last_poll = true; true }
             },
             None if polls < 2 && submitted_at.is_some() => {
                 // Until a first completion is learned, the delay above is a guess (the spread first
@@ -633,16 +693,17 @@ async fn poll_loop<P: Provider>(
                 // poll where jobs are likely done instead.
                 let learned = shared.timing.first_done();
                 if shared.timing.fastest().is_some() {
-                    shared.sleep(delay, &shared.stop_all).await
+                    shared.poll_sleep(delay, &mut last_poll).await
                 } else {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => true,
                         () = learned => continue,
                         () = shared.stop_all.cancelled() => false,
+                        () = interrupt.cancelled() => { last_poll = true; true }
                     }
                 }
             }
-            None => shared.sleep(delay, &shared.stop_all).await,
+            None => shared.poll_sleep(delay, &mut last_poll).await,
         };
         if !slept {
             return Ok(JobEnd::Left);
@@ -734,6 +795,9 @@ async fn fetch_phase<P: Provider>(
                 };
                 match fetched {
                     Ok(saved) => break saved,
+                    Err(e) if e.is_output_failure() => {
+                        return keep_paid(shared, job, unsaved.take(), &e).await;
+                    }
                     Err(e) if e.is_expired() => {
                         let fal = request.as_ref().is_some_and(|r| r.response_url.is_some());
                         if fal && reresolved < MAX_RERESOLVE {
@@ -773,6 +837,7 @@ async fn fetch_phase<P: Provider>(
         let urgent = shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0;
         let saved = match shared.pool.persister.persist(outputs, urgent).await {
             Ok(saved) => saved,
+            Err(e) if e.is_output_failure() => return keep_paid(shared, job, unsaved.take(), &e).await,
             Err(e) => return fail_paid(shared, job, unsaved.take(), &download_reason(&e)).await,
         };
         // Every file is fsynced and renamed: only now is the row done. With others in flight, the
@@ -812,6 +877,33 @@ async fn fail_paid<P: Provider>(
             .await?;
     }
     fail(shared, job, None, reason).await
+}
+
+/// The output folder cannot be written: stops new submits, and keeps a paid row `fetching` with
+/// its result (saving a polled one first), so the next run downloads it again instead of paying.
+async fn keep_paid<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+    e: &FetchError,
+) -> Result<JobEnd, StoreError> {
+    warn!(error = %e, "cannot save the outputs: the row keeps its result for the next run");
+    shared.stop(Stop::OutputFailing);
+    if let Some(u) = unsaved {
+        shared
+            .pool
+            .writer
+            .send(Change::Completed {
+                job_id: job.spec.id,
+                attempt_id: None,
+                request_id: None,
+                result: u.result,
+                charged: u.charged,
+                end: AttemptEnd::default(),
+            })
+            .await?;
+    }
+    Ok(JobEnd::Left)
 }
 
 fn download_reason(e: &FetchError) -> String {

@@ -1,6 +1,7 @@
 //! The store queries behind `status`, `retry` and `report`: counts per state, money spent, the
-//! last run, the rows of a report with their outputs, and re-queueing rows ([`Requeue`]) for the
-//! next `run`. Read-only apart from [`Store::apply_requeue`].
+//! last run, paid rows still to download and when their URLs expire ([`DueDownload`]), the rows
+//! of a report with their outputs, and re-queueing rows ([`Requeue`]) for the next `run`.
+//! Read-only apart from [`Store::apply_requeue`].
 
 use std::collections::BTreeMap;
 
@@ -106,6 +107,7 @@ struct BriefRow {
     error: Option<String>,
     error_class: Option<String>,
     updated_at: i64,
+    has_result: bool,
 }
 
 /// A job as `status` and `retry` show it.
@@ -128,6 +130,20 @@ pub struct JobBrief {
     pub error_class: Option<String>,
     /// Last change, unix ms.
     pub updated_at: i64,
+    /// Whether the provider's result (its output URLs) is saved: a paid row can be downloaded
+    /// again from it without paying.
+    #[serde(skip)]
+    pub has_result: bool,
+}
+
+impl JobBrief {
+    /// Whether the provider has already charged for this row's current request: it was
+    /// accepted (a saved request id), answered with a result, or finished. Only `--pay-again`
+    /// resubmits such a row.
+    #[must_use]
+    pub const fn charged(&self) -> bool {
+        self.request_id.is_some() || self.has_result || matches!(self.state, JobState::Done)
+    }
 }
 
 impl TryFrom<BriefRow> for JobBrief {
@@ -143,8 +159,25 @@ impl TryFrom<BriefRow> for JobBrief {
             error: r.error,
             error_class: r.error_class,
             updated_at: r.updated_at,
+            has_result: r.has_result,
         })
     }
+}
+
+/// A paid row whose outputs are not on disk yet, and the latest moment its output URLs are sure
+/// to work: `status` lists these so nobody waits past it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DueDownload {
+    /// The row's SKU.
+    pub sku: String,
+    /// `submitted` or `fetching` (the next `run` downloads it), or `failed` (after a failed
+    /// download: `backdrop retry --failed` re-queues the download only).
+    pub state: JobState,
+    /// The provider's request id, if any.
+    pub request_id: Option<String>,
+    /// Unix ms: when the provider accepted the request, plus its URL lifetime (seedance 24 h,
+    /// fal 7 days). The URLs cannot have been made earlier, so they work at least until then.
+    pub deadline: i64,
 }
 
 #[derive(FromRow)]
@@ -235,6 +268,9 @@ pub struct Requeue {
     pub ambiguous: bool,
     /// These SKUs, whatever their state (rows with a live paid request excepted).
     pub skus: Vec<String>,
+    /// Also resubmit rows the provider already charged (done, or failed after their request was
+    /// accepted): the next run pays for them again.
+    pub pay_again: bool,
 }
 
 /// Why a selected row is left as it is.
@@ -245,6 +281,9 @@ pub enum KeepReason {
     AlreadyPending,
     /// It has a saved request id the next run resumes; re-queueing it would pay again.
     InFlight,
+    /// The provider already charged for it (it is done, or failed after its request was
+    /// accepted) and no result is saved to download again: only `--pay-again` resubmits it.
+    Charged,
 }
 
 /// What a [`Requeue`] would do: computed by [`Store::plan_requeue`], done by
@@ -253,6 +292,9 @@ pub enum KeepReason {
 pub struct RequeuePlan {
     /// Rows to move back to pending, in catalog order, as they are now.
     pub requeue: Vec<JobBrief>,
+    /// Failed rows whose paid result is saved: moved back to `fetching`, so the next run downloads
+    /// them again from the saved result (nothing is submitted or paid again).
+    pub download: Vec<JobBrief>,
     /// Selected rows left alone, and why.
     pub kept: Vec<(JobBrief, KeepReason)>,
     /// `--sku` values with no job.
@@ -265,6 +307,12 @@ impl RequeuePlan {
     pub fn at_risk(&self) -> impl Iterator<Item = &JobBrief> {
         self.requeue.iter().filter(|j| may_be_charged_twice(j.state))
     }
+
+    /// The rows to re-queue that the provider already charged (`--pay-again`): the next run
+    /// pays for them again.
+    pub fn paid_again(&self) -> impl Iterator<Item = &JobBrief> {
+        self.requeue.iter().filter(|j| j.charged())
+    }
 }
 
 /// `submitting` counts as ambiguous here: `retry` holds the run lock, so no live process is
@@ -273,7 +321,8 @@ const fn may_be_charged_twice(state: JobState) -> bool {
     matches!(state, JobState::Ambiguous | JobState::Submitting)
 }
 
-const BRIEF_COLUMNS: &str = "id, sku, state, attempts, request_id, error, error_class, updated_at";
+const BRIEF_COLUMNS: &str =
+    "id, sku, state, attempts, request_id, error, error_class, updated_at, result IS NOT NULL AS has_result";
 
 impl Store {
     /// Counts jobs per state.
@@ -335,6 +384,39 @@ impl Store {
         let sql = format!("SELECT {BRIEF_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY position, id");
         let rows: Vec<BriefRow> = sqlx::query_as(&sql).bind(state.as_str()).fetch_all(self.pool()).await?;
         rows.into_iter().map(JobBrief::try_from).collect()
+    }
+
+    /// Paid rows whose outputs are not on disk: in flight (`submitted`, `fetching`), or failed
+    /// after the provider's result was saved. Soonest deadline first.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for an unknown state or provider.
+    pub async fn downloads_due(&self) -> Result<Vec<DueDownload>, StoreError> {
+        let rows: Vec<(String, String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT sku, state, provider, request_id, COALESCE(accepted_at, updated_at) FROM jobs
+             WHERE state IN ('submitted', 'fetching')
+                OR (state = 'failed' AND result IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM outputs WHERE outputs.job_id = jobs.id))",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut due = rows
+            .into_iter()
+            .map(|(sku, state, provider, request_id, accepted_at)| {
+                let provider: crate::domain::ProviderKind = provider
+                    .parse()
+                    .map_err(|e: String| StoreError::Corrupt(format!("jobs.provider of {sku:?}: {e}")))?;
+                let lifetime = i64::try_from(provider.output_url_lifetime().as_millis()).unwrap_or(i64::MAX);
+                Ok(DueDownload {
+                    state: state.parse()?,
+                    sku,
+                    request_id,
+                    deadline: accepted_at.saturating_add(lifetime),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        due.sort_by(|a, b| (a.deadline, &a.sku).cmp(&(b.deadline, &b.sku)));
+        Ok(due)
     }
 
     /// Every job with its outputs, in catalog order (`jobs.position`): the rows of a report.
@@ -432,31 +514,35 @@ impl Store {
             .collect();
         jobs.sort_by_key(|j| (positions.get(&j.id).copied().unwrap_or(i64::MAX), j.id));
         for job in jobs {
-            match keep_reason(&job) {
+            match keep_reason(&job, which.pay_again) {
                 Some(reason) => plan.kept.push((job, reason)),
+                None if job.state == JobState::Failed && job.has_result && !which.pay_again => {
+                    plan.download.push(job);
+                }
                 None => plan.requeue.push(job),
             }
         }
         Ok(plan)
     }
 
-    /// Moves the plan's rows back to pending in one transaction: attempts reset, error and
-    /// `next_attempt_at` cleared, request id, URLs and result cleared (a pending row has no live
-    /// request), and its old output records dropped (the next run writes new ones). Credits
-    /// and the attempt history stay: that money was spent. A row whose state changed since the
-    /// plan is left alone. Returns how many rows moved.
+    /// Moves the plan's rows back in one transaction. [`RequeuePlan::requeue`] rows go to pending:
+    /// attempts reset, error and `next_attempt_at` cleared, request id, URLs and result cleared
+    /// (a pending row has no live request), and its old output records dropped (the next run
+    /// writes new ones). [`RequeuePlan::download`] rows go to `fetching` with their request and
+    /// result kept. Credits and the attempt history stay: that money was spent. A row whose state
+    /// changed since the plan is left alone. Returns how many rows moved.
     ///
     /// # Errors
     /// A database error; nothing is changed then.
     pub async fn apply_requeue(&self, plan: &RequeuePlan) -> Result<u64, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(|e| self.write_error(e))?;
         let mut moved = 0;
         for job in &plan.requeue {
             let done = sqlx::query(
                 "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = NULL, error = NULL,
                         error_class = NULL, request_id = NULL, status_url = NULL, response_url = NULL,
-                        cancel_url = NULL, result = NULL, updated_at = ?1
+                        cancel_url = NULL, result = NULL, accepted_at = NULL, updated_at = ?1
                  WHERE id = ?2 AND state = ?3",
             )
             .bind(now)
@@ -469,16 +555,35 @@ impl Store {
                 moved += 1;
             }
         }
-        tx.commit().await?;
+        for job in &plan.download {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = 'fetching', next_attempt_at = NULL, error = NULL, error_class = NULL,
+                        updated_at = ?1
+                 WHERE id = ?2 AND state = ?3 AND result IS NOT NULL",
+            )
+            .bind(now)
+            .bind(job.id)
+            .bind(job.state.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                sqlx::query("DELETE FROM outputs WHERE job_id = ?1").bind(job.id).execute(&mut *tx).await?;
+                moved += 1;
+            }
+        }
+        tx.commit().await.map_err(|e| self.write_error(e))?;
         Ok(moved)
     }
 }
 
-fn keep_reason(job: &JobBrief) -> Option<KeepReason> {
+fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
     match job.state {
         JobState::Pending => Some(KeepReason::AlreadyPending),
         JobState::Submitted | JobState::Fetching => Some(KeepReason::InFlight),
         JobState::Waiting if job.request_id.is_some() => Some(KeepReason::InFlight),
+        // A failed row with its result saved is downloaded again instead (see `plan_requeue`).
+        JobState::Failed if job.has_result => None,
+        JobState::Done | JobState::Failed if job.charged() && !pay_again => Some(KeepReason::Charged),
         JobState::Waiting
         | JobState::Done
         | JobState::Failed
@@ -494,22 +599,36 @@ mod tests {
     async fn fixture() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+        let result = Some("{\"images\":[{\"url\":\"http://x/o.png\"}]}");
         let rows = [
-            ("A", 1, "done", "seedance", 30.0, None, None),
-            ("B", 2, "failed", "seedance", 0.0, None, Some("HTTP 422: content policy")),
-            ("C", 3, "ambiguous", "fal", 0.03, None, None),
-            ("D", 4, "submitted", "seedance", 30.0, Some("req-d"), None),
-            ("E", 5, "pending", "seedance", 0.0, None, None),
-            ("F", 6, "waiting", "seedance", 0.0, Some("req-f"), Some("HTTP 503")),
-            ("G", 7, "submitting", "seedance", 0.0, None, None),
+            ("A", 1, "done", "seedance", 30.0, Some("req-a"), None, result),
+            ("B", 2, "failed", "seedance", 0.0, None, Some("HTTP 422: content policy"), None),
+            ("C", 3, "ambiguous", "fal", 0.03, None, None, None),
+            ("D", 4, "submitted", "seedance", 30.0, Some("req-d"), None, None),
+            ("E", 5, "pending", "seedance", 0.0, None, None, None),
+            ("F", 6, "waiting", "seedance", 0.0, Some("req-f"), Some("HTTP 503"), None),
+            ("G", 7, "submitting", "seedance", 0.0, None, None, None),
+            // Paid; the download failed; the result with its URLs is kept.
+            (
+                "H",
+                8,
+                "failed",
+                "seedance",
+                8.0,
+                Some("req-h"),
+                Some("paid, not downloaded: HTTP 403"),
+                result,
+            ),
+            // Paid; the provider said the generation failed: nothing to download.
+            ("I", 9, "failed", "fal", 0.04, Some("req-i"), Some("paid, generation failed"), None),
         ];
-        for (sku, pos, state, provider, credits, req, err) in rows {
+        for (sku, pos, state, provider, credits, req, err, result) in rows {
             sqlx::query(
                 "INSERT INTO jobs (sku, position, fingerprint, provider, model, task, prompt, inputs, params,
                                    state, attempts, request_id, credits, error, error_class, next_attempt_at,
-                                   result, created_at, updated_at)
+                                   result, accepted_at, created_at, updated_at)
                  VALUES (?1, ?2, 'fp', ?3, 'm', 'edit', 'p', '[\"/x.png\"]', '{}', ?4, 2, ?5, ?6, ?7,
-                         'fail', 99, '{}', 1, 1)",
+                         'fail', 99, ?8, 1000, 1, 1)",
             )
             .bind(sku)
             .bind(pos)
@@ -518,6 +637,7 @@ mod tests {
             .bind(req)
             .bind(credits)
             .bind(err)
+            .bind(result)
             .execute(store.pool())
             .await
             .unwrap();
@@ -536,12 +656,12 @@ mod tests {
     async fn counts_and_spend_come_from_the_store() {
         let (_dir, store) = fixture().await;
         let counts = store.state_counts().await.unwrap();
-        assert_eq!((counts.total, counts.done, counts.failed, counts.ambiguous), (7, 1, 1, 1));
+        assert_eq!((counts.total, counts.done, counts.failed, counts.ambiguous), (9, 1, 3, 1));
         assert_eq!(counts.get(JobState::Waiting), 1);
         let spend = store.spend().await.unwrap();
-        assert!((spend.seedance_credits - 60.0).abs() < 1e-9);
-        assert!((spend.fal_dollars - 0.03).abs() < 1e-9);
-        assert!((spend.total_dollars - 0.63).abs() < 1e-9);
+        assert!((spend.seedance_credits - 68.0).abs() < 1e-9);
+        assert!((spend.fal_dollars - 0.07).abs() < 1e-9);
+        assert!((spend.total_dollars - 0.75).abs() < 1e-9);
         assert_eq!(store.last_run().await.unwrap(), None);
     }
 
@@ -550,7 +670,7 @@ mod tests {
         let (_dir, store) = fixture().await;
         let jobs = store.report_jobs().await.unwrap();
         let skus: Vec<_> = jobs.iter().map(|j| j.sku.as_str()).collect();
-        assert_eq!(skus, ["A", "B", "C", "D", "E", "F", "G"]);
+        assert_eq!(skus, ["A", "B", "C", "D", "E", "F", "G", "H", "I"]);
         assert_eq!(jobs[0].outputs.len(), 1);
         assert_eq!(jobs[0].inputs, ["/x.png"]);
         assert!(jobs[1].outputs.is_empty());
@@ -559,16 +679,38 @@ mod tests {
     #[tokio::test]
     async fn requeue_moves_only_what_is_safe_and_resets_it() {
         let (_dir, store) = fixture().await;
-        let which = Requeue {
+        let mut which = Requeue {
             failed: true,
             ambiguous: true,
             skus: vec!["A".into(), "D".into(), "E".into(), "F".into(), "nope".into()],
+            pay_again: false,
         };
+        // Without --pay-again nothing the provider charged is resubmitted.
         let plan = store.plan_requeue(&which).await.unwrap();
-        let requeued: Vec<_> = plan.requeue.iter().map(|j| j.sku.as_str()).collect();
-        assert_eq!(requeued, ["A", "B", "C", "G"]);
+        let names = |jobs: &[JobBrief]| jobs.iter().map(|j| j.sku.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&plan.requeue), ["B", "C", "G"]);
+        assert_eq!(names(&plan.download), ["H"], "a saved result is downloaded again, not paid again");
+        assert_eq!(plan.paid_again().count(), 0);
+        let kept: Vec<_> = plan.kept.iter().map(|(j, r)| (j.sku.as_str(), *r)).collect();
+        assert_eq!(
+            kept,
+            [
+                ("A", KeepReason::Charged),
+                ("D", KeepReason::InFlight),
+                ("E", KeepReason::AlreadyPending),
+                ("F", KeepReason::InFlight),
+                ("I", KeepReason::Charged),
+            ]
+        );
+
+        which.pay_again = true;
+        let plan = store.plan_requeue(&which).await.unwrap();
+        assert_eq!(names(&plan.requeue), ["A", "B", "C", "G", "H", "I"]);
+        assert!(plan.download.is_empty());
         let risky: Vec<_> = plan.at_risk().map(|j| j.sku.as_str()).collect();
         assert_eq!(risky, ["C", "G"]);
+        let again: Vec<_> = plan.paid_again().map(|j| j.sku.as_str()).collect();
+        assert_eq!(again, ["A", "H", "I"]);
         let kept: Vec<_> = plan.kept.iter().map(|(j, r)| (j.sku.as_str(), *r)).collect();
         assert_eq!(
             kept,
@@ -576,7 +718,7 @@ mod tests {
         );
         assert_eq!(plan.unknown, ["nope"]);
 
-        assert_eq!(store.apply_requeue(&plan).await.unwrap(), 4);
+        assert_eq!(store.apply_requeue(&plan).await.unwrap(), 6);
         type Reset = (String, i64, Option<i64>, Option<String>, Option<String>, Option<String>, f64);
         let row: Reset = sqlx::query_as(
             "SELECT state, attempts, next_attempt_at, error, request_id, result, credits FROM jobs WHERE sku = 'A'",
@@ -597,5 +739,41 @@ mod tests {
 
         // Applying the same plan again moves nothing: every row changed state since.
         assert_eq!(store.apply_requeue(&plan).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_download_is_requeued_for_its_download_only() {
+        let (_dir, store) = fixture().await;
+        let which = Requeue { failed: true, ..Requeue::default() };
+        let plan = store.plan_requeue(&which).await.unwrap();
+        assert_eq!(store.apply_requeue(&plan).await.unwrap(), 2);
+        type Kept = (String, i64, Option<String>, Option<String>, Option<String>);
+        let h: Kept =
+            sqlx::query_as("SELECT state, attempts, request_id, result, error FROM jobs WHERE sku = 'H'")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(h.0, "fetching");
+        assert_eq!((h.1, h.2.as_deref()), (2, Some("req-h")), "the paid request is kept");
+        assert!(h.3.is_some_and(|r| r.contains("http://x/o.png")), "the result with its URLs is kept");
+        assert_eq!(h.4, None);
+        let (outputs,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM outputs WHERE job_id = (SELECT id FROM jobs WHERE sku = 'H')",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(outputs, 0);
+    }
+
+    #[tokio::test]
+    async fn downloads_due_carry_the_providers_url_deadline() {
+        let (_dir, store) = fixture().await;
+        let due = store.downloads_due().await.unwrap();
+        let got: Vec<_> = due.iter().map(|d| (d.sku.as_str(), d.state, d.deadline)).collect();
+        // Accepted at t = 1000 ms: seedance URLs live 24 h. D is in flight, H failed after its
+        // result was saved; A is downloaded, I has no result.
+        let day = 24 * 3600 * 1000;
+        assert_eq!(got, [("D", JobState::Submitted, 1000 + day), ("H", JobState::Failed, 1000 + day)]);
     }
 }

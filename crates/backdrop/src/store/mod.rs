@@ -5,22 +5,24 @@
 //! (the planner), [`queue`] (the scheduler's reads and crash recovery), [`writer`] (every job state
 //! change) and [`inspect`] (status, retry and report).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 pub mod inspect;
+mod lock;
 pub mod planning;
 pub mod queue;
 pub mod writer;
 
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection as _, SqliteConnection, SqlitePool};
 
 pub use inspect::{
-    JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend, StateCounts,
+    DueDownload, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend,
+    StateCounts,
 };
+pub use lock::{FileIdentity, RunLock};
 pub use queue::{Recovery, StoredJob};
 pub use writer::{AttemptEnd, Change, Writer};
 
@@ -43,7 +45,7 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    /// A migration failed (a newer backdrop wrote this file, or it is not a backdrop database).
+    /// A migration failed (a newer backdrop wrote this file).
     #[error("cannot migrate state database {path}: {source}")]
     Migrate {
         /// The database path.
@@ -52,25 +54,69 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
-    /// Another backdrop process is running on the same state file.
-    #[error(
-        "another backdrop run is using {path} (lock file {lock} is held); wait for it to finish or use another --state"
-    )]
-    Locked {
+    /// The file is not a backdrop state database (another program's SQLite file, or not SQLite at
+    /// all): backdrop refuses to add its tables to it.
+    #[error("{path} is not a backdrop state database ({what}); refusing to change it: pass another --state")]
+    NotBackdrop {
         /// The database path.
         path: PathBuf,
-        /// The lock file path.
-        lock: PathBuf,
+        /// What gave it away.
+        what: String,
     },
-    /// The lock file could not be created.
-    #[error("cannot create lock file {path}: {source}")]
+    /// Another backdrop process is running on the same state database.
+    #[error(
+        "another backdrop run is using {}{}{}; wait for it to finish or use another --state",
+        path.display(),
+        same_file.as_ref().map(|p| format!(" (the same file as {})", p.display())).unwrap_or_default(),
+        holder.map(|pid| format!(" (pid {pid} holds its lock)")).unwrap_or_default()
+    )]
+    Locked {
+        /// The database path, as given.
+        path: PathBuf,
+        /// The process holding the lock, when the OS says.
+        holder: Option<u32>,
+        /// The file the path leads to, when that is another name (a symlink).
+        same_file: Option<PathBuf>,
+    },
+    /// The database file could not be opened or locked.
+    #[error("cannot lock state database {path}: {source}")]
     LockFile {
-        /// The lock file path.
+        /// The database path.
         path: PathBuf,
         /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The path of the database this run writes to now names another file, or none: whatever
+    /// this run records would be lost, and the next run would pay again for it.
+    #[error(
+        "the state database {} was {how} while this run was using it; stopped before sending another \
+         paid request (requests already accepted are recorded only in the file this run opened)",
+        path.display()
+    )]
+    Replaced {
+        /// The database path.
+        path: PathBuf,
+        /// `deleted` or `replaced by another file`.
+        how: &'static str,
+    },
+    /// The disk (or quota) under the state database is full.
+    #[error("disk full: cannot write state database{}", shown(path.as_deref()))]
+    DiskFull {
+        /// The database path, when known where the error was seen.
+        path: Option<PathBuf>,
+    },
+    /// The state database cannot be written: an I/O error, a read-only file or filesystem.
+    #[error("cannot write state database{}: {message}", shown(path.as_deref()))]
+    Unwritable {
+        /// The database path, when known where the error was seen.
+        path: Option<PathBuf>,
+        /// What SQLite or the OS said.
+        message: String,
+    },
+    /// The state writer takes no more changes (one could not be saved, or it has ended).
+    #[error("state changes stopped: {0}")]
+    WriterStopped(String),
     /// A row the caller expected is not there.
     #[error("not found: {0}")]
     NotFound(String),
@@ -82,11 +128,44 @@ pub enum StoreError {
     Db(#[source] sqlx::Error),
 }
 
+/// ` /path/to/state.db`, or nothing when the path is not known.
+fn shown(path: Option<&Path>) -> String {
+    path.map(|p| format!(" {}", p.display())).unwrap_or_default()
+}
+
+/// SQLite's primary result codes that mean the file cannot be written.
+const SQLITE_READONLY: i32 = 8;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_NOTADB: i32 = 26;
+
+/// The extended code of a database error, when SQLite gave one.
+fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
+    match e {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        _ => None,
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::RowNotFound => Self::NotFound("row".into()),
-            other => Self::Db(other),
+        match (sqlite_code(&e).map(|c| c & 0xff), e) {
+            (_, sqlx::Error::RowNotFound) => Self::NotFound("row".into()),
+            (Some(SQLITE_FULL), _) => Self::DiskFull { path: None },
+            (Some(SQLITE_IOERR | SQLITE_READONLY), sqlx::Error::Database(db)) => Self::Unwritable {
+                path: None,
+                message: format!("{} (SQLite code {})", db.message(), db.code().unwrap_or_default()),
+            },
+            (_, sqlx::Error::Io(io))
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                Self::DiskFull { path: None }
+            }
+            (_, sqlx::Error::Io(io)) => Self::Unwritable { path: None, message: io.to_string() },
+            (_, other) => Self::Db(other),
         }
     }
 }
@@ -102,6 +181,25 @@ impl StoreError {
             }
             Self::Db(sqlx::Error::PoolTimedOut) => true,
             _ => false,
+        }
+    }
+
+    /// True when the disk under the state database failed (full, read-only, I/O error): the run
+    /// can resume once that is fixed.
+    #[must_use]
+    pub const fn is_disk_failure(&self) -> bool {
+        matches!(self, Self::DiskFull { .. } | Self::Unwritable { .. })
+    }
+
+    /// Names `path` in an error seen where the path was not known.
+    #[must_use]
+    pub fn at(self, path: &Path) -> Self {
+        match self {
+            Self::DiskFull { path: None } => Self::DiskFull { path: Some(path.to_owned()) },
+            Self::Unwritable { path: None, message } => {
+                Self::Unwritable { path: Some(path.to_owned()), message }
+            }
+            other => other,
         }
     }
 }
@@ -176,24 +274,56 @@ impl FromStr for JobState {
     }
 }
 
+/// backdrop's mark in the SQLite header (`PRAGMA application_id`), "bdrp": a database without it
+/// that already holds tables belongs to another program and is refused.
+pub const APPLICATION_ID: i32 = 0x6264_7270;
+
+/// Tables every backdrop state database has had since its first version: a database with these
+/// but without [`APPLICATION_ID`] was made by a backdrop from before the mark, and is adopted.
+const BACKDROP_TABLES: [&str; 5] = ["_sqlx_migrations", "runs", "jobs", "attempts", "outputs"];
+
 /// A handle on the state database. Cheap to clone (it wraps a pool).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
+    /// The file this store was opened on, when under a [`RunLock`]: the writer refuses to let a
+    /// paid request leave once the path names another file (see [`StoreError::Replaced`]).
+    identity: Option<FileIdentity>,
 }
 
 impl Store {
     /// Opens (creating if missing) and migrates the state database at `path`.
     ///
     /// # Errors
-    /// [`StoreError::Open`] when the file cannot be opened or created, [`StoreError::Migrate`]
-    /// when it is not a backdrop database or was written by a newer backdrop.
+    /// [`StoreError::Open`] when the file cannot be opened or created, [`StoreError::NotBackdrop`]
+    /// when it is another program's database, [`StoreError::Migrate`] when a newer backdrop
+    /// wrote it.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_as(path, None).await
+    }
+
+    /// Opens the database `lock` holds, and remembers which file that is.
+    ///
+    /// # Errors
+    /// As [`Store::open`], and [`StoreError::Replaced`] when the path no longer names the locked
+    /// file.
+    pub async fn open_locked(lock: &RunLock) -> Result<Self, StoreError> {
+        let store = Self::open_as(lock.path(), lock.identity()).await?;
+        // The file SQLite opened is the locked one only if the path still names it.
+        lock.check()?;
+        Ok(store)
+    }
+
+    async fn open_as(path: &Path, identity: Option<FileIdentity>) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| StoreError::Open { path: path.to_owned(), source: sqlx::Error::Io(e) })?;
         }
+        // Looked at read-only first: opening it the normal way would already switch another
+        // program's database to WAL.
+        let has_content = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        let marked = if has_content { check_owner(path).await? } else { false };
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -213,7 +343,19 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|source| StoreError::Migrate { path: path.to_owned(), source })?;
-        Ok(Self { pool, path: path.to_owned() })
+        if !marked {
+            sqlx::query(&format!("PRAGMA application_id = {APPLICATION_ID}"))
+                .execute(&pool)
+                .await
+                .map_err(|e| StoreError::from(e).at(path))?;
+        }
+        Ok(Self { pool, path: path.to_owned(), identity })
+    }
+
+    /// The identity of the locked file this store was opened on ([`Store::open_locked`]).
+    #[must_use]
+    pub const fn identity(&self) -> Option<FileIdentity> {
+        self.identity
     }
 
     /// The connection pool, for the query modules.
@@ -228,46 +370,58 @@ impl Store {
         &self.path
     }
 
+    /// A failed write as a [`StoreError`], naming this database when the disk under it failed.
+    pub(crate) fn write_error(&self, e: sqlx::Error) -> StoreError {
+        StoreError::from(e).at(&self.path)
+    }
+
     /// Closes the pool, waiting for connections to finish (checkpoints the WAL).
     pub async fn close(&self) {
         self.pool.close().await;
     }
 }
 
-/// Held for the whole of a `run`: a second process on the same state file refuses to start.
-/// The OS drops the lock when the process dies, so a SIGKILL never leaves a stale lock behind.
-#[derive(Debug)]
-pub struct RunLock {
-    _file: File,
+/// Decides whether the non-empty database at `path` is backdrop's, reading it on a read-only
+/// connection before anything is written to it. Answers whether it already carries
+/// [`APPLICATION_ID`]; one an earlier backdrop made (its tables, no mark) is backdrop's to mark.
+async fn check_owner(path: &Path) -> Result<bool, StoreError> {
+    let not_backdrop = |what: String| StoreError::NotBackdrop { path: path.to_owned(), what };
+    let classify = |source: sqlx::Error| match sqlite_code(&source) {
+        Some(code) if code & 0xff == SQLITE_NOTADB => not_backdrop("not an SQLite database".into()),
+        _ => StoreError::Open { path: path.to_owned(), source },
+    };
+    let options = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(BUSY_TIMEOUT);
+    let mut conn = SqliteConnection::connect_with(&options).await.map_err(classify)?;
+    let found = owner_of(&mut conn).await.map_err(classify);
+    let _ = conn.close().await;
+    let (id, tables) = found?;
+    if id == APPLICATION_ID {
+        return Ok(true);
+    }
+    if id != 0 {
+        return Err(not_backdrop(format!(
+            "its application_id is {id:#x}, backdrop's is {APPLICATION_ID:#x}"
+        )));
+    }
+    if tables.is_empty() || BACKDROP_TABLES.iter().all(|t| tables.iter().any(|have| have == t)) {
+        return Ok(false);
+    }
+    let mut listed = tables.iter().take(5).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if tables.len() > 5 {
+        listed.push_str(", ...");
+    }
+    Err(not_backdrop(format!("it holds other tables: {listed}")))
 }
 
-impl RunLock {
-    /// Takes the exclusive lock beside the database (`<state>.lock`).
-    ///
-    /// # Errors
-    /// [`StoreError::Locked`] when another process holds it.
-    pub fn acquire(state: &Path) -> Result<Self, StoreError> {
-        let mut lock = state.as_os_str().to_owned();
-        lock.push(".lock");
-        let lock = PathBuf::from(lock);
-        if let Some(parent) = lock.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| StoreError::LockFile { path: lock.clone(), source })?;
-        }
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock)
-            .map_err(|source| StoreError::LockFile { path: lock.clone(), source })?;
-        match file.try_lock() {
-            Ok(()) => Ok(Self { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                Err(StoreError::Locked { path: state.to_owned(), lock })
-            }
-            Err(std::fs::TryLockError::Error(source)) => Err(StoreError::LockFile { path: lock, source }),
-        }
-    }
+/// The database's `application_id` and its tables.
+async fn owner_of(conn: &mut SqliteConnection) -> Result<(i32, Vec<String>), sqlx::Error> {
+    let (id,): (i32,) = sqlx::query_as("PRAGMA application_id").fetch_one(&mut *conn).await?;
+    let tables: Vec<(String,)> = sqlx::query_as(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok((id, tables.into_iter().map(|(t,)| t).collect()))
 }
 
 /// Milliseconds since the unix epoch, the time unit of every column.
@@ -296,15 +450,82 @@ mod tests {
         Store::open(&path).await.unwrap();
     }
 
-    #[test]
-    fn second_lock_on_the_same_file_is_refused() {
+    async fn application_id(path: &Path) -> i32 {
+        let mut conn =
+            SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path).read_only(true))
+                .await
+                .unwrap();
+        let (id,): (i32,) = sqlx::query_as("PRAGMA application_id").fetch_one(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        id
+    }
+
+    /// Another program's database: a rollback journal (the default) and one table of its own.
+    async fn foreign_db(path: &Path, application_id: i32) {
+        let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA application_id = {application_id}")).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_database_is_marked_as_backdrops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let first = RunLock::acquire(&path).unwrap();
-        let err = RunLock::acquire(&path).unwrap_err();
-        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
-        drop(first);
-        RunLock::acquire(&path).unwrap();
+        Store::open(&path).await.unwrap().close().await;
+        assert_eq!(application_id(&path).await, APPLICATION_ID);
+        // An empty file (what `RunLock` leaves before the first open) is a new database too.
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        Store::open(&empty).await.unwrap().close().await;
+        assert_eq!(application_id(&empty).await, APPLICATION_ID);
+    }
+
+    #[tokio::test]
+    async fn another_programs_database_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, id) in [("plain.db", 0), ("marked.db", 0x1234_5678)] {
+            let path = dir.path().join(name);
+            foreign_db(&path, id).await;
+            let before = std::fs::read(&path).unwrap();
+            let err = Store::open(&path).await.unwrap_err();
+            assert!(matches!(err, StoreError::NotBackdrop { .. }), "{name}: {err}");
+            assert!(err.to_string().contains("is not a backdrop state database"), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), before, "{name} was changed");
+            assert!(!dir.path().join(format!("{name}-wal")).exists(), "{name} was switched to WAL");
+        }
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a database at all, just some text that is long enough\n".repeat(20))
+            .unwrap();
+        let err = Store::open(&text).await.unwrap_err();
+        assert!(err.to_string().contains("not an SQLite database"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_mark_opens_and_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let store = Store::open(&path).await.unwrap();
+        sqlx::query(
+            "INSERT INTO runs (started_at, catalog, provider, model) VALUES (1, 'c.csv', 'seedance', 'm')",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        // What backdrop wrote before it marked its files.
+        sqlx::query("PRAGMA application_id = 0").execute(store.pool()).await.unwrap();
+        store.close().await;
+        assert_eq!(application_id(&path).await, 0);
+        let store = Store::open(&path).await.unwrap();
+        let (runs,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM runs").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(runs, 1);
+        store.close().await;
+        assert_eq!(application_id(&path).await, APPLICATION_ID);
     }
 
     #[test]

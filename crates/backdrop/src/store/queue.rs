@@ -100,7 +100,7 @@ impl Store {
         )
         .bind(now)
         .execute(self.pool())
-        .await?
+        .await.map_err(|e| self.write_error(e))?
         .rows_affected();
         sqlx::query(
             "UPDATE attempts SET finished_at = ?, error_class = 'ambiguous', error = 'interrupted'
@@ -108,11 +108,13 @@ impl Store {
         )
         .bind(now)
         .execute(self.pool())
-        .await?;
+        .await
+        .map_err(|e| self.write_error(e))?;
         let (resumable,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE state IN ('submitted', 'fetching')")
                 .fetch_one(self.pool())
-                .await?;
+                .await
+                .map_err(|e| self.write_error(e))?;
         Ok(Recovery { ambiguous, resumable: u64::try_from(resumable).unwrap_or(0) })
     }
 
@@ -136,7 +138,7 @@ impl Store {
         .bind(model)
         .bind(dry_run)
         .fetch_one(self.pool())
-        .await?;
+        .await.map_err(|e| self.write_error(e))?;
         Ok(row.try_get(0)?)
     }
 
@@ -158,7 +160,8 @@ impl Store {
             .bind(summary_json)
             .bind(run_id)
             .execute(self.pool())
-            .await?;
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments as _, Row as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError, now_ms};
+use super::{FileIdentity, Store, StoreError, now_ms};
 use crate::domain::{RequestRef, SavedOutput};
 /// Most changes committed in one transaction; bounds the latency a change can add to others.
 const MAX_BATCH: usize = 512;
@@ -157,9 +157,10 @@ impl Writer {
         store: &Store,
         unhurried: Duration,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
-        let conn = store.pool().acquire().await?.detach();
+        let conn = store.pool().acquire().await.map_err(|e| StoreError::from(e).at(store.path()))?.detach();
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let handle = tokio::spawn(writer_loop(conn, rx, unhurried));
+        let file = StateFile { path: store.path().to_owned(), identity: store.identity(), gone: None };
+        let handle = tokio::spawn(writer_loop(conn, rx, unhurried, file));
         Ok((Self { tx }, handle))
     }
 
@@ -203,12 +204,45 @@ impl Writer {
 }
 
 fn stopped() -> StoreError {
-    StoreError::Corrupt("the state writer has stopped".into())
+    StoreError::WriterStopped("the state writer has ended".into())
 }
 
-async fn writer_loop(conn: SqliteConnection, mut rx: mpsc::Receiver<Op>, unhurried: Duration) {
+/// The file the writer writes to, and whether its path was found to name another file.
+struct StateFile {
+    path: std::path::PathBuf,
+    /// The locked file's identity; `None` when the store was opened without a lock.
+    identity: Option<FileIdentity>,
+    /// Set once the path was found deleted or replaced: every later intent is refused.
+    gone: Option<&'static str>,
+}
+
+impl StateFile {
+    /// Checks that the path still names the database this writer writes to. A `stat` per batch
+    /// holding an intent: far below the intent's own fsync, and it means no paid request leaves
+    /// once the check has failed.
+    fn check(&mut self) -> Result<(), StoreError> {
+        if let Some(how) = self.gone {
+            return Err(StoreError::Replaced { path: self.path.clone(), how });
+        }
+        let Some(identity) = self.identity else { return Ok(()) };
+        identity.check(&self.path).inspect_err(|e| {
+            if let StoreError::Replaced { how, .. } = e {
+                self.gone = Some(how);
+            }
+            tracing::error!(error = %e, "the state database is gone: refusing every new paid request");
+        })
+    }
+}
+
+async fn writer_loop(
+    conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Op>,
+    unhurried: Duration,
+    file: StateFile,
+) {
     let mut w = WriterState {
         conn: WriterConn { conn, sync: None },
+        file,
         poisoned: None,
         sync_by: None,
         parked: Vec::new(),
@@ -290,9 +324,11 @@ impl WriterConn {
 /// The writer task's connection and what it keeps between batches.
 struct WriterState {
     conn: WriterConn,
+    /// The database file, checked before intents.
+    file: StateFile,
     /// Set once a change nobody waits for could not be committed: from then on every change is
     /// refused, so no later state (a `done`) can be recorded on top of a missing earlier one.
-    poisoned: Option<String>,
+    poisoned: Option<StoreError>,
     /// When the oldest committed but not yet power-safe `Soon` change must be fsynced.
     sync_by: Option<tokio::time::Instant>,
     /// Unhurried changes waiting for company, oldest first.
@@ -327,6 +363,17 @@ impl WriterState {
             }
             batch = rest;
         }
+        if batch.iter().any(|op| matches!(op.change, Change::Intent { .. }))
+            && let Err(e) = self.file.check()
+        {
+            // No paid request may leave once its record would go to a file nobody will read.
+            let (intents, rest): (Vec<Op>, Vec<Op>) =
+                batch.into_iter().partition(|op| matches!(op.change, Change::Intent { .. }));
+            for op in intents {
+                reply(op, Err(refused(&e)));
+            }
+            batch = rest;
+        }
         if batch.is_empty() {
             return;
         }
@@ -345,14 +392,16 @@ impl WriterState {
         };
         // Whether a transaction committed with `sync`: only then are earlier commits power-safe.
         let mut committed = false;
+        let path = self.file.path.clone();
         match apply_batch(&mut self.conn, &batch, sync).await {
             Ok(ids) => {
                 committed = true;
                 for (op, id) in batch.into_iter().zip(ids) {
-                    settle(op, id, &mut self.poisoned);
+                    settle(op, id.map_err(|e| e.at(&path)), &mut self.poisoned);
                 }
             }
             Err(e) => {
+                let e = e.at(&path);
                 tracing::warn!(error = %e, changes = batch.len(), "group commit failed; committing one by one");
                 for op in batch {
                     // A change nobody waited for failed just before: nothing after it may land.
@@ -367,6 +416,7 @@ impl WriterState {
                         }
                         Err(e) => Err(e),
                     };
+                    let res = res.map_err(|e| e.at(&path));
                     settle(op, res, &mut self.poisoned);
                 }
             }
@@ -428,16 +478,28 @@ async fn heartbeat(conn: &mut WriterConn) -> Result<(), StoreError> {
     conn.run(sql, Sync::Full).await.map(drop)
 }
 
-/// The error of a change refused because an earlier one (`why`) poisoned the writer.
-fn refused(why: &str) -> StoreError {
-    StoreError::Corrupt(format!("an earlier state change failed: {why}"))
+/// The error of a change refused because of an earlier error `why`: a full or failing disk and a
+/// replaced file are reported as themselves (with the path), anything else as the writer having
+/// stopped because of it.
+fn refused(why: &StoreError) -> StoreError {
+    match why {
+        StoreError::DiskFull { path } => StoreError::DiskFull { path: path.clone() },
+        StoreError::Unwritable { path, message } => {
+            StoreError::Unwritable { path: path.clone(), message: message.clone() }
+        }
+        StoreError::Replaced { path, how } => StoreError::Replaced { path: path.clone(), how },
+        StoreError::WriterStopped(message) => StoreError::WriterStopped(message.clone()),
+        other => StoreError::WriterStopped(format!("an earlier change could not be saved: {other}")),
+    }
 }
 
 /// Answers `op`; a change nobody waits for that failed poisons the writer.
-fn settle(op: Op, result: Result<i64, StoreError>, poisoned: &mut Option<String>) {
+fn settle(op: Op, result: Result<i64, StoreError>, poisoned: &mut Option<StoreError>) {
     if let (Err(e), None) = (&result, &op.reply) {
         tracing::error!(error = %e, "a state change failed; refusing every later one");
-        poisoned.get_or_insert_with(|| e.to_string());
+        if poisoned.is_none() {
+            *poisoned = Some(refused(e));
+        }
     }
     reply(op, result);
 }
@@ -611,7 +673,7 @@ impl<'q> BatchSql<'q> {
             Change::Intent { job_id, run_id } => {
                 self.statement(
                     "UPDATE jobs SET state = 'submitting', attempts = attempts + 1, next_attempt_at = NULL,
-                            updated_at = ? WHERE id = ?",
+                            accepted_at = NULL, updated_at = ? WHERE id = ?",
                 );
                 self.bind(now)?;
                 self.bind(*job_id)?;
@@ -628,7 +690,7 @@ impl<'q> BatchSql<'q> {
                 self.statement(
                     "UPDATE jobs SET state = 'submitted', request_id = ?, status_url = ?, response_url = ?,
                             cancel_url = ?, credits = credits + ?, error = NULL, error_class = NULL,
-                            updated_at = ? WHERE id = ?",
+                            accepted_at = ?, updated_at = ? WHERE id = ?",
                 );
                 self.bind(request.request_id.as_str())?;
                 self.bind(request.status_url.as_deref())?;
@@ -636,17 +698,20 @@ impl<'q> BatchSql<'q> {
                 self.bind(request.cancel_url.as_deref())?;
                 self.bind(*charged)?;
                 self.bind(now)?;
+                self.bind(now)?;
                 self.bind(*job_id)?;
                 self.end_attempt(now, Some(*attempt_id), end, Some(&request.request_id), Some(*charged))?;
             }
             Change::Completed { job_id, attempt_id, request_id, result, charged, end } => {
                 self.statement(
                     "UPDATE jobs SET state = 'fetching', result = ?, request_id = COALESCE(?, request_id),
-                            credits = credits + ?, error = NULL, error_class = NULL, updated_at = ? WHERE id = ?",
+                            credits = credits + ?, error = NULL, error_class = NULL,
+                            accepted_at = COALESCE(accepted_at, ?), updated_at = ? WHERE id = ?",
                 );
                 self.bind(result.as_str())?;
                 self.bind(request_id.as_deref())?;
                 self.bind(*charged)?;
+                self.bind(now)?;
                 self.bind(now)?;
                 self.bind(*job_id)?;
                 let credits = attempt_id.map(|_| *charged);
@@ -1171,5 +1236,63 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 200);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_reported_as_disk_full_with_the_path_not_as_corruption() {
+        let (_dir, store, run) = store_with_jobs(300).await;
+        // SQLite's own page limit answers SQLITE_FULL exactly as a full disk (ENOSPC) does.
+        let mut conn = store.pool().acquire().await.unwrap().detach();
+        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&mut conn).await.unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}")).execute(&mut conn).await.unwrap();
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let file = StateFile { path: store.path().to_owned(), identity: None, gone: None };
+        tokio::spawn(writer_loop(conn, rx, UNHURRIED, file));
+        let w = Writer { tx };
+        // Changes nobody waits for: the first that fails poisons the writer...
+        for id in 1..=300 {
+            w.send(Change::Intent { job_id: id, run_id: run }).await.unwrap();
+        }
+        // ...and what comes after is refused with the same cause, named.
+        let err = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap_err();
+        let text = err.to_string();
+        assert!(err.is_disk_failure(), "{text}");
+        assert!(text.starts_with("disk full"), "{text}");
+        assert!(text.contains(&store.path().display().to_string()), "{text}");
+        assert!(!text.contains("corrupt"), "{text}");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn no_intent_is_committed_once_the_state_file_is_deleted_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let lock = crate::store::RunLock::acquire(&path).unwrap();
+        let store = Store::open_locked(&lock).await.unwrap();
+        let run = store.start_run("c.csv", "seedance", "m", false).await.unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (sku, position, planned_run, fingerprint, provider, model, task, prompt,
+                               inputs, params, created_at, updated_at)
+             VALUES ('A', 1, ?, 'f', 'seedance', 'm', 'edit', 'p', '[]', '{}', 0, 0),
+                    ('B', 2, ?, 'f', 'seedance', 'm', 'edit', 'p', '[]', '{}', 0, 0)",
+        )
+        .bind(run)
+        .bind(run)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let attempt = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        // Moved away, as `mv` or a clean-up script would: the open file lives on, unnamed here.
+        std::fs::rename(&path, dir.path().join("moved.db")).unwrap();
+        let err = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap_err();
+        assert!(matches!(err, StoreError::Replaced { how: "deleted", .. }), "{err}");
+        assert!(err.to_string().contains("stopped before sending another paid request"), "{err}");
+        // What an accepted request reports is still recorded; only new spending is refused.
+        w.commit(accepted(1, attempt, "req-1")).await.unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let err = w.commit(Change::Intent { job_id: 2, run_id: run }).await.unwrap_err();
+        assert!(matches!(err, StoreError::Replaced { .. }), "{err}");
+        assert_eq!(state(&store, 2).await.0, "pending");
     }
 }
