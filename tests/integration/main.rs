@@ -3,6 +3,7 @@
 mod harness;
 
 mod badinput;
+mod budget;
 mod chaos;
 mod crash;
 mod operate;
