@@ -118,11 +118,8 @@ pub(crate) struct Settings {
     pub(crate) rate: Rate,
     /// Submissions per row.
     pub(crate) max_attempts: u32,
-    /// Credit budget.
-    pub(crate) max_credits: Option<f64>,
-    /// Dollar budget.
-    pub(crate) max_cost: Option<f64>,
-    /// The tighter of the two, in the provider's unit: what this run may spend.
+    /// The tighter of `--max-credits` and `--max-cost`, in the provider's unit: what this run
+    /// may spend.
     pub(crate) spending_cap: Option<f64>,
     /// Low-balance warning threshold.
     pub(crate) low_credit_warning: Option<f64>,
@@ -323,8 +320,6 @@ impl Settings {
             concurrency,
             rate,
             max_attempts,
-            max_credits: args.max_credits,
-            max_cost: args.max_cost,
             spending_cap,
             low_credit_warning: args.low_credit_warning,
             limit: args.limit,
