@@ -23,6 +23,6 @@ pub(crate) async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<E
         Command::Status(args) => status::execute(&cli.global, &args).await,
         Command::Retry(args) => retry::execute(&cli.global, &args).await,
         Command::Report(args) => report::execute(&cli.global, &args).await,
-        Command::Sim(args) => sim::execute(&args).await,
+        Command::Sim(args) => sim::execute(&args, interrupt).await,
     }
 }
