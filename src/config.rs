@@ -75,6 +75,20 @@ pub(crate) enum ConfigError {
     /// An amount of money (a cap, a threshold, a price) is NaN, infinite or negative.
     #[error(transparent)]
     Money(money::MoneyError),
+    /// A cap is set but the model's price is unknown, so the cap could not be held.
+    #[error(
+        "the price of model {model:?} is unknown, so the cap (--max-credits / --max-cost) cannot be held; \
+         nothing was sent. Add its price per image, in {unit}, to the config file and pass it with \
+         --config FILE:\n\n[prices]\n{model:?} = {example}\n"
+    )]
+    UnpricedModel {
+        /// The model.
+        model: String,
+        /// `credits` or `dollars`.
+        unit: &'static str,
+        /// An example price in that unit.
+        example: &'static str,
+    },
     /// A required setting is missing.
     #[error("missing {0}")]
     Missing(&'static str),
@@ -422,6 +436,22 @@ impl Settings {
     #[must_use]
     pub(crate) const fn poll_schedule(&self) -> PollSchedule {
         PollSchedule { initial: self.poll_initial, max: self.poll_max }
+    }
+
+    /// With a cap, every submit must have a price: an unknown one would count as free and let
+    /// the run spend past its cap.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnpricedModel`] when a cap is set and `unit_price` (of `model`) is unknown.
+    pub(crate) fn check_priced(&self, model: &str, unit_price: Option<f64>) -> Result<(), ConfigError> {
+        if self.spending_cap.is_none() || unit_price.is_some() {
+            return Ok(());
+        }
+        let (unit, example) = match money::Unit::of(self.provider) {
+            money::Unit::Credits => ("credits", "8"),
+            money::Unit::Dollars => ("dollars", "0.04"),
+        };
+        Err(ConfigError::UnpricedModel { model: model.to_owned(), unit, example })
     }
 
     /// The cap on this run's spend, in the provider's unit.

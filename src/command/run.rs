@@ -97,6 +97,8 @@ pub(crate) async fn execute(
         let store = Store::open(&settings.state).await?;
         let plan = plan::plan(&store, &settings.plan_input(), None).await?;
         println!("{}", plan.render_text());
+        // A dry run answers what the run would do, and the run would refuse.
+        settings.check_priced(&plan.model, plan.estimate.unit_price)?;
         println!("dry run: nothing was sent, nothing was charged");
         return Ok(ExitCode::Success);
     }
@@ -140,6 +142,10 @@ pub(crate) async fn execute(
     };
     eprintln!("{}", plan.render_text());
     let model = plan.model.clone();
+    if let Err(e) = settings.check_priced(&model, plan.estimate.unit_price) {
+        end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
+        return Err(e.into());
+    }
     let start = RunOutcome { model: model.clone(), ..start };
     register_forced_summary(&settings, &start, started, &stats);
 
@@ -290,9 +296,22 @@ async fn drive<P: Provider>(
         settings.max_download_bytes,
     );
     let limit = settings.spending_cap();
-    let spent = store.total_spent().await?;
+    // The cap bounds this run, and a run killed before it could record its end (with the requests
+    // it may have had charged) counts as part of the run that picks up its work.
+    let carried = store.carried_spend(run_id, &settings.prices).await?;
     if let Some(limit) = limit {
-        info!(limit, spent, "budget");
+        if carried.total() > 0.0 {
+            warn!(
+                limit,
+                killed_runs = ?carried.runs,
+                spent = carried.spent,
+                possibly_charged = carried.possibly_charged,
+                "earlier runs were killed before they ended: what they spent or may have been charged \
+                 counts against this run's cap"
+            );
+        } else {
+            info!(limit, "budget for this run");
+        }
     }
     let webhooks = match settings.webhook_listen {
         Some(listen) => {
@@ -321,7 +340,7 @@ async fn drive<P: Provider>(
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: settings.retry_policy(),
         poll: settings.poll_schedule(),
-        budget: Arc::new(Budget::new(limit, spent)),
+        budget: Arc::new(Budget::new(limit, carried.total())),
         prices: Arc::new(prices.clone()),
         stats: Arc::clone(stats),
         run_id,

@@ -3,7 +3,7 @@
 //! outputs. Owns [`Store`] (opening, migrating, locking) and the job state machine [`JobState`];
 //! the queries live beside it, one method per statement, grouped by who uses them: [`planning`]
 //! (the planner), [`queue`] (the scheduler's reads and crash recovery), [`writer`] (every job state
-//! change) and [`inspect`] (status, retry and report).
+//! change), [`inspect`] (status, retry and report) and [`ledger`] (money per run).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod inspect;
+pub mod ledger;
 pub mod planning;
 pub mod queue;
 pub mod writer;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 pub use inspect::{
     JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend, StateCounts,
 };
+pub use ledger::{Carried, RunSpend};
 pub use queue::{Recovery, StoredJob};
 pub use writer::{AttemptEnd, Change, Writer};
 
