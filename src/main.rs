@@ -44,7 +44,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.code()),
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("backdrop: error: {:#}", anyhow::Error::from(e));
+            // Errors quote catalog cells and server answers: never their control characters.
+            let message = format!("{:#}", anyhow::Error::from(e));
+            eprintln!("backdrop: error: {}", backdrop::domain::text::terminal_safe(&message));
             ExitCode::from(code.code())
         }
     }

@@ -9,6 +9,7 @@ mod crash;
 mod operate;
 mod ops;
 mod plan;
+mod prompts;
 mod provider;
 mod run;
 mod sim;
