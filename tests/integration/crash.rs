@@ -13,7 +13,7 @@ use crate::harness::{TestEnv, code, output, stderr};
 async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32, seed: u64) -> i64 {
     let catalog = env.catalog(rows);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let args = ["--provider", provider, "--concurrency", "4", "--max-attempts", "20"];
+    let args = ["--provider", provider, "--concurrency", &CONCURRENCY.to_string(), "--max-attempts", "20"];
     let mut killed = 0;
     let mut finished = false;
     for _ in 0..(kills + 20) {
@@ -56,6 +56,22 @@ async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32
     let done = states.get("done").copied().unwrap_or(0);
     let ambiguous = states.get("ambiguous").copied().unwrap_or(0);
     assert_eq!(done + ambiguous, rows as i64, "every row done or ambiguous: {states:?}");
+    // The only fault is the kills, and a kill strands at most the submits in the air: each
+    // ambiguous row's last attempt was interrupted, and there are at most `--concurrency` per kill.
+    let store = env.store().await;
+    let (interrupted,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM jobs j JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts WHERE job_id = j.id)
+         WHERE j.state = 'ambiguous' AND a.error = 'interrupted'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    store.close().await;
+    assert_eq!(interrupted, ambiguous, "every ambiguous row was caught mid-submit by a kill");
+    assert!(
+        ambiguous <= i64::from(kills) * i64::from(CONCURRENCY),
+        "{ambiguous} ambiguous rows after {kills} kills at concurrency {CONCURRENCY}"
+    );
     assert_eq!(env.verify_outputs().await, usize::try_from(done).unwrap());
     assert!(env.temp_files().is_empty(), "partial downloads left: {:?}", env.temp_files());
     let doubles = env.double_charges().await;
@@ -66,6 +82,9 @@ async fn kill_and_restart(env: &TestEnv, provider: &str, rows: usize, kills: u32
     store.close().await;
     ambiguous
 }
+
+/// Jobs in flight per run: also the most rows one SIGKILL can leave ambiguous.
+const CONCURRENCY: u32 = 4;
 
 fn crashy() -> SimConfig {
     let faults = Faults { latency: Latency::Uniform { min_ms: 50, max_ms: 400 }, ..Faults::default() };
