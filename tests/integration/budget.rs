@@ -187,3 +187,22 @@ async fn requests_that_may_have_been_charged_count_against_the_runs_cap() {
         "{text}"
     );
 }
+
+/// fal accepts Seedream's short model names (`seedream-v4-5`) and bills them at the price of the
+/// fal id they map to: the cap holds with them too. (They used to be missing from the price
+/// table, so `--max-cost 0.10` on fal submitted every row and reported "spent $0.00".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_short_model_names_are_priced_and_capped() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(6);
+    let out =
+        output(env.run_cmd(&catalog, &["--provider", "fal", "--max-cost", "0.10", "--concurrency", "1"]))
+            .await;
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    let charged: f64 = env.sim.ledger().await.iter().map(|c| c.amount).sum();
+    assert!(
+        (charged - 0.08).abs() < 1e-9,
+        "two images at $0.04 fit under $0.10, a third does not: {charged}"
+    );
+    assert!(stderr(&out).contains("spent $0.08"), "{}", stderr(&out));
+}

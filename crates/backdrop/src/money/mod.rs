@@ -37,6 +37,11 @@ impl PriceTable {
                 (DEFAULT_FAL_GENERATE_MODEL, 0.04),
                 ("fal-ai/bytedance/seedream/v4/edit", 0.03),
                 ("fal-ai/bytedance/seedream/v4/text-to-image", 0.03),
+                // The short names the fal client maps to those ids (edit and text-to-image cost
+                // the same): without them a run naming `seedream-v4-5` would count as free.
+                ("seedream-v4-5", 0.04),
+                ("seedream-v4.5", 0.04),
+                ("seedream-v4", 0.03),
             ],
         };
         let mut prices: BTreeMap<String, f64> = builtin.iter().map(|(m, p)| ((*m).to_owned(), *p)).collect();
