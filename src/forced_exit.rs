@@ -30,7 +30,7 @@ fn slot() -> std::sync::MutexGuard<'static, Option<Registered>> {
     REGISTERED.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// From now until [`clear`], a forced exit writes an "interrupted" summary to `path`, built from
+/// From now until [`settle`], a forced exit writes an "interrupted" summary to `path`, built from
 /// `start` (the run began at `started`) and the counters in `stats`. Registering again replaces
 /// the earlier registration.
 pub(crate) fn register(

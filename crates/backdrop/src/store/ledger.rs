@@ -70,6 +70,25 @@ impl Carried {
     }
 }
 
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: i64,
+    started_at: i64,
+    ended_at: Option<i64>,
+    outcome: Option<String>,
+    provider: String,
+}
+
+/// Submits of one run that may have been charged, grouped by what prices them.
+#[derive(sqlx::FromRow)]
+struct ExposedRow {
+    run_id: i64,
+    provider: String,
+    model: String,
+    images: i64,
+    requests: i64,
+}
+
 /// The `WHERE` of a submit that may have been charged: no charge recorded, and either it ended
 /// ambiguous or it never ended (in the air now, or when the process died).
 const POSSIBLY_CHARGED: &str = "a.credits IS NULL AND (a.error_class = 'ambiguous' OR a.finished_at IS NULL)";
@@ -81,7 +100,7 @@ impl Store {
     /// # Errors
     /// A database error, or [`StoreError::Corrupt`] for a provider backdrop does not know.
     pub async fn run_spends(&self, prices: &BTreeMap<String, f64>) -> Result<Vec<RunSpend>, StoreError> {
-        let runs: Vec<(i64, i64, Option<i64>, Option<String>, String)> = sqlx::query_as(
+        let runs: Vec<RunRow> = sqlx::query_as(
             "SELECT id, started_at, ended_at, outcome, provider FROM runs WHERE dry_run = 0 ORDER BY id",
         )
         .fetch_all(self.pool())
@@ -94,28 +113,27 @@ impl Store {
         .into_iter()
         .collect();
         let sql = format!(
-            "SELECT a.run_id, j.provider, j.model, COALESCE(json_extract(j.params, '$.num_images'), 1), COUNT(*)
+            "SELECT a.run_id, j.provider, j.model,
+                    COALESCE(json_extract(j.params, '$.num_images'), 1) AS images, COUNT(*) AS requests
              FROM attempts a JOIN jobs j ON j.id = a.job_id
              WHERE a.run_id IS NOT NULL AND {POSSIBLY_CHARGED}
              GROUP BY 1, 2, 3, 4"
         );
-        let exposed: Vec<(i64, String, String, i64, i64)> =
-            sqlx::query_as(&sql).fetch_all(self.pool()).await?;
+        let exposed: Vec<ExposedRow> = sqlx::query_as(&sql).fetch_all(self.pool()).await?;
         let mut tables: BTreeMap<String, PriceTable> = BTreeMap::new();
         let mut spends = Vec::with_capacity(runs.len());
-        for (run_id, started_at, ended_at, outcome, provider) in runs {
+        for RunRow { id: run_id, started_at, ended_at, outcome, provider } in runs {
             let unit = Unit::of(parse_provider(&provider)?);
             let spent = charged.get(&run_id).copied().unwrap_or(0.0);
             let mut possibly = 0.0;
             let (mut requests, mut unpriced) = (0, 0);
-            for (_, job_provider, model, images, count) in exposed.iter().filter(|e| e.0 == run_id) {
-                let count = u64::try_from(*count).unwrap_or(0);
-                let images = u64::try_from(*images).unwrap_or(1).max(1);
+            for e in exposed.iter().filter(|e| e.run_id == run_id) {
+                let count = u64::try_from(e.requests).unwrap_or(0);
+                let images = u64::try_from(e.images).unwrap_or(1).max(1);
                 requests += count;
-                let kind = parse_provider(job_provider)?;
-                let table =
-                    tables.entry(job_provider.clone()).or_insert_with(|| PriceTable::new(kind, prices));
-                match table.images_price(model, images.saturating_mul(count)) {
+                let kind = parse_provider(&e.provider)?;
+                let table = tables.entry(e.provider.clone()).or_insert_with(|| PriceTable::new(kind, prices));
+                match table.images_price(&e.model, images.saturating_mul(count)) {
                     // A row of another provider in this run's list would be a bug elsewhere;
                     // its amount is still counted, in this run's unit.
                     Some(amount) => possibly += unit.from_dollars(table.to_dollars(amount)),
