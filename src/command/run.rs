@@ -142,14 +142,24 @@ pub(crate) async fn execute(
     };
     eprintln!("{}", plan.render_text());
     let model = plan.model.clone();
+    let start = RunOutcome { model: model.clone(), ..start };
     if let Err(e) = settings.check_priced(&model, plan.estimate.unit_price) {
         end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
         return Err(e.into());
     }
-    let start = RunOutcome { model: model.clone(), ..start };
     register_forced_summary(&settings, &start, started, &stats);
 
-    let sim = if settings.simulate { Some(start_simulator(&settings).await?) } else { None };
+    let sim = if settings.simulate {
+        match start_simulator(&settings).await {
+            Ok(sim) => Some(sim),
+            Err(e) => {
+                end_early(&settings, &store, &start, started, e.exit_code(), "fatal").await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let api_base = match (&sim, &settings.api_base) {
         (Some(sim), _) => Some(sim.base_url()),
         (None, base) => base.clone(),
@@ -161,27 +171,35 @@ pub(crate) async fn execute(
     let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress)
         .then(|| progress::spawn(Arc::clone(&stats), Unit::of(settings.provider), bar_done.clone()));
     info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
-    let client = client.await.map_err(other_fatal)?.map_err(other_fatal)?;
-    let result = match settings.provider {
-        ProviderKind::Seedance => {
-            let provider = Seedance::new(
-                client.clone(),
-                api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
-                key,
-                settings.seedance_options(),
-            )
-            .map_err(other_usage)?;
-            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+    let client = client.await.map_err(other_fatal).and_then(|c| c.map_err(other_fatal));
+    // Errors here end the run early: they go to the arm below that records the run's end.
+    let result = match (settings.provider, client) {
+        (_, Err(e)) => Err(e),
+        (ProviderKind::Seedance, Ok(client)) => {
+            async {
+                let provider = Seedance::new(
+                    client.clone(),
+                    api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
+                    key,
+                    settings.seedance_options(),
+                )
+                .map_err(other_usage)?;
+                drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+            }
+            .await
         }
-        ProviderKind::Fal => {
-            let provider = Fal::new(
-                client.clone(),
-                api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
-                key,
-                settings.fal_options(),
-            )
-            .map_err(other_usage)?;
-            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+        (ProviderKind::Fal, Ok(client)) => {
+            async {
+                let provider = Fal::new(
+                    client.clone(),
+                    api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
+                    key,
+                    settings.fal_options(),
+                )
+                .map_err(other_usage)?;
+                drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+            }
+            .await
         }
     };
     bar_done.cancel();
@@ -191,7 +209,9 @@ pub(crate) async fn execute(
     let pool_outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            end_early(&settings, &store, &start, started, ExitCode::Fatal, "fatal").await;
+            let exit = e.exit_code();
+            let outcome = if exit == ExitCode::Usage { "usage" } else { "fatal" };
+            end_early(&settings, &store, &start, started, exit, outcome).await;
             if let Some(sim) = sim {
                 sim.shutdown().await;
             }

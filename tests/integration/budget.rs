@@ -100,6 +100,14 @@ async fn an_unknown_price_with_a_cap_refuses_to_start() {
         assert_eq!(code(&output(dry).await), 2, "{provider} dry run");
     }
     assert_eq!(env.sim.stats().await.submits, 0, "nothing was sent");
+    // A run that ends before its pool starts still leaves its summary for the scheduler.
+    let summary = env.path("summary.json");
+    let mut cmd = env.run_cmd(&catalog, &["--max-credits=16", "--summary-json", &summary.to_string_lossy()]);
+    cmd.arg("--prompt").arg(&prompt);
+    assert_eq!(code(&output(cmd).await), 2);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!((s["outcome"].as_str(), s["exit_code"].as_i64()), (Some("usage"), Some(2)), "{s}");
+    assert_eq!(s["model"], "seedream-v9");
 
     // With a price in the config file the plan is priced, and the cap holds it.
     let config = env.path("priced.toml");
