@@ -149,17 +149,7 @@ pub(crate) async fn execute(
     }
     register_forced_summary(&settings, &start, started, &stats);
 
-    let sim = if settings.simulate {
-        match start_simulator(&settings).await {
-            Ok(sim) => Some(sim),
-            Err(e) => {
-                end_early(&settings, &store, &start, started, e.exit_code(), "fatal").await;
-                return Err(e);
-            }
-        }
-    } else {
-        None
-    };
+    let sim = if settings.simulate { Some(start_simulator(&settings).await?) } else { None };
     let api_base = match (&sim, &settings.api_base) {
         (Some(sim), _) => Some(sim.base_url()),
         (None, base) => base.clone(),
@@ -171,35 +161,27 @@ pub(crate) async fn execute(
     let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress)
         .then(|| progress::spawn(Arc::clone(&stats), Unit::of(settings.provider), bar_done.clone()));
     info!(run_id, provider = settings.provider.as_str(), model = %model, rows = plan.to_run, "run started");
-    let client = client.await.map_err(other_fatal).and_then(|c| c.map_err(other_fatal));
-    // Errors here end the run early: they go to the arm below that records the run's end.
-    let result = match (settings.provider, client) {
-        (_, Err(e)) => Err(e),
-        (ProviderKind::Seedance, Ok(client)) => {
-            async {
-                let provider = Seedance::new(
-                    client.clone(),
-                    api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
-                    key,
-                    settings.seedance_options(),
-                )
-                .map_err(other_usage)?;
-                drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
-            }
-            .await
+    let client = client.await.map_err(other_fatal)?.map_err(other_fatal)?;
+    let result = match settings.provider {
+        ProviderKind::Seedance => {
+            let provider = Seedance::new(
+                client.clone(),
+                api_base.as_deref().unwrap_or(providers::seedance::DEFAULT_BASE_URL),
+                key,
+                settings.seedance_options(),
+            )
+            .map_err(other_usage)?;
+            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
-        (ProviderKind::Fal, Ok(client)) => {
-            async {
-                let provider = Fal::new(
-                    client.clone(),
-                    api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
-                    key,
-                    settings.fal_options(),
-                )
-                .map_err(other_usage)?;
-                drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
-            }
-            .await
+        ProviderKind::Fal => {
+            let provider = Fal::new(
+                client.clone(),
+                api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
+                key,
+                settings.fal_options(),
+            )
+            .map_err(other_usage)?;
+            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
         }
     };
     bar_done.cancel();
