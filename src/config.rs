@@ -72,6 +72,23 @@ pub(crate) enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// An amount of money (a cap, a threshold, a price) is NaN, infinite or negative.
+    #[error(transparent)]
+    Money(money::MoneyError),
+    /// A cap is set but the model's price is unknown, so the cap could not be held.
+    #[error(
+        "the price of model {model:?} is unknown, so the cap (--max-credits / --max-cost) cannot be held; \
+         nothing was sent. Add its price per image, in {unit}, to the config file and pass it with \
+         --config FILE:\n\n[prices]\n{model:?} = {example}\n"
+    )]
+    UnpricedModel {
+        /// The model.
+        model: String,
+        /// `credits` or `dollars`.
+        unit: &'static str,
+        /// An example price in that unit.
+        example: &'static str,
+    },
     /// A required setting is missing.
     #[error("missing {0}")]
     Missing(&'static str),
@@ -115,10 +132,9 @@ pub(crate) struct Settings {
     pub(crate) rate: Rate,
     /// Submissions per row.
     pub(crate) max_attempts: u32,
-    /// Credit budget.
-    pub(crate) max_credits: Option<f64>,
-    /// Dollar budget.
-    pub(crate) max_cost: Option<f64>,
+    /// The tighter of `--max-credits` and `--max-cost`, in the provider's unit: what this run
+    /// may spend.
+    pub(crate) spending_cap: Option<f64>,
     /// Low-balance warning threshold.
     pub(crate) low_credit_warning: Option<f64>,
     /// Row limit for this run.
@@ -197,6 +213,10 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 /// # Errors
 /// Never in practice: both sides are the same serde shape.
 pub(crate) fn merge(flags: RunArgs, file: RunArgs) -> Result<RunArgs, ConfigError> {
+    // Checked before the layers meet: the merge goes through JSON, where NaN and the infinities
+    // have no spelling and would silently become "not set", i.e. no cap at all.
+    check_amounts(&flags)?;
+    check_amounts(&file)?;
     let invalid = |e: serde_json::Error| ConfigError::Invalid { name: "config", message: e.to_string() };
     let mut merged = serde_json::to_value(file).map_err(invalid)?;
     let flags = serde_json::to_value(flags).map_err(invalid)?;
@@ -209,6 +229,25 @@ pub(crate) fn merge(flags: RunArgs, file: RunArgs) -> Result<RunArgs, ConfigErro
         }
     }
     serde_json::from_value(merged).map_err(invalid)
+}
+
+/// Every amount of money in one layer of settings (caps, the low-balance threshold, `[prices]`)
+/// must be finite and ≥ 0.
+fn check_amounts(args: &RunArgs) -> Result<(), ConfigError> {
+    let invalid = |e: money::MoneyError| ConfigError::Money(e);
+    for (name, v) in [
+        ("--max-credits", args.max_credits),
+        ("--max-cost", args.max_cost),
+        ("--low-credit-warning", args.low_credit_warning),
+    ] {
+        if let Some(v) = v {
+            money::amount(name, v).map_err(invalid)?;
+        }
+    }
+    for (model, price) in args.prices.iter().flatten() {
+        money::amount(&format!("[prices] {model:?}"), *price).map_err(invalid)?;
+    }
+    Ok(())
 }
 
 fn duration(name: &'static str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
@@ -226,6 +265,7 @@ impl Settings {
     /// [`ConfigError::Missing`] without a catalog or prompt, [`ConfigError::Invalid`] for a value
     /// out of range.
     pub(crate) fn resolve(args: RunArgs) -> Result<Self, ConfigError> {
+        check_amounts(&args)?;
         let catalog = args.catalog.ok_or(ConfigError::Missing("CATALOG (the catalog file)"))?;
         let prompt = args.prompt.ok_or(ConfigError::Missing("--prompt FILE"))?;
         let concurrency = args.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
@@ -248,11 +288,9 @@ impl Settings {
                 message: "must be at least 1".into(),
             });
         }
-        for (name, v) in [("--max-credits", args.max_credits), ("--max-cost", args.max_cost)] {
-            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-                return Err(ConfigError::Invalid { name, message: "must be a number ≥ 0".into() });
-            }
-        }
+        let provider = args.provider.unwrap_or_default();
+        let spending_cap =
+            money::cap(provider, args.max_credits, args.max_cost).map_err(ConfigError::Money)?;
         let webhook_listen = args
             .webhook_listen
             .as_deref()
@@ -290,14 +328,13 @@ impl Settings {
             state: args.state.unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE)),
             out: args.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
             output_name,
-            provider: args.provider.unwrap_or_default(),
+            provider,
             api_base: args.api_base,
             model: args.model,
             concurrency,
             rate,
             max_attempts,
-            max_credits: args.max_credits,
-            max_cost: args.max_cost,
+            spending_cap,
             low_credit_warning: args.low_credit_warning,
             limit: args.limit,
             dry_run: args.dry_run,
@@ -401,10 +438,26 @@ impl Settings {
         PollSchedule { initial: self.poll_initial, max: self.poll_max }
     }
 
+    /// With a cap, every submit must have a price: an unknown one would count as free and let
+    /// the run spend past its cap.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnpricedModel`] when a cap is set and `unit_price` (of `model`) is unknown.
+    pub(crate) fn check_priced(&self, model: &str, unit_price: Option<f64>) -> Result<(), ConfigError> {
+        if self.spending_cap.is_none() || unit_price.is_some() {
+            return Ok(());
+        }
+        let (unit, example) = match money::Unit::of(self.provider) {
+            money::Unit::Credits => ("credits", "8"),
+            money::Unit::Dollars => ("dollars", "0.04"),
+        };
+        Err(ConfigError::UnpricedModel { model: model.to_owned(), unit, example })
+    }
+
     /// The cap on this run's spend, in the provider's unit.
     #[must_use]
-    pub(crate) fn spending_cap(&self) -> Option<f64> {
-        money::cap(self.provider, self.max_credits, self.max_cost)
+    pub(crate) const fn spending_cap(&self) -> Option<f64> {
+        self.spending_cap
     }
 }
 
@@ -468,6 +521,32 @@ mod tests {
         assert!(err.to_string().contains("--poll-max"));
         let err = Settings::resolve(RunArgs { output_name: Some("{sku}.png".into()), ..base }).unwrap_err();
         assert!(err.to_string().contains("--output-name"));
+    }
+
+    #[test]
+    fn caps_of_nan_infinity_or_below_zero_are_refused_from_flags_and_file() {
+        let base =
+            RunArgs { catalog: Some("c.csv".into()), prompt: Some("p.txt".into()), ..RunArgs::default() };
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -5.0] {
+            let flags = RunArgs { max_credits: Some(bad), ..base.clone() };
+            let err = merge(flags, RunArgs::default()).unwrap_err();
+            assert!(err.to_string().contains("--max-credits"), "{bad}: {err}");
+            let flags = RunArgs { max_cost: Some(bad), ..base.clone() };
+            assert!(Settings::resolve(flags).is_err(), "{bad} refused without a merge too");
+        }
+        // TOML spells them `nan`, `inf` and `-inf`: the file is checked before the merge, where
+        // JSON would turn them into "not set".
+        for text in ["max-credits = nan\n", "max-cost = inf\n", "max-cost = -inf\n", "max-credits = -1\n"] {
+            let file = parse_file(Path::new("b.toml"), text).unwrap();
+            let err = merge(base.clone(), file).unwrap_err();
+            assert!(matches!(err, ConfigError::Money(_)), "{text}: {err}");
+        }
+        let file = parse_file(Path::new("b.toml"), "[prices]\nmy-model = nan\n").unwrap();
+        assert!(merge(base.clone(), file).unwrap_err().to_string().contains("my-model"));
+        let file = parse_file(Path::new("b.toml"), "low-credit-warning = -inf\n").unwrap();
+        assert!(merge(base.clone(), file).is_err());
+        let ok = merge(RunArgs { max_credits: Some(80.0), ..base.clone() }, RunArgs::default()).unwrap();
+        assert_eq!(Settings::resolve(ok).unwrap().spending_cap(), Some(80.0));
     }
 }
 

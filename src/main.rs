@@ -5,7 +5,7 @@
 //!
 //! - [`cli`]: clap definitions; [`config`]: flags + env + `backdrop.toml` → [`config::Settings`].
 //! - [`command`]: one module per subcommand; [`exit`]: the exit codes; [`error`]: the top-level
-//!   error that maps to them.
+//!   error that maps to them; [`command::forced_exit`]: what a second signal still writes.
 
 mod cli;
 mod command;
@@ -42,7 +42,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.code()),
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("backdrop: error: {:#}", anyhow::Error::from(e));
+            // Errors quote catalog cells and server answers: never their control characters.
+            let message = format!("{:#}", anyhow::Error::from(e));
+            eprintln!("backdrop: error: {}", backdrop::domain::text::terminal_safe(&message));
             ExitCode::from(code.code())
         }
     }
@@ -79,8 +81,9 @@ fn init_logging(global: &GlobalArgs) {
     }
 }
 
-/// The first Ctrl-C or SIGTERM asks the run to stop at safe points (it then exits 130); the
-/// second exits at once, leaving the store's crash recovery to sort out the rest on the next run.
+/// The first Ctrl-C or SIGTERM asks the command to stop (a run stops at safe points and exits
+/// 130; the simulator shuts down); the second exits at once, after writing the run's summary file
+/// if it has one, leaving the store's crash recovery to sort out the rest on the next run.
 async fn watch_signals(interrupt: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut term) = signal(SignalKind::terminate()) else { return };
@@ -90,11 +93,10 @@ async fn watch_signals(interrupt: CancellationToken) {
             _ = term.recv() => {}
         }
         if first {
-            eprintln!(
-                "backdrop: interrupted: letting requests in flight reach a safe point (again to quit now)"
-            );
+            eprintln!("backdrop: interrupted: stopping at a safe point (again to quit now)");
             interrupt.cancel();
         }
     }
+    command::forced_exit::write_summary();
     std::process::exit(i32::from(exit::ExitCode::Interrupted.code()));
 }

@@ -97,6 +97,8 @@ pub(crate) async fn execute(
         let store = Store::open(&settings.state).await?;
         let plan = plan::plan(&store, &settings.plan_input(), None).await?;
         println!("{}", plan.render_text());
+        // A dry run answers what the run would do, and the run would refuse.
+        settings.check_priced(&plan.model, plan.estimate.unit_price)?;
         println!("dry run: nothing was sent, nothing was charged");
         return Ok(ExitCode::Success);
     }
@@ -130,15 +132,24 @@ pub(crate) async fn execute(
     let run_id = store.start_run(&catalog, settings.provider.as_str(), &model_hint, false).await?;
     let started = Instant::now();
     let started_at = now_ms();
+    let stats = Arc::new(RunStats::default());
+    let start = summary_start(&settings, run_id, started_at, &model_hint);
+    register_forced_summary(&settings, &start, started, &stats);
     let plan = match plan::plan(&store, &settings.plan_input(), Some(run_id)).await {
         Ok(plan) => plan,
         Err(e) => {
-            let _ = store.finish_run(run_id, "usage", ExitCode::Usage.code(), "{}").await;
+            end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
             return Err(e.into());
         }
     };
     eprintln!("{}", plan.render_text());
     let model = plan.model.clone();
+    let start = RunOutcome { model: model.clone(), ..start };
+    if let Err(e) = settings.check_priced(&model, plan.estimate.unit_price) {
+        end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
+        return Err(e.into());
+    }
+    register_forced_summary(&settings, &start, started, &stats);
 
     let sim = if settings.simulate { Some(start_simulator(&settings).await?) } else { None };
     let api_base = match (&sim, &settings.api_base) {
@@ -147,7 +158,6 @@ pub(crate) async fn execute(
     };
 
     let prices = settings.price_table();
-    let stats = Arc::new(RunStats::default());
     let bar_done = CancellationToken::new();
     let json_logs = global.log_format == LogFormat::Json;
     let bar = progress::wanted(global.quiet, global.verbose, json_logs, settings.no_progress)
@@ -183,7 +193,13 @@ pub(crate) async fn execute(
     let pool_outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            let _ = store.finish_run(run_id, "fatal", e.exit_code().code(), "{}").await;
+            let exit = e.exit_code();
+            let outcome = match exit {
+                ExitCode::Usage => "usage",
+                ExitCode::DiskFailing => "disk_failing",
+                _ => "fatal",
+            };
+            end_early(&settings, &store, &start, started, exit, outcome).await;
             if let Some(sim) = sim {
                 sim.shutdown().await;
             }
@@ -225,7 +241,7 @@ pub(crate) async fn execute(
         "run finished"
     );
     if let Some(path) = &settings.summary_json {
-        write_summary(path, &json)?;
+        crate::command::forced_exit::settle(|| write_summary(path, &json))?;
     }
     eprintln!("{}", render_summary(&summary, settings.provider));
     store.close().await;
@@ -313,9 +329,22 @@ async fn drive<P: Provider>(
         settings.max_download_bytes,
     );
     let limit = settings.spending_cap();
-    let spent = store.total_spent().await?;
+    // The cap bounds this run, and a run killed before it could record its end (with the requests
+    // it may have had charged) counts as part of the run that picks up its work.
+    let carried = store.carried_spend(run_id, &settings.prices).await?;
     if let Some(limit) = limit {
-        info!(limit, spent, "budget");
+        if carried.total() > 0.0 {
+            warn!(
+                limit,
+                killed_runs = ?carried.runs,
+                spent = carried.spent,
+                possibly_charged = carried.possibly_charged,
+                "earlier runs were killed before they ended: what they spent or may have been charged \
+                 counts against this run's cap"
+            );
+        } else {
+            info!(limit, "budget for this run");
+        }
     }
     let webhooks = match settings.webhook_listen {
         Some(listen) => {
@@ -344,7 +373,7 @@ async fn drive<P: Provider>(
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: settings.retry_policy(),
         poll: settings.poll_schedule(),
-        budget: Arc::new(Budget::new(limit, spent)),
+        budget: Arc::new(Budget::new(limit, carried.total())),
         prices: Arc::new(prices.clone()),
         stats: Arc::clone(stats),
         run_id,
@@ -360,7 +389,68 @@ async fn drive<P: Provider>(
     Ok(outcome?)
 }
 
-fn write_summary(path: &std::path::Path, json: &str) -> Result<(), Error> {
+/// The summary of run `run_id` as known when it starts: what a run that ends early reports.
+fn summary_start(settings: &Settings, run_id: i64, started_at: i64, model: &str) -> RunOutcome {
+    RunOutcome {
+        version: SUMMARY_VERSION,
+        run_id,
+        outcome: String::new(),
+        exit_code: 0,
+        started_at,
+        ended_at: started_at,
+        duration_secs: 0.0,
+        provider: settings.provider.as_str().to_owned(),
+        model: model.to_owned(),
+        counts: std::collections::BTreeMap::new(),
+        done_this_run: 0,
+        failed_this_run: 0,
+        submits: 0,
+        retries: 0,
+        spent: 0.0,
+        spent_usd: 0.0,
+        unfinished: 0,
+    }
+}
+
+/// With `--summary-json`, a second signal (which exits at once) still leaves a summary.
+fn register_forced_summary(settings: &Settings, start: &RunOutcome, started: Instant, stats: &Arc<RunStats>) {
+    if let Some(path) = &settings.summary_json {
+        let unit = Unit::of(settings.provider);
+        crate::command::forced_exit::register(path.clone(), start.clone(), started, Arc::clone(stats), unit);
+    }
+}
+
+/// Records a run that ended before its outcome could be counted (a refused plan, a fatal error)
+/// in the store and, with `--summary-json`, in the summary file. Best effort: the error that
+/// ended the run is the one reported.
+async fn end_early(
+    settings: &Settings,
+    store: &Store,
+    start: &RunOutcome,
+    started: Instant,
+    exit: ExitCode,
+    outcome: &str,
+) {
+    let summary = RunOutcome {
+        outcome: outcome.to_owned(),
+        exit_code: exit.code(),
+        ended_at: now_ms(),
+        duration_secs: started.elapsed().as_secs_f64(),
+        ..start.clone()
+    };
+    let json = serde_json::to_string_pretty(&summary).unwrap_or_else(|_| "{}".into());
+    let _ = store.finish_run(start.run_id, outcome, exit.code(), &json).await;
+    match &settings.summary_json {
+        Some(path) => {
+            if let Err(e) = crate::command::forced_exit::settle(|| write_summary(path, &json)) {
+                warn!(error = %e, "cannot write the summary file");
+            }
+        }
+        None => crate::command::forced_exit::settle(|| ()),
+    }
+}
+
+pub(crate) fn write_summary(path: &std::path::Path, json: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;

@@ -1,9 +1,10 @@
 //! `backdrop sim`: starts the simulator of both APIs on `--listen`, prints the base URL and an
-//! example, and serves until Ctrl-C.
+//! example, and serves until the first SIGINT or SIGTERM (what systemd and Docker send).
 
 use std::io::Write as _;
 
 use backdrop_sim::{SimArgs, SimConfig, SimError};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::exit::ExitCode;
@@ -16,11 +17,11 @@ fn fail(e: &SimError) -> Error {
     Error::Other { message: e.to_string(), exit }
 }
 
-/// Runs the simulator until Ctrl-C.
+/// Runs the simulator until `stop` fires: `main` cancels it on the first SIGINT or SIGTERM.
 ///
 /// # Errors
 /// A usage error for bad flags or scenario, a fatal one when the address cannot be opened.
-pub(crate) async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
+pub(crate) async fn execute(args: &SimArgs, stop: CancellationToken) -> Result<ExitCode, Error> {
     let config = SimConfig::from_args(args).map_err(|e| fail(&e))?;
     let handle = backdrop_sim::start_on(args.listen, config).await.map_err(|e| fail(&e))?;
     let base = handle.base_url();
@@ -34,9 +35,11 @@ pub(crate) async fn execute(args: &SimArgs) -> Result<ExitCode, Error> {
     // A closed stdout (a script that read the URL and went away) must not stop the server.
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush());
-    if tokio::signal::ctrl_c().await.is_err() {
-        tracing::warn!("cannot listen for Ctrl-C; stopping");
-    }
+    // One signal is enough: the process's signal watcher turns the first SIGINT or SIGTERM into
+    // this token (listening for Ctrl-C here as well left SIGTERM to the watcher alone, so a
+    // service manager's single SIGTERM was ignored until a second one forced the exit).
+    stop.cancelled().await;
+    // Bounded: open keep-alive connections are given a few seconds, not forever.
     handle.shutdown().await;
     Ok(ExitCode::Success)
 }

@@ -2,6 +2,7 @@
 //! spent, failed rows with their reasons, ambiguous rows, and the last run. Also owns the state
 //! path resolution the read-and-re-queue commands share ([`state_path`], [`open_existing`]).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,10 +12,14 @@ use crate::cli::{GlobalArgs, RunArgs, StateArgs, StatusArgs};
 use crate::error::Error;
 use crate::exit::ExitCode;
 use backdrop::report::{REPORT_VERSION, describe_spend, rfc3339};
-use backdrop::store::{DEFAULT_STATE, DueDownload, JobBrief, JobState, RunRecord, Spend, StateCounts, Store};
+use backdrop::store::{
+    DEFAULT_STATE, DueDownload, JobBrief, JobState, RunRecord, RunSpend, Spend, StateCounts, Store,
+};
 
 /// At most this many failed or ambiguous rows are listed in text; `--json` and `report` list all.
 const TEXT_LIST_LIMIT: usize = 50;
+/// The most recent runs whose money `status` lists in text; `--json` lists every run.
+const TEXT_RUNS_LIMIT: usize = 10;
 
 /// What `status` shows. Its JSON form is `status --json` (versioned like the report).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -27,6 +32,11 @@ pub(crate) struct Status {
     pub(crate) counts: StateCounts,
     /// Money charged so far (from the store).
     pub(crate) spent: Spend,
+    /// Paid requests that may have been charged with no charge on record (ambiguous submits, and
+    /// submits in the air when a run was killed), priced at their row's model.
+    pub(crate) possibly_charged: Spend,
+    /// Money per run, oldest first: charged and possibly charged.
+    pub(crate) runs: Vec<RunSpend>,
     /// The most recent run.
     pub(crate) last_run: Option<RunRecord>,
     /// Failed rows with their reasons, in catalog order.
@@ -43,12 +53,15 @@ impl Status {
     ///
     /// # Errors
     /// A database error.
-    pub(crate) async fn load(store: &Store) -> Result<Self, Error> {
+    pub(crate) async fn load(store: &Store, prices: &BTreeMap<String, f64>) -> Result<Self, Error> {
+        let runs = store.run_spends(prices).await?;
         Ok(Self {
             version: REPORT_VERSION,
             state_file: store.path().display().to_string(),
             counts: store.state_counts().await?,
             spent: store.spend().await?,
+            possibly_charged: possibly_charged(&runs),
+            runs,
             last_run: store.last_run().await?,
             failed: store.jobs_in_state(JobState::Failed).await?,
             ambiguous: store.jobs_in_state(JobState::Ambiguous).await?,
@@ -76,6 +89,30 @@ impl Status {
             }
         }
         let _ = writeln!(s, "spent: {}", describe_spend(&self.spent));
+        let exposed: u64 = self.runs.iter().map(|r| r.possibly_charged_requests).sum();
+        if exposed > 0 {
+            let unpriced: u64 = self.runs.iter().map(|r| r.unpriced_requests).sum();
+            let unpriced = if unpriced > 0 {
+                format!(", {unpriced} of them at an unknown price (add the model under [prices])")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "possibly charged: {} ({exposed} paid requests got no answer from the API itself{unpriced})",
+                describe_spend(&self.possibly_charged)
+            );
+        }
+        if !self.runs.is_empty() {
+            let _ = writeln!(s, "money per run:");
+            let skipped = self.runs.len().saturating_sub(TEXT_RUNS_LIMIT);
+            if skipped > 0 {
+                let _ = writeln!(s, "  … {skipped} earlier runs (`status --json` lists all)");
+            }
+            for run in self.runs.iter().skip(skipped) {
+                let _ = writeln!(s, "  {}", describe_run_spend(run));
+            }
+        }
         match &self.last_run {
             None => s.push_str("last run: none\n"),
             Some(run) => {
@@ -159,6 +196,39 @@ fn round_to_minutes(d: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_secs(d.as_secs().max(60) / 60 * 60)
 }
 
+/// Totals of what every run may have been charged, per provider.
+fn possibly_charged(runs: &[RunSpend]) -> Spend {
+    let mut total = Spend::default();
+    for run in runs {
+        match run.provider.as_str() {
+            "fal" => total.fal_dollars += run.possibly_charged,
+            _ => total.seedance_credits += run.possibly_charged,
+        }
+        total.total_dollars += run.possibly_charged_usd;
+    }
+    total
+}
+
+/// One run's line: `#3 2026-11-22T02:30:00Z budget: spent 64 cr ($0.64), possibly charged …`.
+fn describe_run_spend(run: &RunSpend) -> String {
+    let unit = run.provider.parse::<backdrop::domain::ProviderKind>().ok().map(backdrop::money::Unit::of);
+    let show = |amount: f64| unit.map_or_else(|| format!("{amount}"), |u| u.show(amount));
+    let outcome = run
+        .outcome
+        .as_ref()
+        .map_or_else(|| "not ended (running, or killed)".to_owned(), |o| o.replace('_', " "));
+    let mut line =
+        format!("#{} {} {outcome}: spent {}", run.run_id, rfc3339(run.started_at), show(run.spent));
+    if run.possibly_charged_requests > 0 {
+        line.push_str(&format!(
+            ", possibly charged {} ({} requests)",
+            show(run.possibly_charged),
+            run.possibly_charged_requests
+        ));
+    }
+    line
+}
+
 fn list(s: &mut String, jobs: &[JobBrief], detail: impl Fn(&JobBrief) -> String) {
     use std::fmt::Write as _;
     for j in jobs.iter().take(TEXT_LIST_LIMIT) {
@@ -177,7 +247,9 @@ fn list(s: &mut String, jobs: &[JobBrief], detail: impl Fn(&JobBrief) -> String)
 /// Exit 2 when the state database does not exist; a database error otherwise.
 pub(crate) async fn execute(global: &GlobalArgs, args: &StatusArgs) -> Result<ExitCode, Error> {
     let store = open_existing(global, &args.state).await?;
-    let status = Status::load(&store).await?;
+    // The config's `[prices]` prices the requests that may have been charged, as `run` does.
+    let prices = config_file(global)?.and_then(|f| f.prices).unwrap_or_default();
+    let status = Status::load(&store, &prices).await?;
     store.close().await;
     let text = if args.json {
         let mut json = serde_json::to_string_pretty(&status).map_err(|e| Error::Other {
@@ -283,6 +355,20 @@ mod tests {
             state_file: "s.db".into(),
             counts: StateCounts { failed: 1, ambiguous: 1, done: 3, total: 5, ..StateCounts::default() },
             spent: Spend { seedance_credits: 90.0, fal_dollars: 0.0, total_dollars: 0.9 },
+            possibly_charged: Spend { seedance_credits: 16.0, fal_dollars: 0.0, total_dollars: 0.16 },
+            runs: vec![RunSpend {
+                run_id: 7,
+                started_at: 0,
+                ended_at: None,
+                outcome: None,
+                provider: "seedance".into(),
+                spent: 90.0,
+                spent_usd: 0.9,
+                possibly_charged: 16.0,
+                possibly_charged_usd: 0.16,
+                possibly_charged_requests: 2,
+                unpriced_requests: 0,
+            }],
             last_run: None,
             failed: vec![brief("F-1", JobState::Failed, Some("HTTP 422\ncontent policy"))],
             ambiguous: vec![brief("A-1", JobState::Ambiguous, None)],
@@ -294,6 +380,16 @@ mod tests {
         assert!(text.contains("F-1  (2 attempts) HTTP 422 content policy"), "{text}");
         assert!(text.contains("may be charged twice"), "{text}");
         assert!(text.contains("last run: none"), "{text}");
+        assert!(
+            text.contains("possibly charged: seedance 16 credits ($0.16); total $0.16 (2 paid requests"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "#7 1970-01-01T00:00:00Z not ended (running, or killed): spent 90 cr ($0.90), possibly charged 16 cr ($0.16) (2 requests)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -3,11 +3,13 @@
 mod harness;
 
 mod badinput;
+mod budget;
 mod chaos;
 mod crash;
 mod operate;
 mod ops;
 mod plan;
+mod prompts;
 mod provider;
 mod run;
 mod sim;

@@ -10,9 +10,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, Row, RowProblem};
+use crate::domain::text::{is_forbidden_in_prompt, terminal_safe_line};
 use crate::domain::{Params, ProviderKind, Task};
 use crate::money::{PriceTable, Unit};
-use crate::prompt::{Body, PromptError, Template};
+use crate::prompt::{Body, PromptError, Template, check_rendered, max_prompt_chars};
 use crate::store::planning::{Existing, JobShared, NewJob, PlanTx};
 use crate::store::{JobState, Store, StoreError, now_ms};
 
@@ -89,6 +90,8 @@ impl PlanError {
 const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
+/// Characters of each sample prompt shown.
+const SAMPLE_CHARS: usize = 300;
 /// Invalid rows kept for the listing (`counts.invalid` has the full number).
 const MAX_KEPT: usize = 10_000;
 
@@ -277,6 +280,8 @@ struct Producer {
     model: String,
     params_json: String,
     skip_invalid: bool,
+    /// The longest prompt the provider is sent.
+    max_prompt_chars: usize,
 }
 
 /// What the catalog side found, besides the batches it sent.
@@ -371,6 +376,22 @@ impl Producer {
         if prompt.is_empty() {
             return Err(RowProblem::new(row.location, "the rendered prompt is empty"));
         }
+        // Checked here, at plan time, so a bad row is an error naming its line before anything
+        // is sent, not a paid request with a megabyte or an escape sequence in it.
+        check_rendered(prompt, self.max_prompt_chars).map_err(|m| {
+            // Name the column the bad text came from, when one of the template's did.
+            let column = self.template.body().placeholders().find(|name| {
+                catalog.column(name).and_then(|i| row.values.get(i)).is_some_and(|v| {
+                    v.chars().any(is_forbidden_in_prompt) || v.chars().count() > self.max_prompt_chars
+                })
+            });
+            let source = match (own.is_some(), column) {
+                (true, _) => " (from the prompt column)".to_owned(),
+                (false, Some(name)) => format!(" (from column {name})"),
+                (false, None) => String::new(),
+            };
+            RowProblem::new(row.location, format!("{m}{source}"))
+        })?;
         let fingerprint =
             fingerprint(&row.sku, self.task, &self.model, prompt, &row.inputs, &self.params_json);
         let stored: Vec<&str> = row.inputs.iter().map(Input::as_stored).collect();
@@ -424,6 +445,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         model: model.clone(),
         params_json: params_json.clone(),
         skip_invalid: settings.skip_invalid,
+        max_prompt_chars: max_prompt_chars(settings.provider),
     };
 
     let mut tx = store.begin_plan(run_id.is_some()).await?;
@@ -557,7 +579,7 @@ impl Plan {
             out,
             "  provider {}, model {}, task {}, {per_row} per row",
             self.provider.as_str(),
-            self.model,
+            terminal_safe_line(&self.model),
             self.task.as_str()
         );
         let _ = writeln!(out, "  rows: {} valid, {} invalid", c.valid(), c.invalid);
@@ -596,7 +618,9 @@ impl Plan {
                 let _ = writeln!(
                     out,
                     "  to run: {} rows{limited} → {} images; price unknown: model {} is not in the price table (add it under [prices] in the config file, in {unit_name} per image)",
-                    self.to_run, e.images, self.model
+                    self.to_run,
+                    e.images,
+                    terminal_safe_line(&self.model)
                 );
             }
         }
@@ -621,7 +645,7 @@ impl Plan {
         if !self.invalid.is_empty() {
             let _ = writeln!(out, "Skipped {} invalid rows:", c.invalid);
             for p in self.invalid.iter().take(crate::catalog::MAX_LISTED) {
-                let _ = writeln!(out, "  {p}");
+                let _ = writeln!(out, "  {}", terminal_safe_line(&p.to_string()));
             }
             let shown = self.invalid.len().min(crate::catalog::MAX_LISTED) as u64;
             let total = self.invalid.len() as u64;
@@ -632,7 +656,13 @@ impl Plan {
         if !self.samples.is_empty() {
             let _ = writeln!(out, "First prompts:");
             for (sku, prompt) in &self.samples {
-                let _ = writeln!(out, "  {sku}: {prompt}");
+                // Catalog text, shown one line each with control characters escaped, and cut
+                // short: a sample is for recognising the prompt, not reading all of it.
+                let shown = match prompt.char_indices().nth(SAMPLE_CHARS) {
+                    Some((cut, _)) => format!("{}…", &prompt[..cut]),
+                    None => prompt.clone(),
+                };
+                let _ = writeln!(out, "  {}: {}", terminal_safe_line(sku), terminal_safe_line(&shown));
             }
         }
         if !self.written {

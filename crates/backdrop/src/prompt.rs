@@ -6,7 +6,50 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::domain::ProviderKind;
 use crate::domain::job::{Params, Task};
+use crate::domain::text::{control_name, is_forbidden_in_prompt};
+
+/// The longest rendered prompt sent, in characters (Unicode scalar values), when the provider
+/// documents no limit. Neither Seedance nor fal documents one; this is far above any product
+/// prompt and far below what a runaway catalog cell can hold (a megabyte prompt was once sent,
+/// and charged).
+pub const DEFAULT_MAX_PROMPT_CHARS: usize = 10_000;
+
+/// The longest prompt `provider` is sent, in characters.
+#[must_use]
+pub const fn max_prompt_chars(provider: ProviderKind) -> usize {
+    match provider {
+        // Neither API documents a maximum: both get the default.
+        ProviderKind::Seedance | ProviderKind::Fal => DEFAULT_MAX_PROMPT_CHARS,
+    }
+}
+
+/// Checks a rendered prompt before it can be sent: at most `max_chars` characters, and no
+/// control character but tab, newline and carriage return (NUL, ESC, BEL, the rest of C0, DEL
+/// and C1 are refused: an API may cut the text at a NUL, and a terminal echoing it obeys ESC).
+///
+/// # Errors
+/// What is wrong, for a person: the length, or the first control character and where it is.
+pub fn check_rendered(prompt: &str, max_chars: usize) -> Result<(), String> {
+    if let Some((at, c)) = prompt.chars().enumerate().find(|(_, c)| is_forbidden_in_prompt(*c)) {
+        let name = control_name(c).unwrap_or("control character");
+        return Err(format!(
+            "the prompt holds a control character, U+{:04X} ({name}), at character {}",
+            u32::from(c),
+            at + 1
+        ));
+    }
+    // Counting stops one past the limit: a huge prompt is not walked to its end.
+    let chars = prompt.chars().take(max_chars + 1).count();
+    if chars > max_chars {
+        return Err(format!(
+            "the prompt is longer than {max_chars} characters ({} in all)",
+            prompt.chars().count()
+        ));
+    }
+    Ok(())
+}
 
 /// Errors parsing a template file.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +270,13 @@ impl Template {
         }
         // Leading blank lines are dropped: count them so messages still name the file's line.
         let skipped = body_text[..body_text.len() - body_text.trim_start().len()].matches('\n').count();
+        if let Some((offset, c)) = trimmed.char_indices().find(|(_, c)| is_forbidden_in_prompt(*c)) {
+            let line = body_line + skipped + trimmed[..offset].matches('\n').count();
+            let name = control_name(c).unwrap_or("control character");
+            let message =
+                format!("control character U+{:04X} ({name}): prompts may hold only text", u32::from(c));
+            return Err(PromptError::Syntax { path: path.to_owned(), line, message });
+        }
         let body = Body::parse(trimmed, body_line + skipped)
             .map_err(|(line, message)| PromptError::Syntax { path: path.to_owned(), line, message })?;
         Ok(Self { path: path.to_owned(), front, body })
@@ -390,6 +440,30 @@ mod tests {
         assert_eq!(t.task(), Task::Edit);
         assert_eq!(t.params(), Params::default());
         assert_eq!(t.front(), &FrontMatter::default());
+    }
+
+    #[test]
+    fn control_characters_in_a_template_name_their_line() {
+        let err = parse("+++\nseed = 1\n+++\nfirst line\nsecond \x1b[2J line\n").unwrap_err();
+        assert!(matches!(err, PromptError::Syntax { line: 5, .. }), "{err}");
+        assert!(err.to_string().contains("U+001B (ESC)"), "{err}");
+        assert!(parse("a\tb\r\nc").is_ok(), "tab, CR and LF are text");
+        assert!(parse("bell\x07").unwrap_err().to_string().contains("BEL"));
+    }
+
+    #[test]
+    fn rendered_prompts_are_bounded_and_free_of_control_characters() {
+        assert_eq!(check_rendered("Put the mug\ton oak,\r\nsoft light", 100), Ok(()));
+        assert_eq!(check_rendered(&"é".repeat(100), 100), Ok(()), "characters, not bytes");
+        let err = check_rendered(&"x".repeat(101), 100).unwrap_err();
+        assert!(err.contains("longer than 100 characters (101 in all)"), "{err}");
+        for (text, name) in
+            [("a\0b", "NUL"), ("a\x1bb", "ESC"), ("a\x07b", "BEL"), ("a\x7fb", "DEL"), ("a\u{85}b", "C1")]
+        {
+            let err = check_rendered(text, 100).unwrap_err();
+            assert!(err.contains(name) && err.contains("at character 2"), "{text:?}: {err}");
+        }
+        assert_eq!(max_prompt_chars(ProviderKind::Fal), DEFAULT_MAX_PROMPT_CHARS);
     }
 
     #[test]

@@ -126,7 +126,8 @@ pub fn describe_problems(path: &Path, problems: &[RowProblem], total: u64) -> St
     let mut out =
         if total == 1 { format!("{name}: 1 problem:") } else { format!("{name}: {total} problems:") };
     for p in problems.iter().take(MAX_LISTED) {
-        let _ = write!(out, "\n  {p}");
+        // A problem may quote a cell: one line each, its control characters escaped.
+        let _ = write!(out, "\n  {}", crate::domain::text::terminal_safe_line(&p.to_string()));
     }
     let listed = problems.len().min(MAX_LISTED) as u64;
     if total > listed {

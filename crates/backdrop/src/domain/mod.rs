@@ -1,6 +1,7 @@
 //! The vocabulary every other module speaks, with no behaviour beyond parsing and naming: which
 //! provider, the API key, a request rate, one job's shape, the provider's handle on a paid
-//! request, and an output saved to disk. It imports nothing else of backdrop, so anyone may use it.
+//! request, an output saved to disk, and outside text made safe for a terminal ([`text`]). It
+//! imports nothing else of backdrop, so anyone may use it.
 
 pub mod job;
 mod output;
@@ -8,6 +9,7 @@ mod provider;
 mod rate;
 mod request;
 mod secret;
+pub mod text;
 
 pub use job::{JobSpec, Params, Task};
 pub use output::SavedOutput;

@@ -1,6 +1,7 @@
-//! The spending cap (`--max-credits`, `--max-cost`): spend is reserved before each submit so
-//! concurrent workers can never overshoot together, and it starts from what the store says was
-//! already spent, so the cap holds across restarts.
+//! The spending cap of one run (`--max-credits`, `--max-cost`): spend is reserved before each
+//! submit so concurrent workers can never overshoot together, a submit that may have been charged
+//! keeps its reservation, and the run starts from what killed runs before it spent or may have
+//! spent (the store works that out), so a crash and its restart stay under one cap.
 
 use std::sync::Mutex;
 
@@ -39,7 +40,8 @@ pub struct Reservation {
 }
 
 impl Budget {
-    /// A budget that has already spent `spent` (from the store) of `limit`.
+    /// A budget that has already spent `spent` of `limit` (what killed runs before this one
+    /// spent or may have spent).
     #[must_use]
     pub fn new(limit: Option<f64>, spent: f64) -> Self {
         Self { limit, used: Mutex::new(Used { spent, reserved: 0.0 }), settled: tokio::sync::Notify::new() }

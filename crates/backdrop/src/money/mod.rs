@@ -37,6 +37,11 @@ impl PriceTable {
                 (DEFAULT_FAL_GENERATE_MODEL, 0.04),
                 ("fal-ai/bytedance/seedream/v4/edit", 0.03),
                 ("fal-ai/bytedance/seedream/v4/text-to-image", 0.03),
+                // The short names the fal client maps to those ids (edit and text-to-image cost
+                // the same): without them a run naming `seedream-v4-5` would count as free.
+                ("seedream-v4-5", 0.04),
+                ("seedream-v4.5", 0.04),
+                ("seedream-v4", 0.03),
             ],
         };
         let mut prices: BTreeMap<String, f64> = builtin.iter().map(|(m, p)| ((*m).to_owned(), *p)).collect();
@@ -118,17 +123,61 @@ pub fn stored_to_dollars(provider: &str, amount: f64) -> f64 {
     provider.parse::<ProviderKind>().map_or(amount, |p| Unit::of(p).to_dollars(amount))
 }
 
+/// A money amount backdrop cannot use.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoneyError {
+    /// NaN, an infinity or a negative number where an amount of money is expected. NaN is the
+    /// dangerous one: every comparison with it is false, so a NaN cap would never refuse a
+    /// submit and a NaN price would make every row look free.
+    #[error("invalid {name}: {value} is not a finite number ≥ 0")]
+    NotAnAmount {
+        /// The flag, key or price it came from.
+        name: String,
+        /// The value given.
+        value: f64,
+    },
+}
+
+impl MoneyError {
+    /// A bad amount in the settings never fixes itself.
+    #[must_use]
+    pub const fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Checks that `value` (named `name` in the message) is an amount of money: finite and ≥ 0.
+///
+/// # Errors
+/// [`MoneyError::NotAnAmount`] for NaN, ±inf or a negative number.
+pub fn amount(name: &str, value: f64) -> Result<f64, MoneyError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(MoneyError::NotAnAmount { name: name.to_owned(), value })
+    }
+}
+
 /// The cap on what one run may spend, in `provider`'s unit: the tighter of `--max-credits` and
 /// `--max-cost` (dollars). On fal, which bills dollars, a credit cap means cents, as on seedance.
-#[must_use]
-pub fn cap(provider: ProviderKind, max_credits: Option<f64>, max_cost: Option<f64>) -> Option<f64> {
+///
+/// # Errors
+/// [`MoneyError::NotAnAmount`] when either limit is NaN, infinite or negative.
+pub fn cap(
+    provider: ProviderKind,
+    max_credits: Option<f64>,
+    max_cost: Option<f64>,
+) -> Result<Option<f64>, MoneyError> {
+    let max_credits = max_credits.map(|c| amount("--max-credits", c)).transpose()?;
+    let max_cost = max_cost.map(|c| amount("--max-cost", c)).transpose()?;
     let unit = Unit::of(provider);
     let from_cost = max_cost.map(|usd| unit.from_dollars(usd));
     let from_credits = max_credits.map(|c| unit.from_dollars(Unit::Credits.to_dollars(c)));
-    match (from_cost, from_credits) {
+    Ok(match (from_cost, from_credits) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
+    })
 }
 
 impl PriceTable {
@@ -175,7 +224,31 @@ mod tests {
     }
 
     #[test]
+    fn caps_refuse_nan_infinity_and_negative_numbers() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, -0.000_001] {
+            for provider in ProviderKind::ALL {
+                let err = cap(provider, Some(bad), None).unwrap_err();
+                assert!(err.to_string().contains("--max-credits"), "{err}");
+                let err = cap(provider, None, Some(bad)).unwrap_err();
+                assert!(err.to_string().contains("--max-cost"), "{err}");
+                assert!(
+                    cap(provider, Some(10.0), Some(bad)).is_err(),
+                    "a good credit cap does not hide a bad cost cap"
+                );
+            }
+        }
+        assert_eq!(
+            cap(ProviderKind::Seedance, Some(0.0), None),
+            Ok(Some(0.0)),
+            "zero is a cap: spend nothing"
+        );
+        assert_eq!(amount("x", 0.5), Ok(0.5));
+        assert!(amount("[prices] m", f64::NAN).is_err());
+    }
+
+    #[test]
     fn caps_take_the_tighter_limit_in_the_providers_unit() {
+        let cap = |p, c, d| super::cap(p, c, d).unwrap();
         assert_eq!(cap(ProviderKind::Seedance, Some(80.0), None), Some(80.0));
         assert!((cap(ProviderKind::Seedance, None, Some(0.5)).unwrap_or_default() - 50.0).abs() < 1e-9);
         assert!((cap(ProviderKind::Seedance, Some(80.0), Some(0.5)).unwrap_or_default() - 50.0).abs() < 1e-9);

@@ -3,13 +3,14 @@
 //! outputs. Owns [`Store`] (opening, migrating, locking) and the job state machine [`JobState`];
 //! the queries live beside it, one method per statement, grouped by who uses them: [`planning`]
 //! (the planner), [`queue`] (the scheduler's reads and crash recovery), [`writer`] (every job state
-//! change) and [`inspect`] (status, retry and report).
+//! change), [`inspect`] (status, retry and report) and [`ledger`] (money per run).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 pub mod inspect;
+pub mod ledger;
 mod lock;
 pub mod planning;
 pub mod queue;
@@ -22,6 +23,7 @@ pub use inspect::{
     DueDownload, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend,
     StateCounts,
 };
+pub use ledger::{Carried, RunSpend};
 pub use lock::{FileIdentity, RunLock};
 pub use queue::{Recovery, StoredJob};
 pub use writer::{AttemptEnd, Change, Writer};

@@ -665,6 +665,20 @@ impl<'q> BatchSql<'q> {
         self.bind(id)
     }
 
+    /// A poll's correction of a charge (`delta`, usually 0) belongs to the submit that was
+    /// charged, so that each run's spend, the sum of its attempts, stays exact.
+    fn correct_charge(&mut self, job_id: i64, delta: f64) -> Result<(), StoreError> {
+        if delta == 0.0 {
+            return Ok(());
+        }
+        self.statement(
+            "UPDATE attempts SET credits = credits + ?
+             WHERE id = (SELECT MAX(id) FROM attempts WHERE job_id = ? AND credits IS NOT NULL)",
+        );
+        self.bind(delta)?;
+        self.bind(job_id)
+    }
+
     #[allow(clippy::too_many_lines)] // one arm per change, each a few statements
     fn change(&mut self, change: &'q Change) -> Result<(), StoreError> {
         let now = now_ms();
@@ -716,6 +730,9 @@ impl<'q> BatchSql<'q> {
                 self.bind(*job_id)?;
                 let credits = attempt_id.map(|_| *charged);
                 self.end_attempt(now, *attempt_id, end, request_id.as_deref(), credits)?;
+                if attempt_id.is_none() {
+                    self.correct_charge(*job_id, *charged)?;
+                }
             }
             Change::Waiting { job_id, attempt_id, next_attempt_at, end } => {
                 self.statement(
@@ -788,6 +805,7 @@ impl<'q> BatchSql<'q> {
                 self.bind(*charged)?;
                 self.bind(now)?;
                 self.bind(*job_id)?;
+                self.correct_charge(*job_id, *charged)?;
             }
         }
         self.returns.push(returns);
@@ -945,9 +963,13 @@ mod tests {
             content_type: "image/png".into(),
             source_url: "http://x/o.png".into(),
         };
-        w.commit(Change::Done { job_id: id, outputs: vec![out], result: None, charged: 0.0 }).await.unwrap();
+        // The poll said 9 credits, not the 8 estimated at submit: the correction lands on the
+        // charged attempt too, so the run's spend and the row's agree.
+        w.commit(Change::Done { job_id: id, outputs: vec![out], result: None, charged: 1.0 }).await.unwrap();
         assert_eq!(state(&store, id).await.0, "done");
-        assert!((store.total_spent().await.unwrap() - 8.0).abs() < 1e-9);
+        assert!((store.total_spent().await.unwrap() - 9.0).abs() < 1e-9);
+        let spends = store.run_spends(&std::collections::BTreeMap::new()).await.unwrap();
+        assert!((spends[0].spent - 9.0).abs() < 1e-9, "{spends:?}");
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM attempts WHERE job_id = ?")
             .bind(id)
             .fetch_one(store.pool())

@@ -320,6 +320,18 @@ mod tests {
     }
 
     #[test]
+    fn short_names_cost_what_their_fal_ids_cost() {
+        let prices = crate::money::PriceTable::new(crate::domain::ProviderKind::Fal, &Default::default());
+        for short in ["seedream-v4-5", "seedream-v4.5", "seedream-v4"] {
+            for task in [Task::Edit, Task::Generate] {
+                let id = model_id(short, task).unwrap();
+                assert!(prices.unit_price(&id).is_some(), "{id} is priced");
+                assert_eq!(prices.unit_price(short), prices.unit_price(&id), "{short} {task:?}");
+            }
+        }
+    }
+
+    #[test]
     fn model_ids_map_by_task() {
         assert_eq!(model_id("seedream-v4-5", Task::Edit).unwrap(), "fal-ai/bytedance/seedream/v4.5/edit");
         assert_eq!(
