@@ -108,8 +108,7 @@ pub struct SimArgs {
     #[arg(long, value_name = "P")]
     pub webhook_drop_rate: Option<f64>,
     /// Scripted answers to the first submits, in order: 429x3:1 (three 429s with Retry-After: 1),
-    /// 503x2, dropx1 (charge then drop the connection), gatewayx1 (charge then answer a gateway's
-    /// 502 HTML page), okx5 (let five through). Repeatable.
+    /// 503x2, dropx1 (charge then drop the connection), okx5 (let five through). Repeatable.
     #[arg(long, value_name = "STEP")]
     pub script: Vec<String>,
     /// A window of errors: AFTER+DURATION[:STATUS], e.g. 10s+30s:503 (the 30 s after the first

@@ -138,36 +138,31 @@ pub struct ScriptStep {
     /// Accept and charge the submit, then drop the connection without answering.
     #[serde(default)]
     pub drop: bool,
-    /// Accept and charge the submit, then answer as a gateway would: 502 with an HTML page.
-    #[serde(default)]
-    pub gateway: bool,
 }
 
 impl ScriptStep {
-    /// Parses `429x3:1` (status, count, optional Retry-After), `dropx2`, `gatewayx2` or `okx5`.
+    /// Parses `429x3:1` (status, count, optional Retry-After), `dropx2`, or `okx5`.
     ///
     /// # Errors
     /// [`SimError::Config`] naming what could not be read.
     pub fn parse(spec: &str) -> Result<Self, SimError> {
         let bad =
-            |why: &str| SimError::Config(format!("--script {spec:?}: {why} (e.g. 429x3:1, dropx1, gatewayx1, okx2)"));
+            |why: &str| SimError::Config(format!("--script {spec:?}: {why} (e.g. 429x3:1, dropx1, okx2)"));
         let (what, rest) = spec.trim().split_once('x').ok_or_else(|| bad("expected WHATxCOUNT"))?;
         let (count, retry) = match rest.split_once(':') {
             Some((c, r)) => (c, Some(r.parse::<u64>().map_err(|_| bad("bad Retry-After"))?)),
             None => (rest, None),
         };
         let count = count.parse::<u32>().map_err(|_| bad("bad count"))?;
-        let (status, drop, gateway) = match what {
-            "drop" => (0, true, false),
-            "gateway" => (0, false, true),
-            "ok" => (0, false, false),
+        let (status, drop) = match what {
+            "drop" => (0, true),
+            "ok" => (0, false),
             s => (
                 s.parse::<u16>().ok().filter(|s| (400..=599).contains(s)).ok_or_else(|| bad("bad status"))?,
                 false,
-                false,
             ),
         };
-        Ok(Self { count, status, retry_after_secs: retry, drop, gateway })
+        Ok(Self { count, status, retry_after_secs: retry, drop })
     }
 }
 
@@ -444,18 +439,13 @@ mod tests {
     #[test]
     fn script_steps_cover_consecutive_submits() {
         let faults = Faults {
-            script: vec![
-                ScriptStep::parse("429x2:1").unwrap(),
-                ScriptStep::parse("dropx1").unwrap(),
-                ScriptStep::parse("gatewayx1").unwrap(),
-            ],
+            script: vec![ScriptStep::parse("429x2:1").unwrap(), ScriptStep::parse("dropx1").unwrap()],
             ..Faults::default()
         };
         assert_eq!(faults.script_step(0).map(|s| s.status), Some(429));
         assert_eq!(faults.script_step(1).and_then(|s| s.retry_after_secs), Some(1));
-        assert!(faults.script_step(2).is_some_and(|s| s.drop && !s.gateway));
-        assert!(faults.script_step(3).is_some_and(|s| s.gateway && !s.drop && s.status == 0));
-        assert!(faults.script_step(4).is_none());
+        assert!(faults.script_step(2).is_some_and(|s| s.drop));
+        assert!(faults.script_step(3).is_none());
         assert!(ScriptStep::parse("200x1").is_err());
     }
 

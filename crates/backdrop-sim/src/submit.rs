@@ -110,9 +110,6 @@ pub(crate) fn gate(sim: &Sim, seq: u64, rng: &mut StdRng) -> Verdict {
         if step.drop {
             return Verdict::Drop;
         }
-        if step.gateway {
-            return Verdict::Gateway;
-        }
         if step.status != 0 {
             return Verdict::Refuse(Refusal {
                 status: step.status,
