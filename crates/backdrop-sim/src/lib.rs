@@ -646,7 +646,11 @@ impl SimHandle {
 /// `body` (a JSON object) with a `padding` string that makes the whole answer `size` bytes:
 /// still valid JSON, streamed in chunks without a Content-Length, so a client that reads answers
 /// whole buffers all of it and one that caps them stops early (and the rest is never produced).
-pub(crate) fn oversized_json(status: axum::http::StatusCode, body: &serde_json::Value, size: u64) -> Response {
+pub(crate) fn oversized_json(
+    status: axum::http::StatusCode,
+    body: &serde_json::Value,
+    size: u64,
+) -> Response {
     use axum::body::{Body, Bytes};
     const CHUNK: usize = 64 * 1024;
     let text = body.to_string();
