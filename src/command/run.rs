@@ -322,8 +322,12 @@ async fn drive<P: Provider>(
             "left partial downloads alone: another live run is using this output folder"
         );
     }
+    // Downloads get their own client: only http(s), few redirects, and no loopback, private or
+    // link-local address unless the API base is one (the simulator's is).
+    let policy = fetch::AddressPolicy::for_api_base(provider.base_url()).await;
+    let downloads = fetch::DownloadClient::new(settings.request_timeout, policy).map_err(other_fatal)?;
     let fetcher = Fetcher::new(
-        client.clone(),
+        downloads,
         settings.out.clone(),
         settings.output_name.clone(),
         settings.max_download_bytes,

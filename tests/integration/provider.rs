@@ -1,6 +1,8 @@
 //! Narrow tests of the two provider protocols and the downloader against small servers on
 //! 127.0.0.1:0: a scripted axum app that records every request, and raw TCP servers for the
-//! failures axum cannot produce (a connection dropped after the request, a truncated body).
+//! failures axum cannot produce (a connection dropped after the request, a truncated body, an
+//! endless answer). Downloads go the way production sends them: `Fetcher::download`, then the
+//! batching `Persister`.
 
 use std::collections::VecDeque;
 use std::io::Cursor;
@@ -12,8 +14,9 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
-use backdrop::domain::{ApiKey, JobSpec, OutputRef, Params, RequestRef, Task};
-use backdrop::fetch::{FetchError, Fetcher};
+use backdrop::domain::{ApiKey, JobSpec, OutputRef, Params, RequestRef, SavedOutput, Task};
+use backdrop::fetch::guard::AddressClass;
+use backdrop::fetch::{AddressPolicy, DownloadClient, FetchError, Fetcher, Persister};
 use backdrop::provider::fal::{Fal, FalOptions};
 use backdrop::provider::http::{self, InlinePolicy};
 use backdrop::provider::seedance::{Seedance, SeedanceOptions};
@@ -31,6 +34,26 @@ fn key() -> ApiKey {
 
 fn client() -> reqwest::Client {
     http::client(Duration::from_secs(10)).unwrap()
+}
+
+/// The download client, allowing the loopback addresses every test server here listens on.
+fn downloads() -> DownloadClient {
+    DownloadClient::new(Duration::from_secs(10), AddressPolicy::allowing([AddressClass::Loopback])).unwrap()
+}
+
+/// One output the way production saves it: received by `Fetcher::download`, then made durable
+/// (header check, sync, rename) by the batching `Persister`.
+async fn fetch(
+    fetcher: &Fetcher,
+    sku: &str,
+    index: u32,
+    output: &OutputRef,
+) -> Result<SavedOutput, FetchError> {
+    let received = fetcher.download(sku, index, output).await?;
+    let persister = Persister::start(fetcher.out_dir());
+    let mut saved = persister.persist(vec![received], true).await?;
+    assert_eq!(saved.len(), 1);
+    Ok(saved.remove(0))
 }
 
 /// One request the mock saw.
@@ -701,11 +724,11 @@ fn files(dir: &Path) -> Vec<String> {
 async fn downloads_are_verified_hashed_and_named_from_the_bytes() {
     let mock = Mock::start().await;
     let out = tempfile::tempdir().unwrap();
-    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
+    let fetcher = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
     let png = png_bytes(64, 32);
     // The server lies about the type: the bytes decide.
     mock.push(blob(200, png.clone(), "application/octet-stream"));
-    let saved = fetcher.fetch("SKU-1", 0, &output(format!("{}/o/1", mock.base))).await.unwrap();
+    let saved = fetch(&fetcher, "SKU-1", 0, &output(format!("{}/o/1", mock.base))).await.unwrap();
     assert_eq!(saved.path, Path::new("SKU-1/0.png"));
     assert_eq!((saved.width, saved.height, saved.bytes), (64, 32, png.len() as u64));
     assert_eq!(saved.content_type, "image/png");
@@ -714,7 +737,7 @@ async fn downloads_are_verified_hashed_and_named_from_the_bytes() {
 
     mock.state.replies.lock().unwrap().clear();
     mock.push(blob(200, jpeg_bytes(), "image/png"));
-    let saved = fetcher.fetch("sku/../x", 1, &output(format!("{}/o/2", mock.base))).await.unwrap();
+    let saved = fetch(&fetcher, "sku/../x", 1, &output(format!("{}/o/2", mock.base))).await.unwrap();
     assert_eq!(saved.content_type, "image/jpeg");
     assert!(saved.path.to_string_lossy().ends_with("/1.jpg"), "{:?}", saved.path);
     assert!(
@@ -731,12 +754,12 @@ async fn downloads_are_verified_hashed_and_named_from_the_bytes() {
 async fn bad_downloads_leave_nothing_behind() {
     let mock = Mock::start().await;
     let out = tempfile::tempdir().unwrap();
-    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 10_000);
+    let fetcher = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 10_000);
     let url = format!("{}/o", mock.base);
     let check = async |r: Reply| {
         mock.state.replies.lock().unwrap().clear();
         mock.push(r);
-        fetcher.fetch("SKU-2", 0, &output(url.clone())).await.unwrap_err()
+        fetch(&fetcher, "SKU-2", 0, &output(url.clone())).await.unwrap_err()
     };
 
     let err = check(blob(200, b"<html>oops</html>".to_vec(), "image/png")).await;
@@ -784,8 +807,8 @@ async fn a_truncated_body_is_retryable_and_leaves_no_file() {
     let png = png_bytes(32, 32);
     let base = short_body_server(png.len() + 5000, png[..png.len() / 2].to_vec()).await;
     let out = tempfile::tempdir().unwrap();
-    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
-    let err = fetcher.fetch("SKU-3", 0, &output(format!("{base}/o"))).await.unwrap_err();
+    let fetcher = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
+    let err = fetch(&fetcher, "SKU-3", 0, &output(format!("{base}/o"))).await.unwrap_err();
     assert!(matches!(err, FetchError::Interrupted { .. }), "{err:?}");
     assert!(err.is_retryable());
     assert!(files(out.path()).is_empty(), "{:?}", files(out.path()));
@@ -819,18 +842,340 @@ async fn close_delimited_bodies_are_capped_and_checked_for_their_end() {
     let png = png_bytes(100, 100);
 
     let base = close_delimited_server(png.clone()).await;
-    let small = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 5_000);
-    let err = small.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
+    let small = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 5_000);
+    let err = fetch(&small, "SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
     assert!(matches!(err, FetchError::TooLarge { .. }), "{err:?}");
 
-    let fetcher = Fetcher::new(client(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
+    let fetcher = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
     let base = close_delimited_server(png[..png.len() - 100].to_vec()).await;
-    let err = fetcher.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
+    let err = fetch(&fetcher, "SKU-4", 0, &output(format!("{base}/o"))).await.unwrap_err();
     assert!(matches!(err, FetchError::Interrupted { .. }) && err.is_retryable(), "{err:?}");
     assert!(files(out.path()).is_empty(), "{:?}", files(out.path()));
 
     let base = close_delimited_server(png.clone()).await;
-    let saved = fetcher.fetch("SKU-4", 0, &output(format!("{base}/o"))).await.unwrap();
+    let saved = fetch(&fetcher, "SKU-4", 0, &output(format!("{base}/o"))).await.unwrap();
     assert_eq!((saved.width, saved.height), (100, 100));
     assert_eq!(files(out.path()), ["SKU-4/0.png"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 15: answers only the API wrote prove "not charged"
+
+fn rref_fal(base: &str) -> RequestRef {
+    RequestRef {
+        request_id: "x".into(),
+        status_url: Some(format!("{base}/s/x")),
+        response_url: Some(format!("{base}/r/x")),
+        cancel_url: None,
+    }
+}
+
+/// A 5xx without the API's own error shape (a gateway's HTML page, an empty body, the other
+/// API's shape) is ambiguous on a submit: it may have been charged. A 5xx the API wrote is
+/// retried. Polls cost nothing, so any 5xx on a poll is retried.
+#[tokio::test]
+async fn a_5xx_is_retried_only_when_the_api_itself_wrote_it() {
+    let mock = Mock::start().await;
+    let job = edit_job(&["https://cdn/a.png"]);
+    let page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>".to_vec();
+    let cases = [
+        (blob(502, page.clone(), "text/html"), "seedance", ErrorClass::Ambiguous),
+        (blob(502, page.clone(), "text/html"), "fal", ErrorClass::Ambiguous),
+        (blob(503, Vec::new(), "text/plain"), "seedance", ErrorClass::Ambiguous),
+        (blob(504, Vec::new(), "text/plain"), "fal", ErrorClass::Ambiguous),
+        (reply(503, &json!({"detail": "busy"})), "seedance", ErrorClass::Ambiguous),
+        (reply(502, &json!({"error": {"code": "server_error"}})), "fal", ErrorClass::Ambiguous),
+        (reply(500, &json!({"error": "upstream said no"})), "seedance", ErrorClass::Ambiguous),
+        (
+            reply(500, &json!({"error": {"code": "server_error", "message": "oops"}})),
+            "seedance",
+            ErrorClass::Retry,
+        ),
+        (
+            reply(503, &json!({"detail": "busy", "error_type": "runner_unavailable"})),
+            "fal",
+            ErrorClass::Retry,
+        ),
+        // fal's own edge sets X-Fal-* headers; a generic proxy does not.
+        (blob(502, page, "text/html").header("x-fal-error-type", "bad_gateway"), "fal", ErrorClass::Retry),
+    ];
+    for (answer, provider, class) in cases {
+        let shown = String::from_utf8_lossy(&answer.body).into_owned();
+        mock.state.replies.lock().unwrap().clear();
+        mock.push(answer);
+        let (submitted, polled) = if provider == "seedance" {
+            let p = seedance(&mock.base, false, None, InlinePolicy::refuse());
+            (p.submit(&job).await.unwrap_err(), p.poll(&rref("r")).await.unwrap_err())
+        } else {
+            let p = fal(&mock.base, None);
+            (p.submit(&job).await.unwrap_err(), p.poll(&rref_fal(&mock.base)).await.unwrap_err())
+        };
+        assert_eq!(submitted.class(), class, "{provider} submit, {shown}: {submitted:?}");
+        assert_eq!(polled.poll_class(), ErrorClass::Retry, "{provider} poll, {shown}: {polled:?}");
+    }
+}
+
+/// A server that answers every request with a chunked JSON body of `total` bytes (no
+/// Content-Length), counting the bytes it managed to send before the client went away.
+async fn endless_json_server(total: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&sent);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !request_complete(&buf) {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head =
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let open = br#"{"request_id":"r","status":"queued","padding":""#.to_vec();
+                let filler = vec![b'x'; 64 * 1024];
+                let mut left = total;
+                let mut first = Some(open);
+                loop {
+                    let data: Vec<u8> = match first.take() {
+                        Some(open) => open,
+                        None if left > 0 => {
+                            let n = left.min(filler.len());
+                            left -= n;
+                            filler[..n].to_vec()
+                        }
+                        None => break,
+                    };
+                    let mut framed = format!("{:x}\r\n", data.len()).into_bytes();
+                    framed.extend_from_slice(&data);
+                    framed.extend_from_slice(b"\r\n");
+                    if sock.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(data.len(), Ordering::SeqCst);
+                }
+                let _ = sock.write_all(b"2\r\n\"}\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    (base, sent)
+}
+
+/// A 64 MiB answer is refused at the cap while it streams: the poll fails cleanly (and is
+/// retried: it cost nothing), the submit is ambiguous (the API took it), and the server never
+/// got to send most of it.
+#[tokio::test]
+async fn oversized_answers_stop_at_the_cap_while_streaming() {
+    use std::sync::atomic::Ordering;
+    let total = 64 * 1024 * 1024;
+    let (base, sent) = endless_json_server(total).await;
+    let p = seedance(&base, false, None, InlinePolicy::refuse());
+    let err = p.poll(&rref("r")).await.unwrap_err();
+    assert!(matches!(err, ProviderError::TooLarge { limit } if limit == http::MAX_BODY_BYTES), "{err:?}");
+    assert_eq!(err.poll_class(), ErrorClass::Retry);
+    assert!(err.to_string().contains("larger than"), "{err}");
+    // The client hung up after the cap: the server's writes fail soon after (the two sockets'
+    // buffers hold a few MB at most).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let written = sent.load(Ordering::SeqCst);
+    assert!(written < total / 4, "the client read on: {written} of {total} bytes were sent");
+
+    let err = p.submit(&edit_job(&["https://cdn/a.png"])).await.unwrap_err();
+    assert!(matches!(err, ProviderError::TooLarge { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Ambiguous);
+    let err = fal(&base, None).poll(&rref_fal(&base)).await.unwrap_err();
+    assert!(matches!(err, ProviderError::TooLarge { .. }), "{err:?}");
+
+    // Announced as too large: refused without reading.
+    let mock = Mock::start().await;
+    mock.push(blob(200, vec![b' '; http::MAX_BODY_BYTES + 1], "application/json"));
+    let err = seedance(&mock.base, false, None, InlinePolicy::refuse()).poll(&rref("r")).await.unwrap_err();
+    assert!(matches!(err, ProviderError::TooLarge { .. }), "{err:?}");
+
+    // Just under the cap is an answer like any other.
+    mock.state.replies.lock().unwrap().clear();
+    let padding = "x".repeat(http::MAX_BODY_BYTES - 100);
+    mock.push(reply(200, &json!({"request_id": "r", "status": "queued", "padding": padding})));
+    let polled = seedance(&mock.base, false, None, InlinePolicy::refuse()).poll(&rref("r")).await.unwrap();
+    assert_eq!(polled, PollOutcome::Running { queue_position: None });
+}
+
+/// Seedance request ids become a path segment of every poll: ids that would change the path
+/// (`..` polls `/v1/requests` itself) make the submit ambiguous; usable ids are percent-encoded.
+#[tokio::test]
+async fn seedance_request_ids_must_be_plain_path_segments() {
+    let mock = Mock::start().await;
+    let p = seedance(&mock.base, false, None, InlinePolicy::refuse());
+    let job = edit_job(&["https://cdn/a.png"]);
+    for bad in ["..", ".", "a/b", "a\\b", "x/../y", "..%2f", "id\u{1b}[2J", "id\u{7}"] {
+        mock.state.replies.lock().unwrap().clear();
+        mock.push(reply(200, &json!({"request_id": bad, "status": "queued"})));
+        let err = p.submit(&job).await.unwrap_err();
+        assert!(matches!(err, ProviderError::Decode(_)), "{bad:?}: {err:?}");
+        assert_eq!(err.class(), ErrorClass::Ambiguous, "{bad:?}");
+        let shown = err.to_string();
+        assert!(!shown.chars().any(char::is_control), "{bad:?}: control characters shown raw: {shown:?}");
+    }
+    assert!(mock.seen().iter().all(|s| s.method == "POST"), "nothing was polled");
+
+    mock.state.replies.lock().unwrap().clear();
+    mock.push(reply(200, &json!({"request_id": "a b?c#d%e", "status": "queued"})));
+    let Submission::Accepted(request) = p.submit(&job).await.unwrap() else { panic!() };
+    mock.state.replies.lock().unwrap().clear();
+    mock.push(reply(200, &json!({"status": "queued"})));
+    p.poll(&request).await.unwrap();
+    assert_eq!(mock.seen().last().unwrap().path, "/v1/requests/a%20b%3Fc%23d%25e");
+
+    // A synchronous answer already holds its images: an unusable id is just not recorded.
+    mock.state.replies.lock().unwrap().clear();
+    mock.push(reply(200, &json!({"id": "..", "images": [{"url": "https://cdn/g.png"}], "credits_used": 8})));
+    let mut generate = job.clone();
+    generate.task = Task::Generate;
+    let Submission::Completed { request_id, result } = p.submit(&generate).await.unwrap() else { panic!() };
+    assert_eq!((request_id, result.images.len()), (None, 1));
+}
+
+/// Error echoes are scrubbed before they are cut: the key at the 500-character cut, upper-cased
+/// or percent-encoded never shows, in any error of either provider.
+#[tokio::test]
+async fn keys_echoed_at_the_cut_upper_cased_or_percent_encoded_are_scrubbed() {
+    let mock = Mock::start().await;
+    let job = edit_job(&["https://cdn/a.png"]);
+    let lead = "x".repeat(500 - (KEY.len() - 1));
+    let encoded: String = KEY.bytes().map(|b| format!("%{b:02X}")).collect();
+    let mixed = format!("sk%2d{}", &KEY[3..].to_uppercase());
+    let echoes = [
+        format!("{lead}{KEY} and more"),
+        format!("{lead}{} and more", KEY.to_uppercase()),
+        format!("{lead}{encoded} and more"),
+        format!("key={mixed}"),
+    ];
+    let mut errors = Vec::new();
+    for echo in &echoes {
+        for answer in [
+            reply(400, &json!({"error": {"code": "invalid_request", "message": echo}})),
+            reply(422, &json!({"detail": [{"loc": ["header"], "msg": echo, "type": "value_error"}]})),
+            reply(422, &json!({"detail": echo})),
+            blob(502, echo.clone().into_bytes(), "text/html"),
+            blob(200, echo.clone().into_bytes(), "application/json"),
+        ] {
+            mock.state.replies.lock().unwrap().clear();
+            mock.push(answer);
+            errors.push(
+                seedance(&mock.base, false, None, InlinePolicy::refuse()).submit(&job).await.unwrap_err(),
+            );
+            errors.push(fal(&mock.base, None).submit(&job).await.unwrap_err());
+        }
+        mock.state.replies.lock().unwrap().clear();
+        mock.push(reply(200, &json!({"request_id": "r", "status": "failed", "error": {"message": echo}})));
+        errors.push(
+            seedance(&mock.base, false, None, InlinePolicy::refuse()).poll(&rref("r")).await.unwrap_err(),
+        );
+    }
+    let partial = KEY[..KEY.len() - 1].to_lowercase();
+    let partial_encoded: String = partial.bytes().map(|b| format!("%{b:02x}")).collect();
+    for e in &errors {
+        let shown = format!("{e} | {e:?}").to_lowercase();
+        assert!(!shown.contains(&partial), "key leaked: {shown}");
+        assert!(!shown.contains(&partial_encoded), "encoded key leaked: {shown}");
+        assert!(!shown.contains(&KEY[3..KEY.len() - 1].to_lowercase()), "key body leaked: {shown}");
+        assert!(!shown.contains(&mixed.to_lowercase()[..12]), "mixed encoding leaked: {shown}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// issue 15: download redirects
+
+/// A server whose `/r/{n}` redirects to `/r/{n-1}` until `/r/0` serves a PNG; `/to?url=` redirects
+/// anywhere (never followed to a non-loopback address: the client refuses before connecting).
+async fn redirect_server(png: Vec<u8>) -> String {
+    async fn hop(
+        axum::extract::Path(n): axum::extract::Path<u32>,
+        State(png): State<Arc<Vec<u8>>>,
+    ) -> Response {
+        if n == 0 {
+            let mut r = Response::new(Body::from(png.as_ref().clone()));
+            r.headers_mut().insert("content-type", HeaderValue::from_static("image/png"));
+            return r;
+        }
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::FOUND;
+        r.headers_mut().insert("location", HeaderValue::from_str(&format!("/r/{}", n - 1)).unwrap());
+        r
+    }
+    async fn to(
+        axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    ) -> Response {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        r.headers_mut().insert("location", HeaderValue::from_str(&q["url"]).unwrap());
+        r
+    }
+    let app = axum::Router::new()
+        .route("/r/{n}", axum::routing::get(hop))
+        .route("/to", axum::routing::get(to))
+        .with_state(Arc::new(png));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+#[tokio::test]
+async fn downloads_follow_at_most_three_redirects_and_only_where_allowed() {
+    let png = png_bytes(8, 8);
+    let base = redirect_server(png.clone()).await;
+    let out = tempfile::tempdir().unwrap();
+    let fetcher = Fetcher::new(downloads(), out.path(), "{sku}/{index}.{ext}", 1_000_000);
+
+    let saved = fetch(&fetcher, "R-3", 0, &output(format!("{base}/r/3"))).await.unwrap();
+    assert_eq!(std::fs::read(out.path().join(&saved.path)).unwrap(), png);
+    assert_eq!(saved.source_url, format!("{base}/r/3"));
+
+    let err = fetch(&fetcher, "R-4", 0, &output(format!("{base}/r/4"))).await.unwrap_err();
+    assert!(
+        matches!(&err, FetchError::Refused { reason, .. } if reason.contains("more than 3 redirects")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable() && !err.is_expired());
+
+    // Targets a download may not reach: refused before any connection is made to them.
+    for target in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://10.0.0.1/x.png",
+        "http://[fd00::1]/x.png",
+        "ftp://127.0.0.1/x.png",
+        "file:///etc/passwd",
+    ] {
+        let url = format!(
+            "{base}/to?url={}",
+            url::form_urlencoded::byte_serialize(target.as_bytes()).collect::<String>()
+        );
+        let err = fetch(&fetcher, "R-X", 0, &output(url)).await.unwrap_err();
+        // reqwest does not even offer a `file:` location to the policy: the 307 comes back as is.
+        let refused = matches!(err, FetchError::Refused { .. } | FetchError::Status { status: 307, .. });
+        assert!(refused, "{target}: {err:?}");
+        assert!(!err.is_retryable() && !err.is_expired(), "{target}");
+    }
+
+    // The API base decides: under a public-only policy (an API on the internet), the loopback
+    // output URL itself is refused.
+    let strict = Fetcher::new(
+        DownloadClient::new(Duration::from_secs(5), AddressPolicy::public_only()).unwrap(),
+        out.path(),
+        "{sku}/{index}.{ext}",
+        1_000_000,
+    );
+    let err = fetch(&strict, "R-0", 0, &output(format!("{base}/r/0"))).await.unwrap_err();
+    assert!(matches!(&err, FetchError::Refused { reason, .. } if reason.contains("loopback")), "{err:?}");
+    assert_eq!(files(out.path()), ["R-3/0.png"]);
 }

@@ -52,6 +52,34 @@ pub struct SimArgs {
     /// Probability that a submit is accepted and charged, then its connection dropped unanswered.
     #[arg(long, value_name = "P")]
     pub drop_rate: Option<f64>,
+    /// Probability that a submit is charged, then answered by a gateway: 502 with an HTML page.
+    #[arg(long, value_name = "P")]
+    pub gateway_error_rate: Option<f64>,
+    /// Probability that a status poll is answered with an oversized JSON body.
+    #[arg(long, value_name = "P")]
+    pub oversized_rate: Option<f64>,
+    /// Size of an oversized body in bytes [default: 64 MiB].
+    #[arg(long, value_name = "N")]
+    pub oversized_bytes: Option<u64>,
+    /// Probability that a generation lists more images than were asked for.
+    #[arg(long, value_name = "P")]
+    pub extra_outputs_rate: Option<f64>,
+    /// How many extra images such a generation lists [default: 3].
+    #[arg(long, value_name = "N")]
+    pub extra_outputs: Option<u32>,
+    /// Probability that a download is redirected (on the simulator's own address) before the image.
+    #[arg(long, value_name = "P")]
+    pub redirect_rate: Option<f64>,
+    /// Redirects before the image [default: 2].
+    #[arg(long, value_name = "N")]
+    pub redirect_hops: Option<u32>,
+    /// Probability that a submit is refused with a message echoing the API key (cut, upper-cased,
+    /// percent-encoded).
+    #[arg(long, value_name = "P")]
+    pub key_echo_rate: Option<f64>,
+    /// Probability that an accepted asynchronous submit answers with the request id "..".
+    #[arg(long, value_name = "P")]
+    pub bad_request_id_rate: Option<f64>,
     /// Probability that a generation fails (prompts containing "[sim:fail]" always do).
     #[arg(long, value_name = "P")]
     pub failure_rate: Option<f64>,
@@ -103,7 +131,9 @@ Scenario file (--scenario FILE), every key optional:
   error_rate = 0.05                    # also: poll_error_rate, drop_rate, failure_rate,
   truncate_rate = 0.02                 #   slow_rate + slow_bytes_per_sec,
   url_ttl_secs = 60.0                  #   wrong_content_type_rate, webhook_delay_ms,
-  webhook_duplicate_rate = 0.1         #   webhook_drop_rate
+  webhook_duplicate_rate = 0.1         #   webhook_drop_rate, gateway_error_rate,
+  oversized_rate = 0.01                #   oversized_bytes, extra_outputs_rate + extra_outputs,
+  redirect_rate = 0.1                  #   redirect_hops, key_echo_rate, bad_request_id_rate
   [[faults.script]]
   count = 3
   status = 429
@@ -175,6 +205,12 @@ impl SimConfig {
             (args.error_rate, &mut f.error_rate),
             (args.poll_error_rate, &mut f.poll_error_rate),
             (args.drop_rate, &mut f.drop_rate),
+            (args.gateway_error_rate, &mut f.gateway_error_rate),
+            (args.oversized_rate, &mut f.oversized_rate),
+            (args.extra_outputs_rate, &mut f.extra_outputs_rate),
+            (args.redirect_rate, &mut f.redirect_rate),
+            (args.key_echo_rate, &mut f.key_echo_rate),
+            (args.bad_request_id_rate, &mut f.bad_request_id_rate),
             (args.failure_rate, &mut f.failure_rate),
             (args.truncate_rate, &mut f.truncate_rate),
             (args.slow_rate, &mut f.slow_rate),
@@ -189,6 +225,15 @@ impl SimConfig {
         }
         if let Some(v) = args.slow_bytes_per_sec {
             f.slow_bytes_per_sec = v;
+        }
+        if args.oversized_bytes.is_some() {
+            f.oversized_bytes = args.oversized_bytes;
+        }
+        if args.extra_outputs.is_some() {
+            f.extra_outputs = args.extra_outputs;
+        }
+        if args.redirect_hops.is_some() {
+            f.redirect_hops = args.redirect_hops;
         }
         if let Some(ttl) = &args.url_ttl {
             f.url_ttl_secs = Some(duration_secs("--url-ttl", ttl)?);
@@ -242,9 +287,21 @@ mod tests {
              [[faults.script]]\ncount = 2\nstatus = 429\nretry_after_secs = 1\n",
         )
         .unwrap();
-        let config =
-            parse(&["--scenario", path.to_str().unwrap(), "--credits", "50", "--burst", "1s+2s:500"])
-                .unwrap();
+        let config = parse(&[
+            "--scenario",
+            path.to_str().unwrap(),
+            "--credits",
+            "50",
+            "--burst",
+            "1s+2s:500",
+            "--gateway-error-rate",
+            "0.25",
+            "--redirect-hops",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(config.faults.gateway_error_rate, 0.25);
+        assert_eq!(config.faults.redirect_hops(), 4);
         assert_eq!(config.seed, 9);
         assert_eq!(config.credits, 50.0);
         assert_eq!(config.faults.error_rate, 0.5);

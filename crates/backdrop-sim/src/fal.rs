@@ -232,8 +232,13 @@ pub(crate) async fn submit(
     };
     let mut rng = sim.rng();
     let verdict = submit::gate(&sim, seq, &mut rng);
-    if let Verdict::Refuse(r) = verdict {
-        return refused(&sim, r);
+    match verdict {
+        Verdict::Refuse(r) => return refused(&sim, r),
+        Verdict::EchoKey => {
+            let msg = submit::key_echo_message(submit::presented_key(&headers));
+            return unprocessable(&["header", "authorization"], &msg, "value_error");
+        }
+        Verdict::Pass | Verdict::Drop | Verdict::Gateway => {}
     }
     let accepted = match submit::accept(&sim, order, &mut rng) {
         Ok(a) => a,
@@ -251,12 +256,19 @@ pub(crate) async fn submit(
     if matches!(verdict, Verdict::Drop) {
         sim.drop_connection();
     }
+    if matches!(verdict, Verdict::Gateway) {
+        // Charged, and nobody will ever collect it: it leaves flight at once.
+        sim.with_gen(&accepted.id, |g| sim.close(g));
+        return submit::gateway_page();
+    }
     if let Some(url) = webhook {
         super::webhook::schedule(&sim, accepted.id.clone(), url, &mut rng);
     }
     let id = &accepted.id;
+    // The fault: an id that is not a usable path segment (the URLs still name the real one).
+    let shown = if chance(&mut rng, sim.config.faults.bad_request_id_rate) { ".." } else { id.as_str() };
     axum::Json(json!({
-        "request_id": id,
+        "request_id": shown,
         "status": "IN_QUEUE",
         "status_url": queue_url(&sim, id, "status"),
         "response_url": queue_url(&sim, id, "response"),
@@ -316,6 +328,10 @@ pub(crate) async fn status(
         }
     }
     let code = if body["status"] == "COMPLETED" { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let faults = &sim.config.faults;
+    if faults.oversized_rate > 0.0 && chance(&mut sim.rng(), faults.oversized_rate) {
+        return super::oversized_json(code, &body, faults.oversized_bytes());
+    }
     (code, axum::Json(body)).into_response()
 }
 

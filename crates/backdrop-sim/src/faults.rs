@@ -1,5 +1,6 @@
 //! Fault injection for the simulator: the declarative [`Faults`] (latency distribution, rate
-//! limit, 5xx rate, bursts, scripted answers, drops, bad downloads, webhook mishaps) and the
+//! limit, 5xx rate, bursts, scripted answers, drops, gateway pages after a charge, bad downloads,
+//! redirects, oversized bodies, extra outputs, unusable ids, key echoes, webhook mishaps) and the
 //! seeded random source every decision draws from, so a failing test can be replayed.
 
 use std::collections::VecDeque;
@@ -182,6 +183,17 @@ const fn default_burst_status() -> u16 {
     503
 }
 
+/// Size of an oversized body when `oversized_bytes` is not set: far above any sane API answer.
+pub const DEFAULT_OVERSIZED_BYTES: u64 = 64 * 1024 * 1024;
+/// Extra outputs when `extra_outputs` is not set.
+pub const DEFAULT_EXTRA_OUTPUTS: u32 = 3;
+/// Most extra outputs a generation may get (what the field report saw: 100 for 1).
+pub const MAX_EXTRA_OUTPUTS: u32 = 100;
+/// Redirects before the image when `redirect_hops` is not set.
+pub const DEFAULT_REDIRECT_HOPS: u32 = 2;
+/// Most redirects a download may be sent through.
+pub const MAX_REDIRECT_HOPS: u32 = 20;
+
 /// Every fault the simulator can inject. All off by default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -198,6 +210,30 @@ pub struct Faults {
     pub poll_error_rate: f64,
     /// Probability that a submit is accepted and charged, then its connection is dropped.
     pub drop_rate: f64,
+    /// Probability that a submit is accepted and charged, then answered by a gateway in front of
+    /// the API: 502 with an HTML page, none of the API's own error body or headers.
+    pub gateway_error_rate: f64,
+    /// Probability that a status poll is answered with a valid JSON body padded to
+    /// `oversized_bytes` (streamed, without Content-Length).
+    pub oversized_rate: f64,
+    /// Size of an oversized body [default: 64 MiB].
+    pub oversized_bytes: Option<u64>,
+    /// Probability that a generation lists `extra_outputs` more images than were asked for.
+    pub extra_outputs_rate: f64,
+    /// How many extra images [default: 3, at most 100].
+    pub extra_outputs: Option<u32>,
+    /// Probability that a download is redirected `redirect_hops` times, on the simulator's own
+    /// (loopback) address, before the image is served.
+    pub redirect_rate: f64,
+    /// Redirects before the image [default: 2, at most 20].
+    pub redirect_hops: Option<u32>,
+    /// Probability that a submit is refused (uncharged: 400 seedance, 422 fal) with a message that
+    /// echoes the API key three ways: straddling the 500th character, upper-cased, and
+    /// percent-encoded.
+    pub key_echo_rate: f64,
+    /// Probability that an accepted asynchronous submit answers with the request id `..` (the
+    /// generation runs under its real id, which the client never learns).
+    pub bad_request_id_rate: f64,
     /// Probability that an accepted generation fails (seedance `failed`, fal error result).
     pub failure_rate: f64,
     /// Probability that a download sends half its bytes (Content-Length says all), then closes.
@@ -233,6 +269,12 @@ impl Faults {
             ("error_rate", self.error_rate),
             ("poll_error_rate", self.poll_error_rate),
             ("drop_rate", self.drop_rate),
+            ("gateway_error_rate", self.gateway_error_rate),
+            ("oversized_rate", self.oversized_rate),
+            ("extra_outputs_rate", self.extra_outputs_rate),
+            ("redirect_rate", self.redirect_rate),
+            ("key_echo_rate", self.key_echo_rate),
+            ("bad_request_id_rate", self.bad_request_id_rate),
             ("failure_rate", self.failure_rate),
             ("truncate_rate", self.truncate_rate),
             ("slow_rate", self.slow_rate),
@@ -248,6 +290,15 @@ impl Faults {
         if self.slow_rate > 0.0 && self.slow_bytes_per_sec == 0 {
             return Err(SimError::Config("slow_rate needs slow_bytes_per_sec > 0".into()));
         }
+        if self.oversized_bytes == Some(0) {
+            return Err(SimError::Config("oversized_bytes must be at least 1".into()));
+        }
+        if self.extra_outputs.is_some_and(|n| n == 0 || n > MAX_EXTRA_OUTPUTS) {
+            return Err(SimError::Config(format!("extra_outputs must be in 1..={MAX_EXTRA_OUTPUTS}")));
+        }
+        if self.redirect_hops.is_some_and(|n| n == 0 || n > MAX_REDIRECT_HOPS) {
+            return Err(SimError::Config(format!("redirect_hops must be in 1..={MAX_REDIRECT_HOPS}")));
+        }
         if self.rate_limit_per_sec == Some(0) {
             return Err(SimError::Config("rate_limit_per_sec must be at least 1".into()));
         }
@@ -257,6 +308,24 @@ impl Faults {
             }
         }
         Ok(())
+    }
+
+    /// Size of an oversized body.
+    #[must_use]
+    pub fn oversized_bytes(&self) -> u64 {
+        self.oversized_bytes.unwrap_or(DEFAULT_OVERSIZED_BYTES)
+    }
+
+    /// Extra outputs of a generation the fault hits.
+    #[must_use]
+    pub fn extra_outputs(&self) -> u32 {
+        self.extra_outputs.unwrap_or(DEFAULT_EXTRA_OUTPUTS)
+    }
+
+    /// Redirects of a download the fault hits.
+    #[must_use]
+    pub fn redirect_hops(&self) -> u32 {
+        self.redirect_hops.unwrap_or(DEFAULT_REDIRECT_HOPS)
     }
 
     /// The scripted step for the `n`th submit (0-based), if the script reaches that far.
@@ -378,6 +447,24 @@ mod tests {
         assert!(faults.script_step(2).is_some_and(|s| s.drop));
         assert!(faults.script_step(3).is_none());
         assert!(ScriptStep::parse("200x1").is_err());
+    }
+
+    #[test]
+    fn sizes_default_and_are_bounded() {
+        let faults = Faults::default();
+        assert_eq!(faults.oversized_bytes(), DEFAULT_OVERSIZED_BYTES);
+        assert_eq!(faults.extra_outputs(), DEFAULT_EXTRA_OUTPUTS);
+        assert_eq!(faults.redirect_hops(), DEFAULT_REDIRECT_HOPS);
+        for bad in [
+            Faults { extra_outputs: Some(0), ..Faults::default() },
+            Faults { extra_outputs: Some(MAX_EXTRA_OUTPUTS + 1), ..Faults::default() },
+            Faults { redirect_hops: Some(0), ..Faults::default() },
+            Faults { oversized_bytes: Some(0), ..Faults::default() },
+            Faults { gateway_error_rate: 1.5, ..Faults::default() },
+            Faults { key_echo_rate: -0.1, ..Faults::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

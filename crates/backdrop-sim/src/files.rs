@@ -1,5 +1,5 @@
-//! Serving pictures: output downloads (with expiry, truncation, throttling and wrong-type
-//! faults) and the simulator's own input pictures, all rendered lazily on first request and
+//! Serving pictures: output downloads (with expiry, redirect, truncation, throttling and
+//! wrong-type faults) and the simulator's own input pictures, all rendered lazily on first request and
 //! cached by what determines their bytes, so identical outputs are encoded once.
 
 use std::sync::Arc;
@@ -45,10 +45,28 @@ fn image_response(bytes: Bytes, format: Format) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()))], bytes).into_response()
 }
 
+/// The query of an output download: set on the hops of a redirect chain.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct OutputQuery {
+    /// Redirects still to come before the image is served.
+    redirects_left: Option<u32>,
+}
+
+/// `302` to the same output on the simulator's own address, `left` more redirects to come.
+fn redirect(sim: &Sim, id: &str, file: &str, left: u32) -> Response {
+    let location = format!("{}/files/{id}/{file}?redirects_left={left}", sim.base_url);
+    let mut response = StatusCode::FOUND.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
 /// `GET /files/{id}/{index}.{ext}`: an output image.
 pub(crate) async fn output(
     State(sim): State<Arc<Sim>>,
     Path((id, file)): Path<(String, String)>,
+    Query(query): Query<OutputQuery>,
 ) -> Response {
     let Some((index, ext)) = file.split_once('.') else {
         return plain(StatusCode::NOT_FOUND, "not found");
@@ -82,6 +100,14 @@ pub(crate) async fn output(
             .into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
         return response;
+    }
+    match query.redirects_left {
+        Some(left) if left > 0 => return redirect(&sim, &id, &file, left - 1),
+        Some(_) => {}
+        None if faults.redirect_rate > 0.0 && chance(&mut sim.rng(), faults.redirect_rate) => {
+            return redirect(&sim, &id, &file, faults.redirect_hops() - 1);
+        }
+        None => {}
     }
     let (wrong_type, truncate, slow) =
         if faults.wrong_content_type_rate > 0.0 || faults.truncate_rate > 0.0 || faults.slow_rate > 0.0 {
@@ -126,7 +152,9 @@ fn mark_downloaded(sim: &Sim, id: &str, index: usize) {
     sim.downloads.fetch_add(1, Ordering::SeqCst);
     sim.with_gen(id, |g| {
         g.downloaded |= 1u8 << index.min(7);
-        let all = u8::try_from((1u16 << g.outputs.len().min(8)) - 1).unwrap_or(u8::MAX);
+        // Only the images asked for count: extra ones (a fault) a careful client never fetches.
+        let asked = usize::try_from(g.requested).unwrap_or(usize::MAX).min(g.outputs.len()).min(8);
+        let all = u8::try_from((1u16 << asked) - 1).unwrap_or(u8::MAX);
         if g.downloaded & all == all {
             sim.close(g);
         }

@@ -216,6 +216,8 @@ pub(crate) struct Gen {
     pub(crate) started: Instant,
     pub(crate) ready: Instant,
     pub(crate) outputs: Vec<ImageKey>,
+    /// Images the client asked for (`outputs` holds more when the extra-outputs fault hit).
+    pub(crate) requested: u32,
     pub(crate) failure: Option<String>,
     pub(crate) cancelled: bool,
     pub(crate) seed: u64,
@@ -602,6 +604,51 @@ impl SimHandle {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.sim.tasks.wait()).await;
     }
+}
+
+/// `body` (a JSON object) with a `padding` string that makes the whole answer `size` bytes:
+/// still valid JSON, streamed in chunks without a Content-Length, so a client that reads answers
+/// whole buffers all of it and one that caps them stops early (and the rest is never produced).
+pub(crate) fn oversized_json(
+    status: axum::http::StatusCode,
+    body: &serde_json::Value,
+    size: u64,
+) -> Response {
+    use axum::body::{Body, Bytes};
+    const CHUNK: usize = 64 * 1024;
+    let text = body.to_string();
+    let head = match text.strip_suffix('}') {
+        Some(open) if open.len() > 1 => format!("{open},\"padding\":\""),
+        _ => "{\"padding\":\"".to_owned(),
+    };
+    let tail = Bytes::from_static(b"\"}");
+    let filler = Bytes::from(vec![b'x'; CHUNK]);
+    let fixed = (head.len() + tail.len()) as u64;
+    let mut left = size.saturating_sub(fixed);
+    let mut parts = vec![Bytes::from(head)].into_iter();
+    let mut done = false;
+    let stream = futures::stream::poll_fn(move |_| {
+        if let Some(part) = parts.next() {
+            return std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(part)));
+        }
+        if left > 0 {
+            let n = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+            left -= n as u64;
+            return std::task::Poll::Ready(Some(Ok(filler.slice(..n))));
+        }
+        if done {
+            std::task::Poll::Ready(None)
+        } else {
+            done = true;
+            std::task::Poll::Ready(Some(Ok(tail.clone())))
+        }
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    response
 }
 
 /// Hex sha256 of `bytes` (ledger fingerprints, data-URI cache keys).

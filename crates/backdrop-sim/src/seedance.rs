@@ -111,7 +111,17 @@ fn take_order(
     if matches!(verdict, Verdict::Drop) {
         sim.drop_connection();
     }
+    if matches!(verdict, Verdict::Gateway) {
+        // Charged, and nobody will ever collect it: it leaves flight at once.
+        sim.with_gen(&accepted.id, |g| sim.close(g));
+        return Err(submit::gateway_page());
+    }
     Ok(accepted)
+}
+
+/// The refusal of the key-echo fault: a 400 whose message repeats the key.
+fn echo_key(headers: &HeaderMap) -> Response {
+    invalid(&submit::key_echo_message(submit::presented_key(headers)))
 }
 
 /// `POST /v1/images/generate`: synchronous text-to-image.
@@ -126,8 +136,10 @@ pub(crate) async fn generate(State(sim): State<Arc<Sim>>, headers: HeaderMap, bo
     };
     let mut rng = sim.rng();
     let verdict = submit::gate(&sim, seq, &mut rng);
-    if let Verdict::Refuse(r) = verdict {
-        return refused(&sim, r);
+    match verdict {
+        Verdict::Refuse(r) => return refused(&sim, r),
+        Verdict::EchoKey => return echo_key(&headers),
+        Verdict::Pass | Verdict::Drop | Verdict::Gateway => {}
     }
     let model = order.model.clone();
     let accepted = match take_order(&sim, order, verdict, &mut rng) {
@@ -268,8 +280,10 @@ pub(crate) async fn edit(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
     };
     let mut rng = sim.rng();
     let verdict = submit::gate(&sim, seq, &mut rng);
-    if let Verdict::Refuse(r) = verdict {
-        return refused(&sim, r);
+    match verdict {
+        Verdict::Refuse(r) => return refused(&sim, r),
+        Verdict::EchoKey => return echo_key(&headers),
+        Verdict::Pass | Verdict::Drop | Verdict::Gateway => {}
     }
     let accepted = match take_order(&sim, order, verdict, &mut rng) {
         Ok(a) => a,
@@ -279,7 +293,9 @@ pub(crate) async fn edit(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
         if let Some(url) = mode.webhook_url {
             super::webhook::schedule(&sim, accepted.id.clone(), url, &mut rng);
         }
-        return axum::Json(json!({ "request_id": accepted.id, "status": "queued" })).into_response();
+        // The fault: an id that is not a usable path segment (the generation keeps its own).
+        let id = if chance(&mut rng, sim.config.faults.bad_request_id_rate) { ".." } else { &accepted.id };
+        return axum::Json(json!({ "request_id": id, "status": "queued" })).into_response();
     }
     submit::wait_until(accepted.ready).await;
     if let Some(failure) = &accepted.rec.failure {
@@ -339,7 +355,10 @@ pub(crate) async fn status(
     if sim.config.faults.poll_error_rate > 0.0 && chance(&mut sim.rng(), sim.config.faults.poll_error_rate) {
         return error(500, "server_error", "internal server error, please retry", Value::Null);
     }
+    let faults = &sim.config.faults;
+    let oversized = faults.oversized_rate > 0.0 && chance(&mut sim.rng(), faults.oversized_rate);
     match status_body(&sim, &id, Instant::now()) {
+        Some(body) if oversized => super::oversized_json(StatusCode::OK, &body, faults.oversized_bytes()),
         Some(body) => axum::Json(body).into_response(),
         None => error(404, "not_found", &format!("no request {id}"), Value::Null),
     }

@@ -1,12 +1,14 @@
 //! What both protocols share when a paid request arrives: the auth check, the fault gate
-//! (script, bursts, rate limit, random 5xx), the input image resolution, the charge, and the
-//! bookkeeping of the accepted generation. Each protocol renders the verdicts its own way.
+//! (script, bursts, rate limit, random 5xx, key echoes, drops, gateway pages), the input image
+//! resolution, the charge, and the bookkeeping of the accepted generation. Each protocol renders
+//! the verdicts its own way.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -44,6 +46,43 @@ pub(crate) fn authorized(sim: &Sim, headers: &HeaderMap, scheme: Scheme) -> bool
     ok && !sim.revoked.load(Ordering::SeqCst)
 }
 
+/// The key the client presented (for the key-echo fault only; never logged or stored).
+pub(crate) fn presented_key(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map_or("", |(_, key)| key.trim())
+}
+
+/// Where an error echo is cut by a careless client: the key is placed so that all but its last
+/// character fall before this many characters.
+pub(crate) const ECHO_CUT: usize = 500;
+
+/// A careless server's error message that echoes `key` three ways: straddling the
+/// [`ECHO_CUT`]th character, upper-cased, and percent-encoded (every byte, lower-case hex).
+pub(crate) fn key_echo_message(key: &str) -> String {
+    const FILLER: &str = "the credentials in the Authorization header were not accepted; ";
+    let lead = ECHO_CUT.saturating_sub(key.chars().count().saturating_sub(1));
+    let mut message: String = FILLER.chars().cycle().take(lead).collect();
+    message.push_str(key);
+    let encoded: String = key.bytes().map(|b| format!("%{b:02x}")).collect();
+    message.push_str(&format!(" (as received: {}; url-encoded: {encoded})", key.to_uppercase()));
+    message
+}
+
+/// What a gateway in front of the API answers when the API behind it charged the request but
+/// the answer never made it back: 502 with the gateway's own HTML page.
+pub(crate) fn gateway_page() -> Response {
+    let mut response = (
+        StatusCode::BAD_GATEWAY,
+        "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
+    )
+        .into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    response
+}
+
 /// Why a submit is refused before any work or charge.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Refusal {
@@ -56,8 +95,12 @@ pub(crate) struct Refusal {
 pub(crate) enum Verdict {
     Pass,
     Refuse(Refusal),
+    /// Refuse (uncharged) with a message that echoes the key.
+    EchoKey,
     /// Charge, then drop the connection.
     Drop,
+    /// Charge, then answer a gateway's 502 HTML page.
+    Gateway,
 }
 
 /// Runs the fault gate for the `seq`th submit.
@@ -87,7 +130,16 @@ pub(crate) fn gate(sim: &Sim, seq: u64, rng: &mut StdRng) -> Verdict {
     if chance(rng, faults.error_rate) {
         return Verdict::Refuse(Refusal { status: 0, retry_after: None });
     }
-    if chance(rng, faults.drop_rate) { Verdict::Drop } else { Verdict::Pass }
+    if chance(rng, faults.key_echo_rate) {
+        return Verdict::EchoKey;
+    }
+    if chance(rng, faults.drop_rate) {
+        Verdict::Drop
+    } else if chance(rng, faults.gateway_error_rate) {
+        Verdict::Gateway
+    } else {
+        Verdict::Pass
+    }
 }
 
 /// The `Retry-After` header value for a wait, in the configured format (whole seconds, at least 1).
@@ -220,7 +272,9 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
     let seed = order.seed.unwrap_or_else(|| rng.random_range(0..1u64 << 31));
     let texture = Texture::for_prompt(&order.prompt);
     let (width, height) = fit(order.size.0, order.size.1, sim.config.max_side);
-    let outputs = (0..order.num_images)
+    let extra =
+        if chance(rng, sim.config.faults.extra_outputs_rate) { sim.config.faults.extra_outputs() } else { 0 };
+    let outputs = (0..order.num_images + extra)
         .map(|variant| ImageKey {
             source: order.source.clone(),
             texture,
@@ -237,6 +291,7 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
         started: now + latency / 4,
         ready: now + latency,
         outputs,
+        requested: order.num_images,
         failure,
         cancelled: false,
         seed,
@@ -297,5 +352,16 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(id.matches('-').count(), 4);
         assert!(new_id(Protocol::Seedance, &mut a).starts_with("req_"));
+    }
+
+    #[test]
+    fn the_key_echo_straddles_the_cut_and_comes_three_ways() {
+        let key = "sk-sentinel-0123456789";
+        let message = key_echo_message(key);
+        let head: String = message.chars().take(ECHO_CUT).collect();
+        assert!(head.ends_with(&key[..key.len() - 1]), "{head}");
+        assert!(!head.contains(key));
+        assert!(message.contains(&key.to_uppercase()));
+        assert!(message.contains("%73%6b%2d%73"), "{message}");
     }
 }

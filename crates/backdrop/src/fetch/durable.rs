@@ -46,8 +46,9 @@ impl Persister {
     /// `urgent` (no other job is in flight to share the sync with) syncs that batch at once.
     ///
     /// # Errors
-    /// As [`Downloaded::persist`], for the first output that failed; on error none of the job's
-    /// temporary files is left behind (some final files may already be in place).
+    /// [`FetchError::NotImage`] or [`FetchError::TooManyPixels`] for a bad image, or the I/O
+    /// error, for the first output that failed; on error none of the job's temporary files is
+    /// left behind (some final files may already be in place).
     pub async fn persist(
         &self,
         outputs: Vec<Downloaded>,
@@ -276,29 +277,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 fn sync_dir(_dir: &Path) -> io::Result<()> {
     // Windows cannot open a directory as a file; NTFS journals the rename itself.
     Ok(())
-}
-
-impl Downloaded {
-    /// Makes this one output durable on its own (see [`Persister`] for the batched way).
-    ///
-    /// # Errors
-    /// [`FetchError::NotImage`] or [`FetchError::TooManyPixels`] for a bad image, or the I/O
-    /// error; the temporary file is removed either way.
-    pub async fn persist(self) -> Result<SavedOutput, FetchError> {
-        let final_path = self.final_path.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut group = Group::check(vec![self])?;
-            group.sync_data(None)?;
-            group.rename()?;
-            group.sync_names(None)?;
-            group
-                .saved
-                .pop()
-                .ok_or_else(|| FetchError::io(&final_path, io::Error::other("nothing was saved")))
-        })
-        .await
-        .map_err(|e| FetchError::io(Path::new("."), io::Error::other(e.to_string())))?
-    }
 }
 
 #[cfg(test)]

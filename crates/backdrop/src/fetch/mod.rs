@@ -1,13 +1,17 @@
 //! Verified downloads of output images: [`Fetcher`] streams each output to a temp file beside its
-//! final name (size-capped, PNG/JPEG checked); [`durable`] makes finished downloads durable in
-//! batches, [`naming`] maps a SKU to its file name, and [`cleanup`] removes what a crash left.
+//! final name (size-capped while streaming, PNG/JPEG checked) through a [`DownloadClient`] whose
+//! [`guard`] decides which addresses and redirects a download may follow; [`durable`] makes
+//! finished downloads durable in batches, [`naming`] maps a SKU to its file name, and
+//! [`cleanup`] removes what a crash left.
 
 pub mod cleanup;
 pub mod durable;
+pub mod guard;
 pub mod naming;
 
 pub use cleanup::{CleanUp, OutputFolderLock, TEMP_MARKER, clean_temp_files, probe_writable, temp_file_name};
 pub use durable::Persister;
+pub use guard::{AddressPolicy, DownloadClient};
 pub use naming::{DEFAULT_OUTPUT_NAME, output_path};
 
 use durable::TempFile;
@@ -89,6 +93,16 @@ pub enum FetchError {
         /// The output URL.
         url: String,
     },
+    /// The download was not allowed to go where it led: a refused address (loopback, private,
+    /// link-local... when the API base is not one), too many redirects, a redirect to another
+    /// scheme or from https down to http. Permanent: the same URL leads to the same place.
+    #[error("download of {url} refused: {reason}")]
+    Refused {
+        /// The output URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
     /// Writing to the output folder failed.
     #[error("cannot write {path}: {source}")]
     Io {
@@ -126,10 +140,10 @@ impl FetchError {
     }
 }
 
-/// Downloads outputs into one folder. Cheap to clone; shares the HTTP client's pool.
+/// Downloads outputs into one folder. Cheap to clone; shares the download client's pool.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    client: reqwest::Client,
+    client: DownloadClient,
     out_dir: PathBuf,
     name_template: String,
     max_bytes: u64,
@@ -137,9 +151,11 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// A fetcher writing under `out_dir` with names from `name_template` (see [`output_path`]).
+    /// Taking a [`DownloadClient`], not any HTTP client, is what guarantees its address and
+    /// redirect rules apply to every download.
     #[must_use]
     pub fn new(
-        client: reqwest::Client,
+        client: DownloadClient,
         out_dir: impl Into<PathBuf>,
         name_template: impl Into<String>,
         max_bytes: u64,
@@ -153,18 +169,8 @@ impl Fetcher {
         &self.out_dir
     }
 
-    /// Downloads output `index` of `sku` and makes it durable under its final name:
-    /// [`Fetcher::download`] then [`Downloaded::persist`].
-    ///
-    /// # Errors
-    /// A [`FetchError`]; on every error the temporary file is removed and no final file is
-    /// created or changed.
-    pub async fn fetch(&self, sku: &str, index: u32, output: &OutputRef) -> Result<SavedOutput, FetchError> {
-        self.download(sku, index, output).await?.persist().await
-    }
-
     /// Receives output `index` of `sku` into a temporary file beside its final name, checking
-    /// size and type on the way. Nothing is durable yet: that is [`Downloaded::persist`]'s job,
+    /// size and type on the way. Nothing is durable yet: that is [`Persister::persist`]'s job,
     /// which needs nothing more from the server.
     ///
     /// # Errors
@@ -177,11 +183,14 @@ impl Fetcher {
         output: &OutputRef,
     ) -> Result<Downloaded, FetchError> {
         let url = output.url.as_str();
-        let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
-        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
-            return Err(FetchError::BadUrl { url: url.to_owned() });
-        }
-        let mut response = self.client.get(url).send().await.map_err(|e| transport(url, &e))?;
+        let parsed = match url::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => parsed,
+            _ => return Err(FetchError::BadUrl { url: url.to_owned() }),
+        };
+        // An IP literal never reaches the client's resolver: its address is checked here.
+        guard::check_url(&parsed, self.client.policy())
+            .map_err(|why| FetchError::Refused { url: url.to_owned(), reason: why.to_string() })?;
+        let mut response = self.client.client().get(parsed).send().await.map_err(|e| transport(url, &e))?;
         let status = response.status();
         if !status.is_success() {
             return Err(FetchError::Status { url: url.to_owned(), status: status.as_u16() });
@@ -295,6 +304,9 @@ pub struct Downloaded {
 }
 
 fn transport(url: &str, e: &reqwest::Error) -> FetchError {
+    if let Some(why) = guard::refusal(e) {
+        return FetchError::Refused { url: url.to_owned(), reason: why.to_string() };
+    }
     let mut message = String::new();
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = source {
@@ -360,5 +372,7 @@ mod tests {
         assert!(FetchError::Interrupted { url: "u".into(), message: "m".into() }.is_retryable());
         let big = FetchError::TooLarge { url: "u".into(), limit: 1 };
         assert!(!big.is_retryable() && !big.is_expired());
+        let refused = FetchError::Refused { url: "u".into(), reason: "r".into() };
+        assert!(!refused.is_retryable() && !refused.is_expired());
     }
 }

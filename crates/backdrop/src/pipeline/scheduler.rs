@@ -783,6 +783,14 @@ async fn fetch_phase<P: Provider>(
         if result.images.is_empty() {
             return fail_paid(shared, job, unsaved.take(), "paid, but the provider returned no images").await;
         }
+        // More outputs than asked for is a protocol error: the row keeps the requested count.
+        let requested = job.spec.params.num_images;
+        if let Some(listed) = result.keep_requested(requested) {
+            warn!(listed, requested, "protocol error: more outputs than requested; downloading those only");
+            if let Some(u) = unsaved.as_mut() {
+                u.result = result_json(&result);
+            }
+        }
         let mut outputs = Vec::with_capacity(result.images.len());
         for (index, image) in result.images.iter().enumerate() {
             let index = u32::try_from(index).unwrap_or(u32::MAX);

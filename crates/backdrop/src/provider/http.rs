@@ -1,12 +1,15 @@
 //! HTTP plumbing shared by both providers: the one [`client`] builder, the authorization header
-//! ([`Auth`], the only place an API key is read), sending a request and turning every failure into
-//! a [`ProviderError`] ([`send`]), `Retry-After` parsing, and inlining local images as data URIs.
+//! ([`Auth`], the only place an API key is read, and [`Auth::redact`], which scrubs it from
+//! anything a server sends back), sending a request and turning every failure into a
+//! [`ProviderError`] ([`send`], judging error answers by each API's own error shape, [`Dialect`]),
+//! reading bodies under a cap ([`read_capped`], [`MAX_BODY_BYTES`]), `Retry-After` parsing, and
+//! inlining local images as data URIs.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::Value;
@@ -22,6 +25,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// a log line and the store.
 const MAX_MESSAGE_CHARS: usize = 500;
 
+/// The most bytes read of any API answer or JWKS document (4 MiB). A real answer is a few
+/// kilobytes; the cap keeps a broken or hostile server from making backdrop hold hundreds of
+/// megabytes per request. It is enforced while the body streams in, so no more than this is ever
+/// buffered. Image downloads have their own cap (`--max-download-bytes`).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
 /// Builds the HTTP client every provider and the downloader share (one connection pool).
 ///
 /// `request_timeout` bounds a whole request (connect, send, answer, body) and also every gap
@@ -30,6 +39,14 @@ const MAX_MESSAGE_CHARS: usize = 500;
 /// # Errors
 /// [`ProviderError::Connect`] when the TLS backend cannot be set up.
 pub fn client(request_timeout: Duration) -> Result<reqwest::Client, ProviderError> {
+    client_builder(request_timeout)
+        .build()
+        .map_err(|e| ProviderError::Connect(format!("cannot build the HTTP client: {}", chain(&e))))
+}
+
+/// The settings every backdrop HTTP client shares (timeouts, user agent, TLS provider), for
+/// [`client`] and for the download client, which adds its own redirect and address rules.
+pub fn client_builder(request_timeout: Duration) -> reqwest::ClientBuilder {
     // reqwest is built with `rustls-no-provider`: without a process-wide provider the first TLS
     // handshake would panic. Installing twice is harmless (the second call just returns Err).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -38,8 +55,36 @@ pub fn client(request_timeout: Duration) -> Result<reqwest::Client, ProviderErro
         .read_timeout(request_timeout)
         .timeout(request_timeout)
         .user_agent(concat!("backdrop/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| ProviderError::Connect(format!("cannot build the HTTP client: {}", chain(&e))))
+}
+
+/// Whose documented error shape an error answer must carry to count as written by the API
+/// itself. Only such an answer proves that a paid request was not charged: a 5xx from a gateway
+/// or proxy in front of the API (an HTML page, an empty body) proves nothing, since the API
+/// behind it may have taken and charged the request before the gateway gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `{"error": {"code": "...", "message": "..."}}`.
+    Seedance,
+    /// A JSON object with `detail` (`{"detail": [...]}` or `{"detail": "...", "error_type": ...}`),
+    /// or any `X-Fal-*` response header (set by fal's own edge, never by a generic proxy).
+    Fal,
+}
+
+impl Dialect {
+    /// True when `headers` and `body` are this API's own error answer.
+    fn wrote(self, headers: &HeaderMap, body: &[u8]) -> bool {
+        let value = serde_json::from_slice::<Value>(body).ok();
+        match self {
+            Self::Seedance => value
+                .as_ref()
+                .and_then(|v| v.get("error"))
+                .is_some_and(|e| ["code", "message"].iter().any(|k| e.get(*k).is_some_and(Value::is_string))),
+            Self::Fal => {
+                headers.keys().any(|name| name.as_str().starts_with("x-fal-"))
+                    || value.as_ref().and_then(Value::as_object).is_some_and(|o| o.contains_key("detail"))
+            }
+        }
+    }
 }
 
 /// The `Authorization` header of one provider, and the key it hides. Its `Debug` never shows the
@@ -83,12 +128,71 @@ impl Auth {
         Ok(Self { header, key })
     }
 
-    /// Replaces every occurrence of the key in `text` (a server may echo the header it got).
+    /// Replaces every occurrence of the key in `text` (a server may echo the header it got):
+    /// in any letter case, and also where some or all of its characters are percent-encoded.
+    /// Call it on whole texts, before any truncation: a cut key is no longer recognisable.
     #[must_use]
     pub fn redact(&self, text: &str) -> String {
-        let key = self.key.expose();
-        if key.is_empty() { text.to_owned() } else { text.replace(key, "[redacted]") }
+        redact_secret(text, self.key.expose())
     }
+}
+
+/// The marker that replaces a scrubbed key.
+const REDACTED: &str = "[redacted]";
+
+/// Removes every occurrence of `secret` from `text`, ASCII-case-insensitively, matching against
+/// the percent-decoded text so that `%73k-...` or `SK%2D...` are caught too; each match replaces
+/// the original characters it came from. Hand-written because the `percent-encoding` crate's
+/// decoder does not say which input bytes produced which output byte, and the cut must be made
+/// in the original text.
+fn redact_secret(text: &str, secret: &str) -> String {
+    let needle = secret.as_bytes();
+    if needle.is_empty() || text.len() < needle.len() {
+        return text.to_owned();
+    }
+    let raw = text.as_bytes();
+    // The decoded bytes, each with the start of its source in `raw` (one byte, or three for %XX).
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut starts = Vec::with_capacity(raw.len() + 1);
+    let mut i = 0;
+    while i < raw.len() {
+        starts.push(i);
+        let escaped = (raw[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    starts.push(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    let (mut copied, mut at) = (0, 0);
+    while at + needle.len() <= decoded.len() {
+        if decoded[at..at + needle.len()].eq_ignore_ascii_case(needle) {
+            out.extend_from_slice(&raw[copied..starts[at]]);
+            out.extend_from_slice(REDACTED.as_bytes());
+            at += needle.len();
+            copied = starts[at];
+        } else {
+            at += 1;
+        }
+    }
+    if copied == 0 {
+        return text.to_owned();
+    }
+    out.extend_from_slice(&raw[copied..]);
+    // A match starts and ends on character boundaries (the key is ASCII in practice); lossy
+    // conversion keeps this infallible whatever the key holds.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A 2xx answer: status, headers and the whole body.
@@ -109,19 +213,61 @@ impl Answer {
     /// [`ProviderError::Decode`] naming what was expected, redacted.
     pub fn json<T: serde::de::DeserializeOwned>(&self, what: &str, auth: &Auth) -> Result<T, ProviderError> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            ProviderError::Decode(auth.redact(&format!("{what}: {e}; body: {}", snippet(&self.body))))
+            ProviderError::Decode(auth.redact(&format!("{what}: {e}; body: {}", snippet(&self.body, auth))))
         })
     }
 }
 
-/// Sends `request` with the authorization header, reads the whole answer and maps failures:
-/// a non-2xx status becomes [`ProviderError::Http`] (see [`error_from_response`]), transport
-/// failures become [`ProviderError::Connect`] or [`ProviderError::NoAnswer`] (see
-/// [`transport_error`]).
+/// Why [`read_capped`] stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// The body is longer than the cap (announced, or found while streaming).
+    #[error("the answer is larger than {limit} bytes, the cap on what backdrop reads")]
+    TooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The transfer failed part-way.
+    #[error(transparent)]
+    Transport(reqwest::Error),
+}
+
+/// Reads a response body, refusing it as soon as it is known to exceed `limit` bytes: at once
+/// when `Content-Length` says so, otherwise while the chunks arrive, so at most `limit` bytes are
+/// ever held.
+///
+/// # Errors
+/// [`BodyError::TooLarge`] above the cap, [`BodyError::Transport`] when the transfer fails.
+pub async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Bytes, BodyError> {
+    let announced = response.content_length();
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(announced.map_or(0, |n| usize::try_from(n).unwrap_or(limit)));
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Sends `request` with the authorization header, reads the answer (at most [`MAX_BODY_BYTES`])
+/// and maps failures: a non-2xx status becomes [`ProviderError::Http`] (see
+/// [`error_from_response`]; `dialect` says whose error shape proves the API wrote it), a 2xx
+/// above the cap [`ProviderError::TooLarge`], transport failures [`ProviderError::Connect`] or
+/// [`ProviderError::NoAnswer`] (see [`transport_error`]).
 ///
 /// # Errors
 /// Any [`ProviderError`] but `Generation` and `Input`.
-pub async fn send(request: RequestBuilder, auth: &Auth, what: &str) -> Result<Answer, ProviderError> {
+pub async fn send(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<Answer, ProviderError> {
     let response =
         request.header(reqwest::header::AUTHORIZATION, auth.header.clone()).send().await.map_err(|e| {
             let error = transport_error(&e, what, auth);
@@ -131,11 +277,21 @@ pub async fn send(request: RequestBuilder, auth: &Auth, what: &str) -> Result<An
     let status = response.status();
     let headers = response.headers().clone();
     // A body cut short after a 2xx head on a submit is a request the server took: ambiguous.
-    let body = response.bytes().await.map_err(|e| transport_error(&e, what, auth))?;
+    let body = match read_capped(response, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(BodyError::Transport(e)) => return Err(transport_error(&e, what, auth)),
+        Err(BodyError::TooLarge { limit }) if status.is_success() => {
+            let error = ProviderError::TooLarge { limit };
+            tracing::debug!(what, %error, "answer too large");
+            return Err(error);
+        }
+        // No API writes an error that large: it is judged by its status and headers alone.
+        Err(BodyError::TooLarge { .. }) => Bytes::new(),
+    };
     if status.is_success() {
         Ok(Answer { status, headers, body })
     } else {
-        let error = error_from_response(status, &headers, &body, SystemTime::now(), auth);
+        let error = error_from_response(status, &headers, &body, dialect, SystemTime::now(), auth);
         tracing::debug!(what, %error, "error answer");
         Err(error)
     }
@@ -180,11 +336,14 @@ fn chain(e: &reqwest::Error) -> String {
 /// seedance `{"error": {"code", "message", "credits_required"?, "credits_available"?}}`, fal
 /// `{"detail": [{"loc", "msg", "type"}]}` or `{"detail": "text", "error_type"?}`, plus the
 /// `Retry-After`, `X-Fal-Retryable`, `X-Fal-Error-Type` and `X-Fal-Request-Timeout-Type` headers.
+/// `from_api` is set when the answer has `dialect`'s own shape (see [`Dialect`]). The key is
+/// scrubbed from the whole text before it is cut to length.
 #[must_use]
 pub fn error_from_response(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
+    dialect: Dialect,
     now: SystemTime,
     auth: &Auth,
 ) -> ProviderError {
@@ -198,26 +357,31 @@ pub fn error_from_response(
     let user_timeout = header("x-fal-request-timeout-type").is_some_and(|v| v.eq_ignore_ascii_case("user"));
     let (code, message) = parse_error_body(body);
     let code = code.or_else(|| header("x-fal-error-type").map(str::to_owned));
-    let message = message.unwrap_or_else(|| {
-        let text = snippet(body);
-        if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text }
-    });
+    let message = match message {
+        Some(message) => truncate(&auth.redact(&message)),
+        None => {
+            let text = snippet(body, auth);
+            if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text }
+        }
+    };
     ProviderError::Http {
         status: status.as_u16(),
-        code: code.map(|c| auth.redact(&c)),
-        message: auth.redact(&message),
+        code: code.map(|c| truncate(&auth.redact(&c))),
+        message,
         retry_after,
         retryable_hint,
         user_timeout,
+        from_api: dialect.wrote(headers, body),
     }
 }
 
-/// Reads `(code, message)` out of an error body of either protocol.
+/// Reads `(code, message)` out of an error body of either protocol, whole: the caller redacts,
+/// then truncates.
 fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
     let Ok(value) = serde_json::from_slice::<Value>(body) else { return (None, None) };
     if let Some(err) = value.get("error") {
         if let Some(text) = err.as_str() {
-            return (None, Some(truncate(text)));
+            return (None, Some(text.to_owned()));
         }
         let code = err.get("code").and_then(Value::as_str).map(str::to_owned);
         let mut message = err.get("message").and_then(Value::as_str).map(str::to_owned);
@@ -227,7 +391,7 @@ fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
             let base = message.unwrap_or_else(|| "insufficient credits".into());
             message = Some(format!("{base} (required {req}, available {avail})"));
         }
-        return (code, message.map(|m| truncate(&m)));
+        return (code, message);
     }
     let code = value.get("error_type").and_then(Value::as_str).map(str::to_owned);
     let message = match value.get("detail") {
@@ -239,7 +403,7 @@ fn parse_error_body(body: &[u8]) -> (Option<String>, Option<String>) {
         Some(other) => Some(other.to_string()),
         None => value.get("message").and_then(Value::as_str).map(str::to_owned),
     };
-    (code, message.map(|m| truncate(&m)))
+    (code, message)
 }
 
 /// One FastAPI-style validation item: `body.image_urls: field required`.
@@ -258,12 +422,14 @@ fn describe_detail(item: &Value) -> String {
     }
 }
 
-/// A short, printable prefix of a body for messages.
-fn snippet(body: &[u8]) -> String {
-    truncate(String::from_utf8_lossy(body).trim())
+/// A short, printable prefix of a body for messages, the key scrubbed before the cut.
+fn snippet(body: &[u8], auth: &Auth) -> String {
+    truncate(auth.redact(String::from_utf8_lossy(body).trim()).trim())
 }
 
-fn truncate(text: &str) -> String {
+/// Cuts `text` to [`MAX_MESSAGE_CHARS`]. Redact first (see [`Auth::redact`]).
+#[must_use]
+pub fn truncate(text: &str) -> String {
     if text.chars().count() <= MAX_MESSAGE_CHARS {
         text.to_owned()
     } else {
@@ -374,6 +540,34 @@ fn megabytes(bytes: u64) -> String {
     if (mb - mb.round()).abs() < 0.05 { format!("{mb:.0} MB") } else { format!("{mb:.1} MB") }
 }
 
+/// The longest request id accepted (real ids are a few dozen characters).
+const MAX_REQUEST_ID_CHARS: usize = 256;
+
+/// Checks that a request id from the server can be one segment of a URL path: not empty, not
+/// too long, and free of `/`, `\`, `..` and control characters. Percent-encoding alone is not
+/// enough: URL parsers (and many servers) treat `%2e%2e` as `..`, so an id that contains it
+/// would still point at another resource.
+///
+/// # Errors
+/// What is wrong with the id (shown escaped, never raw).
+pub fn check_request_id(id: &str) -> Result<(), String> {
+    let problem = if id.is_empty() {
+        "is empty"
+    } else if id.chars().count() > MAX_REQUEST_ID_CHARS {
+        "is too long"
+    } else if id.contains(['/', '\\']) {
+        "contains a slash"
+    } else if id == "." || id.contains("..") {
+        "contains a dot segment"
+    } else if id.chars().any(char::is_control) {
+        "contains control characters"
+    } else {
+        return Ok(());
+    };
+    let shown: String = id.chars().take(64).flat_map(char::escape_debug).collect();
+    Err(format!("request id \"{shown}\" {problem}, so it cannot be used in a URL path"))
+}
+
 /// Joins a base URL and an absolute path (`/v1/...`) without doubling or losing slashes.
 #[must_use]
 pub fn join(base: &str, path: &str) -> String {
@@ -409,6 +603,7 @@ mod tests {
             StatusCode::PAYMENT_REQUIRED,
             &HeaderMap::new(),
             body,
+            Dialect::Seedance,
             SystemTime::now(),
             &auth(),
         );
@@ -424,8 +619,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-fal-retryable", HeaderValue::from_static("true"));
         headers.insert("x-fal-error-type", HeaderValue::from_static("validation_error"));
-        let e =
-            error_from_response(StatusCode::UNPROCESSABLE_ENTITY, &headers, body, SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &headers,
+            body,
+            Dialect::Fal,
+            SystemTime::now(),
+            &auth(),
+        );
         let ProviderError::Http { code, message, retryable_hint, user_timeout, .. } = &e else { panic!() };
         assert_eq!(message, "body.image_urls: field required");
         assert_eq!(code.as_deref(), Some("validation_error"));
@@ -435,7 +636,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-fal-request-timeout-type", HeaderValue::from_static("user"));
         let body = br#"{"detail":"Request timed out","error_type":"request_timeout"}"#;
-        let e = error_from_response(StatusCode::GATEWAY_TIMEOUT, &headers, body, SystemTime::now(), &auth());
+        let e = error_from_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &headers,
+            body,
+            Dialect::Fal,
+            SystemTime::now(),
+            &auth(),
+        );
         let ProviderError::Http { code, message, user_timeout, .. } = &e else { panic!() };
         assert_eq!(message, "Request timed out");
         assert_eq!(code.as_deref(), Some("request_timeout"));
@@ -450,6 +658,7 @@ mod tests {
             StatusCode::UNAUTHORIZED,
             &HeaderMap::new(),
             body,
+            Dialect::Seedance,
             SystemTime::now(),
             &auth(),
         );
@@ -465,18 +674,108 @@ mod tests {
             StatusCode::BAD_GATEWAY,
             &HeaderMap::new(),
             b"upstream down",
+            Dialect::Seedance,
             SystemTime::now(),
             &auth(),
         );
         assert_eq!(e.to_string(), "HTTP 502: upstream down");
+        assert!(matches!(e, ProviderError::Http { from_api: false, .. }));
         let e = error_from_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &HeaderMap::new(),
             b"",
+            Dialect::Fal,
             SystemTime::now(),
             &auth(),
         );
         assert_eq!(e.to_string(), "HTTP 503: Service Unavailable");
+        assert_eq!(e.class(), super::super::ErrorClass::Ambiguous);
+    }
+
+    #[test]
+    fn only_each_api_own_error_shape_counts_as_written_by_it() {
+        let none = HeaderMap::new();
+        let mut fal_header = HeaderMap::new();
+        fal_header.insert("x-fal-error-type", HeaderValue::from_static("runner_unavailable"));
+        let seedance_body = br#"{"error":{"code":"server_error","message":"retry"}}"#;
+        let fal_body = br#"{"detail":"busy","error_type":"runner_unavailable"}"#;
+        let page = b"<html>502 Bad Gateway</html>";
+        assert!(Dialect::Seedance.wrote(&none, seedance_body));
+        assert!(Dialect::Seedance.wrote(&none, br#"{"error":{"message":"m"}}"#));
+        assert!(!Dialect::Seedance.wrote(&none, fal_body));
+        assert!(!Dialect::Seedance.wrote(&none, br#"{"error":"text"}"#));
+        assert!(!Dialect::Seedance.wrote(&fal_header, page), "fal's headers say nothing about seedance");
+        assert!(!Dialect::Seedance.wrote(&none, page));
+        assert!(Dialect::Fal.wrote(&none, fal_body));
+        assert!(Dialect::Fal.wrote(&none, br#"{"detail":[{"msg":"m"}]}"#));
+        assert!(Dialect::Fal.wrote(&fal_header, page));
+        assert!(!Dialect::Fal.wrote(&none, seedance_body));
+        assert!(!Dialect::Fal.wrote(&none, page));
+        assert!(!Dialect::Fal.wrote(&none, b""));
+    }
+
+    #[test]
+    fn redaction_ignores_case_and_percent_encoding() {
+        let key = "sk-sentinel-http-0001";
+        assert_eq!(redact_secret("a sk-sentinel-http-0001 b", key), "a [redacted] b");
+        assert_eq!(redact_secret("a SK-SENTINEL-HTTP-0001 b", key), "a [redacted] b");
+        let encoded: String = key.bytes().map(|b| format!("%{b:02X}")).collect();
+        assert_eq!(redact_secret(&format!("k={encoded}&x=1"), key), "k=[redacted]&x=1");
+        let lower: String = key.bytes().map(|b| format!("%{b:02x}")).collect();
+        assert_eq!(redact_secret(&lower, key), "[redacted]");
+        assert_eq!(
+            redact_secret("Sk%2DSentinel-HTTP%2d0001Sk-sentinel-http-0001", key),
+            "[redacted][redacted]"
+        );
+        assert_eq!(redact_secret("no key here, 100% sure %zz %", key), "no key here, 100% sure %zz %");
+        assert_eq!(redact_secret("héllo sk-sentinel-http-0001 wörld", key), "héllo [redacted] wörld");
+        assert_eq!(redact_secret("sk-sentinel-http-000", key), "sk-sentinel-http-000");
+        assert_eq!(redact_secret("anything", ""), "anything");
+    }
+
+    #[test]
+    fn a_key_at_the_cut_is_redacted_before_truncation() {
+        let key = "sk-sentinel-http-0001";
+        let lead = "x".repeat(MAX_MESSAGE_CHARS - (key.len() - 1));
+        for echo in [format!("{lead}{key}"), format!("{lead}{}", key.to_uppercase())] {
+            let body = serde_json::json!({"error": {"code": "invalid_request", "message": echo}}).to_string();
+            for text in [
+                error_from_response(
+                    StatusCode::BAD_REQUEST,
+                    &HeaderMap::new(),
+                    body.as_bytes(),
+                    Dialect::Seedance,
+                    SystemTime::now(),
+                    &auth(),
+                )
+                .to_string(),
+                error_from_response(
+                    StatusCode::BAD_GATEWAY,
+                    &HeaderMap::new(),
+                    echo.as_bytes(),
+                    Dialect::Seedance,
+                    SystemTime::now(),
+                    &auth(),
+                )
+                .to_string(),
+            ] {
+                assert!(!text.to_lowercase().contains(&key[..key.len() - 1]), "{text}");
+                assert!(!text.to_lowercase().contains("sk-sentinel-http-000"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn request_ids_must_be_plain_path_segments() {
+        for ok in ["req_0123abcd", "3f2a-11", "a b?c#d%e", "v1.2", "é"] {
+            assert_eq!(check_request_id(ok), Ok(()), "{ok}");
+        }
+        for bad in
+            ["", ".", "..", "a/b", "/", "a\\b", "x..y", "a\u{0}", "a\u{1b}[2J", "a\u{7f}", &"x".repeat(257)]
+        {
+            let err = check_request_id(bad).unwrap_err();
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+        }
     }
 
     #[test]

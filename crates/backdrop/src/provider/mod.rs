@@ -1,6 +1,8 @@
 //! The provider trait every remote API implements, the results it hands back, and
 //! [`ProviderError`]: the one place where an API failure is classified as retry, fail the row,
-//! stop the run, or ambiguous (a paid request may have left and we cannot know).
+//! stop the run, or ambiguous (a paid request may have left and we cannot know). Only an answer
+//! the API itself wrote proves that a paid request was not charged; everything else after the
+//! request left is ambiguous on a submit.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,13 +19,15 @@ pub mod seedance;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
-    /// Transient (429, 5xx, timeouts before sending, resets on polls): try again later.
+    /// Transient (429, a 5xx the API itself wrote, a connection never made, any failure of a
+    /// poll): try again later.
     Retry,
     /// Permanent for this row (400, 422, content policy, a failed generation): record and move on.
     Fail,
     /// The whole run must stop (see [`StopReason`]).
     Stop(StopReason),
-    /// A submit may have reached the server and been charged, but no request id came back.
+    /// A submit may have reached the server and been charged, but no request id came back (a
+    /// timeout or reset after sending, a 5xx the API did not write, an unreadable 2xx).
     Ambiguous,
 }
 
@@ -56,6 +60,9 @@ pub enum ProviderError {
         retryable_hint: Option<bool>,
         /// fal's `X-Fal-Request-Timeout-Type: user` (a 504 the user's own timeout caused).
         user_timeout: bool,
+        /// The answer has the API's own documented error shape (see
+        /// [`http::Dialect`]): only then does a 5xx prove a paid request was not charged.
+        from_api: bool,
     },
     /// The request never reached the server (connection refused, DNS): safe to retry.
     #[error("cannot connect: {0}")]
@@ -68,9 +75,16 @@ pub enum ProviderError {
         /// What happened.
         message: String,
     },
-    /// The answer could not be understood (bad JSON, missing fields).
+    /// The answer could not be understood (bad JSON, missing fields, a request id that cannot
+    /// be used).
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// A 2xx answer larger than [`http::MAX_BODY_BYTES`]; reading stopped at the cap.
+    #[error("the answer is larger than {limit} bytes, the cap on what backdrop reads")]
+    TooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
     /// The generation itself failed (seedance `failed` status, fal result with an error).
     #[error("generation failed: {0}")]
     Generation(String),
@@ -84,14 +98,14 @@ impl ProviderError {
     #[must_use]
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Http { status, retry_after, retryable_hint, user_timeout, .. } => {
-                classify_status(*status, retry_after.is_some(), *retryable_hint, *user_timeout)
+            Self::Http { status, retry_after, retryable_hint, user_timeout, from_api, .. } => {
+                classify_status(*status, retry_after.is_some(), *retryable_hint, *user_timeout, *from_api)
             }
             Self::Connect(_) => ErrorClass::Retry,
             Self::NoAnswer { sent: false, .. } => ErrorClass::Retry,
             Self::NoAnswer { sent: true, .. } => ErrorClass::Ambiguous,
             // A 2xx we cannot read may have been charged: do not resubmit blindly.
-            Self::Decode(_) => ErrorClass::Ambiguous,
+            Self::Decode(_) | Self::TooLarge { .. } => ErrorClass::Ambiguous,
             Self::Generation(_) | Self::Input(_) => ErrorClass::Fail,
         }
     }
@@ -131,12 +145,20 @@ impl ProviderError {
     }
 }
 
-fn classify_status(status: u16, has_retry_after: bool, hint: Option<bool>, user_timeout: bool) -> ErrorClass {
+fn classify_status(
+    status: u16,
+    has_retry_after: bool,
+    hint: Option<bool>,
+    user_timeout: bool,
+    from_api: bool,
+) -> ErrorClass {
     match status {
         401 | 403 => ErrorClass::Stop(StopReason::KeyRejected),
         402 => ErrorClass::Stop(StopReason::OutOfCredits),
         408 | 429 => ErrorClass::Retry,
         504 if user_timeout => ErrorClass::Fail,
+        // A gateway's page or an empty 5xx: the API behind it may have charged the request.
+        500..=599 if !from_api => ErrorClass::Ambiguous,
         500..=599 => ErrorClass::Retry,
         // A 4xx with a Retry-After is the server asking us to come back.
         _ if has_retry_after => ErrorClass::Retry,
@@ -156,6 +178,21 @@ pub struct JobResult {
     pub credits_remaining: Option<f64>,
     /// The seed used, when the model returns it.
     pub seed: Option<i64>,
+}
+
+impl JobResult {
+    /// Keeps only the first `requested` images. Listing more than were asked for breaks the
+    /// protocol (the charge is for the requested count, and a hostile list could fill the disk):
+    /// the row keeps the requested count and the rest are never downloaded. Answers how many
+    /// images were listed when there were too many, for the caller's warning.
+    pub fn keep_requested(&mut self, requested: u32) -> Option<usize> {
+        let requested = usize::try_from(requested).unwrap_or(usize::MAX);
+        let listed = self.images.len();
+        (listed > requested).then(|| {
+            self.images.truncate(requested);
+            listed
+        })
+    }
 }
 
 /// The answer to a submit.
@@ -189,6 +226,10 @@ pub trait Provider: Send + Sync + 'static {
     /// The provider's name (`seedance`, `fal`), for logs and the store.
     fn name(&self) -> &'static str;
 
+    /// The API base URL requests go to (downloads may also reach addresses of its kind: a base
+    /// on 127.0.0.1 allows loopback downloads).
+    fn base_url(&self) -> &str;
+
     /// Sends the paid request. The caller has already committed its intent to the store.
     ///
     /// # Errors
@@ -219,6 +260,7 @@ mod tests {
             retry_after: None,
             retryable_hint,
             user_timeout,
+            from_api: true,
         }
     }
 
@@ -237,6 +279,46 @@ mod tests {
         assert_eq!(user_504.class(), ErrorClass::Fail);
         let hinted = http_with(422, Some(true), false);
         assert_eq!(hinted.class(), ErrorClass::Retry);
+    }
+
+    #[test]
+    fn a_5xx_the_api_did_not_write_is_ambiguous_on_a_submit_only() {
+        for status in [500, 502, 503, 504] {
+            let gateway = ProviderError::Http {
+                status,
+                code: None,
+                message: "<html>Bad Gateway</html>".into(),
+                retry_after: None,
+                retryable_hint: None,
+                user_timeout: false,
+                from_api: false,
+            };
+            assert_eq!(gateway.class(), ErrorClass::Ambiguous, "{status}");
+            assert_eq!(gateway.poll_class(), ErrorClass::Retry, "{status}: polls cost nothing");
+        }
+        let big = ProviderError::TooLarge { limit: 10 };
+        assert_eq!((big.class(), big.poll_class()), (ErrorClass::Ambiguous, ErrorClass::Retry));
+    }
+
+    #[test]
+    fn extra_outputs_are_cut_to_the_requested_count() {
+        let image = |i: usize| OutputRef {
+            url: format!("https://cdn/{i}.png"),
+            content_type: None,
+            width: None,
+            height: None,
+        };
+        let mut result = JobResult {
+            images: (0..100).map(image).collect(),
+            charged: None,
+            credits_remaining: None,
+            seed: None,
+        };
+        assert_eq!(result.keep_requested(2), Some(100));
+        assert_eq!(result.images, vec![image(0), image(1)]);
+        assert_eq!(result.keep_requested(2), None);
+        assert_eq!(result.keep_requested(6), None);
+        assert_eq!(result.images.len(), 2);
     }
 
     #[test]

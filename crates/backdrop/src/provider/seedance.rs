@@ -1,10 +1,11 @@
-//! The Seedance REST protocol: synchronous text-to-image, edits submitted with
-//! `async: true` (or synchronously with `--sync`) and polled at `/v1/requests/{id}`. Owns
-//! [`Seedance`], its [`SeedanceOptions`] and the request and answer shapes of that API.
+//! The Seedance REST protocol: synchronous text-to-image, edits submitted with `async: true` (or
+//! synchronously with `--sync`) and polled at `/v1/requests/{id}`, the id checked and
+//! percent-encoded as one path segment. Owns [`Seedance`], its [`SeedanceOptions`] and the
+//! request and answer shapes of that API.
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, Auth, InlinePolicy};
+use super::http::{self, Auth, Dialect, InlinePolicy};
 use super::{JobResult, PollOutcome, Provider, ProviderError, Submission};
 use crate::domain::ApiKey;
 use crate::domain::job::{JobSpec, Task};
@@ -70,9 +71,10 @@ impl Seedance {
             seed: job.params.seed,
         };
         let request = self.client.post(http::join(&self.base, GENERATE_PATH)).json(&body);
-        let answer = http::send(request, &self.auth, "seedance generate").await?;
+        let answer = http::send(request, &self.auth, Dialect::Seedance, "seedance generate").await?;
         let generated: GenerateAnswer = answer.json("seedance generate answer", &self.auth)?;
-        Ok(Submission::Completed { request_id: generated.id, result: generated.outputs.into_result()? })
+        let result = generated.outputs.into_result()?;
+        Ok(Submission::Completed { request_id: recordable(generated.id), result })
     }
 
     async fn edit(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
@@ -99,23 +101,47 @@ impl Seedance {
             webhook_url: self.opts.webhook_url.as_deref(),
         };
         let request = self.client.post(http::join(&self.base, EDIT_PATH)).json(&body);
-        let answer = http::send(request, &self.auth, "seedance edit").await?;
+        let answer = http::send(request, &self.auth, Dialect::Seedance, "seedance edit").await?;
         let parsed: EditAnswer = answer.json("seedance edit answer", &self.auth)?;
         // Tolerant of either shape whatever was asked: images mean done, an id means queued.
         if parsed.outputs.has_images() {
             let result = parsed.outputs.into_result()?;
-            return Ok(Submission::Completed { request_id: parsed.request_id, result });
+            return Ok(Submission::Completed { request_id: recordable(parsed.request_id), result });
         }
         match parsed.request_id {
-            Some(request_id) if !request_id.is_empty() => Ok(Submission::Accepted(RequestRef {
-                request_id,
-                status_url: None,
-                response_url: None,
-                cancel_url: None,
-            })),
+            Some(request_id) if !request_id.is_empty() => {
+                // The id becomes a path segment of every poll: one that is not a plain segment
+                // (`..` would poll `/v1/requests` itself) cannot be followed, so the paid request
+                // is ambiguous rather than failed.
+                http::check_request_id(&request_id).map_err(|why| {
+                    ProviderError::Decode(format!(
+                        "seedance accepted the edit but {}",
+                        self.auth.redact(&why)
+                    ))
+                })?;
+                Ok(Submission::Accepted(RequestRef {
+                    request_id,
+                    status_url: None,
+                    response_url: None,
+                    cancel_url: None,
+                }))
+            }
             _ => {
                 Err(ProviderError::Decode("seedance edit answer has neither images nor a request_id".into()))
             }
+        }
+    }
+}
+
+/// A synchronous answer's id, kept only if it could be used later: the images are already in
+/// hand, so an unusable id is dropped (with a warning) rather than holding the row up.
+fn recordable(id: Option<String>) -> Option<String> {
+    let id = id.filter(|id| !id.is_empty())?;
+    match http::check_request_id(&id) {
+        Ok(()) => Some(id),
+        Err(why) => {
+            tracing::warn!(reason = %why, "ignoring the request id of a completed answer");
+            None
         }
     }
 }
@@ -132,6 +158,10 @@ impl Provider for Seedance {
         "seedance"
     }
 
+    fn base_url(&self) -> &str {
+        &self.base
+    }
+
     #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
     async fn submit(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
         match job.task {
@@ -142,12 +172,17 @@ impl Provider for Seedance {
 
     #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
     async fn poll(&self, request: &RequestRef) -> Result<PollOutcome, ProviderError> {
+        // Checked again here: a state file written before the check existed may hold any id.
+        // Never sent, so the row waits (and a fresh run re-reads it) instead of polling elsewhere.
+        http::check_request_id(&request.request_id).map_err(ProviderError::Decode)?;
         let mut url = url::Url::parse(&http::join(&self.base, REQUESTS_PATH))
             .map_err(|e| ProviderError::Input(format!("bad API base: {e}")))?;
+        // `push` percent-encodes the segment (`?`, `#`, `%`, spaces...).
         url.path_segments_mut()
             .map_err(|()| ProviderError::Input("the API base cannot take a path".into()))?
             .push(&request.request_id);
-        let answer = http::send(self.client.get(url), &self.auth, "seedance status").await?;
+        let answer =
+            http::send(self.client.get(url), &self.auth, Dialect::Seedance, "seedance status").await?;
         let status: StatusAnswer = answer.json("seedance status answer", &self.auth)?;
         match status.status.as_deref() {
             Some("completed") => {
@@ -161,7 +196,7 @@ impl Provider for Seedance {
                     .error
                     .as_ref()
                     .map_or_else(|| "the request failed (no reason given)".to_owned(), ErrorObject::describe);
-                Err(ProviderError::Generation(self.auth.redact(&message)))
+                Err(ProviderError::Generation(http::truncate(&self.auth.redact(&message))))
             }
             // `queued`, `in_progress`, and anything undocumented: still running (only
             // `completed` and `failed` are final).

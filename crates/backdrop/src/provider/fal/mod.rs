@@ -7,7 +7,7 @@ pub mod webhook;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{self, Auth, InlinePolicy};
+use super::http::{self, Auth, Dialect, InlinePolicy};
 use super::{JobResult, PollOutcome, Provider, ProviderError, Submission};
 use crate::domain::ApiKey;
 use crate::domain::job::{JobSpec, Task};
@@ -141,14 +141,14 @@ impl Fal {
         let url = request.response_url.as_deref().ok_or_else(|| {
             ProviderError::Decode(format!("request {} has no saved response_url", request.request_id))
         })?;
-        let answer = http::send(self.client.get(url), &self.auth, "fal result").await?;
+        let answer = http::send(self.client.get(url), &self.auth, Dialect::Fal, "fal result").await?;
         let value: Value = answer.json("fal result", &self.auth)?;
         let output: Output = match serde_json::from_value(value.clone()) {
             Ok(output) => output,
             Err(e) => {
                 // A 2xx that is not an output: the model's failure, if it says one.
                 return Err(match failure_message(&value) {
-                    Some(message) => ProviderError::Generation(self.auth.redact(&message)),
+                    Some(message) => ProviderError::Generation(http::truncate(&self.auth.redact(&message))),
                     None => ProviderError::Decode(format!("fal result: {e}")),
                 });
             }
@@ -160,7 +160,7 @@ impl Fal {
             .collect();
         if images.is_empty() {
             let message = failure_message(&value).unwrap_or_else(|| "the result has no images".into());
-            return Err(ProviderError::Generation(self.auth.redact(&message)));
+            return Err(ProviderError::Generation(http::truncate(&self.auth.redact(&message))));
         }
         Ok(JobResult { images, charged: None, credits_remaining: None, seed: output.seed })
     }
@@ -193,6 +193,10 @@ impl Provider for Fal {
         "fal"
     }
 
+    fn base_url(&self) -> &str {
+        &self.base
+    }
+
     #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
     async fn submit(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
         let model = model_id(&job.model, job.task)?;
@@ -201,7 +205,7 @@ impl Provider for Fal {
         if let Some(hook) = &self.opts.webhook_url {
             request = request.query(&[("fal_webhook", hook)]);
         }
-        let answer = http::send(request, &self.auth, "fal submit").await?;
+        let answer = http::send(request, &self.auth, Dialect::Fal, "fal submit").await?;
         let queued: Queued = answer.json("fal submit answer", &self.auth)?;
         let request_id = queued
             .request_id
@@ -238,7 +242,7 @@ impl Provider for Fal {
         let url = request.status_url.as_deref().ok_or_else(|| {
             ProviderError::Decode(format!("request {} has no saved status_url", request.request_id))
         })?;
-        let answer = http::send(self.client.get(url), &self.auth, "fal status").await?;
+        let answer = http::send(self.client.get(url), &self.auth, Dialect::Fal, "fal status").await?;
         let status: Status = answer.json("fal status answer", &self.auth)?;
         match status.status.as_deref() {
             // There is no FAILED status (fal's queue documents only IN_QUEUE, IN_PROGRESS and

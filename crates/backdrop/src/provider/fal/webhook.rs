@@ -286,7 +286,9 @@ impl Verifier {
             .await
             .and_then(reqwest::Response::error_for_status)
             .map_err(|e| e.to_string())?;
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        let body = crate::provider::http::read_capped(response, crate::provider::http::MAX_BODY_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
         parse_jwks(&body)
     }
 
