@@ -10,6 +10,7 @@
 //! | `POST /__sim/keys` | `{"revoked": true}` makes every key answer 401; `false` restores |
 //! | `POST /__sim/burst` | `{"status": 503, "seconds": 30}`: every submit gets that status meanwhile |
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
+//! | `GET /__sim/limits` | the limits in force, in-flight count, fal's account queue, 429s by cause |
 //! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/keys", post(keys))
         .route("/__sim/burst", post(burst))
         .route("/__sim/config", get(config))
+        .route("/__sim/limits", get(super::limits::report))
         .route("/__sim/input/{file}", get(super::files::input))
 }
 
