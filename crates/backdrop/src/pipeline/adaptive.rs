@@ -22,13 +22,29 @@ pub enum Throttle {
     InFlight,
 }
 
+/// What a provider's own error code says a 429 is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// No code, or one that does not say.
+    Nothing,
+    /// The rate (seedance `rate_limited`).
+    Rate,
+    /// Jobs in flight (`concurrency_limit_exceeded`).
+    InFlight,
+}
+
 impl Throttle {
-    /// Classifies a 429. A provider's own "too many in flight" code wins; otherwise a 429 with
-    /// `Retry-After` is about the rate, and one without it is about jobs in flight (a rate limit
-    /// that knows when it has room says so; a cap on jobs in flight cannot know when one ends).
+    /// Classifies a 429. A provider's own code wins; without one, a 429 with `Retry-After` is
+    /// about the rate and one without it about jobs in flight (a rate limit knows when it has
+    /// room again and can say so; a cap on jobs in flight cannot know when one ends).
     #[must_use]
-    pub fn classify(retry_after: Option<Duration>, says_in_flight: bool) -> Self {
-        if says_in_flight || retry_after.is_none() { Self::InFlight } else { Self::Rate { retry_after } }
+    pub fn classify(retry_after: Option<Duration>, said: Said) -> Self {
+        match said {
+            Said::InFlight => Self::InFlight,
+            Said::Rate => Self::Rate { retry_after },
+            Said::Nothing if retry_after.is_some() => Self::Rate { retry_after },
+            Said::Nothing => Self::InFlight,
+        }
     }
 }
 
@@ -505,9 +521,10 @@ mod tests {
     #[test]
     fn a_429_with_retry_after_is_about_the_rate_and_one_without_about_jobs_in_flight() {
         let ra = Some(Duration::from_secs(1));
-        assert_eq!(Throttle::classify(ra, false), Throttle::Rate { retry_after: ra });
-        assert_eq!(Throttle::classify(None, false), Throttle::InFlight);
-        assert_eq!(Throttle::classify(ra, true), Throttle::InFlight, "the provider's own code wins");
+        assert_eq!(Throttle::classify(ra, Said::Nothing), Throttle::Rate { retry_after: ra });
+        assert_eq!(Throttle::classify(None, Said::Nothing), Throttle::InFlight);
+        assert_eq!(Throttle::classify(ra, Said::InFlight), Throttle::InFlight, "the provider's code wins");
+        assert_eq!(Throttle::classify(None, Said::Rate), Throttle::Rate { retry_after: None });
     }
 
     #[test]

@@ -13,11 +13,11 @@ use std::time::Duration;
 /// The expected delay between completion and detection falls roughly as 1/polls once the
 /// polls cover the distribution, so each extra poll buys less. For log-normal generation times
 /// with σ 0.5 (the shape real ones have) the optimal plans give, as a share of the mean
-/// latency: 2 polls 28%, 3 polls 16%, 4 polls 11%, 6 polls 7%, 8 polls 5%, 10 polls 4%. Four is
-/// the last step that saves more than a few percent of the mean per extra poll; at the
-/// providers' scales it means about 0.7 s of delay on 5-15 s generations and 2 s on 30-60 s
-/// edits, with polls 2-10 s apart. Where the provider pushes (webhooks, fal's status stream)
-/// nothing is polled at all.
+/// latency: 2 polls 24%, 3 polls 14%, 4 polls 10%, 6 polls 7%, 8 polls 5%, 10 polls 4%. Up to
+/// four, each extra poll per row saves 4-10% of the mean; beyond, under 2%. At the providers'
+/// scales four means about 0.7 s of delay on 5-15 s generations (polls 1-2 s apart) and 2 s on
+/// 30-60 s edits (polls 3-5 s apart). Where the provider pushes (webhooks, fal's status
+/// stream) nothing is polled at all.
 pub const DEFAULT_POLLS_PER_ROW: f64 = 4.0;
 
 /// How many observations a sample keeps: the most recent ones (generation times drift).
