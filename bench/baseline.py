@@ -16,6 +16,9 @@ Environment:
     SEEDANCE_API_KEY   the key (required)
     SEEDANCE_API_BASE  API base URL [https://api.seedance.it.com]
     POLL_INTERVAL      seconds between status polls [5, as the guides say]
+    MAX_WORKERS        requests in parallel [5, as the guides say: "start at 5 parallel, tune up"]
+    SYNC               1: call the edit synchronously and take the images from its answer, the
+                       guides' first example (no request id, no polling) [0: async and poll]
 """
 
 import csv
@@ -33,8 +36,9 @@ HEADERS = {
     "Content-Type": "application/json",
 }
 PROMPT_TEMPLATE = "Place the {color} {name} on marble"
-MAX_WORKERS = 5  # "Concurrent request limits (start at 5 parallel, tune up)"
+MAX_WORKERS = int(os.environ.get("MAX_WORKERS", "5"))  # "Concurrent request limits (start at 5 parallel, tune up)"
 POLL_INTERVAL = float(os.environ.get("POLL_INTERVAL", "5"))  # "Poll every 5-10 seconds"
+SYNC = os.environ.get("SYNC", "0") == "1"
 MAX_RETRIES = 5
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 
@@ -54,21 +58,30 @@ def request_with_retry(method, url, **kwargs):
     raise RuntimeError(f"{method} {url}: max retries exceeded")
 
 
+def edit_body(row, asynchronous):
+    return {
+        "prompt": PROMPT_TEMPLATE.format(name=row["name"], color=row["color"]),
+        "image_urls": [row["image_url"]],
+        "num_images": 1,
+        "output_format": "png",
+        "async": asynchronous,
+    }
+
+
 def submit_edit(row):
     """Submits one row's edit asynchronously; returns the request id."""
     response = request_with_retry(
-        "POST",
-        f"{API_BASE}/v1/seedream/v4.5/edit",
-        headers=HEADERS,
-        json={
-            "prompt": PROMPT_TEMPLATE.format(name=row["name"], color=row["color"]),
-            "image_urls": [row["image_url"]],
-            "num_images": 1,
-            "output_format": "png",
-            "async": True,
-        },
+        "POST", f"{API_BASE}/v1/seedream/v4.5/edit", headers=HEADERS, json=edit_body(row, True)
     )
     return response.json()["request_id"]
+
+
+def edit_now(row):
+    """Edits one row synchronously: the answer carries the images."""
+    response = request_with_retry(
+        "POST", f"{API_BASE}/v1/seedream/v4.5/edit", headers=HEADERS, json=edit_body(row, False)
+    )
+    return response.json()
 
 
 def wait_for_result(request_id):
@@ -85,9 +98,12 @@ def wait_for_result(request_id):
 
 
 def process_row(row, out_dir):
-    """Submit, poll, download: one catalog row. Returns the files written."""
-    request_id = submit_edit(row)
-    result = wait_for_result(request_id)
+    """Submit, poll (or one synchronous call), download: one catalog row. Returns the files
+    written."""
+    if SYNC:
+        result = edit_now(row)
+    else:
+        result = wait_for_result(submit_edit(row))
     paths = []
     # Output URLs are valid for 24 hours: download at once.
     for i, image in enumerate(result["images"]):

@@ -6,10 +6,13 @@ The simulator always runs as a separate `backdrop sim` process, and its /__sim/s
 /__sim/ledger are the ground truth for requests sent and credits charged.
 
 Sections (--only):
-  eff    efficiency against the physical limit: concurrency-bound (N*L/C) and rate-bound (N/R)
-  vs     backdrop against bench/baseline.py: clean, faults (5xx + 429 storms), interrupted; on
-         the clean case also the CPU floor (benches/floor.rs), when --floor is given
-  scale  100,000 rows: dry-run plan, real plan, resume with every row done
+  eff     efficiency against the physical limit: concurrency-bound (N*L/C) and rate-bound (N/R)
+  vs      backdrop against bench/baseline.py: clean, faults (5xx + 429 storms), interrupted; on
+          the clean case also the CPU floor (benches/floor.rs), when --floor is given
+  limits  latency and server limits backdrop is never told, side by side with the guides'
+          synchronous script (bench/baseline.py with SYNC=1): fixed and log-normal latency, a
+          rate limit, a cap on jobs in flight, a rate limit that changes, as ratios to the ideal
+  scale   100,000 rows: dry-run plan, real plan, resume with every row done
 """
 
 import argparse
@@ -568,6 +571,104 @@ def bench_scale(ctx):
               resume.rc == 0 and sent == 0)
 
 
+# ---------------------------------------------------------------- 4. limits nobody told backdrop
+
+def ideal_under_rates(n, schedule):
+    """Seconds to get n submits through a server whose rate limit follows `schedule`, a list of
+    (from second, submits per second) in order."""
+    left = n
+    for i, (start, rate) in enumerate(schedule):
+        end = schedule[i + 1][0] if i + 1 < len(schedule) else float("inf")
+        if left <= (end - start) * rate:
+            return start + left / rate
+        left -= (end - start) * rate
+    return float("inf")
+
+
+def bench_limits(ctx):
+    """The cases of "find the server's limits instead of assuming them", each run by backdrop
+    and by the guides' synchronous script with as many workers as backdrop's --concurrency."""
+    import math
+    n = ctx.n
+    cases = [
+        # (case, rows, concurrency, backdrop's --rate, latency, simulator flags, ideal s)
+        ("fixed latency: {n} rows, 250 ms ±5%, C=5, no limit", n(120, 40), 5, "1000/s",
+         "normal:250ms,5%", [], lambda rows: rows * 0.25 / 5),
+        ("log-normal latency: {n} rows, median 400 ms, σ 0.5, C=10", n(200, 60), 10, "1000/s",
+         "lognormal:400ms,sigma=0.5", [], lambda rows: rows * 0.4 * math.exp(0.5 ** 2 / 2) / 10),
+        ("rate limit: {n} rows, server takes 8 submits/s (429 + Retry-After: 1), C=20, --rate 20/s",
+         n(80, 32), 20, "20/s", "fixed:250ms", ["--rate-limit", "8"], lambda rows: rows / 8),
+        ("in-flight cap: {n} rows, server takes 4 jobs in flight (429, no Retry-After), C=20",
+         n(80, 24), 20, "1000/s", "fixed:300ms", ["--max-in-flight", "4"], lambda rows: rows / 4 * 0.3),
+        ("changing limit: {n} rows, 8 submits/s, 4/s from 5 s, 16/s from 10 s, C=20, --rate 20/s",
+         n(120, 60), 20, "20/s", "fixed:250ms",
+         ["--rate-limit", "8", "--limit-change", "at=5s,rate=4", "--limit-change", "at=10s,rate=16"],
+         lambda rows: ideal_under_rates(rows, [(0, 8), (5, 4), (10, 16)])),
+    ]
+    results = {}
+    for name, rows, c, rate, latency, flags, ideal_of in cases:
+        case = name.format(n=rows)
+        ideal = ideal_of(rows)
+        for tool in ("script", "backdrop"):
+            print(f"[limits] {case}: {tool}", file=sys.stderr)
+            label = f"limits-{case.split(':')[0].replace(' ', '-')}-{tool}"
+            d = ctx.dir(label)
+            with Sim(ctx, label, latency, ["--max-side", "64", *flags]) as sim:
+                catalog = d / "catalog.csv"
+                write_catalog(catalog, rows, sim.base)
+                if tool == "script":
+                    env = ctx.env(SEEDANCE_API_BASE=sim.base, SYNC="1", MAX_WORKERS=str(c),
+                                  POLL_INTERVAL=ctx.poll_interval, PYTHONUNBUFFERED="1")
+                    run = measure([ctx.python, HERE / "baseline.py", catalog, d / "out"], env, d / "script.log")
+                else:
+                    run = measure(backdrop_argv(ctx, d, catalog, sim, c, rate), ctx.env(), d / "backdrop.log")
+                stats, paid = sim.stats(), money(sim)
+                limits = sim.get("/__sim/limits")
+            done = script_done(d) if tool == "script" else backdrop_counts(d).get("done", 0)
+            refused = stats.get("by_status", {}).get("429", 0)
+            polls = stats.get("by_route", {}).get("GET /v1/requests/{id}", 0)
+            results[(case, tool)] = (run, stats, done, refused)
+            row(ctx, section="4 limits nobody told", case=case, tool=tool, rc=run.rc, done=done, wall=run.wall,
+                ideal=ideal, ratio=run.wall / ideal, cpu=run.cpu, cpu_per_1k=run.cpu / rows * 1000,
+                rss_mb=run.maxrss_kb / 1024, requests=http_requests(stats), submits=stats.get("submits"),
+                credits=paid["credits"], extra_credits=paid["credits"] - done * CREDITS_PER_ROW,
+                paid_twice=paid["paid_twice"], answered_429=refused,
+                too_many_in_flight=limits.get("too_many_in_flight"), polls_per_row=polls / rows,
+                peak_in_flight=stats.get("peak_in_flight"), peak_submits_s=stats.get("peak_submits_per_second"),
+                job_ms_p50_p90=job_times(d / "state.db") if tool == "backdrop" else None)
+        run, stats, done, refused = results[(case, "backdrop")]
+        script_run = results[(case, "script")][0]
+        every_row = done == rows and run.rc == 0
+        submits = max(stats.get("submits", 0), 1)
+        if case.startswith("fixed"):
+            check(ctx, f"{case}: backdrop within 5% of the ideal {ideal:.1f} s",
+                  f"{run.wall:.2f} s = {run.wall / ideal:.3f}x ideal", run.wall <= 1.05 * ideal and every_row)
+        elif case.startswith("log-normal"):
+            check(ctx, f"{case}: backdrop at most 5% slower than the synchronous script",
+                  f"{run.wall:.2f} s vs {script_run.wall:.2f} s ({run.wall / script_run.wall:.3f}x); "
+                  f"{stats.get('by_route', {}).get('GET /v1/requests/{id}', 0) / rows:.2f} polls per row",
+                  run.wall <= 1.05 * script_run.wall and every_row)
+        elif case.startswith("rate limit"):
+            check(ctx, f"{case}: every row done, at most 5% of submits answered 429, at least 90% of the "
+                       f"server's rate ({ideal:.1f} s ideal)",
+                  f"{done}/{rows} done, {refused} of {submits} submits 429 ({refused / submits:.1%}), "
+                  f"{run.wall / ideal:.3f}x ideal",
+                  every_row and refused <= 0.05 * submits and run.wall <= ideal / 0.9 + 1)
+            check(ctx, f"{case}: never more than --rate 20/s at the server (+1 for arrival jitter)",
+                  f"peak {stats.get('peak_submits_per_second')} in a sliding second",
+                  stats.get("peak_submits_per_second", 0) <= 21)
+        elif case.startswith("in-flight"):
+            check(ctx, f"{case}: every row done, at most 10% of submits answered 429, the cap kept at 85% "
+                       f"busy or more ({ideal:.1f} s ideal)",
+                  f"{done}/{rows} done, {refused} of {submits} submits 429 ({refused / submits:.1%}), "
+                  f"{run.wall / ideal:.3f}x ideal",
+                  every_row and refused <= 0.10 * submits and run.wall <= ideal / 0.85 + 1)
+        else:
+            check(ctx, f"{case}: every row done, at most 5% of submits answered 429",
+                  f"{done}/{rows} done, {refused} of {submits} submits 429, {run.wall / ideal:.3f}x ideal",
+                  every_row and refused <= 0.05 * submits)
+
+
 # ---------------------------------------------------------------- output
 
 COLUMNS = [
@@ -656,7 +757,8 @@ def write_results(ctx, started, load_before, load_after, busy, elapsed, args):
               "all_steal": "stolen during each run (s)", "job_ms_p50_p90": "submit-to-done p50/p90 (ms)",
               "peak_in_flight": "peak in flight", "peak_submits_s": "peak submits in a second",
               "killed_after": "signal sent after (s)", "charged_before_kill": "credits charged by then",
-              "charged_after_restart": "credits after the restart"}
+              "charged_after_restart": "credits after the restart", "answered_429": "submits answered 429",
+              "too_many_in_flight": "of which too many in flight", "polls_per_row": "status polls per row"}
     for r in ctx.rows:
         bits = [(label, r[k]) for k, label in labels.items() if r.get(k) is not None]
         if bits:
@@ -676,7 +778,9 @@ Written by `bench/run` ({'quick mode: small sizes, not the real figures' if args
   {load_before} / {load_after}; {args.idle_note}
 - backdrop: {version(ctx.bin)}, release build of commit {git_rev()}; extra flags: `{' '.join(ctx.backdrop_flags) or '(none)'}`
 - simulator: a separate `backdrop sim` process per case, `--seed {ctx.seed}`, fixed 200 ms latency
-- baseline: `bench/baseline.py` (Python {args.python_version}, requests), `POLL_INTERVAL={ctx.poll_interval}` s
+  unless the case names another
+- baseline: `bench/baseline.py` (Python {args.python_version}, requests), `POLL_INTERVAL={ctx.poll_interval}` s;
+  in section 4 `SYNC=1` (the guides' synchronous call) with `MAX_WORKERS` = backdrop's C
 - wall = process start to exit; CPU = user + system of that process (wait4); peak RSS = ru_maxrss;
   exit -9 / -2 = killed by SIGKILL / SIGINT; HTTP requests = submits + polls + downloads seen by the
   simulator; extra credits = charged minus 8 per row done (per row of the catalog when interrupted);
@@ -692,7 +796,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", required=True, type=Path, help="the backdrop release binary")
     p.add_argument("--python", required=True, type=Path, help="python of the venv that has requests")
-    p.add_argument("--only", default="eff,vs,scale", help="comma-separated sections: eff, vs, scale")
+    p.add_argument("--only", default="eff,vs,limits,scale",
+                   help="comma-separated sections: eff, vs, limits, scale")
     p.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--repeat", type=int, default=3, help="runs per efficiency case (the median is shown)")
@@ -716,7 +821,7 @@ def main():
     busy = cpu_busy()
     print(f"bench: {busy * 100:.0f}% of all CPUs busy before start (load {load_before})", file=sys.stderr)
     t0 = time.monotonic()
-    sections = {"eff": bench_efficiency, "vs": bench_versus, "scale": bench_scale}
+    sections = {"eff": bench_efficiency, "vs": bench_versus, "limits": bench_limits, "scale": bench_scale}
     for name in args.only.split(","):
         sections[name.strip()](ctx)
     elapsed = time.monotonic() - t0

@@ -11,6 +11,7 @@
 //! | `POST /__sim/burst` | `{"status": 503, "seconds": 30}`: every submit gets that status meanwhile |
 //! | `POST /__sim/expire-urls` | every output URL ready so far answers 410 Gone from now on |
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
+//! | `GET /__sim/limits` | the limits in force, in-flight count, fal's account queue, 429s by cause |
 //! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/burst", post(burst))
         .route("/__sim/expire-urls", post(expire_urls))
         .route("/__sim/config", get(config))
+        .route("/__sim/limits", get(super::limits::report))
         .route("/__sim/input/{file}", get(super::files::input))
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::faults::{Burst, Latency, RetryAfterFormat, ScriptStep};
+use super::faults::{Burst, Latency, LatencyTail, LimitChange, RetryAfterFormat, ScriptStep};
 use super::{SimConfig, SimError};
 
 /// A scenario file's contents: the same shape as [`SimConfig`].
@@ -34,7 +34,8 @@ pub struct SimArgs {
     /// Longest side of output images, in pixels [default: 256].
     #[arg(long, value_name = "PX")]
     pub max_side: Option<u32>,
-    /// Generation time: 0, fixed:200ms, uniform:100ms..2s, or lognormal:MEDIAN,P99 (e.g. lognormal:5s,15s).
+    /// Generation time: 0, fixed:200ms, uniform:100ms..2s, normal:MEAN,SD (e.g. normal:250ms,5%),
+    /// lognormal:MEDIAN,P99 (e.g. lognormal:5s,15s) or lognormal:MEDIAN,sigma=S.
     #[arg(long, value_name = "SPEC")]
     pub latency: Option<String>,
     /// Accepted submits per second; more get 429 with Retry-After.
@@ -115,6 +116,22 @@ pub struct SimArgs {
     /// 10 are all 503). Repeatable.
     #[arg(long, value_name = "WINDOW")]
     pub burst: Vec<String>,
+    /// Stragglers: RATExFACTOR, e.g. 2%x5 (2% of generations take five times longer).
+    #[arg(long, value_name = "TAIL")]
+    pub latency_tail: Option<String>,
+    /// Rate-limit 429s carry no Retry-After.
+    #[arg(long)]
+    pub rate_limit_no_retry_after: bool,
+    /// Generations in flight at once; more get 429 "too many in flight" without Retry-After.
+    #[arg(long, value_name = "N")]
+    pub max_in_flight: Option<u32>,
+    /// fal account concurrency: fal requests running at once; later ones wait IN_QUEUE.
+    #[arg(long, value_name = "N")]
+    pub fal_concurrency: Option<u32>,
+    /// A change of limits during the run: at=10s,rate=4 or submits=200,in-flight=8 (keys: at,
+    /// submits, rate, in-flight, fal-concurrency; 0 lifts a limit). Repeatable.
+    #[arg(long, value_name = "CHANGE")]
+    pub limit_change: Vec<String>,
 }
 
 /// The scenario file format, shown at the end of `backdrop sim --help`.
@@ -142,11 +159,19 @@ Scenario file (--scenario FILE), every key optional:
   after_secs = 10.0
   duration_secs = 30.0
   status = 503
+  # Server limits (discovered by the client, never told to it):
+  latency_tail = { rate = 0.02, factor = 5.0 }   # 2% of generations take 5x longer
+  rate_limit_omits_retry_after = true  # rate-limit 429s without Retry-After
+  max_in_flight = 4                    # 429 \"too many in flight\" beyond, no Retry-After
+  fal_concurrency = 4                  # fal: later submits wait IN_QUEUE
+  [[faults.limit_changes]]
+  after_secs = 10.0                    # or after_submits = 200
+  rate_limit_per_sec = 4               # also max_in_flight, fal_concurrency; 0 lifts
 
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
 POST /__sim/expire-urls (every output ready so far answers 410 Gone), GET /__sim/config,
-GET /__sim/input/{name}.png";
+GET /__sim/limits, GET /__sim/input/{name}.png";
 
 fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
     humantime::parse_duration(text.trim())
@@ -249,6 +274,22 @@ impl SimConfig {
         if !args.burst.is_empty() {
             f.bursts = args.burst.iter().map(|b| parse_burst(b)).collect::<Result<_, _>>()?;
         }
+        if let Some(tail) = &args.latency_tail {
+            f.latency_tail = Some(LatencyTail::parse(tail)?);
+        }
+        if args.rate_limit_no_retry_after {
+            f.rate_limit_omits_retry_after = true;
+        }
+        if args.max_in_flight.is_some() {
+            f.max_in_flight = args.max_in_flight;
+        }
+        if args.fal_concurrency.is_some() {
+            f.fal_concurrency = args.fal_concurrency;
+        }
+        if !args.limit_change.is_empty() {
+            f.limit_changes =
+                args.limit_change.iter().map(|c| LimitChange::parse(c)).collect::<Result<_, _>>()?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -320,5 +361,49 @@ mod tests {
         assert!(parse(&["--error-rate", "1.5"]).is_err());
         assert!(parse(&["--latency", "uniform:2s..1s"]).is_err());
         assert!(parse(&["--burst", "10s"]).is_err());
+        assert!(parse(&["--limit-change", "rate=3"]).is_err(), "a change needs a trigger");
+        assert!(parse(&["--max-in-flight", "0"]).is_err());
+    }
+
+    #[test]
+    fn server_limit_flags_and_keys_agree() {
+        let config = parse(&[
+            "--latency",
+            "lognormal:400ms,sigma=0.5",
+            "--latency-tail",
+            "2%x5",
+            "--rate-limit",
+            "8",
+            "--rate-limit-no-retry-after",
+            "--max-in-flight",
+            "4",
+            "--fal-concurrency",
+            "2",
+            "--limit-change",
+            "at=10s,rate=4",
+            "--limit-change",
+            "submits=200,in-flight=0",
+        ])
+        .unwrap();
+        let f = &config.faults;
+        assert_eq!(f.latency, Latency::Lognormal { median_ms: 400, p99_ms: 1280 });
+        assert_eq!(f.latency_tail, Some(LatencyTail { rate: 0.02, factor: 5.0 }));
+        assert!(f.rate_limit_omits_retry_after);
+        assert_eq!((f.max_in_flight, f.fal_concurrency), (Some(4), Some(2)));
+        assert_eq!(f.limit_changes[0].rate_limit_per_sec, Some(4));
+        assert_eq!(f.limit_changes[1].after_submits, Some(200));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        let toml = "[faults]\nlatency = { kind = \"normal\", mean_ms = 250, sd_ms = 12 }\n\
+                    latency_tail = { rate = 0.02, factor = 5.0 }\nrate_limit_per_sec = 8\n\
+                    rate_limit_omits_retry_after = true\nmax_in_flight = 4\nfal_concurrency = 2\n\
+                    [[faults.limit_changes]]\nafter_secs = 10.0\nrate_limit_per_sec = 4\n\
+                    [[faults.limit_changes]]\nafter_submits = 200\nmax_in_flight = 0\n";
+        std::fs::write(&path, toml).unwrap();
+        let from_file = SimConfig::from_scenario_file(&path).unwrap();
+        assert_eq!(from_file.faults.latency, Latency::Normal { mean_ms: 250, sd_ms: 12 });
+        assert_eq!(from_file.faults.limit_changes, f.limit_changes);
+        assert_eq!(from_file.faults.max_in_flight, Some(4));
     }
 }

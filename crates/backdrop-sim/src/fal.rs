@@ -1,6 +1,7 @@
 //! The fal.ai queue protocol: `POST /{model_id}` (with `?fal_webhook=`), the status, response and
 //! cancel URLs handed out at submit (under a random path segment, so a client that rebuilds them
-//! from the model id gets 404), 422 `detail` arrays, and `detail` + `X-Fal-Error-Type` 5xx bodies.
+//! from the model id gets 404), the status stream (`status_url/stream`, server-sent events),
+//! 422 `detail` arrays, and `detail` + `X-Fal-Error-Type` 5xx bodies.
 
 #![expect(
     clippy::result_large_err,
@@ -59,14 +60,22 @@ fn server_error(status: u16) -> Response {
 fn refused(sim: &Sim, refusal: submit::Refusal) -> Response {
     let mut response = match refusal.status {
         0 => server_error(503),
+        429 if refusal.cause == submit::Cause::TooManyInFlight => {
+            let kind = "concurrency_limit_exceeded";
+            let body = json!({
+                "detail": "Too many requests in flight for this account; submit again when one has finished",
+                "error_type": kind,
+            });
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+            response.headers_mut().insert("x-fal-error-type", HeaderValue::from_static(kind));
+            response
+        }
         429 => detail(429, json!("Too many requests")),
         s if s >= 500 => server_error(s),
         401 => unauthorized(),
         s => detail(s, json!("The request was rejected")),
     };
-    if let Some(wait) =
-        refusal.retry_after.or_else(|| (refusal.status == 429).then_some(std::time::Duration::from_secs(1)))
-    {
+    if let Some(wait) = refusal.retry_after_header() {
         response.headers_mut().insert(
             header::RETRY_AFTER,
             submit::retry_after_value(sim.config.faults.retry_after_format, wait),
@@ -267,13 +276,14 @@ pub(crate) async fn submit(
     let id = &accepted.id;
     // The fault: an id that is not a usable path segment (the URLs still name the real one).
     let shown = if chance(&mut rng, sim.config.faults.bad_request_id_rate) { ".." } else { id.as_str() };
+    let position = sim.limits.position(&sim, id, Instant::now()).unwrap_or(0);
     axum::Json(json!({
         "request_id": shown,
         "status": "IN_QUEUE",
         "status_url": queue_url(&sim, id, "status"),
         "response_url": queue_url(&sim, id, "response"),
         "cancel_url": queue_url(&sim, id, "cancel"),
-        "queue_position": 0,
+        "queue_position": position,
     }))
     .into_response()
 }
@@ -307,12 +317,26 @@ pub(crate) async fn status(
     if sim.config.faults.poll_error_rate > 0.0 && chance(&mut sim.rng(), sim.config.faults.poll_error_rate) {
         return server_error(503);
     }
-    let now = Instant::now();
-    let Some((started, ready, cancelled)) = sim.with_gen(&id, |g| (g.started, g.ready, g.cancelled)) else {
+    let logs = query.logs.as_deref().is_some_and(|l| l == "1" || l == "true");
+    let Some(body) = status_body(&sim, &id, Instant::now(), logs) else {
         return not_found("Request not found");
     };
+    let code = if body["status"] == "COMPLETED" { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let faults = &sim.config.faults;
+    if faults.oversized_rate > 0.0 && chance(&mut sim.rng(), faults.oversized_rate) {
+        return super::oversized_json(code, &body, faults.oversized_bytes());
+    }
+    (code, axum::Json(body)).into_response()
+}
+
+/// The status JSON of request `id` at `now` (after fal's account queue moved to `now`).
+fn status_body(sim: &Sim, id: &str, now: Instant, logs: bool) -> Option<Value> {
+    let position = sim.limits.position(sim, id, now);
+    let (started, ready, cancelled) = sim.with_gen(id, |g| (g.started, g.ready, g.cancelled))?;
     let mut body = if cancelled || now >= ready {
-        json!({ "status": "COMPLETED", "metrics": { "inference_time": ready.duration_since(started).as_secs_f64() } })
+        json!({ "status": "COMPLETED", "metrics": { "inference_time": ready.saturating_duration_since(started).as_secs_f64() } })
+    } else if let Some(position) = position {
+        json!({ "status": "IN_QUEUE", "queue_position": position })
     } else if now < started {
         // Position falls to 0 as the start nears: one place per 50 ms of waiting left.
         let left = started.duration_since(now).as_millis() / 50;
@@ -322,21 +346,63 @@ pub(crate) async fn status(
     };
     if let Some(obj) = body.as_object_mut() {
         obj.insert("request_id".into(), json!(id));
-        obj.insert("response_url".into(), json!(queue_url(&sim, &id, "response")));
-        if query.logs.as_deref().is_some_and(|l| l == "1" || l == "true") {
+        obj.insert("response_url".into(), json!(queue_url(sim, id, "response")));
+        if logs {
             obj.insert("logs".into(), json!([{ "message": "simulated generation", "level": "INFO" }]));
         }
     }
-    let code = if body["status"] == "COMPLETED" { StatusCode::OK } else { StatusCode::ACCEPTED };
-    let faults = &sim.config.faults;
-    if faults.oversized_rate > 0.0 && chance(&mut sim.rng(), faults.oversized_rate) {
-        return super::oversized_json(code, &body, faults.oversized_bytes());
+    Some(body)
+}
+
+/// `GET status_url/stream`: the status as server-sent events, the way fal's own clients follow
+/// a request: one `data:` event with the status JSON now, one more each time it changes (queue
+/// position, `IN_PROGRESS`), and the `COMPLETED` one last, after which the stream ends.
+pub(crate) async fn status_stream(
+    State(sim): State<Arc<Sim>>,
+    Path((token, id)): Path<(String, String)>,
+    Query(query): Query<StatusQuery>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    if let Err(response) = check(&sim, &headers, &token, &id) {
+        return response;
     }
-    (code, axum::Json(body)).into_response()
+    let logs = query.logs.as_deref().is_some_and(|l| l == "1" || l == "true");
+    // (simulator, request, last status sent, finished)
+    let start = (sim, id, Value::Null, false);
+    let events = futures::stream::unfold(start, move |(sim, id, last, finished)| async move {
+        if finished {
+            return None;
+        }
+        loop {
+            let now = Instant::now();
+            let body = status_body(&sim, &id, now, logs)?;
+            let completed = body["status"] == "COMPLETED";
+            if body != last {
+                let event = Event::default().json_data(&body).ok()?;
+                return Some((Ok::<_, std::convert::Infallible>(event), (sim, id, body, completed)));
+            }
+            // Nothing changed: sleep until something can (the start, the result, the queue
+            // moving), checking at least every 50 ms for queue positions.
+            let (started, ready) = sim.with_gen(&id, |g| (g.started, g.ready))?;
+            let mut wake = now + std::time::Duration::from_millis(50);
+            for t in [Some(started), Some(ready), sim.limits.next_move()].into_iter().flatten() {
+                if t > now {
+                    wake = wake.min(t);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+                () = sim.shutdown.cancelled() => return None,
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// The result body of a finished fal request: `Ok(output)` or `Err((status, body))`.
 pub(crate) fn result_body(sim: &Sim, id: &str, now: Instant) -> Option<Result<Value, (u16, Value)>> {
+    sim.limits.advance(sim, now);
     sim.with_gen(id, |rec| {
         if rec.cancelled {
             return Err((400, json!({ "detail": "Request was cancelled" })));
@@ -398,6 +464,7 @@ pub(crate) async fn cancel(
         return response;
     }
     let now = Instant::now();
+    sim.limits.advance(&sim, now);
     let outcome = sim.with_gen(&id, |rec| {
         if rec.cancelled {
             (StatusCode::BAD_REQUEST, "ALREADY_CANCELLED", None)
@@ -415,6 +482,7 @@ pub(crate) async fn cancel(
         return not_found("Request not found");
     };
     if let Some((cost, model)) = refund {
+        sim.limits.forget(&id);
         lock(&sim.money).refund(Protocol::Fal, refund_entry(&id, Protocol::Fal, cost, model));
     }
     (code, axum::Json(json!({ "status": status }))).into_response()

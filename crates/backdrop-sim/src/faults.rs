@@ -1,7 +1,9 @@
 //! Fault injection for the simulator: the declarative [`Faults`] (latency distribution, rate
 //! limit, 5xx rate, bursts, scripted answers, drops, gateway pages after a charge, bad downloads,
-//! redirects, oversized bodies, extra outputs, unusable ids, key echoes, webhook mishaps) and the
-//! seeded random source every decision draws from, so a failing test can be replayed.
+//! redirects, oversized bodies, extra outputs, unusable ids, key echoes, webhook mishaps, and the
+//! server limits a client must discover: a cap on generations in flight, fal's account queue,
+//! limits that change during the run) and the seeded random source every decision draws from,
+//! so a failing test can be replayed.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -38,13 +40,22 @@ pub enum Latency {
         /// 99th percentile, in milliseconds.
         p99_ms: u64,
     },
+    /// Normal with this mean and standard deviation, never below zero.
+    Normal {
+        /// Mean, in milliseconds.
+        mean_ms: u64,
+        /// Standard deviation, in milliseconds.
+        sd_ms: u64,
+    },
 }
 
 /// z of the 99th percentile of the standard normal distribution.
 const Z_P99: f64 = 2.326_347_874;
 
 impl Latency {
-    /// Parses `0`, `fixed:200ms`, `uniform:100ms..2s` or `lognormal:200ms,2s` (median, p99).
+    /// Parses `0`, `fixed:200ms`, `uniform:100ms..2s`, `normal:250ms,12ms` (mean, standard
+    /// deviation; also `normal:250ms,5%`), `lognormal:200ms,2s` (median, p99) or
+    /// `lognormal:400ms,sigma=0.5` (median, σ of the logarithm).
     ///
     /// # Errors
     /// [`SimError::Config`] naming what could not be read.
@@ -66,10 +77,44 @@ impl Latency {
                 Self::Uniform { min_ms: ms(a)?, max_ms: ms(b)? }
             }
             "lognormal" => {
-                let (a, b) = rest.split_once(',').ok_or_else(|| bad("expected MEDIAN,P99".into()))?;
-                Self::Lognormal { median_ms: ms(a)?, p99_ms: ms(b)? }
+                let (a, b) = rest
+                    .split_once(',')
+                    .ok_or_else(|| bad("expected MEDIAN,P99 or MEDIAN,sigma=S".into()))?;
+                let median_ms = ms(a)?;
+                let p99_ms = match b.trim().strip_prefix("sigma=") {
+                    Some(sigma) => {
+                        let sigma: f64 = sigma.parse().map_err(|_| bad(format!("sigma {sigma:?}")))?;
+                        if !(0.0..=5.0).contains(&sigma) {
+                            return Err(bad(format!("sigma {sigma} is outside 0..=5")));
+                        }
+                        // Whole milliseconds: the p99 form is what the scenario file stores.
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        let p99 = (median_ms as f64 * (Z_P99 * sigma).exp()).round() as u64;
+                        p99
+                    }
+                    None => ms(b)?,
+                };
+                Self::Lognormal { median_ms, p99_ms }
             }
-            other => return Err(bad(format!("unknown kind {other:?} (fixed, uniform, lognormal)"))),
+            "normal" => {
+                let (a, b) =
+                    rest.split_once(',').ok_or_else(|| bad("expected MEAN,SD or MEAN,PERCENT%".into()))?;
+                let mean_ms = ms(a)?;
+                let sd_ms = match b.trim().strip_suffix('%') {
+                    Some(pct) => {
+                        let pct: f64 = pct.parse().map_err(|_| bad(format!("percentage {pct:?}")))?;
+                        if !(0.0..=100.0).contains(&pct) {
+                            return Err(bad(format!("{pct}% is outside 0..=100")));
+                        }
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        let sd = (mean_ms as f64 * pct / 100.0).round() as u64;
+                        sd
+                    }
+                    None => ms(b)?,
+                };
+                Self::Normal { mean_ms, sd_ms }
+            }
+            other => return Err(bad(format!("unknown kind {other:?} (fixed, uniform, normal, lognormal)"))),
         };
         latency.validate()?;
         Ok(latency)
@@ -100,16 +145,24 @@ impl Latency {
             Self::Lognormal { median_ms, p99_ms } => {
                 let (median, p99) = (median_ms as f64, p99_ms as f64);
                 let sigma = (p99.ln() - median.ln()) / Z_P99;
-                // Box-Muller: one standard normal from two uniforms in (0, 1].
-                let u1: f64 = 1.0 - rng.random::<f64>();
-                let u2: f64 = rng.random::<f64>();
-                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                let z = standard_normal(rng);
                 // Cap the tail: a 1-in-a-billion draw must not stall a test for hours.
                 let ms = (median.ln() + sigma * z).exp().min(p99 * 10.0);
                 Duration::from_secs_f64(ms.max(0.0) / 1000.0)
             }
+            Self::Normal { mean_ms, sd_ms } => {
+                let ms = mean_ms as f64 + sd_ms as f64 * standard_normal(rng);
+                Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+            }
         }
     }
+}
+
+/// One standard normal draw (Box-Muller, from two uniforms in (0, 1]).
+fn standard_normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// How a 429's `Retry-After` is written.
@@ -256,6 +309,169 @@ pub struct Faults {
     pub script: Vec<ScriptStep>,
     /// Windows of all-error answers.
     pub bursts: Vec<Burst>,
+
+    // Server limits a client has to discover (none is ever told to it), and stragglers.
+    /// A share of generations that take several times their drawn latency.
+    #[serde(default)]
+    pub latency_tail: Option<LatencyTail>,
+    /// Rate-limit 429s carry no `Retry-After` (many providers send none).
+    #[serde(default)]
+    pub rate_limit_omits_retry_after: bool,
+    /// Generations in flight at once (accepted, outputs not yet all downloaded, as the crate
+    /// docs define it); a submit beyond it gets 429 "too many in flight" without `Retry-After`.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    /// fal account concurrency: fal requests that run at once. Later submits are accepted and
+    /// wait `IN_QUEUE` (with their `queue_position`), first in first out, until a slot frees.
+    #[serde(default)]
+    pub fal_concurrency: Option<u32>,
+    /// Limits that change during the run, in order.
+    #[serde(default)]
+    pub limit_changes: Vec<LimitChange>,
+}
+
+/// Stragglers: a share `rate` of generations take `factor` times their drawn latency.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyTail {
+    /// Probability that a generation is a straggler.
+    pub rate: f64,
+    /// How many times longer a straggler takes.
+    pub factor: f64,
+}
+
+impl LatencyTail {
+    /// Parses `2%x5` or `0.02x5`: 2% of generations take five times longer.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming what could not be read.
+    pub fn parse(spec: &str) -> Result<Self, SimError> {
+        let bad = |why: &str| SimError::Config(format!("--latency-tail {spec:?}: {why} (e.g. 2%x5)"));
+        let (rate, factor) = spec.trim().split_once('x').ok_or_else(|| bad("expected RATExFACTOR"))?;
+        let rate = match rate.strip_suffix('%') {
+            Some(pct) => pct.parse::<f64>().map_err(|_| bad("bad percentage"))? / 100.0,
+            None => rate.parse::<f64>().map_err(|_| bad("bad rate"))?,
+        };
+        let factor = factor.parse::<f64>().map_err(|_| bad("bad factor"))?;
+        let tail = Self { rate, factor };
+        tail.validate()?;
+        Ok(tail)
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        if !(0.0..=1.0).contains(&self.rate) || !(1.0..=1000.0).contains(&self.factor) {
+            return Err(SimError::Config(format!(
+                "latency_tail: rate {} must be in [0, 1] and factor {} in [1, 1000]",
+                self.rate, self.factor
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// From a moment in the run on, some limits take new values. A change is reached `after_secs`
+/// seconds after the simulator started, or once `after_submits` submit requests have arrived;
+/// every reached change applies, in order, so the last one reached wins. `0` lifts a limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitChange {
+    /// Seconds after the simulator started.
+    #[serde(default)]
+    pub after_secs: Option<f64>,
+    /// Submit requests received before this one.
+    #[serde(default)]
+    pub after_submits: Option<u64>,
+    /// New accepted submits per second (`0`: no limit).
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<u32>,
+    /// New cap on generations in flight (`0`: no cap).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    /// New fal account concurrency (`0`: no queue).
+    #[serde(default)]
+    pub fal_concurrency: Option<u32>,
+}
+
+impl LimitChange {
+    /// Parses `at=10s,rate=4` or `submits=200,in-flight=8,fal-concurrency=2`: one trigger
+    /// (`at` a duration, or `submits` a count) and at least one new limit.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming what could not be read.
+    pub fn parse(spec: &str) -> Result<Self, SimError> {
+        let bad = |why: String| {
+            SimError::Config(format!(
+                "--limit-change {spec:?}: {why} (e.g. at=10s,rate=4 or submits=200,in-flight=8)"
+            ))
+        };
+        let mut change = Self::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) =
+                part.split_once('=').ok_or_else(|| bad(format!("{part:?} is not KEY=VALUE")))?;
+            let count = || value.parse::<u32>().map_err(|_| bad(format!("{key} {value:?} is not a count")));
+            match key {
+                "at" => {
+                    let d =
+                        humantime::parse_duration(value).map_err(|e| bad(format!("at {value:?}: {e}")))?;
+                    change.after_secs = Some(d.as_secs_f64());
+                }
+                "submits" => {
+                    change.after_submits =
+                        Some(value.parse().map_err(|_| bad(format!("submits {value:?} is not a count")))?);
+                }
+                "rate" => change.rate_limit_per_sec = Some(count()?),
+                "in-flight" => change.max_in_flight = Some(count()?),
+                "fal-concurrency" => change.fal_concurrency = Some(count()?),
+                other => {
+                    return Err(bad(format!(
+                        "unknown key {other:?} (at, submits, rate, in-flight, fal-concurrency)"
+                    )));
+                }
+            }
+        }
+        change.validate()?;
+        Ok(change)
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        let trigger = match (self.after_secs, self.after_submits) {
+            (Some(secs), None) => secs.is_finite() && secs >= 0.0,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        let changes_something = self.rate_limit_per_sec.is_some()
+            || self.max_in_flight.is_some()
+            || self.fal_concurrency.is_some();
+        if trigger && changes_something {
+            Ok(())
+        } else {
+            Err(SimError::Config(format!(
+                "limit change {self:?}: needs exactly one of after_secs (>= 0) or after_submits, and a new limit"
+            )))
+        }
+    }
+}
+
+impl Faults {
+    /// Checks the server-limit faults.
+    fn validate_limits(&self) -> Result<(), SimError> {
+        if let Some(tail) = &self.latency_tail {
+            tail.validate()?;
+        }
+        if self.max_in_flight == Some(0) || self.fal_concurrency == Some(0) {
+            return Err(SimError::Config("max_in_flight and fal_concurrency must be at least 1".into()));
+        }
+        self.limit_changes.iter().try_for_each(LimitChange::validate)
+    }
+
+    /// A generation's latency: the distribution's draw, times the tail's factor for a straggler.
+    pub(crate) fn draw_latency(&self, rng: &mut StdRng) -> Duration {
+        let latency = self.latency.sample(rng);
+        match self.latency_tail {
+            Some(tail) if chance(rng, tail.rate) => latency.mul_f64(tail.factor),
+            _ => latency,
+        }
+    }
 }
 
 impl Faults {
@@ -307,7 +523,7 @@ impl Faults {
                 return Err(SimError::Config(format!("bad burst {b:?}")));
             }
         }
-        Ok(())
+        self.validate_limits()
     }
 
     /// Size of an oversized body.
@@ -422,6 +638,43 @@ mod tests {
         );
         assert!(Latency::parse("uniform:2s..1s").is_err());
         assert!(Latency::parse("gamma:1s").is_err());
+        assert_eq!(Latency::parse("normal:250ms,12ms").unwrap(), Latency::Normal { mean_ms: 250, sd_ms: 12 });
+        assert_eq!(Latency::parse("normal:250ms,5%").unwrap(), Latency::Normal { mean_ms: 250, sd_ms: 13 });
+        // σ 0.5: p99 = median × e^(2.326 × 0.5) = median × 3.2.
+        assert_eq!(
+            Latency::parse("lognormal:400ms,sigma=0.5").unwrap(),
+            Latency::Lognormal { median_ms: 400, p99_ms: 1280 }
+        );
+        assert!(Latency::parse("lognormal:400ms,sigma=x").is_err());
+        assert!(Latency::parse("normal:250ms").is_err());
+    }
+
+    #[test]
+    fn normal_has_the_asked_mean_and_spread_and_never_goes_negative() {
+        let latency = Latency::Normal { mean_ms: 250, sd_ms: 25 };
+        let mut rng = StdRng::seed_from_u64(2);
+        let draws: Vec<f64> = (0..20_000).map(|_| latency.sample(&mut rng).as_secs_f64() * 1000.0).collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        let var = draws.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / draws.len() as f64;
+        assert!((245.0..255.0).contains(&mean), "mean {mean}");
+        assert!((22.0..28.0).contains(&var.sqrt()), "sd {}", var.sqrt());
+        let wide = Latency::Normal { mean_ms: 10, sd_ms: 100 };
+        assert!((0..1000).all(|_| wide.sample(&mut rng) >= Duration::ZERO));
+    }
+
+    #[test]
+    fn a_latency_tail_makes_stragglers_of_its_share() {
+        let faults = Faults {
+            latency: Latency::Fixed { ms: 100 },
+            latency_tail: Some(LatencyTail::parse("10%x5").unwrap()),
+            ..Faults::default()
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let slow =
+            (0..10_000).filter(|_| faults.draw_latency(&mut rng) == Duration::from_millis(500)).count();
+        assert!((850..1150).contains(&slow), "{slow}");
+        assert!(LatencyTail::parse("150%x2").is_err());
+        assert!(LatencyTail::parse("0.1x0.5").is_err(), "a straggler is never faster");
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod fal;
 pub mod faults;
 mod files;
 pub mod imagegen;
+mod limits;
 pub mod money;
 mod seedance;
 mod submit;
@@ -53,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use args::{SCENARIO_HELP, Scenario, SimArgs};
-pub use faults::{Burst, Faults, Latency, RetryAfterFormat, ScriptStep};
+pub use faults::{Burst, Faults, Latency, LatencyTail, LimitChange, RetryAfterFormat, ScriptStep};
 pub use money::{Charge, Protocol};
 
 use faults::{Dice, SecondWindow};
@@ -275,6 +276,8 @@ pub(crate) struct Sim {
     pub(crate) http: reqwest::Client,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// The limits in force, the cap on generations in flight and fal's account queue.
+    pub(crate) limits: limits::Limits,
 }
 
 /// Locks a mutex, ignoring poisoning: a handler that unwound on purpose (a dropped connection)
@@ -290,6 +293,7 @@ impl Sim {
         let key_seed: [u8; 32] = sha2::Sha256::digest(format!("backdrop-sim-key-{}", config.seed)).into();
         let token: [u8; 32] = sha2::Sha256::digest(format!("backdrop-sim-queue-{}", config.seed)).into();
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let limits = limits::Limits::new(&config.faults);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
@@ -330,6 +334,7 @@ impl Sim {
             http,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            limits,
         })
     }
 
@@ -386,10 +391,20 @@ impl Sim {
             .map(|b| b.status)
     }
 
-    /// With a rate limit set: `Err(wait)` when this submit is over it; otherwise counts it.
-    pub(crate) fn take_rate_slot(&self, now: Instant) -> Result<(), Duration> {
+    /// Generations in flight now.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Submit requests received so far.
+    pub(crate) fn submits(&self) -> u64 {
+        self.submit_seq.load(Ordering::SeqCst)
+    }
+
+    /// With a rate `limit`: `Err(wait)` when this submit is over it; otherwise counts it.
+    pub(crate) fn take_rate_slot(&self, now: Instant, limit: Option<u32>) -> Result<(), Duration> {
         // Without a limit there is nothing to count: keep the lock off the hot path.
-        let Some(limit) = self.config.faults.rate_limit_per_sec else { return Ok(()) };
+        let Some(limit) = limit else { return Ok(()) };
         let mut window = lock(&self.accept_window);
         if let Some(wait) = window.wait_for_room(now, limit) {
             return Err(wait);
@@ -465,10 +480,12 @@ fn route_label(method: &axum::http::Method, path: &str) -> &'static str {
         "/__sim/keys" => "POST /__sim/keys",
         "/__sim/burst" => "POST /__sim/burst",
         "/__sim/config" => "GET /__sim/config",
+        "/__sim/limits" => "GET /__sim/limits",
         p if p.starts_with("/v1/requests/") => "GET /v1/requests/{id}",
         p if p.starts_with("/files/") => "GET /files/{id}/{file}",
         p if p.starts_with("/__sim/input/") => "GET /__sim/input/{file}",
         p if p.starts_with("/queue/") && p.ends_with("/status") => "GET {status_url}",
+        p if p.starts_with("/queue/") && p.ends_with("/status/stream") => "GET {status_url}/stream",
         p if p.starts_with("/queue/") && p.ends_with("/response") => "GET {response_url}",
         p if p.starts_with("/queue/") && p.ends_with("/cancel") => "PUT {cancel_url}",
         _ if method == Method::POST => "POST /{model_id}",
@@ -482,6 +499,7 @@ fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/seedream/v4.5/edit", post(seedance::edit))
         .route("/v1/requests/{id}", get(seedance::status))
         .route("/queue/{token}/requests/{id}/status", get(fal::status))
+        .route("/queue/{token}/requests/{id}/status/stream", get(fal::status_stream))
         .route("/queue/{token}/requests/{id}/response", get(fal::response))
         .route("/queue/{token}/requests/{id}/cancel", axum::routing::put(fal::cancel))
         .route("/files/{id}/{file}", get(files::output))

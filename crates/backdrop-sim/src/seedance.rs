@@ -1,7 +1,9 @@
 //! The Seedance REST protocol: synchronous text-to-image, edits that are synchronous, polled
 //! (`async: true`) or pushed to a webhook, the status endpoint, and `{"error": {code, message}}`
 //! bodies: 400 for a bad request or a failed generation, 401 for a missing or revoked key, 402
-//! when the credits run out, 429 with `Retry-After` when rate limited, and 5xx for server faults.
+//! when the credits run out, 429 `rate_limited` (with `Retry-After` unless configured off) when
+//! over the rate limit, 429 `concurrency_limit_exceeded` (never with `Retry-After`) when over
+//! the cap on requests in flight, and 5xx for server faults.
 
 #![expect(
     clippy::result_large_err,
@@ -45,6 +47,11 @@ fn unauthorized() -> Response {
 fn refused(sim: &Sim, refusal: submit::Refusal) -> Response {
     let (status, code, message) = match refusal.status {
         0 | 500 => (500, "server_error", "internal server error, please retry"),
+        429 if refusal.cause == submit::Cause::TooManyInFlight => (
+            429,
+            "concurrency_limit_exceeded",
+            "too many requests in flight; submit again when one of yours has finished",
+        ),
         429 => (429, "rate_limited", "too many requests, slow down"),
         503 => (503, "service_unavailable", "the service is overloaded, please retry"),
         s if s >= 500 => (s, "server_error", "upstream error, please retry"),
@@ -54,8 +61,7 @@ fn refused(sim: &Sim, refusal: submit::Refusal) -> Response {
         s => (s, "error", "the request was rejected"),
     };
     let mut response = error(status, code, message, Value::Null);
-    let wait = refusal.retry_after.or_else(|| (status == 429).then_some(std::time::Duration::from_secs(1)));
-    if let Some(wait) = wait {
+    if let Some(wait) = refusal.retry_after_header() {
         response.headers_mut().insert(
             header::RETRY_AFTER,
             submit::retry_after_value(sim.config.faults.retry_after_format, wait),

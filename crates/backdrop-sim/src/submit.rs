@@ -88,6 +88,28 @@ pub(crate) fn gateway_page() -> Response {
 pub(crate) struct Refusal {
     pub(crate) status: u16,
     pub(crate) retry_after: Option<Duration>,
+    pub(crate) cause: Cause,
+}
+
+/// What a refusal stands for, which decides its body and whether a 429 carries `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// A scripted answer, a burst or a random 5xx (a 429 among them gets `Retry-After: 1` when
+    /// the script names none).
+    Fault,
+    /// Over the rate limit: `Retry-After` says when there is room, unless configured off.
+    RateLimited,
+    /// Over the cap on generations in flight: never a `Retry-After` (the server cannot know
+    /// when one ends).
+    TooManyInFlight,
+}
+
+impl Refusal {
+    /// The `Retry-After` to send: the refusal's own, else one second for a fault's 429.
+    pub(crate) fn retry_after_header(&self) -> Option<Duration> {
+        self.retry_after
+            .or_else(|| (self.status == 429 && self.cause == Cause::Fault).then_some(Duration::from_secs(1)))
+    }
 }
 
 /// What the fault gate decided for one submit.
@@ -104,31 +126,39 @@ pub(crate) enum Verdict {
 }
 
 /// Runs the fault gate for the `seq`th submit.
+///
+/// A `Pass` or `Drop` holds a reservation against the cap on generations in flight: the handler
+/// goes on to [`accept`], which turns it into the generation or releases it.
 pub(crate) fn gate(sim: &Sim, seq: u64, rng: &mut StdRng) -> Verdict {
     let faults = &sim.config.faults;
     if let Some(step) = faults.script_step(seq) {
         if step.drop {
+            sim.limits.reserve(sim, None);
             return Verdict::Drop;
         }
         if step.status != 0 {
             return Verdict::Refuse(Refusal {
                 status: step.status,
                 retry_after: step.retry_after_secs.map(Duration::from_secs),
+                cause: Cause::Fault,
             });
         }
     }
     let now = Instant::now();
     if let Some(status) = sim.burst_status(now) {
-        return Verdict::Refuse(Refusal { status, retry_after: None });
+        return Verdict::Refuse(Refusal { status, retry_after: None, cause: Cause::Fault });
     }
-    if let Err(wait) = sim.take_rate_slot(now) {
-        return Verdict::Refuse(Refusal {
-            status: 429,
-            retry_after: Some(wait.max(Duration::from_millis(1))),
-        });
+    let limits = sim.limits.now(sim, now, seq);
+    if let Err(wait) = sim.take_rate_slot(now, limits.rate_limit_per_sec) {
+        sim.limits.count_rate_limited();
+        let retry_after = (!faults.rate_limit_omits_retry_after).then(|| wait.max(Duration::from_millis(1)));
+        return Verdict::Refuse(Refusal { status: 429, retry_after, cause: Cause::RateLimited });
     }
     if chance(rng, faults.error_rate) {
-        return Verdict::Refuse(Refusal { status: 0, retry_after: None });
+        return Verdict::Refuse(Refusal { status: 0, retry_after: None, cause: Cause::Fault });
+    }
+    if !sim.limits.reserve(sim, limits.max_in_flight) {
+        return Verdict::Refuse(Refusal { status: 429, retry_after: None, cause: Cause::TooManyInFlight });
     }
     if chance(rng, faults.key_echo_rate) {
         return Verdict::EchoKey;
@@ -249,10 +279,13 @@ pub(crate) fn new_id(protocol: Protocol, rng: &mut StdRng) -> String {
 
 /// Charges the order and records the generation. `Err` means the balance is too low: nothing
 /// was charged.
+///
+/// The submit holds a reservation from [`gate`]; it becomes the generation, or is released when
+/// the balance is too low.
 pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<Accepted, Insufficient> {
     let id = new_id(order.protocol, rng);
     let cost = order.price_each * f64::from(order.num_images);
-    let remaining = lock(&sim.money).charge(order.protocol, cost, || Charge {
+    let charged = lock(&sim.money).charge(order.protocol, cost, || Charge {
         request_id: id.clone(),
         body_sha256: order.body_sha256.clone(),
         amount: cost,
@@ -260,9 +293,10 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
         model: order.model.clone(),
         images: order.num_images,
         at: unix_ms(),
-    })?;
+    });
+    let remaining = charged.inspect_err(|_| sim.limits.release())?;
     sim.accepted.fetch_add(1, Ordering::SeqCst);
-    let latency = sim.config.faults.latency.sample(rng);
+    let latency = sim.config.faults.draw_latency(rng);
     let now = Instant::now();
     let failure = if order.prompt.contains(FAIL_MARKER) || chance(rng, sim.config.faults.failure_rate) {
         Some("the model could not produce an image for this input (content policy)".to_owned())
@@ -284,12 +318,19 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
             variant,
         })
         .collect();
-    let rec = Gen {
+    // With fal's account queue a fal request waits for a slot, then runs its whole latency;
+    // otherwise the first quarter of the generation time is spent queued.
+    let fal_queue = order.protocol == Protocol::Fal;
+    let (started, ready) = if fal_queue && sim.limits.queues_fal() {
+        (super::limits::Limits::not_yet(now), super::limits::Limits::not_yet(now))
+    } else {
+        (now + latency / 4, now + latency)
+    };
+    let mut rec = Gen {
         protocol: order.protocol,
         model: order.model,
-        // The first quarter of the generation time is spent queued.
-        started: now + latency / 4,
-        ready: now + latency,
+        started,
+        ready,
         outputs,
         requested: order.num_images,
         failure,
@@ -300,8 +341,13 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
         downloaded: 0,
         open: true,
     };
-    sim.insert(id.clone(), rec.clone());
-    Ok(Accepted { id, cost, remaining, ready: now + latency, rec })
+    let inserted = rec.clone();
+    if let Some((started, ready)) =
+        sim.limits.admit(sim, &id, fal_queue, now, latency, || sim.insert(id.clone(), inserted))
+    {
+        (rec.started, rec.ready) = (started, ready);
+    }
+    Ok(Accepted { id, cost, remaining, ready: rec.ready, rec })
 }
 
 /// The public URL of output `index` of request `id`.

@@ -57,11 +57,13 @@ pub(crate) fn schedule(sim: &Arc<Sim>, id: String, url: String, rng: &mut StdRng
         return;
     }
     let copies = if chance(rng, faults.webhook_duplicate_rate) { 2 } else { 1 };
-    let Some(ready) = sim.with_gen(&id, |g| g.ready) else { return };
-    let at = ready + Duration::from_millis(faults.webhook_delay_ms);
+    let delay = Duration::from_millis(faults.webhook_delay_ms);
     let sim_task = Arc::clone(sim);
     sim.tasks.spawn(async move {
         let sim = sim_task;
+        // A request in fal's account queue has no ready time until it starts.
+        let Some(ready) = sim.limits.ready_at(&sim, &id).await else { return };
+        let at = ready + delay;
         tokio::select! {
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
             () = sim.shutdown.cancelled() => return,

@@ -1,0 +1,792 @@
+//! Limits found from the server's answers, below the user's ceilings: [`AdaptiveRate`], the pace
+//! of submits, and [`AdaptiveConcurrency`], the window of jobs in flight. Both are pure state
+//! machines driven with explicit instants, so tests run them against simulated servers on fake
+//! time; `pipeline/limiter.rs` puts them to work.
+//!
+//! Hand-written rather than taken from a crate: the maintained adaptive limiters (tower's, the
+//! concurrency-limits ports) adapt a window to latency; neither estimates a rate limit from the
+//! server's own answers nor honours `Retry-After`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// What a 429 says about the server, as the provider wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// Too many submits per unit of time: slow the pace (and pause for `Retry-After` if given).
+    Rate {
+        /// The server's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// Too many jobs in flight: shrink the window.
+    InFlight,
+}
+
+/// What a provider's own error code says a 429 is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// No code, or one that does not say.
+    Nothing,
+    /// The rate (seedance `rate_limited`).
+    Rate,
+    /// Jobs in flight (`concurrency_limit_exceeded`).
+    InFlight,
+}
+
+impl Throttle {
+    /// Classifies a 429. A provider's own code wins; without one, a 429 with `Retry-After` is
+    /// about the rate and one without it about jobs in flight (a rate limit knows when it has
+    /// room again and can say so; a cap on jobs in flight cannot know when one ends).
+    #[must_use]
+    pub fn classify(retry_after: Option<Duration>, said: Said) -> Self {
+        match said {
+            Said::InFlight => Self::InFlight,
+            Said::Rate => Self::Rate { retry_after },
+            Said::Nothing if retry_after.is_some() => Self::Rate { retry_after },
+            Said::Nothing => Self::InFlight,
+        }
+    }
+}
+
+/// The share of the server's estimated rate a decrease returns to (5% below it).
+const GAMMA: f64 = 0.95;
+/// The multiplicative decrease when the answers say nothing about the server's rate.
+const BETA: f64 = 0.7;
+/// An estimate is used only when it is clearly below the current pace (else the pace itself,
+/// which was just too fast, is the better measure of the limit).
+const TRUST: f64 = 0.8;
+/// Two estimates within this share of each other find the same limit.
+const SAME_LIMIT: f64 = 0.15;
+/// Seconds from a decrease back to the plateau, the first time; doubled for each decrease in a
+/// row that finds the same limit, up to [`MAX_DOUBLINGS`] times, so probes above a steady limit
+/// (each costing a 429 and perhaps a `Retry-After` pause) come rarely.
+const PLATEAU_SECS: f64 = 4.0;
+const MAX_DOUBLINGS: u32 = 3;
+/// Fewest accepted submits an estimate is made from.
+const MIN_SAMPLES: usize = 2;
+/// How far back accepted submits are remembered: the longest window an estimate looks at.
+const HISTORY: Duration = Duration::from_secs(60);
+
+/// The pace of submits, found from the server's answers below the user's ceiling.
+///
+/// Before the first 429 it is the ceiling. On a 429 ("a decrease"):
+/// - the server's rate is estimated from what it accepted: the submits accepted in the last
+///   `W` seconds before the refused one was sent, over `W`, where `W` is the server's window as
+///   its `Retry-After` hints it (at least one second). A sliding-window or fixed-window limit
+///   accepted exactly its limit in that window, so the estimate is exact for it;
+/// - the pace drops to 95% of that estimate when it is clearly below the pace, else to 95% of
+///   the pace (just too fast: the limit is right below it), else, with no evidence, to 70%
+///   (multiplicative decrease);
+/// - then it grows back along a cubic, as CUBIC congestion control does: quickly at first,
+///   flat near the level where the 429 came (the plateau), then faster again beyond it, so a
+///   limit that rose is found. The plateau lasts 4 s, doubling (to 32 s) while decreases keep
+///   finding the same limit;
+/// - 429s for submits sent before the decrease (and, without `Retry-After`, within one server
+///   window after it) belong to the same episode and do not decrease again.
+///
+/// `Retry-After` is honoured as a pause ([`AdaptiveRate::on_429`] returns it) and as the hint
+/// of the server's window above. Pauses are left out of the active time an estimate counts.
+#[derive(Debug, Clone)]
+pub struct AdaptiveRate {
+    ceiling: f64,
+    floor: f64,
+    rate: f64,
+    /// The plateau: where the last decrease found the limit.
+    plateau: f64,
+    /// When the last decrease happened and for which sends it stands.
+    decreased_at: Option<Instant>,
+    episode_until: Option<Instant>,
+    /// Seconds from the decrease to the plateau, and the cubic's steepness before and after it.
+    plateau_secs: f64,
+    c_before: f64,
+    c_after: f64,
+    same_limit_in_a_row: u32,
+    previous_plateau: Option<f64>,
+    previous_estimate: Option<f64>,
+    first_send: Option<Instant>,
+    /// Send times of accepted submits, oldest first, at most [`HISTORY`] old.
+    accepted: VecDeque<Instant>,
+    /// `Retry-After` pauses, most recent last.
+    pauses: VecDeque<(Instant, Instant)>,
+    /// The first 429 since the last accepted submit.
+    throttled_since: Option<Instant>,
+}
+
+impl AdaptiveRate {
+    /// A pace that starts at, and never exceeds, `ceiling` submits per second.
+    #[must_use]
+    pub fn new(ceiling_per_sec: f64) -> Self {
+        let ceiling =
+            if ceiling_per_sec.is_finite() && ceiling_per_sec > 0.0 { ceiling_per_sec } else { 1.0 };
+        Self {
+            ceiling,
+            // At least one submit a minute, however often the server refuses.
+            floor: ceiling.min(1.0 / 60.0),
+            rate: ceiling,
+            plateau: ceiling,
+            decreased_at: None,
+            episode_until: None,
+            plateau_secs: PLATEAU_SECS,
+            c_before: 0.0,
+            c_after: 0.0,
+            same_limit_in_a_row: 0,
+            previous_plateau: None,
+            previous_estimate: None,
+            first_send: None,
+            accepted: VecDeque::new(),
+            pauses: VecDeque::new(),
+            throttled_since: None,
+        }
+    }
+
+    /// Submits per second now.
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// The user's ceiling, in submits per second.
+    #[must_use]
+    pub fn ceiling(&self) -> f64 {
+        self.ceiling
+    }
+
+    /// Time between submits at the current pace.
+    #[must_use]
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate)
+    }
+
+    /// The first 429 since the server last accepted a submit: how long the run has been getting
+    /// nothing but 429s (for a patience limit).
+    #[must_use]
+    pub fn throttled_since(&self) -> Option<Instant> {
+        self.throttled_since
+    }
+
+    fn saw_send(&mut self, sent: Instant) {
+        if self.first_send.is_none_or(|f| sent < f) {
+            self.first_send = Some(sent);
+        }
+    }
+
+    /// The pace on the cubic at `now`, clamped to the floor and the ceiling.
+    fn cubic(&self, now: Instant) -> f64 {
+        let Some(at) = self.decreased_at else { return self.ceiling };
+        let x = now.saturating_duration_since(at).as_secs_f64() - self.plateau_secs;
+        let c = if x < 0.0 { self.c_before } else { self.c_after };
+        (self.plateau * (1.0 + c * x.powi(3))).clamp(self.floor, self.ceiling)
+    }
+
+    /// The server accepted a submit sent at `sent`; the answer came at `now`.
+    pub fn on_success(&mut self, sent: Instant, now: Instant) {
+        self.saw_send(sent);
+        self.accepted.push_back(sent);
+        while self.accepted.front().is_some_and(|a| now.saturating_duration_since(*a) > HISTORY) {
+            self.accepted.pop_front();
+        }
+        self.throttled_since = None;
+        if self.decreased_at.is_some() {
+            self.rate = self.cubic(now);
+        }
+    }
+
+    /// The server answered 429 about the rate to a submit sent at `sent`; the answer came at
+    /// `now`. Returns the instant nobody may send before, when the server sent `Retry-After`.
+    pub fn on_429(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) -> Option<Instant> {
+        self.saw_send(sent);
+        self.throttled_since.get_or_insert(now);
+        let pause = retry_after.map(|wait| now + wait);
+        if let Some(until) = pause {
+            self.pauses.push_back((now, until));
+            if self.pauses.len() > 8 {
+                self.pauses.pop_front();
+            }
+        }
+        if self.episode_until.is_some_and(|until| sent < until) {
+            return pause;
+        }
+        self.decrease(sent, now, retry_after);
+        pause
+    }
+
+    fn decrease(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) {
+        let rate = self.rate;
+        // The server's window: its Retry-After hints it, at least a second, and long enough to
+        // hold a few submits at the current pace.
+        let window_secs = retry_after
+            .map_or(1.0, |w| w.as_secs_f64())
+            .max(1.0)
+            .max(MIN_SAMPLES as f64 / rate)
+            .min(HISTORY.as_secs_f64());
+        let window = Duration::from_secs_f64(window_secs);
+        let from = sent.checked_sub(window);
+        let n = self.accepted.iter().filter(|a| from.is_none_or(|f| **a > f) && **a <= sent).count();
+        let estimate = (n >= MIN_SAMPLES).then(|| n as f64 / window_secs);
+        // The same count over the time this client was actually sending (not before its first
+        // submit, not paused): right for a token bucket, too high for a window that was full.
+        let upper = estimate.map(|_| {
+            let start = from.map_or(sent, |f| f.max(self.first_send.unwrap_or(f)));
+            let mut active = sent.saturating_duration_since(start).as_secs_f64();
+            for (a, b) in &self.pauses {
+                let overlap = (*b).min(sent).saturating_duration_since((*a).max(start));
+                active -= overlap.as_secs_f64();
+            }
+            n as f64 / active.max(1e-3)
+        });
+        let (plateau, new_rate) = match estimate {
+            Some(est) if est < TRUST * rate => {
+                let confirmed = self.previous_estimate.is_some_and(|p| (est - p).abs() <= SAME_LIMIT * p);
+                // Unconfirmed, the limit lies between the two readings: aim the cubic at the
+                // upper one, so a token bucket's rate is found quickly; a window's 429 stops
+                // the climb at its limit, and the next decrease confirms it.
+                let plateau = if confirmed { est } else { rate.min(est.max(upper.unwrap_or(est))) };
+                (plateau, GAMMA * est)
+            }
+            Some(_) => (rate, GAMMA * rate),
+            None => (rate, BETA * rate),
+        };
+        let new_rate = new_rate.max(self.floor);
+        let certain = upper.zip(estimate).is_none_or(|(u, e)| u <= 1.1 * e);
+        let same = self.previous_plateau.is_some_and(|p| (plateau - p).abs() <= SAME_LIMIT * p);
+        self.same_limit_in_a_row =
+            if certain && same { (self.same_limit_in_a_row + 1).min(MAX_DOUBLINGS) } else { 0 };
+        self.previous_plateau = Some(plateau);
+        self.previous_estimate = estimate;
+        self.plateau = plateau;
+        self.rate = new_rate;
+        self.decreased_at = Some(now);
+        // Without Retry-After the server keeps refusing until its window has slid past the
+        // burst that filled it: those 429s are this episode's too.
+        self.episode_until = Some(if retry_after.is_some() { now } else { now + window });
+        self.plateau_secs = PLATEAU_SECS * f64::from(1u32 << self.same_limit_in_a_row);
+        let drop = 1.0 - new_rate / plateau;
+        self.c_before =
+            if drop > 1e-9 { drop / self.plateau_secs.powi(3) } else { 0.05 / self.plateau_secs.powi(3) };
+        // Beyond the plateau the climb is as steep as the first plateau's: a limit that rose is
+        // found within seconds of the plateau's end, however long the plateau was.
+        self.c_after = 0.05 / PLATEAU_SECS.powi(3);
+    }
+}
+
+/// Jobs in flight at first: a couple, then one more per submit the server accepts with the
+/// window full, until the first "too many in flight" (the cost of finding the limit is one 429).
+const INITIAL_WINDOW: f64 = 2.0;
+/// The multiplicative decrease of the window.
+const WINDOW_BETA: f64 = 0.9;
+/// At or above the limit a "too many" found, the window grows one job per this many windows'
+/// worth of accepted submits, so a probe past a steady limit comes rarely.
+const PROBE_ROUNDS: f64 = 8.0;
+
+/// The window of jobs in flight, found from the server's answers below `--concurrency`.
+///
+/// AIMD with a remembered limit:
+/// - slow start: from 2, one more job per accepted submit that filled the window, until the
+///   first signal;
+/// - a "too many in flight" signal (a 429 without `Retry-After`, a provider's own code, or a
+///   queued job's `queue_position` above 0) cuts the window to `min(jobs in flight, 0.9 ×
+///   window)` and remembers the jobs in flight as the limit; signals for jobs sent before the
+///   last cut belong to the same episode;
+/// - then one more job per window's worth of accepted submits (additive increase), slowed
+///   eightfold at and above the remembered limit; a submit accepted above it forgets it (the
+///   limit rose).
+#[derive(Debug, Clone)]
+pub struct AdaptiveConcurrency {
+    ceiling: u32,
+    window: f64,
+    limit: Option<f64>,
+    decreased_at: Option<Instant>,
+    slow_start: bool,
+}
+
+impl AdaptiveConcurrency {
+    /// A window that never exceeds `ceiling` jobs (at least 1).
+    #[must_use]
+    pub fn new(ceiling: u32) -> Self {
+        let ceiling = ceiling.max(1);
+        Self {
+            ceiling,
+            window: INITIAL_WINDOW.min(f64::from(ceiling)),
+            limit: None,
+            decreased_at: None,
+            slow_start: true,
+        }
+    }
+
+    /// Jobs that may be in flight now.
+    #[must_use]
+    pub fn limit(&self) -> u32 {
+        // Saturating float-to-int cast of a value clamped to [1, ceiling].
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let whole = self.window.floor() as u32;
+        whole.clamp(1, self.ceiling)
+    }
+
+    /// The user's ceiling.
+    #[must_use]
+    pub fn ceiling(&self) -> u32 {
+        self.ceiling
+    }
+
+    /// The limit the last signal found, if it still stands.
+    #[must_use]
+    pub fn known_limit(&self) -> Option<f64> {
+        self.limit
+    }
+
+    /// The server accepted a submit sent while `in_flight` other jobs were in flight.
+    pub fn on_accepted(&mut self, in_flight: u32) {
+        // Only a full window says the window is not too small (an idle pipeline proves nothing).
+        if in_flight + 1 < self.limit() {
+            return;
+        }
+        if self.limit.is_some_and(|l| f64::from(in_flight) + 1.0 > l) {
+            self.limit = None;
+        }
+        self.window += if self.slow_start {
+            1.0
+        } else if self.limit.is_some_and(|l| self.window >= l) {
+            1.0 / (PROBE_ROUNDS * self.window)
+        } else {
+            1.0 / self.window
+        };
+        self.window = self.window.min(f64::from(self.ceiling));
+    }
+
+    /// The server said "too many in flight" to a submit sent at `sent` while `in_flight` other
+    /// jobs were in flight.
+    pub fn on_too_many(&mut self, sent: Instant, in_flight: u32) {
+        // Jobs sent no later than the one that caused the last cut belong to its episode.
+        if self.decreased_at.is_some_and(|at| sent <= at) {
+            return;
+        }
+        self.slow_start = false;
+        let in_flight = f64::from(in_flight.max(1));
+        self.limit = Some(in_flight);
+        self.window = in_flight.min(WINDOW_BETA * self.window).max(1.0);
+        self.decreased_at = Some(sent);
+    }
+
+    /// A job sent at `sent` waits in the provider's queue at `position` (0: next to start) while
+    /// `in_flight` jobs of this run are in flight. Position 0 is welcome (a job ready to take the
+    /// next free slot at once); each place beyond it is a job more than the account runs.
+    pub fn on_queued(&mut self, sent: Instant, position: u64, in_flight: u32) {
+        if position == 0 {
+            return;
+        }
+        let excess = u32::try_from(position).unwrap_or(u32::MAX);
+        self.on_too_many(sent, in_flight.saturating_sub(excess));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fake time: seconds after a fixed origin.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn at(&self, secs: f64) -> Instant {
+            self.0 + Duration::from_secs_f64(secs)
+        }
+    }
+
+    /// A server's rate limit, as the simulator and real APIs keep one.
+    enum Server {
+        /// At most `limit` accepted in any one-second window (the simulator's).
+        Window { limit: usize, accepted: VecDeque<f64> },
+        /// A token bucket: `rate` tokens a second, `burst` at most.
+        Bucket { rate: f64, burst: f64, tokens: f64, last: f64 },
+    }
+
+    impl Server {
+        fn window(limit: usize) -> Self {
+            Self::Window { limit, accepted: VecDeque::new() }
+        }
+
+        fn bucket(rate: f64, burst: f64) -> Self {
+            Self::Bucket { rate, burst, tokens: burst, last: 0.0 }
+        }
+
+        fn set_limit(&mut self, new: f64) {
+            match self {
+                Self::Window { limit, .. } => *limit = new as usize,
+                Self::Bucket { rate, .. } => *rate = new,
+            }
+        }
+
+        /// `Ok` or `Err(seconds until there is room)`.
+        fn submit(&mut self, t: f64) -> Result<(), f64> {
+            match self {
+                Self::Window { limit, accepted } => {
+                    while accepted.front().is_some_and(|a| t - a >= 1.0) {
+                        accepted.pop_front();
+                    }
+                    if accepted.len() < *limit {
+                        accepted.push_back(t);
+                        Ok(())
+                    } else {
+                        Err(1.0 - (t - accepted[0]))
+                    }
+                }
+                Self::Bucket { rate, burst, tokens, last } => {
+                    *tokens = (*tokens + (t - *last) * *rate).min(*burst);
+                    *last = t;
+                    if *tokens >= 1.0 - 1e-9 {
+                        *tokens -= 1.0;
+                        Ok(())
+                    } else {
+                        Err((1.0 - *tokens) / *rate)
+                    }
+                }
+            }
+        }
+    }
+
+    struct Outcome {
+        /// Accepted submits' times.
+        accepted: Vec<f64>,
+        refused: usize,
+        sent: usize,
+    }
+
+    impl Outcome {
+        /// Accepted per second over [from, to), as a share of `limit`.
+        fn share(&self, from: f64, to: f64, limit: f64) -> f64 {
+            let n = self.accepted.iter().filter(|a| (from..to).contains(*a)).count();
+            n as f64 / (to - from) / limit
+        }
+
+        fn refused_share(&self) -> f64 {
+            self.refused as f64 / self.sent as f64
+        }
+    }
+
+    /// A client with endless work sends at the controller's pace (and never before a
+    /// `Retry-After` pause ends) for `secs` seconds; answers come back 20 ms after sending.
+    /// `with_retry_after` says whether the server's 429s carry `Retry-After` (in whole seconds,
+    /// at least 1, as HTTP writes it). `changes` move the server's limit at given times.
+    fn drive(
+        server: &mut Server,
+        ceiling: f64,
+        secs: f64,
+        with_retry_after: bool,
+        changes: &[(f64, f64)],
+    ) -> Outcome {
+        const RTT: f64 = 0.02;
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveRate::new(ceiling);
+        let mut out = Outcome { accepted: Vec::new(), refused: 0, sent: 0 };
+        let mut answers: VecDeque<(f64, f64, Result<(), Option<f64>>)> = VecDeque::new();
+        let (mut t, mut gate) = (0.0_f64, 0.0_f64);
+        let mut changes = changes.iter().peekable();
+        while t < secs {
+            while answers.front().is_some_and(|a| a.0 <= t) {
+                let Some((at, sent, answer)) = answers.pop_front() else { break };
+                match answer {
+                    Ok(()) => ctl.on_success(clock.at(sent), clock.at(at)),
+                    Err(ra) => {
+                        let retry_after = ra.map(Duration::from_secs_f64);
+                        if let Some(until) = ctl.on_429(clock.at(sent), clock.at(at), retry_after) {
+                            gate = gate.max((until - clock.0).as_secs_f64());
+                        }
+                    }
+                }
+            }
+            while let Some((_, limit)) = changes.next_if(|c| c.0 <= t) {
+                server.set_limit(*limit);
+            }
+            if t < gate {
+                t = gate;
+                continue;
+            }
+            out.sent += 1;
+            let answer = match server.submit(t) {
+                Ok(()) => {
+                    out.accepted.push(t);
+                    Ok(())
+                }
+                Err(wait) => {
+                    out.refused += 1;
+                    Err(with_retry_after.then(|| wait.ceil().max(1.0)))
+                }
+            };
+            answers.push_back((t + RTT, t, answer));
+            t += ctl.interval().as_secs_f64();
+        }
+        out
+    }
+
+    #[test]
+    fn a_429_with_retry_after_is_about_the_rate_and_one_without_about_jobs_in_flight() {
+        let ra = Some(Duration::from_secs(1));
+        assert_eq!(Throttle::classify(ra, Said::Nothing), Throttle::Rate { retry_after: ra });
+        assert_eq!(Throttle::classify(None, Said::Nothing), Throttle::InFlight);
+        assert_eq!(Throttle::classify(ra, Said::InFlight), Throttle::InFlight, "the provider's code wins");
+        assert_eq!(Throttle::classify(None, Said::Rate), Throttle::Rate { retry_after: None });
+    }
+
+    #[test]
+    fn the_pace_finds_an_unknown_rate_limit_and_keeps_429s_rare() {
+        // (what the server is, its limit R, the user's ceiling)
+        let cases = [
+            ("sliding window, Retry-After", Server::window(8), 8.0, 20.0, true),
+            ("sliding window, Retry-After", Server::window(50), 50.0, 125.0, true),
+            ("sliding window, no Retry-After", Server::window(8), 8.0, 20.0, false),
+            ("sliding window, Retry-After, ceiling 10R", Server::window(8), 8.0, 80.0, true),
+            ("token bucket, burst R, Retry-After", Server::bucket(8.0, 8.0), 8.0, 20.0, true),
+            ("token bucket, burst R, Retry-After", Server::bucket(50.0, 50.0), 50.0, 125.0, true),
+            ("token bucket, burst R, no Retry-After", Server::bucket(50.0, 50.0), 50.0, 125.0, false),
+            ("token bucket, burst 1, Retry-After", Server::bucket(8.0, 1.0), 8.0, 20.0, true),
+        ];
+        for (name, mut server, limit, ceiling, retry_after) in cases {
+            let out = drive(&mut server, ceiling, 120.0, retry_after, &[]);
+            let (share, refused) = (out.share(5.0, 120.0, limit), out.refused_share());
+            println!(
+                "{name}: R {limit}/s, ceiling {ceiling}/s: {:.1}% of R after 5 s, {:.2}% of {} submits answered 429",
+                share * 100.0,
+                refused * 100.0,
+                out.sent
+            );
+            assert!(share >= 0.90, "{name} R={limit}: {share:.3} of R");
+            assert!(share <= 1.0 + 1e-9, "{name}: more than the server's limit");
+            assert!(refused <= 0.05, "{name} R={limit}: {refused:.3} of submits answered 429");
+        }
+    }
+
+    #[test]
+    fn a_limit_that_falls_is_followed_down_and_one_that_rises_is_found_again() {
+        let mut server = Server::window(8);
+        let out = drive(&mut server, 20.0, 180.0, true, &[(60.0, 4.0), (120.0, 16.0)]);
+        let (before, fallen, risen) =
+            (out.share(5.0, 60.0, 8.0), out.share(65.0, 120.0, 4.0), out.share(150.0, 180.0, 16.0));
+        println!(
+            "8/s, then 4/s at 60 s, then 16/s at 120 s: {:.1}%, {:.1}%, {:.1}% (last 30 s) of the limit; {:.2}% 429s",
+            before * 100.0,
+            fallen * 100.0,
+            risen * 100.0,
+            out.refused_share() * 100.0
+        );
+        assert!(before >= 0.9 && fallen >= 0.85, "{before:.3} {fallen:.3}");
+        assert!(risen >= 0.5, "the higher limit is found again: {risen:.3} of 16/s");
+        assert!(out.refused_share() <= 0.05);
+    }
+
+    #[test]
+    fn retry_after_is_a_pause_and_repeated_429s_of_one_episode_decrease_once() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveRate::new(20.0);
+        for i in 0..8 {
+            ctl.on_success(clock.at(f64::from(i) * 0.05), clock.at(f64::from(i) * 0.05 + 0.02));
+        }
+        let pause = ctl.on_429(clock.at(0.40), clock.at(0.42), Some(Duration::from_secs(1)));
+        assert_eq!(pause, Some(clock.at(1.42)));
+        // 8 accepted in the second before the refused submit: the server takes 8/s.
+        assert!((ctl.rate() - 0.95 * 8.0).abs() < 1e-9, "{}", ctl.rate());
+        let after_first = ctl.rate();
+        // Submits already on their way when the first 429 came back say nothing new.
+        assert!(ctl.on_429(clock.at(0.41), clock.at(0.43), Some(Duration::from_secs(1))).is_some());
+        assert_eq!(ctl.rate(), after_first);
+        assert_eq!(ctl.throttled_since(), Some(clock.at(0.42)));
+        ctl.on_success(clock.at(1.5), clock.at(1.52));
+        assert_eq!(ctl.throttled_since(), None);
+        assert!(ctl.rate() <= ctl.ceiling());
+    }
+
+    #[test]
+    fn with_no_evidence_the_pace_halves_towards_the_floor_but_never_below() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveRate::new(10.0);
+        for i in 0..200 {
+            let t = f64::from(i) * 100.0;
+            ctl.on_429(clock.at(t), clock.at(t + 0.01), None);
+        }
+        assert!((ctl.rate() - 1.0 / 60.0).abs() < 1e-9, "{}", ctl.rate());
+        assert!(AdaptiveRate::new(f64::NAN).rate() > 0.0);
+    }
+
+    /// A job-level simulation: a client submits whenever fewer than the window's jobs are in
+    /// flight (1 ms apart), each job holds the server's count for its latency, and the server
+    /// refuses a submit when `cap` jobs are in flight. Returns (time-average of the server's
+    /// jobs in flight over the run after `warmup` seconds, as a share of `cap`; share of
+    /// submits refused; the run's length).
+    fn drive_window(cap: u32, ceiling: u32, rows: usize, latency: impl Fn(usize) -> f64) -> (f64, f64, f64) {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(ceiling);
+        let mut running: Vec<f64> = Vec::new(); // end times
+        let (mut t, mut submitted, mut sent, mut refused) = (0.0_f64, 0usize, 0usize, 0usize);
+        let mut busy = 0.0; // integral of jobs in flight over time
+        let mut last = 0.0;
+        while submitted < rows || !running.is_empty() {
+            running.sort_by(f64::total_cmp);
+            let n = u32::try_from(running.len()).unwrap();
+            if submitted < rows && n < ctl.limit() {
+                sent += 1;
+                if n < cap {
+                    running.push(t + latency(submitted));
+                    submitted += 1;
+                    ctl.on_accepted(n);
+                } else {
+                    refused += 1;
+                    ctl.on_too_many(clock.at(t), n);
+                }
+                t += 0.001;
+                continue;
+            }
+            // Wait for the next job to end.
+            let end = running.remove(0);
+            let next = end.max(t);
+            busy += (next - last) * f64::from(n);
+            last = next;
+            t = next;
+        }
+        (busy / (last * f64::from(cap)), refused as f64 / sent as f64, last)
+    }
+
+    fn lognormal(median: f64, sigma: f64) -> impl Fn(usize) -> f64 {
+        // Deterministic draws (no randomness in unit tests): Box-Muller on two golden-ratio
+        // sequences.
+        move |i| {
+            let u1 = ((i as f64 + 1.0) * 0.618_033_988_75).fract().max(1e-9);
+            let u2 = ((i as f64 + 1.0) * 0.754_877_666_25).fract();
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            median * (sigma * z).exp()
+        }
+    }
+
+    #[test]
+    fn the_window_finds_a_cap_on_jobs_in_flight_and_keeps_it_busy() {
+        for (cap, ceiling, rows) in [(4, 20, 80), (4, 20, 1000), (2, 5, 400), (10, 40, 1000), (40, 100, 2000)]
+        {
+            for (shape, latency) in [
+                ("fixed 250 ms", Box::new(|_| 0.25) as Box<dyn Fn(usize) -> f64>),
+                ("lognormal 400 ms σ 0.5", Box::new(lognormal(0.4, 0.5))),
+            ] {
+                let (busy, refused, secs) = drive_window(cap, ceiling, rows, &latency);
+                println!(
+                    "cap {cap}, ceiling {ceiling}, {rows} rows, {shape}: server {:.1}% busy, {:.2}% of submits 429, {secs:.1} s",
+                    busy * 100.0,
+                    refused * 100.0
+                );
+                assert!(busy >= 0.85, "cap {cap} {shape}: {busy:.3}");
+                assert!(refused <= 0.10, "cap {cap} {shape}: {refused:.3}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_window_follows_a_cap_that_falls_and_rises() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(50);
+        // Found 40.
+        for n in 0..40 {
+            ctl.on_accepted(n);
+        }
+        ctl.on_too_many(clock.at(1.0), 40);
+        assert_eq!(ctl.limit(), 36, "min(in flight, 0.9 × window of 41)");
+        assert_eq!(ctl.known_limit(), Some(40.0));
+        // The cap drops to 10: every submit is refused while 40, 39, ... are in flight; each
+        // new episode cuts by 10% at least, never below what is in flight.
+        let mut t = 2.0;
+        let mut refusals = 0;
+        for n in (10..40).rev() {
+            if n < ctl.limit() {
+                refusals += 1;
+                ctl.on_too_many(clock.at(t), n);
+            }
+            t += 0.1;
+        }
+        assert!(ctl.limit() <= 10, "{}", ctl.limit());
+        assert!(refusals <= 15, "{refusals}");
+        // The cap rises again: accepted submits above the old limit forget it and grow the
+        // window one job per window's worth.
+        for _ in 0..2000 {
+            let full = ctl.limit() - 1;
+            ctl.on_accepted(full);
+        }
+        assert!(ctl.limit() >= 40, "{}", ctl.limit());
+        assert!(ctl.limit() <= ctl.ceiling());
+    }
+
+    #[test]
+    fn a_queue_position_beyond_zero_shrinks_the_window_to_what_the_account_runs_plus_one() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(20);
+        for n in 0..20 {
+            ctl.on_accepted(n);
+        }
+        assert_eq!(ctl.limit(), 20);
+        // The account runs 4: with 20 in flight the newest waits at position 15.
+        ctl.on_queued(clock.at(1.0), 15, 20);
+        assert_eq!(ctl.limit(), 5, "4 running and one ready to take the next slot");
+        ctl.on_queued(clock.at(0.5), 3, 8);
+        assert_eq!(ctl.limit(), 5, "sent before the cut: the same episode");
+        ctl.on_queued(clock.at(2.0), 0, 5);
+        assert_eq!(ctl.limit(), 5, "position 0 is welcome");
+    }
+
+    /// fal's account queue: `slots` run at once, later submits wait in order and start the
+    /// instant a slot frees. The client reports each job's queue position from its submit's
+    /// answer and from a poll 30 ms later. Returns (share of slot time used over the run, the mean number of jobs
+    /// waiting, the run's length).
+    fn drive_queue(slots: usize, ceiling: u32, rows: usize, latency: f64) -> (f64, f64, f64) {
+        const STEP: f64 = 0.001;
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(ceiling);
+        let mut running: Vec<f64> = Vec::new(); // end times
+        let mut waiting: VecDeque<usize> = VecDeque::new();
+        let mut sent_at: Vec<f64> = Vec::new();
+        let mut polls: VecDeque<(f64, usize)> = VecDeque::new();
+        let (mut t, mut done, mut in_flight, mut waiting_area) = (0.0_f64, 0, 0u32, 0.0);
+        while done < rows {
+            running.sort_by(f64::total_cmp);
+            while running.first().is_some_and(|end| *end <= t) {
+                let end = running.remove(0);
+                done += 1;
+                in_flight -= 1;
+                if waiting.pop_front().is_some() {
+                    running.push(end + latency);
+                    running.sort_by(f64::total_cmp);
+                }
+            }
+            while polls.front().is_some_and(|p| p.0 <= t) {
+                let Some((_, job)) = polls.pop_front() else { break };
+                if let Some(position) = waiting.iter().position(|w| *w == job) {
+                    ctl.on_queued(clock.at(sent_at[job]), position as u64, in_flight);
+                }
+            }
+            while sent_at.len() < rows && in_flight < ctl.limit() {
+                ctl.on_accepted(in_flight);
+                let job = sent_at.len();
+                sent_at.push(t);
+                in_flight += 1;
+                if running.len() < slots {
+                    running.push(t + latency);
+                } else {
+                    waiting.push_back(job);
+                    // The submit's answer carries the queue position too.
+                    ctl.on_queued(clock.at(t), (waiting.len() - 1) as u64, in_flight);
+                }
+                polls.push_back((t + 0.03, job));
+            }
+            waiting_area += STEP * waiting.len() as f64;
+            t += STEP;
+        }
+        let used = rows as f64 * latency / (t * slots as f64);
+        (used, waiting_area / t, t)
+    }
+
+    #[test]
+    fn fals_queue_is_kept_short_and_the_accounts_slots_busy() {
+        for (slots, ceiling) in [(2, 20), (4, 20), (10, 40)] {
+            let (used, waiting, secs) = drive_queue(slots, ceiling, 200, 0.25);
+            println!(
+                "fal account of {slots}, ceiling {ceiling}: slots {:.1}% used, {waiting:.2} jobs waiting on average, {secs:.2} s",
+                used * 100.0
+            );
+            assert!(used >= 0.9, "{slots}: {used:.3}");
+            assert!(waiting <= 1.5, "{slots}: {waiting:.2} waiting: the queue is not stacked up");
+        }
+    }
+}
