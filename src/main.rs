@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.code()),
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("backdrop: error: {:#}", anyhow::Error::from(e));
+            eprintln!("backdrop: error: {}", error::describe(&e));
             ExitCode::from(code.code())
         }
     }

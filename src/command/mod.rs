@@ -7,6 +7,7 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
+pub(crate) mod leftovers;
 pub(crate) mod report;
 pub(crate) mod retry;
 pub(crate) mod run;
@@ -23,6 +24,18 @@ pub(crate) async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<E
         Command::Status(args) => status::execute(&cli.global, &args).await,
         Command::Retry(args) => retry::execute(&cli.global, &args).await,
         Command::Report(args) => report::execute(&cli.global, &args).await,
-        Command::Sim(args) => sim::execute(&args).await,
+        Command::Sim(sim) => {
+            if let Some(file) = &sim.config {
+                return Err(Error::Other {
+                    message: format!(
+                        "backdrop sim takes no --config (that file holds `run` settings): pass the \
+                         simulator's settings with --scenario {}",
+                        file.display()
+                    ),
+                    exit: ExitCode::Usage,
+                });
+            }
+            sim::execute(&sim.args).await
+        }
     }
 }

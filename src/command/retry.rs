@@ -58,6 +58,28 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
             );
         }
     }
+    // A failed row with a saved request id was accepted, and may have been charged, by the
+    // provider: the generation failed, or the provider no longer knows the request (it expired,
+    // or it was held by a `run --simulate` that has since exited). Re-queueing it pays again.
+    let paid: Vec<_> =
+        plan.requeue.iter().filter(|j| j.state == JobState::Failed && j.request_id.is_some()).collect();
+    if !paid.is_empty() {
+        let _ = writeln!(
+            text,
+            "warning: {} failed row(s) had a request the provider accepted and may have charged for; \
+             the next run submits them again and pays again:",
+            paid.len()
+        );
+        for job in &paid {
+            let _ = writeln!(
+                text,
+                "  {}  (request {}: {})",
+                one_line(&job.sku),
+                one_line(job.request_id.as_deref().unwrap_or("?")),
+                one_line(job.error.as_deref().unwrap_or("no reason recorded"))
+            );
+        }
+    }
     for (job, reason) in &plan.kept {
         let why = match reason {
             KeepReason::AlreadyPending => "already pending".to_owned(),
