@@ -5,6 +5,7 @@ mod harness;
 mod badinput;
 mod chaos;
 mod crash;
+mod firsthour;
 mod operate;
 mod ops;
 mod plan;
