@@ -42,22 +42,75 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// The help heading of the flags every subcommand takes, apart from each one's own.
+const GLOBAL: &str = "Global options";
+
 /// Flags every subcommand takes.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct GlobalArgs {
-    /// Read settings from this TOML file (every `run` flag can live there; flags win).
-    #[arg(long, global = true, env = "BACKDROP_CONFIG", value_name = "FILE")]
+    /// Read settings from this TOML file: any `run` flag, as `kebab-case = value` (flags win).
+    #[arg(long, global = true, env = "BACKDROP_CONFIG", value_name = "FILE", help_heading = GLOBAL)]
     pub(crate) config: Option<PathBuf>,
     /// More log output (-v debug, -vv trace). `RUST_LOG` overrides.
-    #[arg(short, long, global = true, action = ArgAction::Count)]
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = GLOBAL)]
     pub(crate) verbose: u8,
-    /// Only errors on stderr, no progress bar.
-    #[arg(short, long, global = true)]
+    /// Print nothing on stderr but errors.
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
     pub(crate) quiet: bool,
     /// Log format on stderr: human text, or one JSON object per event for log shippers.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BACKDROP_LOG_FORMAT")]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BACKDROP_LOG_FORMAT", help_heading = GLOBAL)]
     pub(crate) log_format: LogFormat,
 }
+
+/// `--max-credits`, `--max-cost`, `--low-credit-warning`: a finite number, zero or more. Negative
+/// numbers are let through clap's flag parsing so that `-5` gets this message, not "unexpected
+/// argument".
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err("must be zero or more (a finite number), e.g. 500".into()),
+        Err(_) => Err("must be a number, e.g. 500 or 12.5".into()),
+    }
+}
+
+/// The end of `backdrop run --help`.
+const RUN_EXAMPLES: &str = "\
+Examples:
+  # No key, no network, no charge: the simulator runs inside the process.
+  backdrop run sample-catalog.csv --prompt prompts/marble-counter.txt --simulate
+  # Price a catalog, send nothing (the sample's pictures are local files):
+  backdrop run sample-catalog.csv --prompt prompts/marble-counter.txt --dry-run \\
+      --inline-local-images
+  # A real run with a budget:
+  SEEDANCE_API_KEY=... backdrop run sample-catalog.csv --prompt prompts/marble-counter.txt \\
+      --inline-local-images --concurrency 10 --rate 5/s --max-credits 500
+  # A SQLite catalog on fal, settings from a file:
+  FAL_KEY=... backdrop --config backdrop.toml run products.db --table products --provider fal";
+
+/// The end of `backdrop status --help`.
+const STATUS_EXAMPLES: &str = "\
+Examples:
+  backdrop status
+  backdrop status --json
+  backdrop status --state nightly.db";
+
+/// The end of `backdrop retry --help`.
+const RETRY_EXAMPLES: &str = "\
+Examples:
+  # Rows that failed permanently, after you fixed the cause:
+  backdrop retry --failed
+  # Rows whose paid request may have left before a crash (may be charged twice):
+  backdrop retry --ambiguous
+  backdrop retry --sku MUG-001 --sku MUG-002";
+
+/// The end of `backdrop report --help`.
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  # At a terminal the html gallery goes to report.html; piped, to stdout:
+  backdrop report
+  backdrop report --format html > gallery.html
+  backdrop report --format csv --output report.csv
+  backdrop report --format json | jq '.rows[] | select(.state == \"failed\")'";
 
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,15 +125,32 @@ pub(crate) enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Plan the catalog against the state database, then process what is new, changed or unfinished.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Counts per state, credits spent, failures with reasons, the last run.
+    #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
     /// Put failed, ambiguous or named rows back in the queue for the next `run`.
+    #[command(after_help = RETRY_EXAMPLES)]
     Retry(RetryArgs),
     /// Write a report of every row: csv, json, or an html before/after gallery.
+    #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
     /// Start the local simulator of the Seedance and fal.ai APIs.
-    Sim(Box<backdrop_sim::SimArgs>),
+    Sim(Box<SimCommand>),
+}
+
+/// Arguments of `backdrop sim`: the simulator's own flags. It reads no `--config` (its
+/// settings file is `--scenario`), so the global flag is replaced here by a hidden one that
+/// `sim` refuses, and its help does not describe `run` settings.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SimCommand {
+    /// The simulator's flags.
+    #[command(flatten)]
+    pub(crate) args: backdrop_sim::SimArgs,
+    /// Not a `sim` flag: refused with a pointer to --scenario.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
 }
 
 /// Arguments of `backdrop run`. Every field is optional so a config file can supply it; the
@@ -100,10 +170,10 @@ pub(crate) struct RunArgs {
     /// Prompt template file (see prompts/).
     #[arg(long, env = "BACKDROP_PROMPT", value_name = "FILE")]
     pub(crate) prompt: Option<PathBuf>,
-    /// State database (created if missing).
+    /// State database, created if missing [default: backdrop.db].
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
     pub(crate) state: Option<PathBuf>,
-    /// Output folder for finished images.
+    /// Output folder for finished images [default: out].
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]
@@ -128,13 +198,13 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
     pub(crate) max_attempts: Option<u32>,
     /// Stop submitting once this many credits are spent or reserved (seedance).
-    #[arg(long, env = "BACKDROP_MAX_CREDITS")]
+    #[arg(long, env = "BACKDROP_MAX_CREDITS", value_name = "CREDITS", allow_negative_numbers = true, value_parser = non_negative)]
     pub(crate) max_credits: Option<f64>,
     /// Stop submitting once this many dollars are spent or reserved.
-    #[arg(long, env = "BACKDROP_MAX_COST", value_name = "USD")]
+    #[arg(long, env = "BACKDROP_MAX_COST", value_name = "USD", allow_negative_numbers = true, value_parser = non_negative)]
     pub(crate) max_cost: Option<f64>,
     /// Warn when the provider reports fewer credits remaining than this.
-    #[arg(long, env = "BACKDROP_LOW_CREDIT_WARNING")]
+    #[arg(long, env = "BACKDROP_LOW_CREDIT_WARNING", value_name = "CREDITS", allow_negative_numbers = true, value_parser = non_negative)]
     pub(crate) low_credit_warning: Option<f64>,
     /// Process at most this many rows in this run.
     #[arg(long, env = "BACKDROP_LIMIT")]
@@ -156,6 +226,8 @@ pub(crate) struct RunArgs {
     #[serde(default)]
     pub(crate) simulate: bool,
     /// Send local image files from the catalog as data: URIs (refused above --inline-max-bytes).
+    /// Without it, a catalog with local files is refused before anything is sent. --simulate
+    /// turns it on.
     #[arg(long)]
     #[serde(default)]
     pub(crate) inline_local_images: bool,
@@ -272,10 +344,70 @@ pub(crate) struct ReportArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
 
     #[test]
     fn cli_definition_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// The help text of every subcommand, short (`-h`) and long (`--help`).
+    fn helps() -> Vec<(String, String)> {
+        let mut cli = Cli::command();
+        cli.build();
+        let mut out = Vec::new();
+        for sub in cli.get_subcommands_mut().filter(|s| s.get_name() != "help") {
+            let name = sub.get_name().to_owned();
+            out.push((format!("{name} -h"), sub.render_help().to_string()));
+            out.push((format!("{name} --help"), sub.render_long_help().to_string()));
+        }
+        out
+    }
+
+    #[test]
+    fn every_subcommand_help_ends_with_examples() {
+        for (which, text) in helps() {
+            let at = text.rfind("Examples:").unwrap_or_else(|| panic!("{which} has no examples:\n{text}"));
+            let tail = &text[at + "Examples:".len()..];
+            assert!(tail.contains("backdrop "), "{which}: {tail}");
+            assert!(
+                tail.lines().skip(1).all(|l| l.is_empty() || l.starts_with("  ")),
+                "{which}: nothing may follow the examples:\n{tail}"
+            );
+        }
+    }
+
+    #[test]
+    fn global_flags_have_their_own_heading_and_sim_has_no_config() {
+        for (which, text) in helps() {
+            let heading = text.find("Global options:").unwrap_or_else(|| panic!("{which}:\n{text}"));
+            for flag in ["--verbose", "--quiet", "--log-format"] {
+                let at = text.find(flag).unwrap_or_else(|| panic!("{which} lacks {flag}"));
+                assert!(at > heading, "{which}: {flag} is not under Global options");
+            }
+            let quiet = text.lines().skip_while(|l| !l.contains("--quiet")).take(2).collect::<String>();
+            assert!(!quiet.contains("progress"), "{which}: -q promises no progress bar: {quiet}");
+            if which.starts_with("sim") {
+                assert!(!text.contains("--config"), "{which} must not offer --config:\n{text}");
+            } else {
+                assert!(text.contains("--config"), "{which}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_negative_budget_gets_a_useful_message() {
+        let parse = |v: &str| Cli::try_parse_from(["backdrop", "run", "c.csv", "--max-credits", v]);
+        let err = parse("-5").unwrap_err().to_string();
+        assert!(err.contains("--max-credits") && err.contains("must be zero or more"), "{err}");
+        for bad in ["NaN", "inf", "-0.5"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let err = parse("lots").unwrap_err().to_string();
+        assert!(err.contains("must be a number"), "{err}");
+        let Command::Run(args) = parse("0").unwrap().command else { panic!("run") };
+        assert_eq!(args.max_credits, Some(0.0));
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use backdrop::catalog::CatalogSpec;
+use backdrop::catalog::{CatalogSpec, LocalImages};
 use backdrop::domain::{ApiKey, ProviderKind, Rate};
 use backdrop::money::{self, PriceTable};
 use backdrop::pipeline::backoff::{PollSchedule, RetryPolicy};
@@ -92,6 +92,16 @@ pub(crate) enum ConfigError {
     /// A required setting is missing.
     #[error("missing {0}")]
     Missing(&'static str),
+    /// The catalog or the prompt template cannot be read.
+    #[error("cannot read {what} {path}: {reason}")]
+    Unreadable {
+        /// `catalog` or `prompt template`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why, in the OS's words (kept as text: it is the whole message, not a cause to chain).
+        reason: String,
+    },
     /// The provider's API key is not in the environment.
     #[error("{var} is not set: export your {provider} API key (or use --simulate or --dry-run)")]
     MissingKey {
@@ -368,6 +378,24 @@ impl Settings {
 /// What each library part needs, cut from [`Settings`]: the library never sees the whole
 /// config, only the options it owns.
 impl Settings {
+    /// Checks that the catalog and the prompt template can be opened. Runs before the key is
+    /// looked up, so a mistyped path is reported even when the key is missing too; the planner
+    /// reads both files properly later.
+    ///
+    /// # Errors
+    /// [`ConfigError::Unreadable`] naming the first file that cannot be read.
+    pub(crate) fn check_files(&self) -> Result<(), ConfigError> {
+        for (what, path) in [("catalog", &self.catalog), ("prompt template", &self.prompt)] {
+            let unreadable = |reason: String| ConfigError::Unreadable { what, path: path.clone(), reason };
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_dir() => return Err(unreadable("it is a folder, not a file".into())),
+                Ok(_) => {}
+                Err(e) => return Err(unreadable(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
     /// The provider's key from the environment.
     ///
     /// # Errors
@@ -401,6 +429,13 @@ impl Settings {
             skip_invalid: self.skip_invalid,
             limit: self.limit,
             price_overrides: self.prices.clone(),
+            // Checked at plan time, so a catalog of local files without the flag is refused
+            // before anything is sent, not row by row at the provider's rate.
+            local_images: if self.inline_local_images {
+                LocalImages::Inline { max_bytes: self.inline_max_bytes }
+            } else {
+                LocalImages::Refused
+            },
         }
     }
 
@@ -595,5 +630,17 @@ mod example_file {
             }
         }
         assert!(missing.is_empty(), "backdrop.example.toml lacks {missing:?}");
+    }
+
+    /// `--help` shows the defaults `Settings::resolve` applies (the two would drift apart
+    /// otherwise: clap's `[default: …]` for these is only text).
+    #[test]
+    fn defaults_of_state_and_out_are_shown_and_true() {
+        let mut cli = crate::cli::Cli::command();
+        cli.build();
+        let run =
+            cli.find_subcommand_mut("run").map(|c| c.render_long_help().to_string()).unwrap_or_default();
+        assert!(run.contains(&format!("[default: {}]", backdrop::store::DEFAULT_STATE)), "{run}");
+        assert!(run.contains(&format!("[default: {}]", super::DEFAULT_OUT)), "{run}");
     }
 }

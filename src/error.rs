@@ -51,6 +51,24 @@ impl From<backdrop::plan::PlanError> for Error {
     }
 }
 
+/// The error and its causes on one line, `outer: cause: root`, leaving out a cause whose text
+/// the line already holds: most errors quote their source in their own message, and printing
+/// the chain as well would say "No such file or directory (os error 2)" twice.
+#[must_use]
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 impl Error {
     /// The exit code this error means.
     #[must_use]
@@ -69,5 +87,26 @@ impl Error {
     /// Wraps an I/O error with what backdrop was doing.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io { context: context.into(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let os = missing().to_string();
+        let e = Error::io("reading x.csv", missing());
+        assert_eq!(describe(&e), format!("reading x.csv: {os}"));
+        let e = Error::from(backdrop::catalog::CatalogError::Io { path: "c.csv".into(), source: missing() });
+        assert_eq!(describe(&e).matches(&os).count(), 1, "{}", describe(&e));
+
+        // A cause the message does not quote is still shown.
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening the state")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(describe(&Outer(missing())), format!("opening the state: {os}"));
     }
 }

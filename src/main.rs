@@ -43,8 +43,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = e.exit_code();
             // Errors quote catalog cells and server answers: never their control characters.
-            let message = format!("{:#}", anyhow::Error::from(e));
-            eprintln!("backdrop: error: {}", backdrop::domain::text::terminal_safe(&message));
+            eprintln!("backdrop: error: {}", backdrop::domain::text::terminal_safe(&error::describe(&e)));
             ExitCode::from(code.code())
         }
     }

@@ -12,6 +12,8 @@ use tracing::{info, warn};
 use backdrop::domain::{ApiKey, ProviderKind};
 use backdrop::money::{PriceTable, Unit};
 
+use super::leftovers::{FreshState, Scratch};
+use super::status::print_stdout;
 use crate::cli::{GlobalArgs, LogFormat, RunArgs};
 use crate::config::{self, Settings};
 use crate::error::Error;
@@ -87,6 +89,8 @@ pub(crate) async fn execute(
         None => RunArgs::default(),
     };
     let settings = Settings::resolve(config::merge(args, file)?)?;
+    // Paths first: a mistyped catalog is the problem to report even when the key is missing too.
+    settings.check_files()?;
     // The key is checked before anything else touches the network or the store.
     let key = match (settings.simulate, settings.dry_run) {
         (true, _) => Some(ApiKey::new("simulated-key")),
@@ -94,13 +98,7 @@ pub(crate) async fn execute(
         (false, false) => Some(settings.api_key()?),
     };
     if settings.dry_run {
-        let store = Store::open(&settings.state).await?;
-        let plan = plan::plan(&store, &settings.plan_input(), None).await?;
-        println!("{}", plan.render_text());
-        // A dry run answers what the run would do, and the run would refuse.
-        settings.check_priced(&plan.model, plan.estimate.unit_price)?;
-        println!("dry run: nothing was sent, nothing was charged");
-        return Ok(ExitCode::Success);
+        return dry_run(&settings).await;
     }
     let key = match key {
         Some(key) => key,
@@ -112,7 +110,7 @@ pub(crate) async fn execute(
     let timeout = settings.request_timeout;
     let client = tokio::task::spawn_blocking(move || providers::http::client(timeout));
 
-    check_writable(&settings)?;
+    let fresh = FreshState::note(&settings.state);
     // Held until the process exits: no other run may use this database (by any name).
     let lock = RunLock::acquire(&settings.state)?;
     let store = Store::open_locked(&lock).await?;
@@ -139,15 +137,26 @@ pub(crate) async fn execute(
         Ok(plan) => plan,
         Err(e) => {
             end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
+            // Nothing was planned: a state file this run created holds nothing worth keeping.
+            fresh.discard_if_empty(store).await;
             return Err(e.into());
         }
     };
-    eprintln!("{}", plan.render_text());
+    store.set_run_model(run_id, &plan.model).await?;
+    print_stdout(&plan.render_text())?;
+    if settings.simulate {
+        info!("{SIMULATE_NOTE}");
+    }
     let model = plan.model.clone();
     let start = RunOutcome { model: model.clone(), ..start };
     if let Err(e) = settings.check_priced(&model, plan.estimate.unit_price) {
         end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
         return Err(e.into());
+    }
+    // After the plan (a refused plan creates no output folder), before the first paid request.
+    if let Err(e) = check_writable(&settings) {
+        end_early(&settings, &store, &start, started, ExitCode::DiskFailing, "disk_failing").await;
+        return Err(e);
     }
     register_forced_summary(&settings, &start, started, &stats);
 
@@ -243,12 +252,33 @@ pub(crate) async fn execute(
     if let Some(path) = &settings.summary_json {
         crate::command::forced_exit::settle(|| write_summary(path, &json))?;
     }
-    eprintln!("{}", render_summary(&summary, settings.provider));
+    print_stdout(&format!("{}\n", render_summary(&summary, settings.provider)))?;
     store.close().await;
     if let Some(sim) = sim {
         sim.shutdown().await;
     }
     Ok(exit)
+}
+
+/// Printed by `run --simulate`: the in-process simulator cannot demonstrate crash-resume.
+const SIMULATE_NOTE: &str = "--simulate: the simulator runs inside this process, so the jobs it \
+    holds end with it; after a kill, resumed rows fail with \"no request\". To try crash-resume, \
+    start `backdrop sim` in another terminal and run with --api-base http://127.0.0.1:8787 \
+    --inline-local-images instead of --simulate";
+
+/// `run --dry-run`: plans and prices, writes nothing, and on a state path that does not exist
+/// yet leaves nothing behind (it plans against a scratch database in the temp folder).
+async fn dry_run(settings: &Settings) -> Result<ExitCode, Error> {
+    let scratch = (!settings.state.exists()).then(Scratch::new);
+    let path = scratch.as_ref().map_or(settings.state.as_path(), Scratch::path);
+    let store = Store::open(path).await?;
+    let planned = plan::plan(&store, &settings.plan_input(), None).await;
+    store.close().await;
+    let plan = planned?;
+    print_stdout(&plan.render_text())?;
+    // A dry run answers what the run would do, and the run would refuse.
+    settings.check_priced(&plan.model, plan.estimate.unit_price)?;
+    Ok(ExitCode::Success)
 }
 
 /// Maps how the pool ended to the exit code and the outcome word.

@@ -3,7 +3,7 @@
 //! request that may have been charged counts against the cap, and a cap that is not a number is
 //! refused before anything is sent.
 
-use crate::harness::{TestEnv, code, output, stderr};
+use crate::harness::{TestEnv, all_output, code, output, stderr};
 
 /// Issue 15, item 10: NaN, infinities and negative caps are refused (exit 2) whether they come
 /// from a flag or from the config file, and nothing is sent. NaN and inf used to pass as
@@ -212,5 +212,5 @@ async fn fal_short_model_names_are_priced_and_capped() {
         (charged - 0.08).abs() < 1e-9,
         "two images at $0.04 fit under $0.10, a third does not: {charged}"
     );
-    assert!(stderr(&out).contains("spent $0.08"), "{}", stderr(&out));
+    assert!(all_output(&out).contains("spent $0.08"), "{}", all_output(&out));
 }

@@ -328,3 +328,8 @@ pub(crate) fn code(out: &Output) -> i32 {
 pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Everything a run printed, data (stdout: the plan, the summary) and messages (stderr) alike.
+pub(crate) fn all_output(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}

@@ -6,6 +6,7 @@ mod badinput;
 mod budget;
 mod chaos;
 mod crash;
+mod firsthour;
 mod hostile;
 mod operate;
 mod ops;

@@ -469,10 +469,16 @@ window.addEventListener('load', function () {
 });
 </script></body>"#;
 
-/// Finds `chromium` on PATH.
+/// The browser `scripts/test` found (`BACKDROP_CHROMIUM`), else the first of Chromium's usual
+/// names on PATH (the same names `.ci/install-chromium` looks for).
 fn chromium() -> Option<PathBuf> {
+    if let Some(exe) = std::env::var_os("BACKDROP_CHROMIUM").map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(exe);
+    }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("chromium")).find(|p| p.is_file())
+    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
+        .iter()
+        .find_map(|name| std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
 /// Runs headless Chromium with its quiet, offline flags and a fresh profile; kills it after a
@@ -555,7 +561,8 @@ async fn html_report_is_a_self_contained_gallery_that_chromium_renders() {
     }
     let exe = chromium().unwrap_or_else(|| {
         panic!(
-            "chromium is not installed: run .ci/install-chromium (CI does), or set BACKDROP_SKIP_BROWSER=1"
+            "no Chromium on PATH (chromium, chromium-browser, google-chrome): install one (.ci/install-chromium \
+             does, where it can), or set BACKDROP_SKIP_BROWSER=1 to skip this test"
         )
     });
     let url = format!("file://{}", file.display());

@@ -2,7 +2,7 @@
 //! than the limit, or holding a control character, is a catalog error naming its line (or, with
 //! `--skip-invalid`, a skipped row); and text from the catalog never reaches the terminal raw.
 
-use crate::harness::{TestEnv, code, output, stderr};
+use crate::harness::{TestEnv, all_output, code, output, stderr};
 
 /// Writes a catalog whose `name` cells are `names` (each row's image is the simulator's).
 fn catalog_with_names(env: &TestEnv, names: &[String]) -> std::path::PathBuf {
@@ -50,7 +50,7 @@ async fn an_oversized_or_control_character_prompt_is_refused_naming_its_line() {
     // With --skip-invalid the three are listed and left out; the others run.
     let out = output(env.run_cmd(&catalog, &["--skip-invalid"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(stderr(&out).contains("Skipped 3 invalid rows:"), "{}", stderr(&out));
+    assert!(all_output(&out).contains("Skipped 3 invalid rows:"), "{}", all_output(&out));
     assert_eq!(env.states().await.get("done"), Some(&2));
     assert_eq!(env.sim.ledger().await.len(), 2);
     assert!(raw_controls(&out.stderr).is_empty(), "{:?}", stderr(&out));

@@ -295,9 +295,10 @@ async fn skip_invalid_runs_the_good_rows_and_lists_the_rest() {
     let env = TestEnv::plain().await;
     // The fixture's good rows point at a CDN the simulator answers with placeholders.
     let out = output(env.run_cmd(&fixture("mixed.csv"), &["--skip-invalid"])).await;
-    let err = stderr(&out);
-    assert_eq!(code(&out), 0, "{err}");
-    assert!(err.contains("line 3"), "the invalid rows are listed: {err}");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The plan, with the rows it leaves out, is the run's output on stdout.
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(plan.contains("line 3"), "the invalid rows are listed: {plan}");
     assert_eq!(env.states().await.get("done"), Some(&3), "A-1, A-3, A-6");
 }
 
@@ -312,7 +313,7 @@ async fn the_sample_catalog_dry_run_prices_the_batch_and_sends_nothing() {
         .arg(root.join("prompts/marble-counter.txt"))
         .arg("--state")
         .arg(env.state())
-        .args(["--api-base", &env.sim.base_url(), "--dry-run"]);
+        .args(["--api-base", &env.sim.base_url(), "--dry-run", "--inline-local-images"]);
     let out = output(cmd).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);

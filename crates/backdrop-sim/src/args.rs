@@ -14,12 +14,12 @@ pub type Scenario = SimConfig;
 
 /// Flags of `backdrop sim`. Every fault is off unless a flag or the scenario turns it on.
 #[derive(Debug, Clone, Args)]
-#[command(after_long_help = SCENARIO_HELP)]
+#[command(after_help = SIM_EXAMPLES, after_long_help = SIM_LONG_HELP)]
 pub struct SimArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Scenario file (TOML; see below). Flags given here override its values.
+    /// Scenario file (TOML; `--help` lists its keys). Flags given here override its values.
     #[arg(long, value_name = "FILE")]
     pub scenario: Option<PathBuf>,
     /// Seed of every random decision, so a failing run can be replayed [default: 0].
@@ -134,8 +134,11 @@ pub struct SimArgs {
     pub limit_change: Vec<String>,
 }
 
-/// The scenario file format, shown at the end of `backdrop sim --help`.
-pub const SCENARIO_HELP: &str = "\
+/// The scenario file format and the simulator-only endpoints (a macro, so that the long help
+/// can put the examples after it at compile time).
+macro_rules! scenario_help {
+    () => {
+        "\
 Scenario file (--scenario FILE), every key optional:
   seed = 7
   credits = 1000.0
@@ -171,7 +174,35 @@ Scenario file (--scenario FILE), every key optional:
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
 POST /__sim/expire-urls (every output ready so far answers 410 Gone), GET /__sim/config,
-GET /__sim/limits, GET /__sim/input/{name}.png";
+GET /__sim/limits, GET /__sim/input/{name}.png"
+    };
+}
+
+/// Examples of `backdrop sim`, at the end of its help.
+macro_rules! sim_examples {
+    () => {
+        "\
+Examples:
+  # Serve both APIs on the default port, no faults, until Ctrl-C:
+  backdrop sim
+  # Slow generations and 5% server errors:
+  backdrop sim --listen 127.0.0.1:8787 --latency lognormal:2s,10s --error-rate 0.05
+  # A replayable scenario file, with flags on top:
+  backdrop sim --scenario storms.toml --seed 7
+  # Then, from another terminal (the sample's pictures are local files):
+  SEEDANCE_API_KEY=anything backdrop run sample-catalog.csv --prompt prompts/marble-counter.txt \\
+      --inline-local-images --api-base http://127.0.0.1:8787"
+    };
+}
+
+/// The scenario file format and the simulator-only endpoints.
+pub const SCENARIO_HELP: &str = scenario_help!();
+
+/// The end of `backdrop sim -h`: the examples.
+pub const SIM_EXAMPLES: &str = sim_examples!();
+
+/// The end of `backdrop sim --help`: the scenario file format, then the examples.
+pub const SIM_LONG_HELP: &str = concat!(scenario_help!(), "\n\n", sim_examples!());
 
 fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
     humantime::parse_duration(text.trim())

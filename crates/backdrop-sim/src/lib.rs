@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use args::{SCENARIO_HELP, Scenario, SimArgs};
+pub use args::{SCENARIO_HELP, SIM_EXAMPLES, SIM_LONG_HELP, Scenario, SimArgs};
 pub use faults::{Burst, Faults, Latency, LatencyTail, LimitChange, RetryAfterFormat, ScriptStep};
 pub use money::{Charge, Protocol};
 
@@ -115,7 +115,8 @@ impl SimError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// Seed of every random decision (faults, latencies, ids, the webhook signing key).
+    /// Seed of every random decision (faults, latencies, the webhook signing key, and request
+    /// ids but for their first 32 bits, which are random per simulator instance).
     pub seed: u64,
     /// Starting seedance credits.
     pub credits: f64,
@@ -247,6 +248,9 @@ pub(crate) struct Sim {
     pub(crate) started: Instant,
     /// Random path segment of fal queue URLs, so they cannot be rebuilt from the model id.
     pub(crate) queue_token: String,
+    /// Random per start (not seeded): the first 32 bits of every request id, so no two
+    /// simulators (two `--simulate` runs, a restarted `backdrop sim`) share an id.
+    pub(crate) instance: u32,
     pub(crate) signing_key: ed25519_dalek::SigningKey,
     pub(crate) money: Mutex<Money>,
     pub(crate) revoked: AtomicBool,
@@ -310,6 +314,7 @@ impl Sim {
             base_url,
             started: Instant::now(),
             queue_token: hex::encode(&token[..6]),
+            instance: rand::random(),
             signing_key: ed25519_dalek::SigningKey::from_bytes(&key_seed),
             revoked: AtomicBool::new(false),
             gens: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

@@ -261,14 +261,16 @@ pub(crate) struct Accepted {
     pub(crate) rec: Gen,
 }
 
-/// A fresh request id: seedance `req_…`, fal a UUID; both from the request's seeded generator.
-pub(crate) fn new_id(protocol: Protocol, rng: &mut StdRng) -> String {
+/// A fresh request id: seedance `req_…`, fal a UUID. The first 32 bits are the simulator
+/// instance's (random per start, never from the seed), the rest come from the request's seeded
+/// generator: two simulators never hand out the same id, so an id saved against one cannot
+/// match a job of another, while a replay with the same seed differs only in that prefix.
+pub(crate) fn new_id(protocol: Protocol, instance: u32, rng: &mut StdRng) -> String {
     let (a, b): (u64, u64) = (rng.random(), rng.random());
     match protocol {
-        Protocol::Seedance => format!("req_{a:016x}{:08x}", b >> 32),
+        Protocol::Seedance => format!("req_{instance:08x}{a:016x}"),
         Protocol::Fal => format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
+            "{instance:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
             (a >> 16) & 0xffff,
             a & 0xfff,
             0x8000 | ((b >> 48) & 0x3fff),
@@ -283,7 +285,7 @@ pub(crate) fn new_id(protocol: Protocol, rng: &mut StdRng) -> String {
 /// The submit holds a reservation from [`gate`]; it becomes the generation, or is released when
 /// the balance is too low.
 pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<Accepted, Insufficient> {
-    let id = new_id(order.protocol, rng);
+    let id = new_id(order.protocol, sim.instance, rng);
     let cost = order.price_each * f64::from(order.num_images);
     let charged = lock(&sim.money).charge(order.protocol, cost, || Charge {
         request_id: id.clone(),
@@ -390,14 +392,18 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_seeded_and_shaped() {
+    fn ids_are_seeded_shaped_and_carry_the_instance() {
         let mut a = StdRng::seed_from_u64(3);
         let mut b = StdRng::seed_from_u64(3);
-        let id = new_id(Protocol::Fal, &mut a);
-        assert_eq!(id, new_id(Protocol::Fal, &mut b));
+        let id = new_id(Protocol::Fal, 7, &mut a);
+        assert_eq!(id, new_id(Protocol::Fal, 7, &mut b), "same instance, same seed: same id");
         assert_eq!(id.len(), 36);
         assert_eq!(id.matches('-').count(), 4);
-        assert!(new_id(Protocol::Seedance, &mut a).starts_with("req_"));
+        assert!(id.starts_with("00000007-"));
+        let seedance = new_id(Protocol::Seedance, 7, &mut a);
+        assert!(seedance.starts_with("req_00000007") && seedance.len() == 28, "{seedance}");
+        let mut c = StdRng::seed_from_u64(3);
+        assert_ne!(new_id(Protocol::Fal, 8, &mut c), id, "another instance, another id");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, Row, RowProblem};
+use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, LocalImages, Row, RowProblem};
 use crate::domain::text::{is_forbidden_in_prompt, terminal_safe_line};
 use crate::domain::{Params, ProviderKind, Task};
 use crate::money::{PriceTable, Unit};
@@ -36,11 +36,14 @@ pub struct PlanInput {
     pub limit: Option<u64>,
     /// The config's `[prices]`: price per image by model, over the built-in table.
     pub price_overrides: BTreeMap<String, f64>,
+    /// What the run can do with local image files; rows it cannot send are invalid rows.
+    pub local_images: LocalImages,
 }
 
 impl PlanInput {
     /// Plans `catalog` (a CSV file, or SQLite with `catalog.table` or `catalog.query` set) with
-    /// the template `prompt` for `provider`, with every flag at its default.
+    /// the template `prompt` for `provider`, with every flag at its default and local image
+    /// files accepted as they are (set [`PlanInput::local_images`] to check them).
     #[must_use]
     pub fn new(catalog: impl Into<PathBuf>, prompt: impl Into<PathBuf>, provider: ProviderKind) -> Self {
         Self {
@@ -52,6 +55,7 @@ impl PlanInput {
             skip_invalid: false,
             limit: None,
             price_overrides: BTreeMap::new(),
+            local_images: LocalImages::Accepted,
         }
     }
 }
@@ -86,7 +90,7 @@ impl PlanError {
 }
 
 /// Rows per batched statement: keeps every statement under SQLite's variable limit
-/// (12 × 1000 < 32766) while making sqlx's per-query overhead negligible.
+/// (13 × 1000 < 32766) while making sqlx's per-query overhead negligible.
 const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
@@ -169,7 +173,8 @@ pub struct Plan {
     pub estimate: Estimate,
     /// With `--skip-invalid`: the problems of the rows left out (at most 10,000 kept).
     pub invalid: Vec<RowProblem>,
-    /// The first few (sku, rendered prompt) that will run (or, if none will, the first rows).
+    /// The first few (sku, rendered prompt) of the rows this run will submit, in catalog order
+    /// (empty when it submits none).
     pub samples: Vec<(String, String)>,
     /// The provider.
     pub provider: ProviderKind,
@@ -205,6 +210,12 @@ impl Class {
     /// Rows whose job is (re)written with the new prompt and set pending.
     const fn resets(self) -> bool {
         matches!(self, Self::New | Self::Changed | Self::Forced)
+    }
+
+    /// Rows the run will submit: the reset ones and those already queued. A queued row's stored
+    /// prompt is the one just rendered, since the prompt is part of the fingerprint.
+    const fn submits(self) -> bool {
+        matches!(self, Self::New | Self::Changed | Self::Forced | Self::Pending | Self::Waiting)
     }
 }
 
@@ -289,7 +300,6 @@ struct Produced {
     problems: Vec<RowProblem>,
     total_problems: u64,
     invalid: u64,
-    first_rows: Vec<(String, String)>,
     /// A row was invalid without `--skip-invalid`: the plan must fail and write nothing.
     failing: bool,
 }
@@ -299,7 +309,6 @@ impl Producer {
         let mut problems: Vec<RowProblem> = Vec::new();
         let mut total_problems: u64 = 0;
         let mut invalid: u64 = 0;
-        let mut first_rows = Vec::new();
         let mut batch: Vec<NewJob> = Vec::with_capacity(BATCH);
         let mut prompt_buf = String::new();
         // Once a row is invalid without --skip-invalid the plan will fail: stop sending batches
@@ -309,9 +318,6 @@ impl Producer {
             let prepared = item.and_then(|row| self.prepare(&row, &mut prompt_buf).map_err(|p| vec![p]));
             match prepared {
                 Ok(job) => {
-                    if first_rows.len() < SAMPLES {
-                        first_rows.push((job.sku.clone(), job.prompt.clone()));
-                    }
                     if !failing {
                         batch.push(job);
                     }
@@ -342,7 +348,7 @@ impl Producer {
         if !problems.is_empty() {
             self.catalog.describe_duplicates(&mut problems).await?;
         }
-        Ok(Produced { problems, total_problems, invalid, first_rows, failing })
+        Ok(Produced { problems, total_problems, invalid, failing })
     }
 
     /// Renders a valid row's prompt and fingerprints it.
@@ -397,7 +403,9 @@ impl Producer {
         let stored: Vec<&str> = row.inputs.iter().map(Input::as_stored).collect();
         let inputs =
             serde_json::to_string(&stored).map_err(|e| RowProblem::new(row.location, e.to_string()))?;
+        let name = lookup("name").map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned);
         Ok(NewJob {
+            name,
             sku: row.sku.clone(),
             position: row.position,
             fingerprint,
@@ -427,7 +435,9 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let params_json = serde_json::to_string(&params)
         .map_err(|e| PlanError::Internal(format!("cannot encode params: {e}")))?;
     let spec = settings.catalog.clone();
-    let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt).await?;
+    let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt)
+        .await?
+        .with_local_images(settings.local_images);
     let ctx = Context {
         force: settings.force,
         run_id,
@@ -466,7 +476,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let produced =
         reader.await.map_err(|e| PlanError::Internal(format!("the catalog reader stopped: {e}")))?;
     stored?;
-    let Produced { problems, total_problems, invalid, first_rows, failing } = produced?;
+    let Produced { problems, total_problems, invalid, failing } = produced?;
     counts.invalid = invalid;
     if failing {
         tx.rollback().await?;
@@ -491,9 +501,8 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         amount,
         dollars: amount.map(|a| table.to_dollars(a)),
     };
-    if samples.is_empty() {
-        samples = first_rows;
-    }
+    // `--limit` takes rows in catalog order, like the samples: show only rows that will run.
+    samples.truncate(usize::try_from(to_run).unwrap_or(usize::MAX));
     Ok(Plan {
         counts,
         to_run,
@@ -541,23 +550,24 @@ async fn flush(
             Class::Ambiguous => &mut counts.ambiguous,
         };
         *counter += 1;
+        if class.submits() && samples.len() < SAMPLES {
+            samples.push((job.sku.clone(), job.prompt.clone()));
+        }
         if class.resets() {
-            if samples.len() < SAMPLES {
-                samples.push((job.sku.clone(), job.prompt.clone()));
-            }
             if class != Class::New {
                 replaced.push(job.sku.clone());
             }
             reset.push(job);
         } else {
-            touch.push((job.sku, job.position));
+            touch.push((job.sku, job.position, job.name));
         }
     }
     if let Some(run_id) = ctx.run_id {
         let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
         tx.delete_outputs(&replaced).await?;
         tx.reset_jobs(run_id, &ctx.shared, reset, now).await?;
-        let touch: Vec<(&str, i64)> = touch.iter().map(|(s, p)| (s.as_str(), *p)).collect();
+        let touch: Vec<(&str, i64, Option<&str>)> =
+            touch.iter().map(|(s, p, n)| (s.as_str(), *p, n.as_deref())).collect();
         tx.touch_jobs(run_id, &touch).await?;
     }
     Ok(())
@@ -654,7 +664,7 @@ impl Plan {
             }
         }
         if !self.samples.is_empty() {
-            let _ = writeln!(out, "First prompts:");
+            let _ = writeln!(out, "First prompts to send:");
             for (sku, prompt) in &self.samples {
                 // Catalog text, shown one line each with control characters escaped, and cut
                 // short: a sample is for recognising the prompt, not reading all of it.

@@ -20,6 +20,23 @@ pub const MAX_IMAGES: usize = 10;
 /// How many problems an error message lists before "and N more".
 pub const MAX_LISTED: usize = 50;
 
+/// What the run can do with an image that is a local file, so the catalog refuses at plan time
+/// a row the provider could not be sent (instead of every row failing after the run started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LocalImages {
+    /// Accepted as they are: nothing checks how they will be sent (a library caller's choice).
+    #[default]
+    Accepted,
+    /// Sent inline as `data:` URIs: each must be a PNG, JPEG or WebP of at most `max_bytes`.
+    Inline {
+        /// The largest file sent inline (`--inline-max-bytes`).
+        max_bytes: u64,
+    },
+    /// Refused: the run has no way to send a local file (`--inline-local-images` is off).
+    Refused,
+}
+
 /// Where a row is in its catalog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Location {
@@ -279,6 +296,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Sets what may be done with local image files (by default they are [`LocalImages::Accepted`]).
+    /// Rows the policy refuses become row problems, with their line, like any invalid row.
+    #[must_use]
+    pub fn with_local_images(mut self, policy: LocalImages) -> Self {
+        self.images.policy = policy;
+        self.images.cache.clear();
+        self
+    }
+
     /// Opens the catalog and checks its columns against the task and the template's placeholders.
     ///
     /// # Errors
@@ -503,6 +529,7 @@ fn catalog_dir(path: &Path) -> Result<PathBuf, CatalogError> {
 #[derive(Debug)]
 struct ImageResolver {
     base: PathBuf,
+    policy: LocalImages,
     cache: HashMap<String, Result<Input, String>>,
 }
 
@@ -511,7 +538,7 @@ const IMAGE_CACHE: usize = 4096;
 
 impl ImageResolver {
     fn new(base: PathBuf) -> Self {
-        Self { base, cache: HashMap::new() }
+        Self { base, policy: LocalImages::Accepted, cache: HashMap::new() }
     }
 
     fn resolve(&mut self, value: &str) -> Result<Input, String> {
@@ -549,24 +576,71 @@ impl ImageResolver {
         if !canonical.is_file() {
             return Err("not a file".into());
         }
-        let sha256 = hash_file(&canonical).map_err(|e| format!("cannot read: {e}"))?;
+        if self.policy == LocalImages::Refused {
+            return Err("is a local file: pass --inline-local-images to send it as a data: URI, \
+                        or host it and use its URL"
+                .into());
+        }
+        let read = read_file(&canonical).map_err(|e| format!("cannot read: {e}"))?;
+        if let LocalImages::Inline { max_bytes } = self.policy {
+            if read.size > max_bytes {
+                return Err(format!(
+                    "is {}, above the {} inline limit (--inline-max-bytes): host it and use its URL",
+                    megabytes(read.size),
+                    megabytes(max_bytes)
+                ));
+            }
+            if crate::provider::http::sniff_mime(&read.head).is_none() {
+                return Err("is not a PNG, JPEG or WebP image".into());
+            }
+        }
         let path = canonical.to_str().ok_or("path is not valid UTF-8")?.to_owned();
-        Ok(Input::File { path, sha256 })
+        Ok(Input::File { path, sha256: read.sha256 })
     }
 }
 
-fn hash_file(path: &Path) -> std::io::Result<String> {
+/// What one pass over a local image file tells: its hash, its size and its first bytes
+/// (enough to recognise PNG, JPEG and WebP).
+struct FileRead {
+    sha256: String,
+    size: u64,
+    head: Vec<u8>,
+}
+
+/// Bytes of a file's start kept to sniff its image type (WebP needs 12).
+const HEAD_BYTES: usize = 16;
+
+fn read_file(path: &Path) -> std::io::Result<FileRead> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut size: u64 = 0;
+    let mut head = Vec::with_capacity(HEAD_BYTES);
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        if head.len() < HEAD_BYTES {
+            let take = (HEAD_BYTES - head.len()).min(n);
+            head.extend_from_slice(&buf[..take]);
+        }
         hasher.update(&buf[..n]);
+        size += n as u64;
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(FileRead { sha256: hex::encode(hasher.finalize()), size, head })
+}
+
+/// `9.1 MB`, `4 MB`, `640 kB`, `50 bytes`: decimal units, one decimal when it matters.
+fn megabytes(bytes: u64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "a human-readable size; precision is irrelevant")]
+    let mb = bytes as f64 / 1_000_000.0;
+    match bytes {
+        0..1_000 => format!("{bytes} bytes"),
+        1_000..1_000_000 => format!("{} kB", bytes / 1_000),
+        _ if (mb - mb.round()).abs() < 0.05 => format!("{mb:.0} MB"),
+        _ => format!("{mb:.1} MB"),
+    }
 }
 
 #[cfg(test)]
@@ -603,6 +677,33 @@ mod tests {
         assert!(r.resolve("ftp://example.com/a.png").unwrap_err().contains("neither"));
         assert!(r.resolve("img").unwrap_err().contains("not a file"));
         assert!(r.resolve("https://").is_err());
+    }
+
+    #[test]
+    fn local_images_follow_the_policy_at_plan_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let png = [b"\x89PNG\r\n\x1a\n".as_slice(), &[0u8; 100]].concat();
+        std::fs::write(base.join("a.png"), &png).unwrap();
+        std::fs::write(base.join("notes.txt"), b"not an image at all").unwrap();
+        let url = "https://cdn.example.com/a.png";
+
+        let mut refused = ImageResolver { policy: LocalImages::Refused, ..ImageResolver::new(base.clone()) };
+        let err = refused.resolve("a.png").unwrap_err();
+        assert!(err.contains("is a local file: pass --inline-local-images"), "{err}");
+        assert_eq!(refused.resolve(url), Ok(Input::Url(url.into())), "URLs need no policy");
+        assert!(refused.resolve("missing.png").unwrap_err().contains("no such file"), "missing first");
+
+        let inline = |max_bytes| ImageResolver {
+            policy: LocalImages::Inline { max_bytes },
+            ..ImageResolver::new(base.clone())
+        };
+        assert!(matches!(inline(1_000).resolve("a.png"), Ok(Input::File { .. })));
+        let err = inline(50).resolve("a.png").unwrap_err();
+        assert!(err.contains("above the 50 bytes inline limit (--inline-max-bytes)"), "{err}");
+        let err = inline(1_000).resolve("notes.txt").unwrap_err();
+        assert!(err.contains("not a PNG, JPEG or WebP image"), "{err}");
+        assert!(matches!(ImageResolver::new(base).resolve("notes.txt"), Ok(Input::File { .. })));
     }
 
     /// Every problem a fixture has, as "line N: message".

@@ -735,7 +735,8 @@ async fn poll_loop<P: Provider>(
             }
             Err(e) => match e.poll_class() {
                 ErrorClass::Fail => {
-                    let reason = format!("paid, generation failed: {e}");
+                    // `e` names what failed ("generation failed: …", "HTTP 404 …"): not repeated here.
+                    let reason = format!("paid, then {e}");
                     return fail(shared, job, None, &reason).await;
                 }
                 ErrorClass::Stop(StopReason::KeyRejected) => {

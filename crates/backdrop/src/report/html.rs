@@ -15,10 +15,11 @@ use super::{
 };
 use crate::store::JobState;
 
-/// Longest edge of an embedded picture, in pixels: the grid shows it at up to 160 px, the
-/// enlarged view scales it up. Small enough that 1,000 rows of photos stay in the tens of MB
-/// (each picture is embedded once; see the `thousand_row` measurement test).
-pub const DEFAULT_THUMB_PX: u32 = 256;
+/// Longest edge of an embedded picture, in pixels: the grid shows it at up to half a card's
+/// width (about 240 px), the enlarged view at up to its full size and beyond. Small enough that
+/// 1,000 rows of photos stay in the tens of MB (each picture is embedded once; see the
+/// `thousand_row` measurement test).
+pub const DEFAULT_THUMB_PX: u32 = 320;
 
 /// JPEG quality of embedded pictures: small files, no visible blocking at thumbnail size.
 const JPEG_QUALITY: u8 = 75;
@@ -235,6 +236,9 @@ fn page_head(summary: &RunSummary) -> String {
             escape(&run.model),
         );
     }
+    html.push_str(
+        "<p class=\"meta hint\">Failed rows first, then ambiguous ones, then catalog order. Click a picture to enlarge it (Esc closes).</p>",
+    );
     html.push_str("<nav class=\"filters\" aria-label=\"filter by state\">");
     let _ = write!(
         html,
@@ -263,8 +267,11 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
     let mut html = String::with_capacity(4 * 1024);
     let _ = write!(
         html,
-        "<article class=\"card\" data-state=\"{state}\"><h2><span class=\"sku\">{}</span> <span class=\"badge st-{state}\">{state}</span></h2>",
+        "<article class=\"card\" data-state=\"{state}\"><h2><span class=\"title\"><span class=\"sku\">{}</span>{}</span> <span class=\"badge st-{state}\">{state}</span></h2>",
         escape(&row.sku),
+        row.name
+            .as_deref()
+            .map_or_else(String::new, |n| format!(" <span class=\"name\">{}</span>", escape(n))),
     );
     if let Some(error) = &row.error {
         let _ = write!(html, "<p class=\"error\">{}</p>", escape(error));
@@ -352,9 +359,10 @@ h1{font-size:18px;margin:0 0 4px}.meta{margin:2px 0;color:#d4d4d8}code{font-size
 .filters{margin-top:8px;display:flex;gap:6px;flex-wrap:wrap}
 .filters button{border:1px solid #52525b;background:#27272a;color:#fafafa;border-radius:14px;padding:3px 10px;cursor:pointer}
 .filters button[aria-pressed=true]{background:#fafafa;color:#18181b}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px;padding:16px 20px}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:12px;padding:16px 20px}
 .card{background:#fff;border-radius:8px;padding:10px 12px;box-shadow:0 1px 2px #0002}
 .card h2{font-size:15px;margin:0 0 6px;display:flex;justify-content:space-between;gap:8px;overflow-wrap:anywhere}
+.name{font-weight:400;color:#52525b}.hint{font-size:12px}
 .badge{font-size:12px;font-weight:600;border-radius:10px;padding:1px 8px;background:#e4e4e7;white-space:nowrap}
 .st-done{background:#bbf7d0;color:#14532d}.st-failed{background:#fecaca;color:#7f1d1d}
 .st-ambiguous{background:#fde68a;color:#78350f}.st-pending,.st-waiting{background:#e0e7ff;color:#312e81}
@@ -362,7 +370,7 @@ h1{font-size:18px;margin:0 0 4px}.meta{margin:2px 0;color:#d4d4d8}code{font-size
 .warn{background:#fffbeb;color:#92400e;padding:4px 8px;margin:4px 0}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}figure{margin:0;display:flex;flex-direction:column;gap:4px}
 figcaption{font-size:12px;color:#71717a;text-transform:uppercase;letter-spacing:.05em}
-.thumb{width:100%;max-width:160px;height:auto;border-radius:4px;cursor:zoom-in;background:#fafafa;border:1px solid #e4e4e7}
+.thumb{width:100%;max-width:320px;height:auto;border-radius:4px;cursor:zoom-in;background:#fafafa;border:1px solid #e4e4e7}
 .ph{min-height:100px;border:2px dashed #d4d4d8;border-radius:4px;display:flex;flex-direction:column;align-items:center;justify-content:center;text-align:center;color:#71717a;font-size:12px;padding:6px;overflow-wrap:anywhere}
 .ph.missing{border-color:#fca5a5}
 details{margin-top:6px}.prompt{white-space:pre-wrap;overflow-wrap:anywhere;color:#3f3f46}
@@ -459,6 +467,7 @@ mod tests {
         let mut summary = summary();
         summary.rows[0].inputs = vec![before.display().to_string(), "https://cdn.example/x.png".into()];
         summary.rows[1].prompt = "<script>alert(1)</script>".into();
+        summary.rows[1].name = Some("Stoneware <mug>".into());
 
         let mut buf = Vec::new();
         HtmlFormatter::new(out).write_report(&summary, &mut buf).unwrap();
@@ -467,6 +476,9 @@ mod tests {
         assert!(!html.contains("<script>alert(1)"), "prompt must be escaped");
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("=HYPERLINK(&quot;x&quot;)"));
+        assert!(
+            html.contains("<span class=\"sku\">B</span> <span class=\"name\">Stoneware &lt;mug&gt;</span>")
+        );
         assert!(html.contains("href=\"https://cdn.example/x.png\""));
         // A/1.png does not exist: a placeholder with the reason, not a failure.
         assert!(html.contains("A/1.png<br><small>cannot open"));

@@ -78,6 +78,8 @@ pub struct RunSummary {
 pub struct ReportRow {
     /// The row's SKU.
     pub sku: String,
+    /// The product's name, from the catalog's `name` column when it has one.
+    pub name: Option<String>,
     /// Catalog order (`jobs.position`).
     pub position: i64,
     /// Its state.
@@ -149,6 +151,7 @@ impl From<JobRecord> for ReportRow {
             dollars: crate::money::stored_to_dollars(&j.provider, j.credits),
             updated_at: rfc3339(j.updated_at),
             sku: j.sku,
+            name: j.name,
             position: j.position,
             state: j.state,
             provider: j.provider,
@@ -339,6 +342,7 @@ pub(crate) mod tests_support {
         };
         let row = |sku: &str, state| ReportRow {
             sku: sku.into(),
+            name: None,
             position: 1,
             state,
             provider: "seedance".into(),

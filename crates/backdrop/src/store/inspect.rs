@@ -184,6 +184,7 @@ pub struct DueDownload {
 struct JobRow {
     id: i64,
     sku: String,
+    name: Option<String>,
     position: i64,
     provider: String,
     model: String,
@@ -207,6 +208,8 @@ pub struct JobRecord {
     pub id: i64,
     /// The row's SKU.
     pub sku: String,
+    /// The product's name, from the catalog's `name` column when it has one.
+    pub name: Option<String>,
     /// Catalog order.
     pub position: i64,
     /// `seedance` or `fal`: the unit of `credits`.
@@ -426,7 +429,7 @@ impl Store {
     /// that is not a JSON array of strings.
     pub async fn report_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let jobs: Vec<JobRow> = sqlx::query_as(
-            "SELECT id, sku, position, provider, model, task, prompt, inputs, state, attempts,
+            "SELECT id, sku, name, position, provider, model, task, prompt, inputs, state, attempts,
                     request_id, credits, error, error_class, updated_at
              FROM jobs ORDER BY position, id",
         )
@@ -451,6 +454,7 @@ impl Store {
                     outputs: by_job.remove(&j.id).unwrap_or_default(),
                     id: j.id,
                     sku: j.sku,
+                    name: j.name,
                     position: j.position,
                     provider: j.provider,
                     model: j.model,

@@ -17,6 +17,8 @@ pub(crate) struct NewJob {
     pub(crate) prompt: String,
     /// JSON array of input references.
     pub(crate) inputs: String,
+    /// The catalog's `name` cell, for reports (not fingerprinted).
+    pub(crate) name: Option<String>,
 }
 
 /// What every job of one plan shares.
@@ -154,14 +156,15 @@ impl PlanTx {
         // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
-             sku, position, fingerprint, prompt, inputs) VALUES ",
+             sku, position, fingerprint, prompt, inputs, name) VALUES ",
         );
-        placeholders(&mut sql, jobs.len(), 12);
+        placeholders(&mut sql, jobs.len(), 13);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
              provider = excluded.provider, model = excluded.model, task = excluded.task, \
              prompt = excluded.prompt, inputs = excluded.inputs, params = excluded.params, \
+             name = excluded.name, \
              state = 'pending', attempts = 0, next_attempt_at = NULL, request_id = NULL, \
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
@@ -180,23 +183,31 @@ impl PlanTx {
                 .bind(job.position)
                 .bind(job.fingerprint)
                 .bind(job.prompt)
-                .bind(job.inputs);
+                .bind(job.inputs)
+                .bind(job.name);
         }
         q.execute(&mut *self.tx).await?;
         Ok(())
     }
 
-    /// Stamps rows the plan keeps as they are with this run and their catalog position.
-    pub(crate) async fn touch_jobs(&mut self, run_id: i64, rows: &[(&str, i64)]) -> Result<(), StoreError> {
+    /// Stamps rows the plan keeps as they are with this run, their catalog position and their
+    /// current name (a renamed product keeps its job and shows its new name).
+    pub(crate) async fn touch_jobs(
+        &mut self,
+        run_id: i64,
+        rows: &[(&str, i64, Option<&str>)],
+    ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from("WITH v(sku, pos) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 2);
-        sql.push_str(") UPDATE jobs SET planned_run = ?, position = v.pos FROM v WHERE jobs.sku = v.sku");
+        let mut sql = String::from("WITH v(sku, pos, name) AS (VALUES ");
+        placeholders(&mut sql, rows.len(), 3);
+        sql.push_str(
+            ") UPDATE jobs SET planned_run = ?, position = v.pos, name = v.name FROM v WHERE jobs.sku = v.sku",
+        );
         let mut q = sqlx::query(&sql);
-        for (sku, pos) in rows {
-            q = q.bind(*sku).bind(*pos);
+        for (sku, pos, name) in rows {
+            q = q.bind(*sku).bind(*pos).bind(*name);
         }
         q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;

@@ -142,6 +142,20 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
+    /// Records the run's model once the plan has resolved it (flag, template front matter or
+    /// the provider's default), so `status` and reports never show a run without one.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn set_run_model(&self, run_id: i64, model: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE runs SET model = ? WHERE id = ?")
+            .bind(model)
+            .bind(run_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// Records how a run ended.
     ///
     /// # Errors
