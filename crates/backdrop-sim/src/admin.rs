@@ -11,6 +11,7 @@
 //! | `POST /__sim/burst` | `{"status": 503, "seconds": 30}`: every submit gets that status meanwhile |
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
 //! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
+//! | `GET /__sim/alterations` | `[{request_id, output, kind}]`: every output altered on purpose |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/burst", post(burst))
         .route("/__sim/config", get(config))
         .route("/__sim/input/{file}", get(super::files::input))
+        .route("/__sim/alterations", get(alterations))
 }
 
 async fn ledger(State(sim): State<Arc<Sim>>) -> Response {
@@ -44,6 +46,15 @@ async fn ledger(State(sim): State<Arc<Sim>>) -> Response {
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     Json(sim.stats()).into_response()
+}
+
+async fn alterations(State(sim): State<Arc<Sim>>) -> Response {
+    let list: Vec<serde_json::Value> = sim
+        .alterations()
+        .into_iter()
+        .map(|(request_id, output, kind)| json!({ "request_id": request_id, "output": output, "kind": kind }))
+        .collect();
+    Json(list).into_response()
 }
 
 async fn config(State(sim): State<Arc<Sim>>) -> Response {

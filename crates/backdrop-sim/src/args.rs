@@ -112,10 +112,14 @@ Scenario file (--scenario FILE), every key optional:
   after_secs = 10.0
   duration_secs = 30.0
   status = 503
+  [faults.alterations]                 # edits unfaithful to their input, per output:
+  moved_rate = 0.05                    #   also scaled_rate, recolored_rate, reshaped_rate,
+  unlabeled_rate = 0.05                #   missing_rate, off_white_rate, blank_rate,
+  jitter = true                        #   cut_short_rate; jitter varies faithful edits
 
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
-GET /__sim/config, GET /__sim/input/{name}.png";
+GET /__sim/config, GET /__sim/input/{name}.png, GET /__sim/alterations";
 
 fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
     humantime::parse_duration(text.trim())
