@@ -9,6 +9,7 @@ mod operate;
 mod ops;
 mod plan;
 mod provider;
+mod quality;
 mod run;
 mod sim;
 mod tidy;

@@ -460,7 +460,10 @@ fn draw_product(img: &mut RgbImage, h: u32, look: Look) {
             0 => dx * dx + dy * dy <= 1.0,
             1 => dx.abs() <= 1.0 && dy.abs() <= 1.0,
             // A bottle: a body and a narrow neck.
-            _ => (dx.abs() <= 1.0 && (-0.4..=1.0).contains(&dy)) || (dx.abs() <= 0.35 && dy >= -1.0),
+            _ => {
+                (dx.abs() <= 1.0 && (-0.4..=1.0).contains(&dy))
+                    || (dx.abs() <= 0.35 && (-1.0..=1.0).contains(&dy))
+            }
         };
         let shadow = {
             let (sx, sy) = ((fx - cx) / (rx * 1.3), (fy - (cy + ry * 1.05)) / (ry * 0.12));
