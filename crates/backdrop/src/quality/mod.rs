@@ -758,3 +758,194 @@ fn compare_checks(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use image::{Rgb, RgbImage, Rgba, RgbaImage};
+
+    use super::*;
+
+    /// A product photo: a red bottle-ish box with a cream label and a dark logo, at `(cx, cy)`
+    /// (shares of the frame), `scale`, on the background `bg` paints.
+    struct Scene {
+        cx: f32,
+        cy: f32,
+        scale: f32,
+        body: [u8; 3],
+        label: bool,
+        light: f32,
+    }
+
+    const PLAIN: Scene = Scene { cx: 0.5, cy: 0.5, scale: 1.0, body: [190, 40, 40], label: true, light: 1.0 };
+
+    fn paint(w: u32, h: u32, scene: &Scene, bg: impl Fn(u32, u32) -> [u8; 3]) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let (u, v) = ((x as f32 + 0.5) / w as f32, (y as f32 + 0.5) / h as f32);
+            let (dx, dy) = ((u - scene.cx) / (0.18 * scene.scale), (v - scene.cy) / (0.3 * scene.scale));
+            if dx.abs() > 1.0 || dy.abs() > 1.0 {
+                return Rgb(bg(x, y));
+            }
+            let c = if scene.label && (-0.2..0.3).contains(&dy) {
+                if dx.abs() / 0.3 + (dy - 0.05).abs() / 0.15 <= 1.0 { [40, 20, 60] } else { [235, 220, 170] }
+            } else {
+                scene.body
+            };
+            Rgb(c.map(|c| (f32::from(c) * scene.light).clamp(0.0, 255.0) as u8))
+        })
+    }
+
+    fn white(_: u32, _: u32) -> [u8; 3] {
+        [255, 255, 255]
+    }
+
+    fn wood(x: u32, y: u32) -> [u8; 3] {
+        let ring = ((y as f32 * 0.21 + (x as f32 * 0.05).sin() * 3.0).sin() * 0.5 + 0.5) * 40.0;
+        [(120.0 + ring) as u8, (80.0 + ring * 0.6) as u8, (45.0 + ring * 0.3) as u8]
+    }
+
+    fn dynamic(img: RgbImage) -> DynamicImage {
+        DynamicImage::ImageRgb8(img)
+    }
+
+    fn flagged(verdict: &Verdict) -> Vec<Check> {
+        verdict.flags().map(|c| c.check).collect()
+    }
+
+    #[test]
+    fn a_faithful_edit_passes_across_resolution_light_and_a_small_shift() {
+        let input = dynamic(paint(300, 300, &PLAIN, white));
+        let moved = Scene { cx: 0.51, cy: 0.49, light: 0.93, ..PLAIN };
+        let output = dynamic(paint(224, 224, &moved, wood));
+        let verdict = assess(&input, &output, &QualitySettings::default()).unwrap();
+        assert!(verdict.passed(), "{}\n{:#?}", verdict.summary(), verdict.checks);
+        for check in
+            [Check::Presence, Check::Position, Check::Scale, Check::Shape, Check::Structure, Check::Color]
+        {
+            assert_eq!(verdict.get(check).map(|c| c.outcome), Some(Outcome::Pass), "{check:?}");
+        }
+        let region = verdict.output_region.unwrap();
+        assert!((region.x + region.width / 2.0 - 0.51).abs() < 0.03, "{region:?}");
+    }
+
+    #[test]
+    fn each_unfaithful_edit_is_flagged_with_its_reason() {
+        let input = dynamic(paint(256, 256, &PLAIN, white));
+        let settings = QualitySettings::default();
+        let cases: [(Scene, Check, &str); 4] = [
+            (Scene { cx: 0.72, cy: 0.55, ..PLAIN }, Check::Position, "moved by"),
+            (Scene { scale: 0.65, ..PLAIN }, Check::Scale, "0.6"),
+            (Scene { body: [40, 60, 190], ..PLAIN }, Check::Color, "colour changed"),
+            (Scene { label: false, ..PLAIN }, Check::Color, "colour changed"),
+        ];
+        for (scene, check, words) in cases {
+            let verdict = assess(&input, &dynamic(paint(256, 256, &scene, wood)), &settings).unwrap();
+            let result = verdict.get(check).unwrap();
+            assert_eq!(result.outcome, Outcome::Flag, "{check:?}: {:#?}", verdict.checks);
+            assert!(result.reason.as_deref().unwrap_or_default().contains(words), "{result:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_product_a_blank_and_a_cut_output_are_held() {
+        let input = dynamic(paint(200, 200, &PLAIN, white));
+        let settings = QualitySettings::default();
+        let gone =
+            assess(&input, &dynamic(RgbImage::from_fn(200, 200, |x, y| Rgb(wood(x, y)))), &settings).unwrap();
+        let presence = gone.get(Check::Presence).unwrap();
+        assert_eq!(presence.outcome, Outcome::Flag);
+        assert!(presence.reason.as_deref().unwrap_or_default().contains("missing"), "{presence:?}");
+        assert_eq!(gone.get(Check::Structure).map(|c| c.outcome), Some(Outcome::Skip));
+
+        let blank = assess(&input, &dynamic(RgbImage::from_pixel(200, 200, Rgb([230, 230, 230]))), &settings);
+        assert!(flagged(&blank.unwrap()).contains(&Check::Blank));
+
+        let mut cut = paint(200, 200, &PLAIN, wood);
+        for y in 140..200 {
+            for x in 0..200 {
+                cut.put_pixel(x, y, Rgb([128, 128, 128]));
+            }
+        }
+        let verdict = assess(&input, &dynamic(cut), &settings).unwrap();
+        let result = verdict.get(Check::CutShort).unwrap();
+        assert_eq!(result.outcome, Outcome::Flag, "{:#?}", verdict.checks);
+        assert!(result.reason.as_deref().unwrap_or_default().contains("grey"));
+    }
+
+    #[test]
+    fn background_rules_and_requested_size() {
+        let input = dynamic(paint(200, 200, &PLAIN, white));
+        let mut settings = QualitySettings {
+            background: BackgroundRules {
+                white_border: Some(6),
+                min_fill: Some(0.5),
+                min_longest_side: Some(1000),
+            },
+            expected_size: Some((200, 200)),
+            ..QualitySettings::default()
+        };
+        let verdict = assess(&input, &dynamic(paint(200, 200, &PLAIN, white)), &settings).unwrap();
+        assert_eq!(flagged(&verdict), [Check::Resolution], "{:#?}", verdict.checks);
+        assert!((verdict.get(Check::Fill).unwrap().score.unwrap() - 0.6).abs() < 0.03);
+
+        settings.background.min_longest_side = None;
+        let off_white = assess(&input, &dynamic(paint(200, 200, &PLAIN, |_, _| [242, 236, 224])), &settings);
+        let off_white = off_white.unwrap();
+        assert_eq!(flagged(&off_white), [Check::WhiteBorder]);
+        assert!(off_white.summary().contains("242,236,224"), "{}", off_white.summary());
+
+        let small = Scene { scale: 0.6, ..PLAIN };
+        settings.checks.scale = false;
+        let verdict = assess(&input, &dynamic(paint(200, 200, &small, white)), &settings).unwrap();
+        assert_eq!(flagged(&verdict), [Check::Fill]);
+        assert!(verdict.get(Check::Scale).is_none(), "a check turned off is left out");
+
+        let verdict = assess(&input, &dynamic(paint(200, 120, &PLAIN, white)), &settings).unwrap();
+        assert!(flagged(&verdict).contains(&Check::Dimensions));
+        assert!(verdict.summary().contains("200×120"), "{}", verdict.summary());
+    }
+
+    #[test]
+    fn an_input_without_a_plain_background_skips_the_comparison() {
+        let busy = dynamic(RgbImage::from_fn(120, 120, |x, y| {
+            Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 256) as u8])
+        }));
+        let verdict =
+            assess(&busy, &dynamic(paint(120, 120, &PLAIN, wood)), &QualitySettings::default()).unwrap();
+        assert!(verdict.passed());
+        let presence = verdict.get(Check::Presence).unwrap();
+        assert_eq!(presence.outcome, Outcome::Skip);
+        assert!(presence.reason.as_deref().unwrap_or_default().contains("plain background"));
+    }
+
+    #[test]
+    fn an_alpha_channel_gives_the_region_and_generated_images_are_judged_alone() {
+        let painted = paint(160, 160, &PLAIN, white);
+        let cutout = RgbaImage::from_fn(160, 160, |x, y| {
+            let Rgb([r, g, b]) = *painted.get_pixel(x, y);
+            let inside = [r, g, b] != [255, 255, 255];
+            if inside { Rgba([r, g, b, 255]) } else { Rgba([0, 0, 0, 0]) }
+        });
+        let output = dynamic(paint(160, 160, &PLAIN, wood));
+        let verdict =
+            assess(&DynamicImage::ImageRgba8(cutout), &output, &QualitySettings::default()).unwrap();
+        assert!(verdict.passed(), "{}", verdict.summary());
+        let region = verdict.input_region.unwrap();
+        assert!((region.width - 0.36).abs() < 0.03 && (region.height - 0.6).abs() < 0.03, "{region:?}");
+
+        let alone = assess_output(&output, &QualitySettings::default()).unwrap();
+        assert!(alone.passed() && alone.get(Check::Presence).is_none());
+        let empty = assess_output(&dynamic(RgbImage::new(0, 0)), &QualitySettings::default()).unwrap();
+        assert_eq!(flagged(&empty), [Check::Blank]);
+    }
+
+    #[test]
+    fn settings_validate_their_ranges() {
+        assert!(QualitySettings::default().validate().is_ok());
+        let bad = QualitySettings { max_shift: 1.5, ..QualitySettings::default() };
+        assert!(bad.validate().unwrap_err().contains("max_shift"));
+        let bad = QualitySettings { working_side: 32, ..QualitySettings::default() };
+        assert!(bad.validate().unwrap_err().contains("working_side"));
+        let err = decode(b"not an image", "output").unwrap_err();
+        assert!(err.to_string().contains("output") && !err.is_retryable());
+    }
+}
