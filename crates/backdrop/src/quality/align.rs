@@ -258,7 +258,8 @@ pub(crate) fn locate(
     let mid = level(input, mask, output, mid_factor, 800)?;
     let mut top = (f32::MIN, start);
     for &(_, t) in &best {
-        let reach_mid = (coarse_factor / mid_factor).ceil() as i32 + 1;
+        // The coarse grid's step is two coarse pixels: a pixel either way covers the gap.
+        let reach_mid = (coarse_factor / mid_factor).ceil() as i32;
         for ds in [0.95, 0.975, 1.0, 1.025, 1.05] {
             for iy in -reach_mid..=reach_mid {
                 for ix in -reach_mid..=reach_mid {
@@ -272,7 +273,7 @@ pub(crate) fn locate(
         }
     }
 
-    let fine = level(input, mask, output, 1.0, 1500)?;
+    let fine = level(input, mask, output, 1.0, 1200)?;
     // The mid level placed it within half its step; search a little beyond.
     let reach_fine = (mid_factor / 2.0).ceil() as i32 + 1;
     let mut t = top.1;
