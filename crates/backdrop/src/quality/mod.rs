@@ -941,13 +941,15 @@ mod tests {
     #[test]
     fn tiny_and_odd_images_never_panic() {
         let settings = QualitySettings::default();
-        for (iw, ih, ow, oh) in [(1, 1, 1, 1), (3, 5, 5, 3), (2, 40, 40, 2), (17, 9, 64, 64), (64, 64, 9, 17)] {
+        for (iw, ih, ow, oh) in [(1, 1, 1, 1), (3, 5, 5, 3), (2, 40, 40, 2), (17, 9, 64, 64), (64, 64, 9, 17)]
+        {
             let input = dynamic(paint(iw, ih, &PLAIN, white));
             let output = dynamic(paint(ow, oh, &PLAIN, wood));
             assess(&input, &output, &settings).unwrap();
             assess_output(&output, &settings).unwrap();
         }
-        let grey16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(30, 30, image::Luma([40_000u16])));
+        let grey16 =
+            DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(30, 30, image::Luma([40_000u16])));
         let verdict = assess(&grey16, &grey16, &settings).unwrap();
         assert!(flagged(&verdict).contains(&Check::Blank));
     }
