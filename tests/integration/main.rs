@@ -13,6 +13,7 @@ mod ops;
 mod plan;
 mod prompts;
 mod provider;
+mod quality;
 mod run;
 mod sim;
 mod tidy;

@@ -16,6 +16,7 @@ fn root() -> &'static Path {
 const LIBRARY_LAYERS: &[&[&str]] = &[
     &["domain"],
     &["money"],
+    &["quality"],
     &["prompt", "store", "provider"],
     &["fetch", "catalog"],
     &["plan", "pipeline", "report"],

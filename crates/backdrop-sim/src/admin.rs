@@ -13,6 +13,7 @@
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
 //! | `GET /__sim/limits` | the limits in force, in-flight count, fal's account queue, 429s by cause |
 //! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
+//! | `GET /__sim/alterations` | `[{request_id, output, kind}]`: every output altered on purpose |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,6 +41,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/config", get(config))
         .route("/__sim/limits", get(super::limits::report))
         .route("/__sim/input/{file}", get(super::files::input))
+        .route("/__sim/alterations", get(alterations))
 }
 
 async fn ledger(State(sim): State<Arc<Sim>>) -> Response {
@@ -48,6 +50,15 @@ async fn ledger(State(sim): State<Arc<Sim>>) -> Response {
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     Json(sim.stats()).into_response()
+}
+
+async fn alterations(State(sim): State<Arc<Sim>>) -> Response {
+    let list: Vec<serde_json::Value> = sim
+        .alterations()
+        .into_iter()
+        .map(|(request_id, output, kind)| json!({ "request_id": request_id, "output": output, "kind": kind }))
+        .collect();
+    Json(list).into_response()
 }
 
 async fn config(State(sim): State<Arc<Sim>>) -> Response {

@@ -171,10 +171,15 @@ Scenario file (--scenario FILE), every key optional:
   after_secs = 10.0                    # or after_submits = 200
   rate_limit_per_sec = 4               # also max_in_flight, fal_concurrency; 0 lifts
 
+  [faults.alterations]                 # edits unfaithful to their input, per output:
+  moved_rate = 0.05                    #   also scaled_rate, recolored_rate, reshaped_rate,
+  unlabeled_rate = 0.05                #   missing_rate, off_white_rate, blank_rate,
+  jitter = true                        #   cut_short_rate; jitter varies faithful edits
+
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
 POST /__sim/expire-urls (every output ready so far answers 410 Gone), GET /__sim/config,
-GET /__sim/limits, GET /__sim/input/{name}.png"
+GET /__sim/limits, GET /__sim/input/{name}.png, GET /__sim/alterations"
     };
 }
 

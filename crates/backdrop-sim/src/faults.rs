@@ -13,6 +13,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::SimError;
+use super::imagegen::{Alteration, Jitter};
 
 /// How long a generation takes, from accept to result.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -328,6 +329,9 @@ pub struct Faults {
     /// Limits that change during the run, in order.
     #[serde(default)]
     pub limit_changes: Vec<LimitChange>,
+    /// Edits that come back unfaithful to their input (`[faults.alterations]`).
+    #[serde(default)]
+    pub alterations: Alterations,
 }
 
 /// Stragglers: a share `rate` of generations take `factor` times their drawn latency.
@@ -518,6 +522,7 @@ impl Faults {
         if self.rate_limit_per_sec == Some(0) {
             return Err(SimError::Config("rate_limit_per_sec must be at least 1".into()));
         }
+        self.alterations.validate()?;
         for b in &self.bursts {
             if !(400..=599).contains(&b.status) || b.duration_secs < 0.0 || b.after_secs < 0.0 {
                 return Err(SimError::Config(format!("bad burst {b:?}")));
@@ -555,6 +560,137 @@ impl Faults {
             }
         }
         None
+    }
+}
+
+/// Edits that come back unfaithful to their input, each kind with its own probability per output
+/// (the kinds exclude each other, so the rates may add up to at most 1). Text-to-image outputs
+/// are never altered: there is no input to be unfaithful to. All off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Alterations {
+    /// The product is moved by 12-25 % of the frame.
+    pub moved_rate: f64,
+    /// The product is shrunk to 58-75 % or grown to 135-150 % of its size.
+    pub scaled_rate: f64,
+    /// The product's hue is turned by 70-290 degrees.
+    pub recolored_rate: f64,
+    /// The product has another silhouette (procedural inputs) or is squashed (uploaded inputs).
+    pub reshaped_rate: f64,
+    /// The product has lost its label and logo.
+    pub unlabeled_rate: f64,
+    /// The product is gone: only the new background is left.
+    pub missing_rate: f64,
+    /// An edit that asked for a pure white background gets an off-white one (other edits are
+    /// not drawn for it).
+    pub off_white_rate: f64,
+    /// The output is one flat colour.
+    pub blank_rate: f64,
+    /// The bottom 15-40 % of the output is flat grey or black, as a truncated decode looks.
+    pub cut_short_rate: f64,
+    /// Faithful edits vary as a real model's do: relit by up to 8 % and shifted by up to 2 %
+    /// of the frame.
+    pub jitter: bool,
+}
+
+impl Alterations {
+    fn rates(&self) -> [(&'static str, f64); 9] {
+        [
+            ("moved_rate", self.moved_rate),
+            ("scaled_rate", self.scaled_rate),
+            ("recolored_rate", self.recolored_rate),
+            ("reshaped_rate", self.reshaped_rate),
+            ("unlabeled_rate", self.unlabeled_rate),
+            ("missing_rate", self.missing_rate),
+            ("off_white_rate", self.off_white_rate),
+            ("blank_rate", self.blank_rate),
+            ("cut_short_rate", self.cut_short_rate),
+        ]
+    }
+
+    /// True when any output may be altered or jittered.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.jitter || self.rates().iter().any(|(_, p)| *p > 0.0)
+    }
+
+    /// Checks each rate is a probability and that together they are at most 1.
+    ///
+    /// # Errors
+    /// [`SimError::Config`] naming the bad rate.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let mut sum = 0.0;
+        for (name, p) in self.rates() {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SimError::Config(format!(
+                    "alterations.{name} = {p} is not a probability in [0, 1]"
+                )));
+            }
+            sum += p;
+        }
+        if sum > 1.0 + 1e-9 {
+            return Err(SimError::Config(format!("alterations: the rates add up to {sum}, more than 1")));
+        }
+        Ok(())
+    }
+
+    /// Draws what happens to one output of an edit. `white` says whether the edit asked for a
+    /// pure white background (the only kind an off-white background is a fault for). Draws
+    /// nothing when every rate is 0 and jitter is off, so other faults keep their sequence.
+    pub(crate) fn draw(&self, white: bool, rng: &mut impl Rng) -> (Alteration, Jitter) {
+        if !self.any() {
+            return (Alteration::None, Jitter::default());
+        }
+        let jitter = if self.jitter {
+            Jitter {
+                dx: rng.random_range(-20..=20),
+                dy: rng.random_range(-20..=20),
+                gain: rng.random_range(92..=108),
+            }
+        } else {
+            Jitter::default()
+        };
+        let u: f64 = rng.random();
+        let mut edge = 0.0;
+        let mut kind = None;
+        for (i, (_, p)) in self.rates().iter().enumerate() {
+            edge += p;
+            if u < edge {
+                kind = Some(i);
+                break;
+            }
+        }
+        let alteration = match kind {
+            Some(0) => {
+                let magnitude = rng.random_range(120.0..=250.0_f64);
+                let angle = rng.random_range(0.0..std::f64::consts::TAU);
+                Alteration::Moved {
+                    dx: (magnitude * angle.cos()).round() as i16,
+                    dy: (magnitude * angle.sin()).round() as i16,
+                }
+            }
+            Some(1) => Alteration::Scaled {
+                percent: if rng.random_bool(0.5) {
+                    rng.random_range(58..=75)
+                } else {
+                    rng.random_range(135..=150)
+                },
+            },
+            Some(2) => Alteration::Recolored { degrees: rng.random_range(70..=290) },
+            Some(3) => Alteration::Reshaped { step: rng.random_range(1..=2) },
+            Some(4) => Alteration::Unlabeled,
+            Some(5) => Alteration::Missing,
+            Some(6) if white => Alteration::OffWhite {
+                rgb: [rng.random_range(236..=246), rng.random_range(230..=240), rng.random_range(214..=228)],
+            },
+            Some(7) => Alteration::Blank { grey: rng.random_range(200..=255) },
+            Some(8) => Alteration::CutShort {
+                permille: rng.random_range(150..=400),
+                grey: if rng.random_bool(0.5) { 0 } else { 128 },
+            },
+            _ => Alteration::None,
+        };
+        (alteration, jitter)
     }
 }
 
@@ -718,6 +854,38 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn alterations_are_seeded_exclusive_and_validated() {
+        let alterations = Alterations {
+            moved_rate: 0.2,
+            recolored_rate: 0.2,
+            off_white_rate: 0.2,
+            jitter: true,
+            ..Alterations::default()
+        };
+        alterations.validate().unwrap();
+        let draws = |white: bool| {
+            let mut rng = StdRng::seed_from_u64(3);
+            (0..2000).map(|_| alterations.draw(white, &mut rng)).collect::<Vec<_>>()
+        };
+        let (white, other) = (draws(true), draws(false));
+        assert_eq!(white, draws(true), "the same seed draws the same alterations");
+        let count =
+            |d: &[(Alteration, Jitter)], kind: &str| d.iter().filter(|(a, _)| a.kind() == kind).count();
+        for kind in ["moved", "recolored", "off_white"] {
+            assert!((300..500).contains(&count(&white, kind)), "{kind}: {}", count(&white, kind));
+        }
+        assert_eq!(count(&other, "off_white"), 0, "off-white is drawn only for white backgrounds");
+        assert!(white.iter().all(|(_, j)| (92..=108).contains(&j.gain) && j.dx.abs() <= 20));
+        assert!(
+            Alterations { blank_rate: 0.6, missing_rate: 0.6, ..Alterations::default() }.validate().is_err()
+        );
+        assert!(Alterations { moved_rate: -0.1, ..Alterations::default() }.validate().is_err());
+        let mut rng = StdRng::seed_from_u64(3);
+        assert_eq!(Alterations::default().draw(true, &mut rng), (Alteration::None, Jitter::default()));
+        assert_eq!(rng, StdRng::seed_from_u64(3), "nothing is drawn when every alteration is off");
     }
 
     #[test]

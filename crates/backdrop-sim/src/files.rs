@@ -239,6 +239,8 @@ pub(crate) async fn input(
         height,
         format,
         variant: 0,
+        alteration: imagegen::Alteration::None,
+        jitter: imagegen::Jitter::default(),
     };
     match image_bytes(&sim, key).await {
         Ok(bytes) => image_response(bytes, format),

@@ -1,6 +1,8 @@
-//! The simulator's pictures: procedural "product on white" inputs, edits that swap the
-//! near-white background for a texture picked from the prompt (marble, wood, linen, studio
-//! white), and text-to-image renders. Everything is deterministic and encoded as real PNG/JPEG.
+//! The simulator's pictures: procedural "product on white" inputs (a labelled product with a
+//! logo), edits that swap the near-white background for a texture picked from the prompt
+//! (marble, wood, linen, studio, pure white), edits altered on purpose ([`Alteration`]) or
+//! varied as a real model's are ([`Jitter`]), and text-to-image renders. Everything is
+//! deterministic and encoded as real PNG/JPEG.
 
 use std::io::Cursor;
 
@@ -51,6 +53,8 @@ pub enum Texture {
     Studio,
     /// A pastel gradient whose hue comes from the prompt.
     Pastel(u32),
+    /// Pure white (255, 255, 255): a marketplace main image.
+    White,
     /// No change: the input as it is (how the simulator serves its own input pictures).
     Original,
 }
@@ -60,7 +64,9 @@ impl Texture {
     #[must_use]
     pub fn for_prompt(prompt: &str) -> Self {
         let p = prompt.to_ascii_lowercase();
-        if p.contains("marble") || p.contains("stone") || p.contains("granite") {
+        if p.contains("pure white") {
+            Self::White
+        } else if p.contains("marble") || p.contains("stone") || p.contains("granite") {
             Self::Marble
         } else if p.contains("wood") || p.contains("oak") || p.contains("walnut") || p.contains("table") {
             Self::Wood
@@ -137,6 +143,97 @@ pub struct ImageKey {
     pub format: Format,
     /// Which of the request's outputs (each differs a little).
     pub variant: u32,
+    /// What the edit changed besides the background ([`Alteration::None`] when faithful).
+    pub alteration: Alteration,
+    /// How a faithful edit varies from its input.
+    pub jitter: Jitter,
+}
+
+/// A way an edit comes back unfaithful to its input, with its drawn parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Alteration {
+    /// Faithful: only the background changed.
+    #[default]
+    None,
+    /// The product moved, in thousandths of the frame's width and height.
+    Moved {
+        /// Rightwards.
+        dx: i16,
+        /// Downwards.
+        dy: i16,
+    },
+    /// The product was scaled about its centre.
+    Scaled {
+        /// New size, in percent of the old.
+        percent: u16,
+    },
+    /// The product's hue was turned.
+    Recolored {
+        /// Degrees of hue rotation.
+        degrees: u16,
+    },
+    /// The product has another silhouette.
+    Reshaped {
+        /// How many shapes further along (1 or 2 of 3).
+        step: u8,
+    },
+    /// The product lost its label and logo.
+    Unlabeled,
+    /// The product is gone.
+    Missing,
+    /// The white background came back off-white.
+    OffWhite {
+        /// The background colour.
+        rgb: [u8; 3],
+    },
+    /// The whole output is one flat grey.
+    Blank {
+        /// The grey level.
+        grey: u8,
+    },
+    /// The bottom of the output is a flat grey or black band.
+    CutShort {
+        /// The band's height, in thousandths of the frame.
+        permille: u16,
+        /// The band's grey level.
+        grey: u8,
+    },
+}
+
+impl Alteration {
+    /// The kind's name, as `/__sim/alterations` lists it.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Moved { .. } => "moved",
+            Self::Scaled { .. } => "scaled",
+            Self::Recolored { .. } => "recolored",
+            Self::Reshaped { .. } => "reshaped",
+            Self::Unlabeled => "unlabeled",
+            Self::Missing => "missing",
+            Self::OffWhite { .. } => "off_white",
+            Self::Blank { .. } => "blank",
+            Self::CutShort { .. } => "cut_short",
+        }
+    }
+}
+
+/// The natural variation of a faithful edit: a small shift and a change of light.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Jitter {
+    /// Rightwards shift, in thousandths of the frame's width.
+    pub dx: i16,
+    /// Downwards shift, in thousandths of the frame's height.
+    pub dy: i16,
+    /// Brightness of the product, in percent.
+    pub gain: u16,
+}
+
+impl Default for Jitter {
+    fn default() -> Self {
+        Self { dx: 0, dy: 0, gain: 100 }
+    }
 }
 
 /// Scales `(w, h)` down so neither side exceeds `max_side`, keeping the aspect ratio.
@@ -170,52 +267,190 @@ pub fn render(key: &ImageKey) -> Result<Vec<u8>, image::ImageError> {
     let picture = match &key.source {
         Source::Prompt => {
             let mut img = RgbImage::from_fn(w, h, |x, y| texture_pixel(key.texture, x, y, seed));
-            draw_product(&mut img, hash32(format!("{:?}{}", key.texture, key.variant).as_bytes()));
+            draw_product(
+                &mut img,
+                hash32(format!("{:?}{}", key.texture, key.variant).as_bytes()),
+                Look::AS_IS,
+            );
             img
         }
-        source if key.texture == Texture::Original => input_picture(source, w, h),
-        source => {
-            let mut img = input_picture(source, w, h);
-            for (x, y, px) in img.enumerate_pixels_mut() {
-                if px.0.iter().all(|&c| c > 235) {
-                    *px = texture_pixel(key.texture, x, y, seed);
-                }
-            }
-            img
-        }
+        source if key.texture == Texture::Original => input_picture(source, w, h, Look::AS_IS),
+        source => edit_picture(source, key, seed),
     };
     encode(&picture, key.format)
 }
 
-/// The primary input as pixels at the output size.
-fn input_picture(source: &Source, w: u32, h: u32) -> RgbImage {
+/// The primary input as pixels at the output size; `look` changes how a procedural product is
+/// drawn (uploaded pictures are taken as they are).
+fn input_picture(source: &Source, w: u32, h: u32, look: Look) -> RgbImage {
     match source {
-        Source::Named { name, .. } => product_on_white(name, w, h),
-        Source::Url(url) => product_on_white(url, w, h),
+        Source::Named { name, .. } => product_on_white_with(name, w, h, look),
+        Source::Url(url) => product_on_white_with(url, w, h, look),
         Source::Data { bytes, sha256 } => match image::load_from_memory(&bytes.0) {
             Ok(img) => image::imageops::resize(&img.to_rgb8(), w, h, image::imageops::FilterType::Triangle),
             // The submit checked the magic bytes; a corrupt body still gets a picture.
-            Err(_) => product_on_white(sha256, w, h),
+            Err(_) => product_on_white_with(sha256, w, h, look),
         },
-        Source::Prompt => product_on_white("", w, h),
+        Source::Prompt => product_on_white_with("", w, h, look),
     }
 }
 
-/// A deterministic "product photo on white" derived from `name`: pure white background, a
-/// coloured object with a label band and a grey floor shadow.
-#[must_use]
-pub fn product_on_white(name: &str, width: u32, height: u32) -> RgbImage {
-    let mut img = RgbImage::from_pixel(width.max(1), height.max(1), Rgb([255, 255, 255]));
-    draw_product(&mut img, hash32(name.as_bytes()));
+/// Channels above this are the white background an edit replaces.
+const NEAR_WHITE: u8 = 235;
+
+fn is_background(px: &Rgb<u8>) -> bool {
+    px.0.iter().all(|&c| c > NEAR_WHITE)
+}
+
+/// An edit: the input's product (altered or jittered as the key says) on the new background.
+fn edit_picture(source: &Source, key: &ImageKey, seed: u32) -> RgbImage {
+    let (w, h) = (key.width, key.height);
+    let alteration = key.alteration;
+    let procedural = !matches!(source, Source::Data { .. });
+    let look = match alteration {
+        Alteration::Reshaped { step } if procedural => Look { shape_step: u32::from(step), label: true },
+        Alteration::Unlabeled if procedural => Look { shape_step: 0, label: false },
+        _ => Look::AS_IS,
+    };
+    let mut img = input_picture(source, w, h, look);
+    if !procedural {
+        match alteration {
+            Alteration::Reshaped { .. } => img = transform(&img, 0.0, 0.0, 0.6, 1.0),
+            Alteration::Unlabeled => erase_middle_band(&mut img),
+            _ => {}
+        }
+    }
+    let (mut dx, mut dy) = (f32::from(key.jitter.dx) / 1000.0, f32::from(key.jitter.dy) / 1000.0);
+    let mut scale = 1.0;
+    match alteration {
+        Alteration::Moved { dx: mx, dy: my } => {
+            dx += f32::from(mx) / 1000.0;
+            dy += f32::from(my) / 1000.0;
+        }
+        Alteration::Scaled { percent } => scale = f32::from(percent) / 100.0,
+        _ => {}
+    }
+    if dx != 0.0 || dy != 0.0 || scale != 1.0 {
+        img = transform(&img, dx * w as f32, dy * h as f32, scale, scale);
+    }
+    let gain = f32::from(key.jitter.gain) / 100.0;
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        if is_background(px) || alteration == Alteration::Missing {
+            *px = match alteration {
+                Alteration::OffWhite { rgb } => Rgb(rgb),
+                _ => texture_pixel(key.texture, x, y, seed),
+            };
+            continue;
+        }
+        if let Alteration::Recolored { degrees } = alteration {
+            *px = turn_hue(*px, f32::from(degrees));
+        }
+        if gain != 1.0 {
+            *px = Rgb(px.0.map(|c| (f32::from(c) * gain).round().clamp(0.0, 255.0) as u8));
+        }
+    }
+    match alteration {
+        Alteration::Blank { grey } => img = RgbImage::from_pixel(w, h, Rgb([grey, grey, grey])),
+        Alteration::CutShort { permille, grey } => {
+            let band = (u64::from(h) * u64::from(permille) / 1000) as u32;
+            for y in h.saturating_sub(band)..h {
+                for x in 0..w {
+                    img.put_pixel(x, y, Rgb([grey, grey, grey]));
+                }
+            }
+        }
+        _ => {}
+    }
     img
 }
 
-fn draw_product(img: &mut RgbImage, h: u32) {
+/// Moves by `(dx, dy)` pixels and scales by `(sx, sy)` about the centre (nearest sampling;
+/// what comes in from outside is white, so it becomes background).
+fn transform(img: &RgbImage, dx: f32, dy: f32, sx: f32, sy: f32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+    RgbImage::from_fn(w, h, |x, y| {
+        let sx_ = (x as f32 + 0.5 - cx - dx) / sx + cx;
+        let sy_ = (y as f32 + 0.5 - cy - dy) / sy + cy;
+        if sx_ < 0.0 || sy_ < 0.0 || sx_ >= w as f32 || sy_ >= h as f32 {
+            Rgb([255, 255, 255])
+        } else {
+            *img.get_pixel(sx_ as u32, sy_ as u32)
+        }
+    })
+}
+
+/// Paints over the middle fifth of an uploaded product's height with the colour just below
+/// it, which wipes whatever print was there.
+fn erase_middle_band(img: &mut RgbImage) {
+    let rows: Vec<u32> = (0..img.height())
+        .filter(|&y| (0..img.width()).any(|x| !is_background(img.get_pixel(x, y))))
+        .collect();
+    let (Some(&top), Some(&bottom)) = (rows.first(), rows.last()) else { return };
+    let span = bottom - top;
+    let (from, to) = (top + span * 2 / 5, top + span * 3 / 5);
+    for x in 0..img.width() {
+        let below = *img.get_pixel(x, (to + 1).min(img.height() - 1));
+        for y in from..=to {
+            if !is_background(img.get_pixel(x, y)) && !is_background(&below) {
+                img.put_pixel(x, y, below);
+            }
+        }
+    }
+}
+
+/// Turns a pixel's hue by `degrees`, keeping its saturation and value.
+fn turn_hue(px: Rgb<u8>, degrees: f32) -> Rgb<u8> {
+    let [r, g, b] = px.0.map(|c| f32::from(c) / 255.0);
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let delta = max - min;
+    if delta < 0.02 {
+        return px;
+    }
+    let hue = if max == r {
+        60.0 * ((g - b) / delta).rem_euclid(6.0)
+    } else if max == g {
+        60.0 * ((b - r) / delta + 2.0)
+    } else {
+        60.0 * ((r - g) / delta + 4.0)
+    };
+    Rgb(hsv((hue + degrees).rem_euclid(360.0), delta / max, max))
+}
+
+/// How a procedural product is drawn.
+#[derive(Debug, Clone, Copy)]
+struct Look {
+    /// Shapes further along than the name picks (0: its own).
+    shape_step: u32,
+    /// With its label band and logo.
+    label: bool,
+}
+
+impl Look {
+    const AS_IS: Self = Self { shape_step: 0, label: true };
+}
+
+/// A deterministic "product photo on white" derived from `name`: pure white background, a
+/// coloured object with a label band carrying a dark logo, and a grey floor shadow.
+#[must_use]
+pub fn product_on_white(name: &str, width: u32, height: u32) -> RgbImage {
+    product_on_white_with(name, width, height, Look::AS_IS)
+}
+
+fn product_on_white_with(name: &str, width: u32, height: u32, look: Look) -> RgbImage {
+    let mut img = RgbImage::from_pixel(width.max(1), height.max(1), Rgb([255, 255, 255]));
+    draw_product(&mut img, hash32(name.as_bytes()), look);
+    img
+}
+
+fn draw_product(img: &mut RgbImage, h: u32, look: Look) {
     let (w, ht) = (img.width() as f32, img.height() as f32);
     let hue = (h % 360) as f32;
     let body = hsv(hue, 0.65, 0.75);
     let band = hsv((hue + 150.0) % 360.0, 0.5, 0.95);
-    let shape = (h >> 9) % 3;
+    let logo = hsv((hue + 300.0) % 360.0, 0.8, 0.3);
+    let shape = ((h >> 9) + look.shape_step) % 3;
     let (cx, cy) = (w * 0.5, ht * 0.52);
     let (rx, ry) = (w * (0.18 + ((h >> 12) % 8) as f32 * 0.01), ht * 0.3);
     for (x, y, px) in img.enumerate_pixels_mut() {
@@ -225,7 +460,10 @@ fn draw_product(img: &mut RgbImage, h: u32) {
             0 => dx * dx + dy * dy <= 1.0,
             1 => dx.abs() <= 1.0 && dy.abs() <= 1.0,
             // A bottle: a body and a narrow neck.
-            _ => (dx.abs() <= 1.0 && (-0.4..=1.0).contains(&dy)) || (dx.abs() <= 0.35 && dy >= -1.0),
+            _ => {
+                (dx.abs() <= 1.0 && (-0.4..=1.0).contains(&dy))
+                    || (dx.abs() <= 0.35 && (-1.0..=1.0).contains(&dy))
+            }
         };
         let shadow = {
             let (sx, sy) = ((fx - cx) / (rx * 1.3), (fy - (cy + ry * 1.05)) / (ry * 0.12));
@@ -233,7 +471,12 @@ fn draw_product(img: &mut RgbImage, h: u32) {
         };
         if inside {
             let shade = 1.0 - 0.25 * dx.abs();
-            let base = if (0.1..0.35).contains(&dy) { band } else { body };
+            let on_logo = dx.abs() / 0.3 + (dy - 0.1).abs() / 0.15 <= 1.0;
+            let base = match (look.label, (-0.15..0.35).contains(&dy)) {
+                (true, true) if on_logo => logo,
+                (true, true) => band,
+                _ => body,
+            };
             *px = Rgb(base.map(|c| (f32::from(c) * shade) as u8));
         } else if shadow {
             *px = Rgb([196, 196, 200]);
@@ -269,7 +512,7 @@ fn texture_pixel(texture: Texture, x: u32, y: u32, seed: u32) -> Rgb<u8> {
             let hue = ((h % 360) as f32 + fx * 0.15 + fy * 0.05) % 360.0;
             Rgb(hsv(hue, 0.3, 0.88))
         }
-        Texture::Original => Rgb([255, 255, 255]),
+        Texture::Original | Texture::White => Rgb([255, 255, 255]),
     }
 }
 
@@ -343,7 +586,16 @@ mod tests {
     use super::*;
 
     fn key(source: Source, texture: Texture, format: Format) -> ImageKey {
-        ImageKey { source, texture, width: 64, height: 48, format, variant: 0 }
+        ImageKey {
+            source,
+            texture,
+            width: 64,
+            height: 48,
+            format,
+            variant: 0,
+            alteration: Alteration::None,
+            jitter: Jitter::default(),
+        }
     }
 
     #[test]
@@ -382,12 +634,67 @@ mod tests {
         assert_eq!(&text[..4], b"\x89PNG");
     }
 
+    fn altered(alteration: Alteration, texture: Texture) -> RgbImage {
+        let source = Source::Named { name: "SKU-7".into(), width: 96, height: 96 };
+        let key = ImageKey { width: 96, height: 96, alteration, ..key(source, texture, Format::Png) };
+        let img = image::load_from_memory(&render(&key).unwrap()).unwrap().to_rgb8();
+        if let Ok(dir) = std::env::var("BACKDROP_SIM_DUMP") {
+            img.save(format!("{dir}/{}.png", alteration.kind())).unwrap();
+        }
+        img
+    }
+
+    fn differing(a: &RgbImage, b: &RgbImage) -> usize {
+        a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count()
+    }
+
+    #[test]
+    fn every_alteration_changes_the_edit() {
+        let faithful = altered(Alteration::None, Texture::White);
+        assert_eq!(faithful, product_on_white("SKU-7", 96, 96), "a white edit of a white input is the input");
+        let kinds = [
+            Alteration::Moved { dx: 150, dy: -50 },
+            Alteration::Scaled { percent: 70 },
+            Alteration::Recolored { degrees: 120 },
+            Alteration::Reshaped { step: 1 },
+            Alteration::Unlabeled,
+            Alteration::Missing,
+            Alteration::OffWhite { rgb: [240, 236, 222] },
+            Alteration::Blank { grey: 230 },
+            Alteration::CutShort { permille: 300, grey: 128 },
+        ];
+        for alteration in kinds {
+            let img = altered(alteration, Texture::White);
+            let changed = differing(&faithful, &img);
+            assert!(changed > 96 * 96 / 50, "{}: only {changed} pixels changed", alteration.kind());
+        }
+        // The logo is dark: an unlabeled product has none of it.
+        let dark = |img: &RgbImage| img.pixels().filter(|p| p.0.iter().all(|&c| c < 90)).count();
+        assert!(dark(&faithful) > 10);
+        assert_eq!(dark(&altered(Alteration::Unlabeled, Texture::White)), 0);
+        assert!(altered(Alteration::Missing, Texture::White).pixels().all(|p| p.0 == [255, 255, 255]));
+    }
+
+    #[test]
+    fn jitter_relights_and_shifts_the_product() {
+        let source = Source::Named { name: "SKU-7".into(), width: 96, height: 96 };
+        let plain =
+            render(&ImageKey { width: 96, height: 96, ..key(source.clone(), Texture::White, Format::Png) })
+                .unwrap();
+        let jitter = Jitter { dx: 20, dy: -10, gain: 92 };
+        let varied =
+            render(&ImageKey { width: 96, height: 96, jitter, ..key(source, Texture::White, Format::Png) })
+                .unwrap();
+        assert_ne!(plain, varied);
+    }
+
     #[test]
     fn prompts_pick_textures_and_sizes_fit() {
         assert_eq!(Texture::for_prompt("Polished MARBLE counter"), Texture::Marble);
         assert_eq!(Texture::for_prompt("rustic oak table"), Texture::Wood);
         assert_eq!(Texture::for_prompt("on linen"), Texture::Linen);
         assert_eq!(Texture::for_prompt("studio white"), Texture::Studio);
+        assert_eq!(Texture::for_prompt("on a pure white background"), Texture::White);
         assert_eq!(fit(2048, 1152, 512), (512, 288));
         assert_eq!(fit(100, 50, 512), (100, 50));
     }

@@ -374,6 +374,22 @@ impl Sim {
         }
     }
 
+    /// Every altered output so far, as (request id, output index, kind), sorted.
+    pub(crate) fn alterations(&self) -> Vec<(String, usize, &'static str)> {
+        let mut found = Vec::new();
+        for shard in &self.gens {
+            for (id, rec) in lock(shard).iter() {
+                for (index, key) in rec.outputs.iter().enumerate() {
+                    if key.alteration != imagegen::Alteration::None {
+                        found.push((id.clone(), index, key.alteration.kind()));
+                    }
+                }
+            }
+        }
+        found.sort_unstable();
+        found
+    }
+
     /// Counts a submit request and returns its 0-based sequence number.
     pub(crate) fn count_submit(&self) -> u64 {
         lock(&self.submit_window).record(Instant::now());

@@ -14,7 +14,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use super::faults::{RetryAfterFormat, chance};
-use super::imagegen::{Format, ImageKey, Source, Texture, fit};
+use super::imagegen::{Alteration, Format, ImageKey, Jitter, Source, Texture, fit};
 use super::money::{Charge, Insufficient, Protocol, unix_ms};
 use super::{Gen, Sim, hex_sha256, lock};
 
@@ -310,14 +310,24 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
     let (width, height) = fit(order.size.0, order.size.1, sim.config.max_side);
     let extra =
         if chance(rng, sim.config.faults.extra_outputs_rate) { sim.config.faults.extra_outputs() } else { 0 };
+    let alterations = &sim.config.faults.alterations;
     let outputs = (0..order.num_images + extra)
-        .map(|variant| ImageKey {
-            source: order.source.clone(),
-            texture,
-            width,
-            height,
-            format: order.format,
-            variant,
+        .map(|variant| {
+            let (alteration, jitter) = if matches!(order.source, Source::Prompt) {
+                (Alteration::None, Jitter::default())
+            } else {
+                alterations.draw(texture == Texture::White, rng)
+            };
+            ImageKey {
+                source: order.source.clone(),
+                texture,
+                width,
+                height,
+                format: order.format,
+                variant,
+                alteration,
+                jitter,
+            }
         })
         .collect();
     // With fal's account queue a fal request waits for a slot, then runs its whole latency;

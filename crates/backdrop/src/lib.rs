@@ -10,6 +10,7 @@
 //! # Layout, lowest first (a module imports only from the lines above its own)
 //! - [`domain`]: the shared vocabulary: provider kind, API key, rate, job, request and output refs.
 //! - [`money`]: units, prices, the run's cap and the budget gate.
+//! - [`quality`]: the quality gate (an output judged against its input) and export presets.
 //! - [`prompt`]: prompt templates (`{column}` placeholders, TOML front matter).
 //! - [`store`]: the SQLite state file (runs, jobs, attempts, outputs) and its queries.
 //! - [`provider`]: the provider trait and its two protocols (seedance, fal).
@@ -29,5 +30,6 @@ pub mod plan;
 pub mod progress;
 pub mod prompt;
 pub mod provider;
+pub mod quality;
 pub mod report;
 pub mod store;

@@ -1,7 +1,9 @@
 //! Prompt templates: a body with `{column}` placeholders and `{{`/`}}` escapes, after optional TOML
-//! front matter between `+++` lines (model, task, num_images, output_format, size, seed).
+//! front matter between `+++` lines (model, task, num_images, output_format, size, seed, and the
+//! `[quality]` and `[export.NAME]` tables).
 //! [`Template`] parses once and renders each catalog row into a reused buffer.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -50,6 +52,7 @@ pub fn check_rendered(prompt: &str, max_chars: usize) -> Result<(), String> {
     }
     Ok(())
 }
+use crate::quality::{ExportPreset, QualitySettings};
 
 /// Errors parsing a template file.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +103,7 @@ impl PromptError {
 
 /// The optional TOML header of a template. Unknown keys are errors (typos must not be silently
 /// ignored: a misspelt `num_images` would change what the user pays for).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FrontMatter {
     /// Model name or fal model id.
@@ -115,6 +118,12 @@ pub struct FrontMatter {
     pub size: Option<String>,
     /// Seed for reproducible output.
     pub seed: Option<i64>,
+    /// The quality gate's settings (`[quality]`); absent, the defaults apply.
+    #[serde(default)]
+    pub quality: Option<QualitySettings>,
+    /// Derived files made from each accepted output, by name (`[export.NAME]`).
+    #[serde(default)]
+    pub export: BTreeMap<String, ExportPreset>,
 }
 
 /// One piece of a template body.
@@ -232,7 +241,7 @@ impl Body {
 }
 
 /// A prompt template file: front matter and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     path: PathBuf,
     front: FrontMatter,
@@ -306,6 +315,21 @@ impl Template {
         self.front.task.unwrap_or_default()
     }
 
+    /// The quality gate's settings: the `[quality]` table, or the defaults (on), with the
+    /// size the template asks for as the expected output size.
+    #[must_use]
+    pub fn quality(&self) -> QualitySettings {
+        let mut settings = self.front.quality.clone().unwrap_or_default();
+        settings.expected_size = self.params().dimensions();
+        settings
+    }
+
+    /// The `[export.NAME]` presets, by name.
+    #[must_use]
+    pub fn exports(&self) -> &BTreeMap<String, ExportPreset> {
+        &self.front.export
+    }
+
     /// The generation parameters the front matter sets (defaults otherwise).
     #[must_use]
     pub fn params(&self) -> Params {
@@ -347,6 +371,20 @@ fn check_front(path: &Path, front: &FrontMatter) -> Result<(), PromptError> {
         && !matches!(f.as_str(), "png" | "jpeg")
     {
         return bad(format!("output_format = {f:?}: use \"png\" or \"jpeg\""));
+    }
+    if let Some(quality) = &front.quality {
+        quality.validate().map_err(|message| PromptError::FrontMatter { path: path.to_owned(), message })?;
+    }
+    for (name, preset) in &front.export {
+        let usable =
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !usable {
+            return bad(format!("export.{name:?}: a preset's name may use only letters, digits, - and _"));
+        }
+        preset.validate().map_err(|m| PromptError::FrontMatter {
+            path: path.to_owned(),
+            message: format!("export.{name}: {m}"),
+        })?;
     }
     if let Some(m) = &front.model
         && m.trim().is_empty()
@@ -432,6 +470,34 @@ mod tests {
         assert!(parse("+++\nsize = \"big x\"\n+++\nx").is_err());
         assert!(parse("+++\nsize = \"square_hd\"\n+++\nx").is_ok());
         assert!(parse("+++\nseed = 1\nno closing").unwrap_err().to_string().contains("closing"));
+    }
+
+    #[test]
+    fn front_matter_sets_quality_and_exports() {
+        let t = parse(
+            "+++\nsize = \"2048x2048\"\n[quality]\nmax_shift = 0.1\n[quality.checks]\ncolor = false\n\
+             [quality.background]\nwhite_border = 6\nmin_fill = 0.85\n\
+             [export.amazon]\ncanvas = \"2000x2000\"\nbackground = \"#ffffff\"\nformat = \"jpeg\"\nquality = 90\n+++\nx",
+        )
+        .unwrap();
+        let q = t.quality();
+        assert!(q.enabled && !q.checks.color && q.checks.shape);
+        assert_eq!((q.max_shift, q.expected_size), (0.1, Some((2048, 2048))));
+        assert_eq!((q.background.white_border, q.background.min_fill), (Some(6), Some(0.85)));
+        assert_eq!(t.exports()["amazon"].canvas.as_deref(), Some("2000x2000"));
+        // Absent, the gate is on with its defaults.
+        assert_eq!(parse("x").unwrap().quality(), QualitySettings::default());
+    }
+
+    #[test]
+    fn bad_quality_and_export_tables_are_refused() {
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        assert!(err("+++\n[quality]\nmax_shfit = 0.1\n+++\nx").contains("max_shfit"));
+        assert!(err("+++\n[quality]\nmax_shift = 2.0\n+++\nx").contains("0..=1"));
+        assert!(err("+++\n[quality.checks]\ncolour = false\n+++\nx").contains("colour"));
+        assert!(err("+++\n[export.web]\nformat = \"webp\"\nquality = 80\n+++\nx").contains("export.web"));
+        assert!(err("+++\n[export.\"a/b\"]\nformat = \"png\"\n+++\nx").contains("name"));
+        assert!(err("+++\n[export.x]\ncanvas = \"2000x2000\"\n+++\nx").contains("format"));
     }
 
     #[test]
