@@ -145,6 +145,12 @@ pub(crate) struct Settings {
     pub(crate) force: bool,
     /// Process the valid rows of a bad catalog.
     pub(crate) skip_invalid: bool,
+    /// Check input images before paying (not `--no-check-inputs`).
+    pub(crate) check_inputs: bool,
+    /// Input checks at once.
+    pub(crate) input_checks: usize,
+    /// How long a passed input check stands.
+    pub(crate) input_check_ttl: Duration,
     /// Use the in-process simulator.
     pub(crate) simulate: bool,
     /// Send local images as data URIs.
@@ -340,6 +346,22 @@ impl Settings {
             dry_run: args.dry_run,
             force: args.force,
             skip_invalid: args.skip_invalid,
+            check_inputs: !args.no_check_inputs,
+            input_checks: match args.input_checks {
+                Some(0) => {
+                    return Err(ConfigError::Invalid {
+                        name: "--input-checks",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                Some(n) => n,
+                None => backdrop::preflight::DEFAULT_CONCURRENCY,
+            },
+            input_check_ttl: duration(
+                "--input-check-ttl",
+                args.input_check_ttl.as_deref(),
+                backdrop::preflight::DEFAULT_TTL,
+            )?,
             simulate: args.simulate,
             inline_local_images: args.inline_local_images || args.simulate,
             inline_max_bytes: args.inline_max_bytes.unwrap_or(DEFAULT_INLINE_MAX_BYTES),
@@ -401,6 +423,18 @@ impl Settings {
             skip_invalid: self.skip_invalid,
             limit: self.limit,
             price_overrides: self.prices.clone(),
+            refused_inputs: std::sync::Arc::default(),
+            input_validators: std::sync::Arc::default(),
+        }
+    }
+
+    /// What the input preflight needs.
+    #[must_use]
+    pub(crate) fn preflight_options(&self) -> backdrop::preflight::PreflightOptions {
+        backdrop::preflight::PreflightOptions {
+            concurrency: self.input_checks,
+            ttl: self.input_check_ttl,
+            ..backdrop::preflight::PreflightOptions::default()
         }
     }
 

@@ -95,7 +95,8 @@ pub(crate) async fn execute(
     };
     if settings.dry_run {
         let store = Store::open(&settings.state).await?;
-        let plan = plan::plan(&store, &settings.plan_input(), None).await?;
+        let input = check_inputs(&settings, &store, false).await?;
+        let plan = plan::plan(&store, &input, None).await?;
         println!("{}", plan.render_text());
         // A dry run answers what the run would do, and the run would refuse.
         settings.check_priced(&plan.model, plan.estimate.unit_price)?;
@@ -135,7 +136,14 @@ pub(crate) async fn execute(
     let stats = Arc::new(RunStats::default());
     let start = summary_start(&settings, run_id, started_at, &model_hint);
     register_forced_summary(&settings, &start, started, &stats);
-    let plan = match plan::plan(&store, &settings.plan_input(), Some(run_id)).await {
+    let input = match check_inputs(&settings, &store, true).await {
+        Ok(input) => input,
+        Err(e) => {
+            end_early(&settings, &store, &start, started, e.exit_code(), "usage").await;
+            return Err(e);
+        }
+    };
+    let plan = match plan::plan(&store, &input, Some(run_id)).await {
         Ok(plan) => plan,
         Err(e) => {
             end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
@@ -249,6 +257,40 @@ pub(crate) async fn execute(
         sim.shutdown().await;
     }
     Ok(exit)
+}
+
+/// The input preflight, unless `--no-check-inputs`: what the planner needs, with the inputs it
+/// refused (rows using them are invalid: exit 2, or left out with `--skip-invalid`). Inputs are
+/// fetched with the downloads' client and address rules, never with the key.
+async fn check_inputs(settings: &Settings, store: &Store, record: bool) -> Result<plan::PlanInput, Error> {
+    let mut input = settings.plan_input();
+    if !settings.check_inputs {
+        eprintln!(
+            "input check: off (--no-check-inputs): a dead link, an HTML page or an oversized image in the \
+             catalog costs a paid request or fails its row at run time"
+        );
+        return Ok(input);
+    }
+    let policy = if settings.simulate {
+        // The simulator starts after the plan, on loopback, and serves the inputs of its scenarios.
+        fetch::AddressPolicy::allowing([fetch::guard::AddressClass::Loopback])
+    } else {
+        let base = settings.api_base.as_deref().unwrap_or(match settings.provider {
+            ProviderKind::Seedance => providers::seedance::DEFAULT_BASE_URL,
+            ProviderKind::Fal => providers::fal::DEFAULT_BASE_URL,
+        });
+        fetch::AddressPolicy::for_api_base(base).await
+    };
+    let client = fetch::DownloadClient::new(settings.request_timeout, policy).map_err(other_fatal)?;
+    let options = backdrop::preflight::PreflightOptions { record, ..settings.preflight_options() };
+    let found =
+        backdrop::preflight::check_catalog(store, &input.catalog, &input.prompt, &client, &options).await?;
+    if found.distinct > 0 {
+        eprintln!("{}", found.render_line());
+    }
+    input.refused_inputs = Arc::new(found.refused);
+    input.input_validators = Arc::new(found.validators);
+    Ok(input)
 }
 
 /// Maps how the pool ended to the exit code and the outcome word.

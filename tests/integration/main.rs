@@ -10,6 +10,7 @@ mod hostile;
 mod operate;
 mod ops;
 mod plan;
+mod preflight;
 mod prompts;
 mod provider;
 mod run;

@@ -18,6 +18,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["money"],
     &["prompt", "store", "provider"],
     &["fetch", "catalog"],
+    &["preflight"],
     &["plan", "pipeline", "report"],
     &["progress"],
 ];

@@ -2,9 +2,10 @@
 //! prompt, inputs, params), diffed against the store (new, changed, done, failed, waiting, ...),
 //! written in batches (or only counted, for a dry run) and priced with [`PriceTable`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -36,6 +37,11 @@ pub struct PlanInput {
     pub limit: Option<u64>,
     /// The config's `[prices]`: price per image by model, over the built-in table.
     pub price_overrides: BTreeMap<String, f64>,
+    /// Inputs the preflight refused (URL or absolute path → reason): a row using one is invalid.
+    pub refused_inputs: Arc<HashMap<String, String>>,
+    /// The validators (ETag, Last-Modified) the preflight saw for each input URL that passed: a
+    /// done row whose inputs' validators changed is re-run. Empty when checks are off.
+    pub input_validators: Arc<HashMap<String, String>>,
 }
 
 impl PlanInput {
@@ -52,6 +58,8 @@ impl PlanInput {
             skip_invalid: false,
             limit: None,
             price_overrides: BTreeMap::new(),
+            refused_inputs: Arc::default(),
+            input_validators: Arc::default(),
         }
     }
 }
@@ -86,7 +94,7 @@ impl PlanError {
 }
 
 /// Rows per batched statement: keeps every statement under SQLite's variable limit
-/// (12 × 1000 < 32766) while making sqlx's per-query overhead negligible.
+/// (13 × 1000 < 32766) while making sqlx's per-query overhead negligible.
 const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
@@ -210,9 +218,12 @@ impl Class {
 
 /// The plan rules: a changed row in flight or ambiguous is
 /// left alone because a paid request is already out; the next plan sees the change.
-fn classify(existing: Option<&Existing>, fingerprint: &str, force: bool) -> Class {
+fn classify(existing: Option<&Existing>, fingerprint: &str, input_tag: Option<&str>, force: bool) -> Class {
     let Some(e) = existing else { return Class::New };
-    let same = e.fingerprint == fingerprint;
+    // A picture that changed under the same URL is a changed row; without a tag on either side
+    // (input checks off now or then) nothing is known, and the row counts as unchanged.
+    let picture_changed = matches!((e.input_tag.as_deref(), input_tag), (Some(a), Some(b)) if a != b);
+    let same = e.fingerprint == fingerprint && !picture_changed;
     match e.state {
         JobState::Submitting | JobState::Submitted | JobState::Fetching => Class::InFlight,
         JobState::Ambiguous => Class::Ambiguous,
@@ -263,6 +274,25 @@ pub fn fingerprint(
     hex::encode(h.finalize())
 }
 
+/// The digest of the validators of a row's input URLs, when every one of them has passed the
+/// preflight (`None` for a row without URLs, or planned with checks off). Local files are in the
+/// fingerprint by content already.
+fn input_tag(inputs: &[Input], validators: &HashMap<String, String>) -> Option<String> {
+    let mut h = Sha256::new();
+    let mut any = false;
+    for input in inputs {
+        if let Input::Url(url) = input {
+            let v = validators.get(url)?;
+            h.update((url.len() as u64).to_le_bytes());
+            h.update(url.as_bytes());
+            h.update((v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+            any = true;
+        }
+    }
+    any.then(|| hex::encode(h.finalize()))
+}
+
 /// What the store side of a plan needs to know.
 struct Context<'a> {
     force: bool,
@@ -282,6 +312,10 @@ struct Producer {
     skip_invalid: bool,
     /// The longest prompt the provider is sent.
     max_prompt_chars: usize,
+    /// Inputs the preflight refused, with the reason.
+    refused_inputs: Arc<HashMap<String, String>>,
+    /// The validators of input URLs that passed the preflight.
+    input_validators: Arc<HashMap<String, String>>,
 }
 
 /// What the catalog side found, besides the batches it sent.
@@ -347,6 +381,13 @@ impl Producer {
 
     /// Renders a valid row's prompt and fingerprints it.
     fn prepare(&self, row: &Row, buf: &mut String) -> Result<NewJob, RowProblem> {
+        if let Some((input, why)) = row
+            .inputs
+            .iter()
+            .find_map(|i| self.refused_inputs.get(i.as_stored()).map(|why| (i.as_stored(), why)))
+        {
+            return Err(RowProblem::new(row.location, format!("input {}: {why}", terminal_safe_line(input))));
+        }
         let catalog = &self.catalog;
         let lookup = |name: &str| catalog.column(name).and_then(|i| row.values.get(i)).map(String::as_str);
         let own = catalog
@@ -403,6 +444,7 @@ impl Producer {
             fingerprint,
             prompt: prompt.to_owned(),
             inputs,
+            input_tag: input_tag(&row.inputs, &self.input_validators),
         })
     }
 }
@@ -446,6 +488,8 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         params_json: params_json.clone(),
         skip_invalid: settings.skip_invalid,
         max_prompt_chars: max_prompt_chars(settings.provider),
+        refused_inputs: Arc::clone(&settings.refused_inputs),
+        input_validators: Arc::clone(&settings.input_validators),
     };
 
     let mut tx = store.begin_plan(run_id.is_some()).await?;
@@ -528,7 +572,7 @@ async fn flush(
     let mut replaced = Vec::new();
     let mut touch = Vec::new();
     for job in batch.drain(..) {
-        let class = classify(existing.get(&job.sku), &job.fingerprint, ctx.force);
+        let class = classify(existing.get(&job.sku), &job.fingerprint, job.input_tag.as_deref(), ctx.force);
         let counter = match class {
             Class::New => &mut counts.new,
             Class::Changed => &mut counts.changed,
@@ -550,14 +594,15 @@ async fn flush(
             }
             reset.push(job);
         } else {
-            touch.push((job.sku, job.position));
+            touch.push((job.sku, job.position, job.input_tag));
         }
     }
     if let Some(run_id) = ctx.run_id {
         let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
         tx.delete_outputs(&replaced).await?;
         tx.reset_jobs(run_id, &ctx.shared, reset, now).await?;
-        let touch: Vec<(&str, i64)> = touch.iter().map(|(s, p)| (s.as_str(), *p)).collect();
+        let touch: Vec<(&str, i64, Option<&str>)> =
+            touch.iter().map(|(s, p, t)| (s.as_str(), *p, t.as_deref())).collect();
         tx.touch_jobs(run_id, &touch).await?;
     }
     Ok(())
@@ -677,23 +722,46 @@ mod tests {
     use super::*;
 
     fn existing(fp: &str, state: JobState) -> Existing {
-        Existing { fingerprint: fp.into(), state }
+        Existing { fingerprint: fp.into(), state, input_tag: None }
     }
 
     #[test]
     fn plan_rules() {
-        assert_eq!(classify(None, "a", false), Class::New);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", false), Class::Done);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", true), Class::Forced);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "b", false), Class::Changed);
-        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "a", true), Class::Failed);
-        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "b", false), Class::Changed);
-        assert_eq!(classify(Some(&existing("a", JobState::Waiting)), "a", false), Class::Waiting);
-        assert_eq!(classify(Some(&existing("a", JobState::Pending)), "a", false), Class::Pending);
+        assert_eq!(classify(None, "a", None, false), Class::New);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", None, false), Class::Done);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", None, true), Class::Forced);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "b", None, false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "a", None, true), Class::Failed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "b", None, false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Waiting)), "a", None, false), Class::Waiting);
+        assert_eq!(classify(Some(&existing("a", JobState::Pending)), "a", None, false), Class::Pending);
         for st in [JobState::Submitting, JobState::Submitted, JobState::Fetching] {
-            assert_eq!(classify(Some(&existing("a", st)), "b", false), Class::InFlight, "{st}");
+            assert_eq!(classify(Some(&existing("a", st)), "b", None, false), Class::InFlight, "{st}");
         }
-        assert_eq!(classify(Some(&existing("a", JobState::Ambiguous)), "b", true), Class::Ambiguous);
+        assert_eq!(classify(Some(&existing("a", JobState::Ambiguous)), "b", None, true), Class::Ambiguous);
+    }
+
+    #[test]
+    fn a_changed_picture_under_the_same_url_is_a_changed_row() {
+        let tagged = |t: Option<&str>| Existing {
+            fingerprint: "a".into(),
+            state: JobState::Done,
+            input_tag: t.map(str::to_owned),
+        };
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t1"), false), Class::Done);
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t2"), false), Class::Changed);
+        // Checks off now, or when the row was planned: nothing is known, nothing re-runs.
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", None, false), Class::Done);
+        assert_eq!(classify(Some(&tagged(None)), "a", Some("t2"), false), Class::Done);
+        let url = |u: &str| Input::Url(u.into());
+        let v: HashMap<String, String> =
+            [("https://x/a.png".to_owned(), "\"e1\"".to_owned())].into_iter().collect();
+        assert!(input_tag(&[url("https://x/a.png")], &v).is_some());
+        assert_eq!(input_tag(&[url("https://x/b.png")], &v), None, "an unchecked URL: no tag");
+        assert_eq!(input_tag(&[], &v), None);
+        let v2: HashMap<String, String> =
+            [("https://x/a.png".to_owned(), "\"e2\"".to_owned())].into_iter().collect();
+        assert_ne!(input_tag(&[url("https://x/a.png")], &v), input_tag(&[url("https://x/a.png")], &v2));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod inputs;
 pub mod inspect;
 pub mod ledger;
 mod lock;

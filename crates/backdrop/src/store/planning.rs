@@ -17,6 +17,7 @@ pub(crate) struct NewJob {
     pub(crate) prompt: String,
     /// JSON array of input references.
     pub(crate) inputs: String,
+    pub(crate) input_tag: Option<String>,
 }
 
 /// What every job of one plan shares.
@@ -34,6 +35,7 @@ pub(crate) struct JobShared<'a> {
 pub(crate) struct Existing {
     pub(crate) fingerprint: String,
     pub(crate) state: JobState,
+    pub(crate) input_tag: Option<String>,
 }
 
 /// One plan's transaction. Dropping it without [`PlanTx::commit`] rolls everything back, which
@@ -90,7 +92,8 @@ impl PlanTx {
         // separately, which cost more than the query itself. The separators are control
         // characters, which the catalog rejects in SKUs.
         let mut sql = String::from(
-            "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state, char(30)) \
+            "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state || char(31) || \
+             coalesce(input_tag, ''), char(30)) \
              FROM jobs WHERE sku IN (",
         );
         for i in 0..skus.len() {
@@ -105,14 +108,18 @@ impl PlanTx {
         let mut out = HashMap::with_capacity(skus.len());
         for record in joined.as_deref().unwrap_or("").split('\u{1e}').filter(|r| !r.is_empty()) {
             let mut fields = record.split('\u{1f}');
-            let (Some(sku), Some(fingerprint), Some(state), None) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
+            let (Some(sku), Some(fingerprint), Some(state), Some(tag), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
             else {
                 return Err(StoreError::Corrupt(format!("job record {record:?} has a control character")));
             };
             out.insert(
                 sku.to_owned(),
-                Existing { fingerprint: fingerprint.to_owned(), state: state.parse()? },
+                Existing {
+                    fingerprint: fingerprint.to_owned(),
+                    state: state.parse()?,
+                    input_tag: (!tag.is_empty()).then(|| tag.to_owned()),
+                },
             );
         }
         Ok(out)
@@ -154,14 +161,15 @@ impl PlanTx {
         // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
-             sku, position, fingerprint, prompt, inputs) VALUES ",
+             sku, position, fingerprint, prompt, inputs, input_tag) VALUES ",
         );
-        placeholders(&mut sql, jobs.len(), 12);
+        placeholders(&mut sql, jobs.len(), 13);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
              provider = excluded.provider, model = excluded.model, task = excluded.task, \
              prompt = excluded.prompt, inputs = excluded.inputs, params = excluded.params, \
+             input_tag = excluded.input_tag, \
              state = 'pending', attempts = 0, next_attempt_at = NULL, request_id = NULL, \
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
@@ -180,23 +188,33 @@ impl PlanTx {
                 .bind(job.position)
                 .bind(job.fingerprint)
                 .bind(job.prompt)
-                .bind(job.inputs);
+                .bind(job.inputs)
+                .bind(job.input_tag);
         }
         q.execute(&mut *self.tx).await?;
         Ok(())
     }
 
     /// Stamps rows the plan keeps as they are with this run and their catalog position.
-    pub(crate) async fn touch_jobs(&mut self, run_id: i64, rows: &[(&str, i64)]) -> Result<(), StoreError> {
+    pub(crate) async fn touch_jobs(
+        &mut self,
+        run_id: i64,
+        rows: &[(&str, i64, Option<&str>)],
+    ) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from("WITH v(sku, pos) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 2);
-        sql.push_str(") UPDATE jobs SET planned_run = ?, position = v.pos FROM v WHERE jobs.sku = v.sku");
+        let mut sql = String::from("WITH v(sku, pos, tag) AS (VALUES ");
+        placeholders(&mut sql, rows.len(), 3);
+        // A row planned without input checks gains its tag the first time it is planned with
+        // them, so a later change of picture is noticed.
+        sql.push_str(
+            ") UPDATE jobs SET planned_run = ?, position = v.pos, input_tag = coalesce(v.tag, jobs.input_tag) \
+             FROM v WHERE jobs.sku = v.sku",
+        );
         let mut q = sqlx::query(&sql);
-        for (sku, pos) in rows {
-            q = q.bind(*sku).bind(*pos);
+        for (sku, pos, tag) in rows {
+            q = q.bind(*sku).bind(*pos).bind(*tag);
         }
         q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;
