@@ -156,6 +156,11 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub(crate) no_check_inputs: bool,
+    /// Send one paid request per row even when rows ask for the same image (same model, prompt,
+    /// inputs and parameters); by default they share one request, or a done result.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_reuse: bool,
     /// Input images checked at once before the run [default: 16].
     #[arg(long, env = "BACKDROP_INPUT_CHECKS", value_name = "N")]
     pub(crate) input_checks: Option<usize>,

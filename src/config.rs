@@ -145,6 +145,8 @@ pub(crate) struct Settings {
     pub(crate) force: bool,
     /// Process the valid rows of a bad catalog.
     pub(crate) skip_invalid: bool,
+    /// Share identical requests and reuse identical results (not `--no-reuse`).
+    pub(crate) reuse: bool,
     /// Check input images before paying (not `--no-check-inputs`).
     pub(crate) check_inputs: bool,
     /// Input checks at once.
@@ -347,6 +349,7 @@ impl Settings {
             force: args.force,
             skip_invalid: args.skip_invalid,
             check_inputs: !args.no_check_inputs,
+            reuse: !args.no_reuse,
             input_checks: match args.input_checks {
                 Some(0) => {
                     return Err(ConfigError::Invalid {
@@ -425,6 +428,7 @@ impl Settings {
             price_overrides: self.prices.clone(),
             refused_inputs: std::sync::Arc::default(),
             input_validators: std::sync::Arc::default(),
+            reuse: self.reuse,
         }
     }
 

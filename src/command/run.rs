@@ -409,6 +409,9 @@ async fn drive<P: Provider>(
         }
         None => None,
     };
+    // Rows sharing a result that is already done (a crash between the shared request and its
+    // copies, or a result of an earlier run) become done before anything is claimed.
+    materialise_shared(store, settings).await?;
     let (writer, writer_task) = backdrop::store::Writer::start(store).await?;
     let pool = Pool {
         store: store.clone(),
@@ -432,7 +435,30 @@ async fn drive<P: Provider>(
     let outcome = scheduler::run(pool).await;
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.
     let _ = writer_task.await;
-    Ok(outcome?)
+    let outcome = outcome?;
+    materialise_shared(store, settings).await?;
+    Ok(outcome)
+}
+
+/// Copies finished shared results to the rows that share them (no request, no cost).
+async fn materialise_shared(store: &Store, settings: &Settings) -> Result<(), Error> {
+    use backdrop::pipeline::reuse::{self, ReuseError};
+    match reuse::materialise(store, &settings.out, &settings.output_name).await {
+        Ok(m) => {
+            if m.copied > 0 {
+                info!(rows = m.copied, "rows reused a shared result at no cost (files copied and verified)");
+            }
+            if m.released > 0 {
+                info!(
+                    rows = m.released,
+                    "rows whose shared request failed or changed will be requested on their own"
+                );
+            }
+            Ok(())
+        }
+        Err(ReuseError::Store(e)) => Err(e.into()),
+        Err(e) => Err(Error::Other { message: e.to_string(), exit: ExitCode::DiskFailing }),
+    }
 }
 
 /// The summary of run `run_id` as known when it starts: what a run that ends early reports.

@@ -13,6 +13,7 @@ mod plan;
 mod preflight;
 mod prompts;
 mod provider;
+mod reuse;
 mod run;
 mod sim;
 mod tidy;

@@ -15,7 +15,7 @@ use crate::domain::text::{is_forbidden_in_prompt, terminal_safe_line};
 use crate::domain::{Params, ProviderKind, Task};
 use crate::money::{PriceTable, Unit};
 use crate::prompt::{Body, PromptError, Template, check_rendered, max_prompt_chars};
-use crate::store::planning::{Existing, JobShared, NewJob, PlanTx};
+use crate::store::planning::{Existing, JobShared, NewJob, PlanTx, Touch};
 use crate::store::{JobState, Store, StoreError, now_ms};
 
 /// What the planner is asked to plan: the catalog, the template, and the flags that shape jobs.
@@ -42,6 +42,9 @@ pub struct PlanInput {
     /// The validators (ETag, Last-Modified) the preflight saw for each input URL that passed: a
     /// done row whose inputs' validators changed is re-run. Empty when checks are off.
     pub input_validators: Arc<HashMap<String, String>>,
+    /// Rows asking the provider for the same thing share one paid request, and reuse a done
+    /// result of the same request (`--no-reuse` turns it off).
+    pub reuse: bool,
 }
 
 impl PlanInput {
@@ -60,6 +63,7 @@ impl PlanInput {
             price_overrides: BTreeMap::new(),
             refused_inputs: Arc::default(),
             input_validators: Arc::default(),
+            reuse: true,
         }
     }
 }
@@ -94,7 +98,7 @@ impl PlanError {
 }
 
 /// Rows per batched statement: keeps every statement under SQLite's variable limit
-/// (13 × 1000 < 32766) while making sqlx's per-query overhead negligible.
+/// (15 × 1000 < 32766) while making sqlx's per-query overhead negligible.
 const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
@@ -142,6 +146,9 @@ pub struct PlanCounts {
     pub ambiguous: u64,
     /// Invalid rows (left out with `--skip-invalid`).
     pub invalid: u64,
+    /// Rows to submit that share another row's paid request or done result instead: counted in
+    /// their class above, but not paid for.
+    pub reused: u64,
 }
 
 impl PlanCounts {
@@ -171,7 +178,7 @@ impl PlanCounts {
 pub struct Plan {
     /// Rows per class.
     pub counts: PlanCounts,
-    /// Rows this run will submit (after `--limit`).
+    /// Paid requests this run will send (rows to submit less the reused ones, after `--limit`).
     pub to_run: u64,
     /// The price of `to_run`.
     pub estimate: Estimate,
@@ -293,11 +300,54 @@ fn input_tag(inputs: &[Input], validators: &HashMap<String, String>) -> Option<S
     any.then(|| hex::encode(h.finalize()))
 }
 
+/// The request key: sha256 over what the provider is asked, without the SKU, so rows asking the
+/// same thing can share one paid request. Local files count by content; URLs by their text and
+/// the validators the preflight saw. `None` when an input URL was not checked (its picture could
+/// have changed unseen, so a stored result of the same URL is not trusted).
+#[must_use]
+pub fn request_key(
+    task: Task,
+    model: &str,
+    prompt: &str,
+    inputs: &[Input],
+    params_json: &str,
+    validators: &HashMap<String, String>,
+) -> Option<String> {
+    fn field(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    field(&mut h, b"backdrop-request-key-v1");
+    field(&mut h, task.as_str().as_bytes());
+    field(&mut h, model.as_bytes());
+    field(&mut h, prompt.as_bytes());
+    field(&mut h, params_json.as_bytes());
+    h.update((inputs.len() as u64).to_le_bytes());
+    for input in inputs {
+        match input {
+            Input::Url(u) => {
+                field(&mut h, b"url");
+                field(&mut h, u.as_bytes());
+                field(&mut h, validators.get(u)?.as_bytes());
+            }
+            Input::File { sha256, .. } => {
+                field(&mut h, b"file");
+                field(&mut h, sha256.as_bytes());
+            }
+        }
+    }
+    Some(hex::encode(h.finalize()))
+}
+
 /// What the store side of a plan needs to know.
 struct Context<'a> {
     force: bool,
     run_id: Option<i64>,
     shared: JobShared<'a>,
+    reuse: bool,
+    /// The first row to submit with each request key: the leader the rows after it share.
+    leaders: HashMap<String, String>,
 }
 
 /// The catalog side of a plan: reads, validates, renders and fingerprints rows, and hands
@@ -445,6 +495,15 @@ impl Producer {
             prompt: prompt.to_owned(),
             inputs,
             input_tag: input_tag(&row.inputs, &self.input_validators),
+            request_key: request_key(
+                self.task,
+                &self.model,
+                prompt,
+                &row.inputs,
+                &self.params_json,
+                &self.input_validators,
+            ),
+            reuse_of: None,
         })
     }
 }
@@ -470,7 +529,9 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         .map_err(|e| PlanError::Internal(format!("cannot encode params: {e}")))?;
     let spec = settings.catalog.clone();
     let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt).await?;
-    let ctx = Context {
+    let mut ctx = Context {
+        reuse: settings.reuse,
+        leaders: HashMap::new(),
         force: settings.force,
         run_id,
         shared: JobShared {
@@ -500,7 +561,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let now = now_ms();
     let mut stored = Ok(());
     while let Some(mut batch) = incoming.recv().await {
-        stored = flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await;
+        stored = flush(&mut ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await;
         if stored.is_err() {
             break;
         }
@@ -522,7 +583,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         tx.rollback().await?;
     }
 
-    let submit = counts.to_submit();
+    let submit = counts.to_submit().saturating_sub(counts.reused);
     let to_run = settings.limit.map_or(submit, |l| l.min(submit));
     let table = &PriceTable::new(settings.provider, &settings.price_overrides);
     let unit_price = table.unit_price(&model);
@@ -556,7 +617,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
 
 /// Classifies a batch against the store and, when writing, applies it.
 async fn flush(
-    ctx: &Context<'_>,
+    ctx: &mut Context<'_>,
     tx: &mut PlanTx,
     batch: &mut Vec<NewJob>,
     counts: &mut PlanCounts,
@@ -568,6 +629,12 @@ async fn flush(
     }
     let skus: Vec<&str> = batch.iter().map(|j| j.sku.as_str()).collect();
     let existing = tx.existing(&skus).await?;
+    let holders = if ctx.reuse {
+        let keys: Vec<&str> = batch.iter().filter_map(|j| j.request_key.as_deref()).collect();
+        tx.key_holders(&keys).await?
+    } else {
+        HashMap::new()
+    };
     let mut reset = Vec::new();
     let mut replaced = Vec::new();
     let mut touch = Vec::new();
@@ -585,6 +652,33 @@ async fn flush(
             Class::Ambiguous => &mut counts.ambiguous,
         };
         *counter += 1;
+        let mut job = job;
+        job.reuse_of = None;
+        let submits =
+            matches!(class, Class::New | Class::Changed | Class::Forced | Class::Pending | Class::Waiting);
+        if ctx.reuse
+            && submits
+            && let Some(key) = job.request_key.as_deref()
+        {
+            // A done result (or a request already out) with the same key first; else the first
+            // row of this plan that asks the same.
+            // `--force` asks for fresh results: only rows of this plan share a request then.
+            let holder = holders.get(key).filter(|s| **s != job.sku && !ctx.force).cloned();
+            job.reuse_of = match holder {
+                Some(sku) => Some(sku),
+                None => match ctx.leaders.get(key) {
+                    Some(leader) if *leader != job.sku => Some(leader.clone()),
+                    Some(_) => None,
+                    None => {
+                        ctx.leaders.insert(key.to_owned(), job.sku.clone());
+                        None
+                    }
+                },
+            };
+            if job.reuse_of.is_some() {
+                counts.reused += 1;
+            }
+        }
         if class.resets() {
             if samples.len() < SAMPLES {
                 samples.push((job.sku.clone(), job.prompt.clone()));
@@ -594,15 +688,24 @@ async fn flush(
             }
             reset.push(job);
         } else {
-            touch.push((job.sku, job.position, job.input_tag));
+            touch.push(job);
         }
     }
     if let Some(run_id) = ctx.run_id {
         let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
         tx.delete_outputs(&replaced).await?;
         tx.reset_jobs(run_id, &ctx.shared, reset, now).await?;
-        let touch: Vec<(&str, i64, Option<&str>)> =
-            touch.iter().map(|(s, p, t)| (s.as_str(), *p, t.as_deref())).collect();
+        let touch: Vec<Touch<'_>> = touch
+            .iter()
+            .map(|j| Touch {
+                sku: &j.sku,
+                position: j.position,
+                input_tag: j.input_tag.as_deref(),
+                request_key: j.request_key.as_deref(),
+                reuse_of: j.reuse_of.as_deref(),
+                reuse_known: !ctx.reuse || j.request_key.is_some(),
+            })
+            .collect();
         tx.touch_jobs(run_id, &touch).await?;
     }
     Ok(())
@@ -633,11 +736,17 @@ impl Plan {
             "  new {} · changed {} · forced {} · pending {} · waiting {} · done (skip) {} · failed {} · in flight {} · ambiguous {}",
             c.new, c.changed, c.forced, c.pending, c.waiting, c.done, c.failed, c.in_flight, c.ambiguous
         );
-        let limited = if self.to_run < c.to_submit() {
-            format!(" (--limit; {} in all)", c.to_submit())
-        } else {
-            String::new()
-        };
+        let paid = c.to_submit().saturating_sub(c.reused);
+        let limited = if self.to_run < paid { format!(" (--limit; {paid} in all)") } else { String::new() };
+        if c.reused > 0 {
+            let rows = c.to_submit();
+            let _ = writeln!(
+                out,
+                "  {rows} rows → {} paid requests ({} reused: same model, prompt, inputs and parameters as another row)",
+                rows.saturating_sub(c.reused),
+                c.reused
+            );
+        }
         let e = &self.estimate;
         let (unit_name, fmt_amount): (&str, fn(f64) -> String) = match e.unit {
             Unit::Credits => ("credits", |a| format!("{a:.0}")),

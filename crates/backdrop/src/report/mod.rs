@@ -106,6 +106,9 @@ pub struct ReportRow {
     pub error: Option<String>,
     /// `retry`, `fail`, `stop` or `ambiguous`.
     pub error_class: Option<String>,
+    /// The SKU whose paid request or done result this row shares: its files are copies of that
+    /// row's and it cost nothing. `None` for a row that made its own request.
+    pub reused_from: Option<String>,
     /// Last change (RFC 3339, UTC).
     pub updated_at: String,
 }
@@ -148,6 +151,7 @@ impl From<JobRecord> for ReportRow {
         Self {
             dollars: crate::money::stored_to_dollars(&j.provider, j.credits),
             updated_at: rfc3339(j.updated_at),
+            reused_from: j.reused_from,
             sku: j.sku,
             position: j.position,
             state: j.state,

@@ -15,6 +15,7 @@ pub mod ledger;
 mod lock;
 pub mod planning;
 pub mod queue;
+pub mod reuse;
 pub mod writer;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

@@ -18,6 +18,8 @@ pub(crate) struct NewJob {
     /// JSON array of input references.
     pub(crate) inputs: String,
     pub(crate) input_tag: Option<String>,
+    pub(crate) request_key: Option<String>,
+    pub(crate) reuse_of: Option<String>,
 }
 
 /// What every job of one plan shares.
@@ -40,6 +42,20 @@ pub(crate) struct Existing {
 
 /// One plan's transaction. Dropping it without [`PlanTx::commit`] rolls everything back, which
 /// is how a catalog with errors leaves the store untouched.
+/// A row the plan keeps as it is, restamped with this run and its current facts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Touch<'a> {
+    pub(crate) sku: &'a str,
+    pub(crate) position: i64,
+    pub(crate) input_tag: Option<&'a str>,
+    pub(crate) request_key: Option<&'a str>,
+    /// Recomputed each plan; only a row still to be submitted takes it.
+    pub(crate) reuse_of: Option<&'a str>,
+    /// False when this plan cannot tell (reuse on, but the row's key is unknown because its
+    /// inputs were not checked): the row keeps the leader an earlier plan gave it.
+    pub(crate) reuse_known: bool,
+}
+
 #[derive(Debug)]
 pub(crate) struct PlanTx {
     tx: Transaction<'static, Sqlite>,
@@ -126,6 +142,31 @@ impl PlanTx {
     }
 
     /// Deletes the `outputs` rows of jobs about to be reset (the files stay on disk).
+    /// For each of `keys`, the SKU of a row with that request key whose result is done (preferred)
+    /// or whose paid request is out: a row asking the same can share it.
+    pub(crate) async fn key_holders(&mut self, keys: &[&str]) -> Result<HashMap<String, String>, StoreError> {
+        let mut out = HashMap::new();
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let mut sql = String::from(
+            "SELECT request_key, sku, state FROM jobs WHERE state IN ('done', 'submitted', 'fetching') \
+             AND request_key IN (",
+        );
+        for i in 0..keys.len() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+        }
+        sql.push_str(") ORDER BY state = 'done' DESC, id");
+        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        for key in keys {
+            q = q.bind(*key);
+        }
+        for (key, sku, _) in q.fetch_all(&mut *self.tx).await? {
+            out.entry(key).or_insert(sku);
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn delete_outputs(&mut self, skus: &[&str]) -> Result<(), StoreError> {
         if skus.is_empty() {
             return Ok(());
@@ -161,15 +202,16 @@ impl PlanTx {
         // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
-             sku, position, fingerprint, prompt, inputs, input_tag) VALUES ",
+             sku, position, fingerprint, prompt, inputs, input_tag, request_key, reuse_of) VALUES ",
         );
-        placeholders(&mut sql, jobs.len(), 13);
+        placeholders(&mut sql, jobs.len(), 15);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
              provider = excluded.provider, model = excluded.model, task = excluded.task, \
              prompt = excluded.prompt, inputs = excluded.inputs, params = excluded.params, \
-             input_tag = excluded.input_tag, \
+             input_tag = excluded.input_tag, request_key = excluded.request_key, \
+             reuse_of = excluded.reuse_of, \
              state = 'pending', attempts = 0, next_attempt_at = NULL, request_id = NULL, \
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
@@ -189,32 +231,38 @@ impl PlanTx {
                 .bind(job.fingerprint)
                 .bind(job.prompt)
                 .bind(job.inputs)
-                .bind(job.input_tag);
+                .bind(job.input_tag)
+                .bind(job.request_key)
+                .bind(job.reuse_of);
         }
         q.execute(&mut *self.tx).await?;
         Ok(())
     }
 
     /// Stamps rows the plan keeps as they are with this run and their catalog position.
-    pub(crate) async fn touch_jobs(
-        &mut self,
-        run_id: i64,
-        rows: &[(&str, i64, Option<&str>)],
-    ) -> Result<(), StoreError> {
+    pub(crate) async fn touch_jobs(&mut self, run_id: i64, rows: &[Touch<'_>]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from("WITH v(sku, pos, tag) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 3);
+        let mut sql = String::from("WITH v(sku, pos, tag, key, reuse, known) AS (VALUES ");
+        placeholders(&mut sql, rows.len(), 6);
         // A row planned without input checks gains its tag the first time it is planned with
         // them, so a later change of picture is noticed.
         sql.push_str(
-            ") UPDATE jobs SET planned_run = ?, position = v.pos, input_tag = coalesce(v.tag, jobs.input_tag) \
+            ") UPDATE jobs SET planned_run = ?, position = v.pos, input_tag = coalesce(v.tag, jobs.input_tag), \
+             request_key = coalesce(v.key, jobs.request_key), \
+             reuse_of = CASE WHEN jobs.state IN ('pending', 'waiting') AND v.known THEN v.reuse ELSE jobs.reuse_of END \
              FROM v WHERE jobs.sku = v.sku",
         );
         let mut q = sqlx::query(&sql);
-        for (sku, pos, tag) in rows {
-            q = q.bind(*sku).bind(*pos).bind(*tag);
+        for t in rows {
+            q = q
+                .bind(t.sku)
+                .bind(t.position)
+                .bind(t.input_tag)
+                .bind(t.request_key)
+                .bind(t.reuse_of)
+                .bind(t.reuse_known);
         }
         q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;
