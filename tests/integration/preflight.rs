@@ -107,3 +107,14 @@ async fn no_check_inputs_requests_no_input_and_says_what_it_risks() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_slower_than_the_request_timeout_is_refused_as_unreachable() {
+    let env = TestEnv::plain().await;
+    let slow = format!("{}?delay_ms=3000", env.sim.input_url("slow"));
+    let path = catalog(&env, &[("SLOW-1", slow)]);
+    let out = output(env.run_cmd(&path, &["--dry-run", "--request-timeout", "1s"])).await;
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(err.contains("line 2") && err.contains("timed out"), "{err}");
+}

@@ -121,6 +121,8 @@ pub struct Preflight {
     pub revalidated: u64,
     /// Inputs checked in full (URLs fetched, local files read).
     pub checked: u64,
+    /// How long the checks took.
+    pub elapsed: Duration,
     /// For each URL that passed: its validators (`ETag`, `Last-Modified`) as one string, so the
     /// planner notices a picture that changed under the same URL.
     pub validators: HashMap<String, String>,
@@ -131,12 +133,13 @@ impl Preflight {
     #[must_use]
     pub fn render_line(&self) -> String {
         format!(
-            "input check: {} distinct inputs, {} cached, {} unchanged (304), {} checked, {} refused",
+            "input check: {} distinct inputs, {} cached, {} unchanged (304), {} checked, {} refused in {:.1}s",
             self.distinct,
             self.cached,
             self.revalidated,
             self.checked,
-            self.refused.len()
+            self.refused.len(),
+            self.elapsed.as_secs_f64()
         )
     }
 }
@@ -360,6 +363,7 @@ pub async fn check_catalog(
     client: &DownloadClient,
     options: &PreflightOptions,
 ) -> Result<Preflight, PreflightError> {
+    let started = std::time::Instant::now();
     let template = Template::load(prompt)?;
     if template.task() != Task::Edit {
         return Ok(Preflight::default());
@@ -402,7 +406,7 @@ pub async fn check_catalog(
     let done = AtomicU64::new(0);
     let tick = || {
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-        if options.progress_every > 0 && (n % options.progress_every == 0) && n < total {
+        if options.progress_every > 0 && n.is_multiple_of(options.progress_every) && n < total {
             eprintln!("input check: {n}/{total}");
         }
     };
@@ -456,6 +460,7 @@ pub async fn check_catalog(
     if options.record {
         store.save_input_checks(&passed, &failed).await?;
     }
+    out.elapsed = started.elapsed();
     Ok(out)
 }
 

@@ -358,6 +358,7 @@ pub(crate) mod tests_support {
             error: None,
             error_class: None,
             updated_at: rfc3339(0),
+            reused_from: None,
         };
         let mut done = row("=HYPERLINK(\"x\")", JobState::Done);
         done.outputs = vec![output(0), output(1)];
