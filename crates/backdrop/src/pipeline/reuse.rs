@@ -180,3 +180,76 @@ pub async fn materialise(
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn job(store: &Store, sku: &str, state: &str, key: &str, reuse_of: Option<&str>) -> i64 {
+        sqlx::query(
+            "INSERT INTO jobs (sku, position, fingerprint, provider, model, task, prompt, inputs, params, \
+             state, request_key, reuse_of, created_at, updated_at) \
+             VALUES (?, 1, 'fp', 'seedance', 'm', 'edit', 'p', '[]', '{}', ?, ?, ?, 1, 1)",
+        )
+        .bind(sku)
+        .bind(state)
+        .bind(key)
+        .bind(reuse_of)
+        .execute(store.pool())
+        .await
+        .unwrap()
+        .last_insert_rowid()
+    }
+
+    async fn state(store: &Store, sku: &str) -> (String, Option<String>) {
+        sqlx::query_as("SELECT state, reuse_of FROM jobs WHERE sku = ?")
+            .bind(sku)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn followers_copy_a_done_leader_and_are_released_by_a_failed_or_altered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let data = b"not really a png, but bytes with a hash".to_vec();
+        let sha = hex::encode(Sha256::digest(&data));
+        std::fs::write(out.join("LEAD-0.png"), &data).unwrap();
+        let lead = job(&store, "LEAD", "done", "k1", None).await;
+        sqlx::query(
+            "INSERT INTO outputs (job_id, idx, path, sha256, bytes, width, height, content_type, source_url) \
+             VALUES (?, 0, 'LEAD-0.png', ?, ?, 4, 3, 'image/png', 'http://x/0.png')",
+        )
+        .bind(lead)
+        .bind(&sha)
+        .bind(data.len() as i64)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        job(&store, "COPY", "pending", "k1", Some("LEAD")).await;
+        job(&store, "BAD", "failed", "k2", None).await;
+        job(&store, "ORPHAN", "pending", "k2", Some("BAD")).await;
+        job(&store, "OTHER", "pending", "k3", Some("LEAD")).await; // the leader asks for k1 now
+        job(&store, "LATER", "pending", "k4", None).await;
+        job(&store, "WAITS", "pending", "k4", Some("LATER")).await;
+
+        let m = materialise(&store, &out, "{sku}-{index}.{ext}").await.unwrap();
+        assert_eq!(m, Materialised { copied: 1, released: 2, waiting: 1 });
+        assert_eq!(state(&store, "COPY").await, ("done".into(), Some("LEAD".into())));
+        assert_eq!(std::fs::read(out.join("COPY-0.png")).unwrap(), data);
+        assert_eq!(state(&store, "ORPHAN").await, ("pending".into(), None));
+        assert_eq!(state(&store, "OTHER").await, ("pending".into(), None));
+        assert_eq!(state(&store, "WAITS").await, ("pending".into(), Some("LATER".into())));
+
+        // An altered leader file is not copied: the follower is requested on its own.
+        std::fs::write(out.join("LEAD-0.png"), b"tampered").unwrap();
+        job(&store, "COPY2", "pending", "k1", Some("LEAD")).await;
+        let m = materialise(&store, &out, "{sku}-{index}.{ext}").await.unwrap();
+        assert_eq!(m.released, 1);
+        assert_eq!(state(&store, "COPY2").await, ("pending".into(), None));
+        assert!(!out.join("COPY2-0.png").exists());
+    }
+}
