@@ -1,6 +1,7 @@
 //! The CSV report: one line per catalog row, in catalog order, under a fixed header
-//! ([`CSV_HEADER`]) that only changes with [`super::REPORT_VERSION`]. Cells a spreadsheet would
-//! read as a formula are neutralised with a leading `'`.
+//! ([`CSV_HEADER`]) whose columns only change or move with [`super::REPORT_VERSION`]; a new
+//! column may be appended at the end within a version (readers go by column name). Cells a
+//! spreadsheet would read as a formula are neutralised with a leading `'`.
 
 use std::io::Write;
 
