@@ -221,6 +221,23 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub(crate) skip_invalid: bool,
+    /// Do not check input images before paying. Risks: a dead link, an HTML error page or an
+    /// oversized picture in the catalog costs a paid request or a failed row at run time.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_check_inputs: bool,
+    /// Send one paid request per row even when rows ask for the same image (same model, prompt,
+    /// inputs and parameters); by default they share one request, or a done result.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_reuse: bool,
+    /// Input images checked at once before the run [default: 16].
+    #[arg(long, env = "BACKDROP_INPUT_CHECKS", value_name = "N")]
+    pub(crate) input_checks: Option<usize>,
+    /// How long a passed input check stands before it is revalidated with a conditional
+    /// request [default: 1h].
+    #[arg(long, env = "BACKDROP_INPUT_CHECK_TTL", value_name = "DURATION")]
+    pub(crate) input_check_ttl: Option<String>,
     /// Start the built-in simulator on a free port and send everything there (no key needed).
     #[arg(long)]
     #[serde(default)]

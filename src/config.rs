@@ -155,6 +155,14 @@ pub(crate) struct Settings {
     pub(crate) force: bool,
     /// Process the valid rows of a bad catalog.
     pub(crate) skip_invalid: bool,
+    /// Share identical requests and reuse identical results (not `--no-reuse`).
+    pub(crate) reuse: bool,
+    /// Check input images before paying (not `--no-check-inputs`).
+    pub(crate) check_inputs: bool,
+    /// Input checks at once.
+    pub(crate) input_checks: usize,
+    /// How long a passed input check stands.
+    pub(crate) input_check_ttl: Duration,
     /// Use the in-process simulator.
     pub(crate) simulate: bool,
     /// Send local images as data URIs.
@@ -350,6 +358,23 @@ impl Settings {
             dry_run: args.dry_run,
             force: args.force,
             skip_invalid: args.skip_invalid,
+            check_inputs: !args.no_check_inputs,
+            reuse: !args.no_reuse,
+            input_checks: match args.input_checks {
+                Some(0) => {
+                    return Err(ConfigError::Invalid {
+                        name: "--input-checks",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                Some(n) => n,
+                None => backdrop::preflight::DEFAULT_CONCURRENCY,
+            },
+            input_check_ttl: duration(
+                "--input-check-ttl",
+                args.input_check_ttl.as_deref(),
+                backdrop::preflight::DEFAULT_TTL,
+            )?,
             simulate: args.simulate,
             inline_local_images: args.inline_local_images || args.simulate,
             inline_max_bytes: args.inline_max_bytes.unwrap_or(DEFAULT_INLINE_MAX_BYTES),
@@ -436,6 +461,19 @@ impl Settings {
             } else {
                 LocalImages::Refused
             },
+            refused_inputs: std::sync::Arc::default(),
+            input_validators: std::sync::Arc::default(),
+            reuse: self.reuse,
+        }
+    }
+
+    /// What the input preflight needs.
+    #[must_use]
+    pub(crate) fn preflight_options(&self) -> backdrop::preflight::PreflightOptions {
+        backdrop::preflight::PreflightOptions {
+            concurrency: self.input_checks,
+            ttl: self.input_check_ttl,
+            ..backdrop::preflight::PreflightOptions::default()
         }
     }
 

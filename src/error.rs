@@ -69,6 +69,18 @@ pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+impl From<backdrop::preflight::PreflightError> for Error {
+    fn from(e: backdrop::preflight::PreflightError) -> Self {
+        use backdrop::preflight::PreflightError;
+        match e {
+            PreflightError::Prompt(e) => Self::Prompt(e),
+            PreflightError::Catalog(e) => Self::Catalog(e),
+            PreflightError::Store(e) => Self::Store(e),
+            other => Self::Other { message: other.to_string(), exit: ExitCode::Fatal },
+        }
+    }
+}
+
 impl Error {
     /// The exit code this error means.
     #[must_use]

@@ -133,7 +133,16 @@ pub(crate) async fn execute(
     let stats = Arc::new(RunStats::default());
     let start = summary_start(&settings, run_id, started_at, &model_hint);
     register_forced_summary(&settings, &start, started, &stats);
-    let plan = match plan::plan(&store, &settings.plan_input(), Some(run_id)).await {
+    let input = match check_inputs(&settings, &store, true).await {
+        Ok(input) => input,
+        Err(e) => {
+            end_early(&settings, &store, &start, started, e.exit_code(), "usage").await;
+            // Nothing was planned: a state file this run created holds nothing worth keeping.
+            fresh.discard_if_empty(store).await;
+            return Err(e);
+        }
+    };
+    let plan = match plan::plan(&store, &input, Some(run_id)).await {
         Ok(plan) => plan,
         Err(e) => {
             end_early(&settings, &store, &start, started, ExitCode::Usage, "usage").await;
@@ -272,13 +281,50 @@ async fn dry_run(settings: &Settings) -> Result<ExitCode, Error> {
     let scratch = (!settings.state.exists()).then(Scratch::new);
     let path = scratch.as_ref().map_or(settings.state.as_path(), Scratch::path);
     let store = Store::open(path).await?;
-    let planned = plan::plan(&store, &settings.plan_input(), None).await;
+    let planned = match check_inputs(settings, &store, false).await {
+        Ok(input) => plan::plan(&store, &input, None).await.map_err(Error::from),
+        Err(e) => Err(e),
+    };
     store.close().await;
     let plan = planned?;
     print_stdout(&plan.render_text())?;
     // A dry run answers what the run would do, and the run would refuse.
     settings.check_priced(&plan.model, plan.estimate.unit_price)?;
     Ok(ExitCode::Success)
+}
+
+/// The input preflight, unless `--no-check-inputs`: what the planner needs, with the inputs it
+/// refused (rows using them are invalid: exit 2, or left out with `--skip-invalid`). Inputs are
+/// fetched with the downloads' client and address rules, never with the key.
+async fn check_inputs(settings: &Settings, store: &Store, record: bool) -> Result<plan::PlanInput, Error> {
+    let mut input = settings.plan_input();
+    if !settings.check_inputs {
+        eprintln!(
+            "input check: off (--no-check-inputs): a dead link, an HTML page or an oversized image in the \
+             catalog costs a paid request or fails its row at run time"
+        );
+        return Ok(input);
+    }
+    let policy = if settings.simulate {
+        // The simulator starts after the plan, on loopback, and serves the inputs of its scenarios.
+        fetch::AddressPolicy::allowing([fetch::guard::AddressClass::Loopback])
+    } else {
+        let base = settings.api_base.as_deref().unwrap_or(match settings.provider {
+            ProviderKind::Seedance => providers::seedance::DEFAULT_BASE_URL,
+            ProviderKind::Fal => providers::fal::DEFAULT_BASE_URL,
+        });
+        fetch::AddressPolicy::for_api_base(base).await
+    };
+    let client = fetch::DownloadClient::new(settings.request_timeout, policy).map_err(other_fatal)?;
+    let options = backdrop::preflight::PreflightOptions { record, ..settings.preflight_options() };
+    let found =
+        backdrop::preflight::check_catalog(store, &input.catalog, &input.prompt, &client, &options).await?;
+    if found.distinct > 0 {
+        eprintln!("{}", found.render_line());
+    }
+    input.refused_inputs = Arc::new(found.refused);
+    input.input_validators = Arc::new(found.validators);
+    Ok(input)
 }
 
 /// Maps how the pool ended to the exit code and the outcome word.
@@ -397,6 +443,9 @@ async fn drive<P: Provider>(
         }
         None => None,
     };
+    // Rows sharing a result that is already done (a crash between the shared request and its
+    // copies, or a result of an earlier run) become done before anything is claimed.
+    materialise_shared(store, settings).await?;
     let (writer, writer_task) = backdrop::store::Writer::start(store).await?;
     let pool = Pool {
         store: store.clone(),
@@ -420,7 +469,30 @@ async fn drive<P: Provider>(
     let outcome = scheduler::run(pool).await;
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.
     let _ = writer_task.await;
-    Ok(outcome?)
+    let outcome = outcome?;
+    materialise_shared(store, settings).await?;
+    Ok(outcome)
+}
+
+/// Copies finished shared results to the rows that share them (no request, no cost).
+async fn materialise_shared(store: &Store, settings: &Settings) -> Result<(), Error> {
+    use backdrop::pipeline::reuse::{self, ReuseError};
+    match reuse::materialise(store, &settings.out, &settings.output_name).await {
+        Ok(m) => {
+            if m.copied > 0 {
+                info!(rows = m.copied, "rows reused a shared result at no cost (files copied and verified)");
+            }
+            if m.released > 0 {
+                info!(
+                    rows = m.released,
+                    "rows whose shared request failed or changed will be requested on their own"
+                );
+            }
+            Ok(())
+        }
+        Err(ReuseError::Store(e)) => Err(e.into()),
+        Err(e) => Err(Error::Other { message: e.to_string(), exit: ExitCode::DiskFailing }),
+    }
 }
 
 /// The summary of run `run_id` as known when it starts: what a run that ends early reports.

@@ -148,6 +148,16 @@ impl Sim {
         self.post("/__sim/keys", &json!({ "revoked": revoked })).await;
     }
 
+    /// Gives the input picture `name` a new version: other bytes, another ETag, the same URL.
+    pub(crate) async fn change_input(&self, name: &str) {
+        self.post("/__sim/input-version", &json!({ "name": name })).await;
+    }
+
+    /// Requests the simulator answered on its input-picture route so far.
+    pub(crate) async fn input_requests(&self) -> u64 {
+        self.stats().await.by_route.get("GET /__sim/input/{file}").copied().unwrap_or(0)
+    }
+
     /// Expires every output URL handed out so far: they answer 410 Gone from now on.
     pub(crate) async fn expire_urls(&self) {
         self.post("/__sim/expire-urls", &json!({})).await;

@@ -421,7 +421,8 @@ async fn csv_report_is_in_catalog_order_and_spreadsheet_safe() {
             "sha256",
             "credits",
             "attempts",
-            "error"
+            "error",
+            "reused_from"
         ]
     );
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();

@@ -19,6 +19,7 @@ const LIBRARY_LAYERS: &[&[&str]] = &[
     &["quality"],
     &["prompt", "store", "provider"],
     &["fetch", "catalog"],
+    &["preflight"],
     &["plan", "pipeline", "report"],
     &["progress"],
 ];

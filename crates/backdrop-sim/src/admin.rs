@@ -12,7 +12,8 @@
 //! | `POST /__sim/expire-urls` | every output URL ready so far answers 410 Gone from now on |
 //! | `GET /__sim/config` | the effective [`SimConfig`](super::SimConfig) |
 //! | `GET /__sim/limits` | the limits in force, in-flight count, fal's account queue, 429s by cause |
-//! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`) |
+//! | `GET /__sim/input/{name}.png` | a deterministic "product on white" picture (`?w=&h=`; faults `?status=404`, `?html=1`, `?pad_kb=N`, `?delay_ms=N`; `ETag`, `If-None-Match`, `Range`) |
+//! | `POST /__sim/input-version` | `{"name": "shirt"}`: the input picture `shirt` changes (a new version, a new `ETag`) under the same URL |
 //! | `GET /__sim/alterations` | `[{request_id, output, kind}]`: every output altered on purpose |
 
 use std::sync::Arc;
@@ -42,6 +43,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
         .route("/__sim/limits", get(super::limits::report))
         .route("/__sim/input/{file}", get(super::files::input))
         .route("/__sim/alterations", get(alterations))
+        .route("/__sim/input-version", post(input_version))
 }
 
 async fn ledger(State(sim): State<Arc<Sim>>) -> Response {
@@ -138,6 +140,19 @@ async fn burst(State(sim): State<Arc<Sim>>, Json(burst): Json<BurstNow>) -> Resp
 
 /// Output URLs that expired while the client was away: whatever is ready now is gone for good,
 /// as a provider's URLs are once their lifetime (24 h for seedance, 7 days for fal) is over.
+/// Which input picture gets a new version.
+#[derive(Debug, Deserialize)]
+struct InputVersion {
+    name: String,
+}
+
+async fn input_version(State(sim): State<Arc<Sim>>, Json(body): Json<InputVersion>) -> Response {
+    let mut versions = lock(&sim.input_versions);
+    let version = versions.entry(body.name.clone()).or_insert(0);
+    *version += 1;
+    Json(json!({ "name": body.name, "version": *version })).into_response()
+}
+
 async fn expire_urls(State(sim): State<Arc<Sim>>) -> Response {
     *lock(&sim.urls_expired_at) = Some(Instant::now());
     Json(json!({ "expired": true })).into_response()

@@ -213,11 +213,56 @@ fn throttled(bytes: Bytes, format: Format, bytes_per_sec: u64) -> Response {
     response
 }
 
-/// `GET /__sim/input/{name}.png` (or `.jpg`, `?w=&h=`): a deterministic "product on white".
+/// What an input URL's query asks of the simulator besides the picture's size: the faults a
+/// catalog's links have in the wild.
+#[derive(Debug, Default)]
+struct InputFaults {
+    /// `?status=404`: answer with that status and a text body.
+    status: Option<u16>,
+    /// `?html=1`: answer 200 with an HTML page (a login wall, a CDN's error page).
+    html: bool,
+    /// `?pad_kb=N`: the picture followed by N KiB of zeros (decoders ignore bytes after the
+    /// image's end), for an input too large to send.
+    pad_kb: u32,
+    /// `?delay_ms=N`: wait that long before answering (at most 10 s).
+    delay_ms: u64,
+}
+
+impl InputFaults {
+    fn parse(query: &[(String, String)]) -> Self {
+        let mut f = Self::default();
+        for (k, v) in query {
+            match k.as_str() {
+                "status" => f.status = v.parse().ok().filter(|s| (100..600).contains(s)),
+                "html" => f.html = v == "1" || v == "true",
+                "pad_kb" => f.pad_kb = v.parse().unwrap_or(0).min(1 << 20),
+                "delay_ms" => f.delay_ms = v.parse().unwrap_or(0).min(10_000),
+                _ => {}
+            }
+        }
+        f
+    }
+}
+
+/// The first byte range of a `Range: bytes=a-b` or `bytes=a-` header, if it is one.
+fn byte_range(headers: &axum::http::HeaderMap, len: usize) -> Option<(usize, usize)> {
+    let spec = headers.get(header::RANGE)?.to_str().ok()?.strip_prefix("bytes=")?;
+    let first = spec.split(',').next()?.trim();
+    let (a, b) = first.split_once('-')?;
+    let start: usize = a.parse().ok()?;
+    let end: usize =
+        if b.is_empty() { len.checked_sub(1)? } else { b.parse::<usize>().ok()?.min(len.checked_sub(1)?) };
+    (start <= end).then_some((start, end))
+}
+
+/// `GET /__sim/input/{name}.png` (or `.jpg`, `?w=&h=`): a deterministic "product on white",
+/// with an `ETag` that changes when `POST /__sim/input-version` gives the name a new version
+/// (`If-None-Match` answers 304), byte ranges (206), and the faults of [`InputFaults`].
 pub(crate) async fn input(
     State(sim): State<Arc<Sim>>,
     Path(file): Path<String>,
     Query(query): Query<Vec<(String, String)>>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let (name, format) = if let Some(name) = file.strip_suffix(".png") {
         (name, Format::Png)
@@ -226,24 +271,73 @@ pub(crate) async fn input(
     } else {
         return plain(StatusCode::NOT_FOUND, "inputs are {name}.png or {name}.jpg");
     };
+    let faults = InputFaults::parse(&query);
+    if faults.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
+    }
+    if let Some(status) = faults.status {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
+        return (status, "no such picture").into_response();
+    }
+    if faults.html {
+        let mut response =
+            (StatusCode::OK, "<!doctype html><html><body><h1>Please sign in</h1></body></html>")
+                .into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+        return response;
+    }
     let (width, height) = super::submit::input_size(
         &sim,
         query
             .iter()
             .map(|(k, v)| (std::borrow::Cow::Borrowed(k.as_str()), std::borrow::Cow::Borrowed(v.as_str()))),
     );
+    let version = lock(&sim.input_versions).get(name).copied().unwrap_or(0);
+    let etag = format!("\"{name}-{width}x{height}-{}-v{version}-p{}\"", format.ext(), faults.pad_kb);
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"x\""));
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().insert(header::ETAG, etag_value);
+        return response;
+    }
     let key = ImageKey {
         source: Source::Named { name: name.to_owned(), width, height },
         texture: Texture::Original,
         width,
         height,
         format,
-        variant: 0,
+        variant: version,
         alteration: imagegen::Alteration::None,
         jitter: imagegen::Jitter::default(),
     };
-    match image_bytes(&sim, key).await {
-        Ok(bytes) => image_response(bytes, format),
-        Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "render failed"),
-    }
+    let bytes = match image_bytes(&sim, key).await {
+        Ok(bytes) if faults.pad_kb > 0 => {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len() + faults.pad_kb as usize * 1024, 0);
+            Bytes::from(padded)
+        }
+        Ok(bytes) => bytes,
+        Err(_) => return plain(StatusCode::INTERNAL_SERVER_ERROR, "render failed"),
+    };
+    let mut response = match byte_range(&headers, bytes.len()) {
+        Some((start, end)) => {
+            let total = bytes.len();
+            let mut response = image_response(bytes.slice(start..=end), format);
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{total}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            response
+        }
+        None => image_response(bytes, format),
+    };
+    response.headers_mut().insert(header::ETAG, etag_value);
+    response.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    response
 }

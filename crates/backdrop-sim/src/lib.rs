@@ -265,6 +265,9 @@ pub(crate) struct Sim {
     /// Set through the admin API: every output ready by then answers 410 Gone (URLs that expired
     /// while the client was away).
     pub(crate) urls_expired_at: Mutex<Option<Instant>>,
+    /// Set through the admin API: the version of each named input picture (0 when absent). A new
+    /// version is another picture, with another ETag, under the same URL.
+    pub(crate) input_versions: Mutex<HashMap<String, u32>>,
     submit_seq: AtomicU64,
     pub(crate) accepted: AtomicU64,
     in_flight: AtomicU64,
@@ -324,6 +327,7 @@ impl Sim {
             accept_window: Mutex::new(SecondWindow::default()),
             manual_burst: Mutex::new(None),
             urls_expired_at: Mutex::new(None),
+            input_versions: Mutex::new(HashMap::new()),
             submit_seq: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -502,6 +506,7 @@ fn route_label(method: &axum::http::Method, path: &str) -> &'static str {
         "/__sim/burst" => "POST /__sim/burst",
         "/__sim/config" => "GET /__sim/config",
         "/__sim/limits" => "GET /__sim/limits",
+        "/__sim/input-version" => "POST /__sim/input-version",
         p if p.starts_with("/v1/requests/") => "GET /v1/requests/{id}",
         p if p.starts_with("/files/") => "GET /files/{id}/{file}",
         p if p.starts_with("/__sim/input/") => "GET /__sim/input/{file}",

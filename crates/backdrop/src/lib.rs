@@ -16,6 +16,7 @@
 //! - [`provider`]: the provider trait and its two protocols (seedance, fal).
 //! - [`fetch`]: verified, durable downloads of output images.
 //! - [`catalog`]: streaming CSV and SQLite row sources with line-numbered errors.
+//! - [`preflight`]: input checks before paying: reachable, an accepted image, within limits; cached.
 //! - [`plan`]: fingerprints, the diff against the store, the price of a run.
 //! - [`pipeline`]: scheduler, rate limiter, retry and poll timing, webhook receiver.
 //! - [`report`]: csv, json and html reports built from the store.
@@ -27,6 +28,7 @@ pub mod fetch;
 pub mod money;
 pub mod pipeline;
 pub mod plan;
+pub mod preflight;
 pub mod progress;
 pub mod prompt;
 pub mod provider;

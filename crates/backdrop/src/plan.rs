@@ -2,9 +2,10 @@
 //! prompt, inputs, params), diffed against the store (new, changed, done, failed, waiting, ...),
 //! written in batches (or only counted, for a dry run) and priced with [`PriceTable`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -14,7 +15,7 @@ use crate::domain::text::{is_forbidden_in_prompt, terminal_safe_line};
 use crate::domain::{Params, ProviderKind, Task};
 use crate::money::{PriceTable, Unit};
 use crate::prompt::{Body, PromptError, Template, check_rendered, max_prompt_chars};
-use crate::store::planning::{Existing, JobShared, NewJob, PlanTx};
+use crate::store::planning::{Existing, JobShared, NewJob, PlanTx, Touch};
 use crate::store::{JobState, Store, StoreError, now_ms};
 
 /// What the planner is asked to plan: the catalog, the template, and the flags that shape jobs.
@@ -38,6 +39,14 @@ pub struct PlanInput {
     pub price_overrides: BTreeMap<String, f64>,
     /// What the run can do with local image files; rows it cannot send are invalid rows.
     pub local_images: LocalImages,
+    /// Inputs the preflight refused (URL or absolute path → reason): a row using one is invalid.
+    pub refused_inputs: Arc<HashMap<String, String>>,
+    /// The validators (ETag, Last-Modified) the preflight saw for each input URL that passed: a
+    /// done row whose inputs' validators changed is re-run. Empty when checks are off.
+    pub input_validators: Arc<HashMap<String, String>>,
+    /// Rows asking the provider for the same thing share one paid request, and reuse a done
+    /// result of the same request (`--no-reuse` turns it off).
+    pub reuse: bool,
 }
 
 impl PlanInput {
@@ -56,6 +65,9 @@ impl PlanInput {
             limit: None,
             price_overrides: BTreeMap::new(),
             local_images: LocalImages::Accepted,
+            refused_inputs: Arc::default(),
+            input_validators: Arc::default(),
+            reuse: true,
         }
     }
 }
@@ -90,7 +102,7 @@ impl PlanError {
 }
 
 /// Rows per batched statement: keeps every statement under SQLite's variable limit
-/// (13 × 1000 < 32766) while making sqlx's per-query overhead negligible.
+/// (16 × 1000 < 32766) while making sqlx's per-query overhead negligible.
 const BATCH: usize = 1000;
 /// Rendered prompts shown by a dry run.
 const SAMPLES: usize = 3;
@@ -138,6 +150,9 @@ pub struct PlanCounts {
     pub ambiguous: u64,
     /// Invalid rows (left out with `--skip-invalid`).
     pub invalid: u64,
+    /// Rows to submit that share another row's paid request or done result instead: counted in
+    /// their class above, but not paid for.
+    pub reused: u64,
 }
 
 impl PlanCounts {
@@ -167,7 +182,7 @@ impl PlanCounts {
 pub struct Plan {
     /// Rows per class.
     pub counts: PlanCounts,
-    /// Rows this run will submit (after `--limit`).
+    /// Paid requests this run will send (rows to submit less the reused ones, after `--limit`).
     pub to_run: u64,
     /// The price of `to_run`.
     pub estimate: Estimate,
@@ -221,9 +236,12 @@ impl Class {
 
 /// The plan rules: a changed row in flight or ambiguous is
 /// left alone because a paid request is already out; the next plan sees the change.
-fn classify(existing: Option<&Existing>, fingerprint: &str, force: bool) -> Class {
+fn classify(existing: Option<&Existing>, fingerprint: &str, input_tag: Option<&str>, force: bool) -> Class {
     let Some(e) = existing else { return Class::New };
-    let same = e.fingerprint == fingerprint;
+    // A picture that changed under the same URL is a changed row; without a tag on either side
+    // (input checks off now or then) nothing is known, and the row counts as unchanged.
+    let picture_changed = matches!((e.input_tag.as_deref(), input_tag), (Some(a), Some(b)) if a != b);
+    let same = e.fingerprint == fingerprint && !picture_changed;
     match e.state {
         JobState::Submitting | JobState::Submitted | JobState::Fetching => Class::InFlight,
         JobState::Ambiguous => Class::Ambiguous,
@@ -274,11 +292,73 @@ pub fn fingerprint(
     hex::encode(h.finalize())
 }
 
+/// The digest of the validators of a row's input URLs, when every one of them has passed the
+/// preflight (`None` for a row without URLs, or planned with checks off). Local files are in the
+/// fingerprint by content already.
+fn input_tag(inputs: &[Input], validators: &HashMap<String, String>) -> Option<String> {
+    let mut h = Sha256::new();
+    let mut any = false;
+    for input in inputs {
+        if let Input::Url(url) = input {
+            let v = validators.get(url)?;
+            h.update((url.len() as u64).to_le_bytes());
+            h.update(url.as_bytes());
+            h.update((v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+            any = true;
+        }
+    }
+    any.then(|| hex::encode(h.finalize()))
+}
+
+/// The request key: sha256 over what the provider is asked, without the SKU, so rows asking the
+/// same thing can share one paid request. Local files count by content; URLs by their text and
+/// the validators the preflight saw. `None` when an input URL was not checked (its picture could
+/// have changed unseen, so a stored result of the same URL is not trusted).
+#[must_use]
+pub fn request_key(
+    task: Task,
+    model: &str,
+    prompt: &str,
+    inputs: &[Input],
+    params_json: &str,
+    validators: &HashMap<String, String>,
+) -> Option<String> {
+    fn field(h: &mut Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    let mut h = Sha256::new();
+    field(&mut h, b"backdrop-request-key-v1");
+    field(&mut h, task.as_str().as_bytes());
+    field(&mut h, model.as_bytes());
+    field(&mut h, prompt.as_bytes());
+    field(&mut h, params_json.as_bytes());
+    h.update((inputs.len() as u64).to_le_bytes());
+    for input in inputs {
+        match input {
+            Input::Url(u) => {
+                field(&mut h, b"url");
+                field(&mut h, u.as_bytes());
+                field(&mut h, validators.get(u)?.as_bytes());
+            }
+            Input::File { sha256, .. } => {
+                field(&mut h, b"file");
+                field(&mut h, sha256.as_bytes());
+            }
+        }
+    }
+    Some(hex::encode(h.finalize()))
+}
+
 /// What the store side of a plan needs to know.
 struct Context<'a> {
     force: bool,
     run_id: Option<i64>,
     shared: JobShared<'a>,
+    reuse: bool,
+    /// The first row to submit with each request key: the leader the rows after it share.
+    leaders: HashMap<String, String>,
 }
 
 /// The catalog side of a plan: reads, validates, renders and fingerprints rows, and hands
@@ -293,6 +373,10 @@ struct Producer {
     skip_invalid: bool,
     /// The longest prompt the provider is sent.
     max_prompt_chars: usize,
+    /// Inputs the preflight refused, with the reason.
+    refused_inputs: Arc<HashMap<String, String>>,
+    /// The validators of input URLs that passed the preflight.
+    input_validators: Arc<HashMap<String, String>>,
 }
 
 /// What the catalog side found, besides the batches it sent.
@@ -353,6 +437,13 @@ impl Producer {
 
     /// Renders a valid row's prompt and fingerprints it.
     fn prepare(&self, row: &Row, buf: &mut String) -> Result<NewJob, RowProblem> {
+        if let Some((input, why)) = row
+            .inputs
+            .iter()
+            .find_map(|i| self.refused_inputs.get(i.as_stored()).map(|why| (i.as_stored(), why)))
+        {
+            return Err(RowProblem::new(row.location, format!("input {}: {why}", terminal_safe_line(input))));
+        }
         let catalog = &self.catalog;
         let lookup = |name: &str| catalog.column(name).and_then(|i| row.values.get(i)).map(String::as_str);
         let own = catalog
@@ -411,6 +502,16 @@ impl Producer {
             fingerprint,
             prompt: prompt.to_owned(),
             inputs,
+            input_tag: input_tag(&row.inputs, &self.input_validators),
+            request_key: request_key(
+                self.task,
+                &self.model,
+                prompt,
+                &row.inputs,
+                &self.params_json,
+                &self.input_validators,
+            ),
+            reuse_of: None,
         })
     }
 }
@@ -438,7 +539,9 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt)
         .await?
         .with_local_images(settings.local_images);
-    let ctx = Context {
+    let mut ctx = Context {
+        reuse: settings.reuse,
+        leaders: HashMap::new(),
         force: settings.force,
         run_id,
         shared: JobShared {
@@ -456,6 +559,8 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         params_json: params_json.clone(),
         skip_invalid: settings.skip_invalid,
         max_prompt_chars: max_prompt_chars(settings.provider),
+        refused_inputs: Arc::clone(&settings.refused_inputs),
+        input_validators: Arc::clone(&settings.input_validators),
     };
 
     let mut tx = store.begin_plan(run_id.is_some()).await?;
@@ -466,7 +571,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let now = now_ms();
     let mut stored = Ok(());
     while let Some(mut batch) = incoming.recv().await {
-        stored = flush(&ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await;
+        stored = flush(&mut ctx, &mut tx, &mut batch, &mut counts, &mut samples, now).await;
         if stored.is_err() {
             break;
         }
@@ -488,7 +593,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         tx.rollback().await?;
     }
 
-    let submit = counts.to_submit();
+    let submit = counts.to_submit().saturating_sub(counts.reused);
     let to_run = settings.limit.map_or(submit, |l| l.min(submit));
     let table = &PriceTable::new(settings.provider, &settings.price_overrides);
     let unit_price = table.unit_price(&model);
@@ -521,7 +626,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
 
 /// Classifies a batch against the store and, when writing, applies it.
 async fn flush(
-    ctx: &Context<'_>,
+    ctx: &mut Context<'_>,
     tx: &mut PlanTx,
     batch: &mut Vec<NewJob>,
     counts: &mut PlanCounts,
@@ -533,11 +638,17 @@ async fn flush(
     }
     let skus: Vec<&str> = batch.iter().map(|j| j.sku.as_str()).collect();
     let existing = tx.existing(&skus).await?;
+    let holders = if ctx.reuse {
+        let keys: Vec<&str> = batch.iter().filter_map(|j| j.request_key.as_deref()).collect();
+        tx.key_holders(&keys).await?
+    } else {
+        HashMap::new()
+    };
     let mut reset = Vec::new();
     let mut replaced = Vec::new();
     let mut touch = Vec::new();
     for job in batch.drain(..) {
-        let class = classify(existing.get(&job.sku), &job.fingerprint, ctx.force);
+        let class = classify(existing.get(&job.sku), &job.fingerprint, job.input_tag.as_deref(), ctx.force);
         let counter = match class {
             Class::New => &mut counts.new,
             Class::Changed => &mut counts.changed,
@@ -553,21 +664,57 @@ async fn flush(
         if class.submits() && samples.len() < SAMPLES {
             samples.push((job.sku.clone(), job.prompt.clone()));
         }
+        let mut job = job;
+        job.reuse_of = None;
+        let submits = class.submits();
+        if ctx.reuse
+            && submits
+            && let Some(key) = job.request_key.as_deref()
+        {
+            // A done result (or a request already out) with the same key first; else the first
+            // row of this plan that asks the same.
+            // `--force` asks for fresh results: only rows of this plan share a request then.
+            let holder = holders.get(key).filter(|s| **s != job.sku && !ctx.force).cloned();
+            job.reuse_of = match holder {
+                Some(sku) => Some(sku),
+                None => match ctx.leaders.get(key) {
+                    Some(leader) if *leader != job.sku => Some(leader.clone()),
+                    Some(_) => None,
+                    None => {
+                        ctx.leaders.insert(key.to_owned(), job.sku.clone());
+                        None
+                    }
+                },
+            };
+            if job.reuse_of.is_some() {
+                counts.reused += 1;
+            }
+        }
         if class.resets() {
             if class != Class::New {
                 replaced.push(job.sku.clone());
             }
             reset.push(job);
         } else {
-            touch.push((job.sku, job.position, job.name));
+            touch.push(job);
         }
     }
     if let Some(run_id) = ctx.run_id {
         let replaced: Vec<&str> = replaced.iter().map(String::as_str).collect();
         tx.delete_outputs(&replaced).await?;
         tx.reset_jobs(run_id, &ctx.shared, reset, now).await?;
-        let touch: Vec<(&str, i64, Option<&str>)> =
-            touch.iter().map(|(s, p, n)| (s.as_str(), *p, n.as_deref())).collect();
+        let touch: Vec<Touch<'_>> = touch
+            .iter()
+            .map(|j| Touch {
+                sku: &j.sku,
+                position: j.position,
+                name: j.name.as_deref(),
+                input_tag: j.input_tag.as_deref(),
+                request_key: j.request_key.as_deref(),
+                reuse_of: j.reuse_of.as_deref(),
+                reuse_known: !ctx.reuse || j.request_key.is_some(),
+            })
+            .collect();
         tx.touch_jobs(run_id, &touch).await?;
     }
     Ok(())
@@ -598,11 +745,17 @@ impl Plan {
             "  new {} · changed {} · forced {} · pending {} · waiting {} · done (skip) {} · failed {} · in flight {} · ambiguous {}",
             c.new, c.changed, c.forced, c.pending, c.waiting, c.done, c.failed, c.in_flight, c.ambiguous
         );
-        let limited = if self.to_run < c.to_submit() {
-            format!(" (--limit; {} in all)", c.to_submit())
-        } else {
-            String::new()
-        };
+        let paid = c.to_submit().saturating_sub(c.reused);
+        let limited = if self.to_run < paid { format!(" (--limit; {paid} in all)") } else { String::new() };
+        if c.reused > 0 {
+            let rows = c.to_submit();
+            let _ = writeln!(
+                out,
+                "  {rows} rows → {} paid requests ({} reused: same model, prompt, inputs and parameters as another row)",
+                rows.saturating_sub(c.reused),
+                c.reused
+            );
+        }
         let e = &self.estimate;
         let (unit_name, fmt_amount): (&str, fn(f64) -> String) = match e.unit {
             Unit::Credits => ("credits", |a| format!("{a:.0}")),
@@ -687,23 +840,46 @@ mod tests {
     use super::*;
 
     fn existing(fp: &str, state: JobState) -> Existing {
-        Existing { fingerprint: fp.into(), state }
+        Existing { fingerprint: fp.into(), state, input_tag: None }
     }
 
     #[test]
     fn plan_rules() {
-        assert_eq!(classify(None, "a", false), Class::New);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", false), Class::Done);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", true), Class::Forced);
-        assert_eq!(classify(Some(&existing("a", JobState::Done)), "b", false), Class::Changed);
-        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "a", true), Class::Failed);
-        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "b", false), Class::Changed);
-        assert_eq!(classify(Some(&existing("a", JobState::Waiting)), "a", false), Class::Waiting);
-        assert_eq!(classify(Some(&existing("a", JobState::Pending)), "a", false), Class::Pending);
+        assert_eq!(classify(None, "a", None, false), Class::New);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", None, false), Class::Done);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "a", None, true), Class::Forced);
+        assert_eq!(classify(Some(&existing("a", JobState::Done)), "b", None, false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "a", None, true), Class::Failed);
+        assert_eq!(classify(Some(&existing("a", JobState::Failed)), "b", None, false), Class::Changed);
+        assert_eq!(classify(Some(&existing("a", JobState::Waiting)), "a", None, false), Class::Waiting);
+        assert_eq!(classify(Some(&existing("a", JobState::Pending)), "a", None, false), Class::Pending);
         for st in [JobState::Submitting, JobState::Submitted, JobState::Fetching] {
-            assert_eq!(classify(Some(&existing("a", st)), "b", false), Class::InFlight, "{st}");
+            assert_eq!(classify(Some(&existing("a", st)), "b", None, false), Class::InFlight, "{st}");
         }
-        assert_eq!(classify(Some(&existing("a", JobState::Ambiguous)), "b", true), Class::Ambiguous);
+        assert_eq!(classify(Some(&existing("a", JobState::Ambiguous)), "b", None, true), Class::Ambiguous);
+    }
+
+    #[test]
+    fn a_changed_picture_under_the_same_url_is_a_changed_row() {
+        let tagged = |t: Option<&str>| Existing {
+            fingerprint: "a".into(),
+            state: JobState::Done,
+            input_tag: t.map(str::to_owned),
+        };
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t1"), false), Class::Done);
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t2"), false), Class::Changed);
+        // Checks off now, or when the row was planned: nothing is known, nothing re-runs.
+        assert_eq!(classify(Some(&tagged(Some("t1"))), "a", None, false), Class::Done);
+        assert_eq!(classify(Some(&tagged(None)), "a", Some("t2"), false), Class::Done);
+        let url = |u: &str| Input::Url(u.into());
+        let v: HashMap<String, String> =
+            [("https://x/a.png".to_owned(), "\"e1\"".to_owned())].into_iter().collect();
+        assert!(input_tag(&[url("https://x/a.png")], &v).is_some());
+        assert_eq!(input_tag(&[url("https://x/b.png")], &v), None, "an unchecked URL: no tag");
+        assert_eq!(input_tag(&[], &v), None);
+        let v2: HashMap<String, String> =
+            [("https://x/a.png".to_owned(), "\"e2\"".to_owned())].into_iter().collect();
+        assert_ne!(input_tag(&[url("https://x/a.png")], &v), input_tag(&[url("https://x/a.png")], &v2));
     }
 
     #[test]

@@ -299,13 +299,13 @@ impl DownloadClient {
         &self.policy
     }
 
-    pub(super) fn client(&self) -> &reqwest::Client {
+    pub(crate) fn client(&self) -> &reqwest::Client {
         &self.client
     }
 }
 
 /// The [`Refused`] somewhere in an error's chain, if a guard stopped the request.
-pub(super) fn refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
+pub(crate) fn refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
     let mut source: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(refused) = err.downcast_ref::<Refused>() {

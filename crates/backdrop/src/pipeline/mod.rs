@@ -8,6 +8,7 @@ pub mod adaptive;
 pub mod backoff;
 pub mod limiter;
 pub mod polling;
+pub mod reuse;
 pub mod scheduler;
 pub mod stats;
 pub mod webhooks;

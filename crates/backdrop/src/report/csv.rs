@@ -1,6 +1,7 @@
 //! The CSV report: one line per catalog row, in catalog order, under a fixed header
-//! ([`CSV_HEADER`]) that only changes with [`super::REPORT_VERSION`]. Cells a spreadsheet would
-//! read as a formula are neutralised with a leading `'`.
+//! ([`CSV_HEADER`]) whose columns only change or move with [`super::REPORT_VERSION`]; a new
+//! column may be appended at the end within a version (readers go by column name). Cells a
+//! spreadsheet would read as a formula are neutralised with a leading `'`.
 
 use std::io::Write;
 
@@ -8,8 +9,9 @@ use super::{ReportError, ReportFormatter, RunSummary, format_amount};
 
 /// The header row, stable within a report version. `output_paths` and `sha256` hold one entry
 /// per output file, joined by `;` in output order; `credits` is in the provider's unit
-/// (seedance credits, fal dollars).
-pub const CSV_HEADER: [&str; 10] = [
+/// (seedance credits, fal dollars); `reused_from` is the SKU whose result the row shares (its
+/// files are copies, its cost nothing), empty for a row that made its own request.
+pub const CSV_HEADER: [&str; 11] = [
     "sku",
     "state",
     "provider",
@@ -20,6 +22,7 @@ pub const CSV_HEADER: [&str; 10] = [
     "credits",
     "attempts",
     "error",
+    "reused_from",
 ];
 
 /// Writes the summary's rows as CSV.
@@ -44,6 +47,7 @@ impl ReportFormatter for CsvFormatter {
                 format_amount(row.credits),
                 row.attempts.to_string(),
                 row.error.clone().unwrap_or_default(),
+                row.reused_from.clone().unwrap_or_default(),
             ];
             w.write_record(record.iter().map(|cell| neutralise(cell).into_owned()))?;
         }

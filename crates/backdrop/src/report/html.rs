@@ -273,6 +273,13 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
             .as_deref()
             .map_or_else(String::new, |n| format!(" <span class=\"name\">{}</span>", escape(n))),
     );
+    if let Some(leader) = &row.reused_from {
+        let _ = write!(
+            html,
+            "<p class=\"reused\">reused the result of {} (no request, no cost)</p>",
+            escape(leader)
+        );
+    }
     if let Some(error) = &row.error {
         let _ = write!(html, "<p class=\"error\">{}</p>", escape(error));
     }
@@ -366,6 +373,7 @@ h1{font-size:18px;margin:0 0 4px}.meta{margin:2px 0;color:#d4d4d8}code{font-size
 .badge{font-size:12px;font-weight:600;border-radius:10px;padding:1px 8px;background:#e4e4e7;white-space:nowrap}
 .st-done{background:#bbf7d0;color:#14532d}.st-failed{background:#fecaca;color:#7f1d1d}
 .st-ambiguous{background:#fde68a;color:#78350f}.st-pending,.st-waiting{background:#e0e7ff;color:#312e81}
+.reused{color:#1e40af;margin:4px 0}
 .error{background:#fef2f2;color:#991b1b;border-left:3px solid #dc2626;padding:4px 8px;margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
 .warn{background:#fffbeb;color:#92400e;padding:4px 8px;margin:4px 0}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}figure{margin:0;display:flex;flex-direction:column;gap:4px}

@@ -108,6 +108,9 @@ pub struct ReportRow {
     pub error: Option<String>,
     /// `retry`, `fail`, `stop` or `ambiguous`.
     pub error_class: Option<String>,
+    /// The SKU whose paid request or done result this row shares: its files are copies of that
+    /// row's and it cost nothing. `None` for a row that made its own request.
+    pub reused_from: Option<String>,
     /// Last change (RFC 3339, UTC).
     pub updated_at: String,
 }
@@ -150,6 +153,7 @@ impl From<JobRecord> for ReportRow {
         Self {
             dollars: crate::money::stored_to_dollars(&j.provider, j.credits),
             updated_at: rfc3339(j.updated_at),
+            reused_from: j.reused_from,
             sku: j.sku,
             name: j.name,
             position: j.position,
@@ -358,6 +362,7 @@ pub(crate) mod tests_support {
             error: None,
             error_class: None,
             updated_at: rfc3339(0),
+            reused_from: None,
         };
         let mut done = row("=HYPERLINK(\"x\")", JobState::Done);
         done.outputs = vec![output(0), output(1)];

@@ -198,6 +198,7 @@ struct JobRow {
     error: Option<String>,
     error_class: Option<String>,
     updated_at: i64,
+    reuse_of: Option<String>,
 }
 
 /// A job with everything a report shows.
@@ -236,6 +237,9 @@ pub struct JobRecord {
     pub error_class: Option<String>,
     /// Last change, unix ms.
     pub updated_at: i64,
+    /// The SKU whose paid request or done result this row shares (its files are copies of that
+    /// row's, and it cost nothing); `None` for a row that made its own request.
+    pub reused_from: Option<String>,
     /// Its output files, by index.
     pub outputs: Vec<OutputRecord>,
 }
@@ -430,7 +434,7 @@ impl Store {
     pub async fn report_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let jobs: Vec<JobRow> = sqlx::query_as(
             "SELECT id, sku, name, position, provider, model, task, prompt, inputs, state, attempts,
-                    request_id, credits, error, error_class, updated_at
+                    request_id, credits, error, error_class, updated_at, reuse_of
              FROM jobs ORDER BY position, id",
         )
         .fetch_all(self.pool())
@@ -468,6 +472,7 @@ impl Store {
                     error: j.error,
                     error_class: j.error_class,
                     updated_at: j.updated_at,
+                    reused_from: j.reuse_of,
                 })
             })
             .collect()

@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod inputs;
 pub mod inspect;
 pub mod ledger;
 mod lock;
 pub mod planning;
 pub mod queue;
+pub mod reuse;
 pub mod writer;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

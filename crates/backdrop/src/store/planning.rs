@@ -19,6 +19,9 @@ pub(crate) struct NewJob {
     pub(crate) inputs: String,
     /// The catalog's `name` cell, for reports (not fingerprinted).
     pub(crate) name: Option<String>,
+    pub(crate) input_tag: Option<String>,
+    pub(crate) request_key: Option<String>,
+    pub(crate) reuse_of: Option<String>,
 }
 
 /// What every job of one plan shares.
@@ -36,10 +39,27 @@ pub(crate) struct JobShared<'a> {
 pub(crate) struct Existing {
     pub(crate) fingerprint: String,
     pub(crate) state: JobState,
+    pub(crate) input_tag: Option<String>,
 }
 
 /// One plan's transaction. Dropping it without [`PlanTx::commit`] rolls everything back, which
 /// is how a catalog with errors leaves the store untouched.
+/// A row the plan keeps as it is, restamped with this run and its current facts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Touch<'a> {
+    pub(crate) sku: &'a str,
+    pub(crate) position: i64,
+    /// The catalog's `name` cell now (a renamed product keeps its job).
+    pub(crate) name: Option<&'a str>,
+    pub(crate) input_tag: Option<&'a str>,
+    pub(crate) request_key: Option<&'a str>,
+    /// Recomputed each plan; only a row still to be submitted takes it.
+    pub(crate) reuse_of: Option<&'a str>,
+    /// False when this plan cannot tell (reuse on, but the row's key is unknown because its
+    /// inputs were not checked): the row keeps the leader an earlier plan gave it.
+    pub(crate) reuse_known: bool,
+}
+
 #[derive(Debug)]
 pub(crate) struct PlanTx {
     tx: Transaction<'static, Sqlite>,
@@ -92,7 +112,8 @@ impl PlanTx {
         // separately, which cost more than the query itself. The separators are control
         // characters, which the catalog rejects in SKUs.
         let mut sql = String::from(
-            "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state, char(30)) \
+            "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state || char(31) || \
+             coalesce(input_tag, ''), char(30)) \
              FROM jobs WHERE sku IN (",
         );
         for i in 0..skus.len() {
@@ -107,20 +128,49 @@ impl PlanTx {
         let mut out = HashMap::with_capacity(skus.len());
         for record in joined.as_deref().unwrap_or("").split('\u{1e}').filter(|r| !r.is_empty()) {
             let mut fields = record.split('\u{1f}');
-            let (Some(sku), Some(fingerprint), Some(state), None) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
+            let (Some(sku), Some(fingerprint), Some(state), Some(tag), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
             else {
                 return Err(StoreError::Corrupt(format!("job record {record:?} has a control character")));
             };
             out.insert(
                 sku.to_owned(),
-                Existing { fingerprint: fingerprint.to_owned(), state: state.parse()? },
+                Existing {
+                    fingerprint: fingerprint.to_owned(),
+                    state: state.parse()?,
+                    input_tag: (!tag.is_empty()).then(|| tag.to_owned()),
+                },
             );
         }
         Ok(out)
     }
 
     /// Deletes the `outputs` rows of jobs about to be reset (the files stay on disk).
+    /// For each of `keys`, the SKU of a row with that request key whose result is done (preferred)
+    /// or whose paid request is out: a row asking the same can share it.
+    pub(crate) async fn key_holders(&mut self, keys: &[&str]) -> Result<HashMap<String, String>, StoreError> {
+        let mut out = HashMap::new();
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let mut sql = String::from(
+            "SELECT request_key, sku, state FROM jobs WHERE state IN ('done', 'submitted', 'fetching') \
+             AND request_key IN (",
+        );
+        for i in 0..keys.len() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+        }
+        sql.push_str(") ORDER BY state = 'done' DESC, id");
+        let mut q = sqlx::query_as::<_, (String, String, String)>(&sql);
+        for key in keys {
+            q = q.bind(*key);
+        }
+        for (key, sku, _) in q.fetch_all(&mut *self.tx).await? {
+            out.entry(key).or_insert(sku);
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn delete_outputs(&mut self, skus: &[&str]) -> Result<(), StoreError> {
         if skus.is_empty() {
             return Ok(());
@@ -156,15 +206,17 @@ impl PlanTx {
         // a linear search per parameter, which made large batches quadratic.
         let mut sql = String::from(
             "INSERT INTO jobs (planned_run, provider, model, task, params, created_at, updated_at, \
-             sku, position, fingerprint, prompt, inputs, name) VALUES ",
+             sku, position, fingerprint, prompt, inputs, name, input_tag, request_key, reuse_of) VALUES ",
         );
-        placeholders(&mut sql, jobs.len(), 13);
+        placeholders(&mut sql, jobs.len(), 16);
         sql.push_str(
             " ON CONFLICT(sku) DO UPDATE SET planned_run = excluded.planned_run, \
              position = excluded.position, fingerprint = excluded.fingerprint, \
              provider = excluded.provider, model = excluded.model, task = excluded.task, \
              prompt = excluded.prompt, inputs = excluded.inputs, params = excluded.params, \
              name = excluded.name, \
+             input_tag = excluded.input_tag, request_key = excluded.request_key, \
+             reuse_of = excluded.reuse_of, \
              state = 'pending', attempts = 0, next_attempt_at = NULL, request_id = NULL, \
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",
@@ -184,7 +236,10 @@ impl PlanTx {
                 .bind(job.fingerprint)
                 .bind(job.prompt)
                 .bind(job.inputs)
-                .bind(job.name);
+                .bind(job.name)
+                .bind(job.input_tag)
+                .bind(job.request_key)
+                .bind(job.reuse_of);
         }
         q.execute(&mut *self.tx).await?;
         Ok(())
@@ -192,22 +247,31 @@ impl PlanTx {
 
     /// Stamps rows the plan keeps as they are with this run, their catalog position and their
     /// current name (a renamed product keeps its job and shows its new name).
-    pub(crate) async fn touch_jobs(
-        &mut self,
-        run_id: i64,
-        rows: &[(&str, i64, Option<&str>)],
-    ) -> Result<(), StoreError> {
+    pub(crate) async fn touch_jobs(&mut self, run_id: i64, rows: &[Touch<'_>]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut sql = String::from("WITH v(sku, pos, name) AS (VALUES ");
-        placeholders(&mut sql, rows.len(), 3);
+        let mut sql = String::from("WITH v(sku, pos, name, tag, key, reuse, known) AS (VALUES ");
+        placeholders(&mut sql, rows.len(), 7);
+        // A row planned without input checks gains its tag the first time it is planned with
+        // them, so a later change of picture is noticed.
         sql.push_str(
-            ") UPDATE jobs SET planned_run = ?, position = v.pos, name = v.name FROM v WHERE jobs.sku = v.sku",
+            ") UPDATE jobs SET planned_run = ?, position = v.pos, name = v.name, \
+             input_tag = coalesce(v.tag, jobs.input_tag), \
+             request_key = coalesce(v.key, jobs.request_key), \
+             reuse_of = CASE WHEN jobs.state IN ('pending', 'waiting') AND v.known THEN v.reuse ELSE jobs.reuse_of END \
+             FROM v WHERE jobs.sku = v.sku",
         );
         let mut q = sqlx::query(&sql);
-        for (sku, pos, name) in rows {
-            q = q.bind(*sku).bind(*pos).bind(*name);
+        for t in rows {
+            q = q
+                .bind(t.sku)
+                .bind(t.position)
+                .bind(t.name)
+                .bind(t.input_tag)
+                .bind(t.request_key)
+                .bind(t.reuse_of)
+                .bind(t.reuse_known);
         }
         q = q.bind(run_id);
         q.execute(&mut *self.tx).await?;

@@ -193,7 +193,8 @@ impl Store {
     }
 
     /// The next page of this run's jobs to submit, in catalog order: `pending`, and `waiting`
-    /// (whatever their `next_attempt_at`: the worker waits it out, keeping catalog order).
+    /// (whatever their `next_attempt_at`: the worker waits it out, keeping catalog order). Rows
+    /// that share another row's request (`reuse_of`) are never claimed.
     ///
     /// # Errors
     /// Database errors, or a corrupt row.
@@ -205,7 +206,7 @@ impl Store {
     ) -> Result<Vec<StoredJob>, StoreError> {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE planned_run = ? AND state IN ('pending', 'waiting') AND position > ?
+             WHERE planned_run = ? AND state IN ('pending', 'waiting') AND position > ? AND reuse_of IS NULL
              ORDER BY position LIMIT ?"
         );
         let rows =
