@@ -231,6 +231,11 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub(crate) no_reuse: bool,
+    /// Mark rows done without comparing each output with its input. Risks: a moved, recoloured,
+    /// reshaped or missing product, or a blank or cut-short image, reaches the catalog unseen.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) no_quality_gate: bool,
     /// Input images checked at once before the run [default: 16].
     #[arg(long, env = "BACKDROP_INPUT_CHECKS", value_name = "N")]
     pub(crate) input_checks: Option<usize>,

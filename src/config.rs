@@ -157,6 +157,8 @@ pub(crate) struct Settings {
     pub(crate) skip_invalid: bool,
     /// Share identical requests and reuse identical results (not `--no-reuse`).
     pub(crate) reuse: bool,
+    /// Compare each output with its input before done (not `--no-quality-gate`).
+    pub(crate) quality_gate: bool,
     /// Check input images before paying (not `--no-check-inputs`).
     pub(crate) check_inputs: bool,
     /// Input checks at once.
@@ -360,6 +362,7 @@ impl Settings {
             skip_invalid: args.skip_invalid,
             check_inputs: !args.no_check_inputs,
             reuse: !args.no_reuse,
+            quality_gate: !args.no_quality_gate,
             input_checks: match args.input_checks {
                 Some(0) => {
                     return Err(ConfigError::Invalid {

@@ -227,7 +227,8 @@ pub(crate) async fn execute(
 
     let counts = store.run_counts(run_id).await?;
     let count = |st: JobState| counts.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
-    let (exit, outcome) = decide(&pool_outcome, count(JobState::Failed), count(JobState::Ambiguous));
+    let (exit, outcome) =
+        decide(&pool_outcome, count(JobState::Failed), count(JobState::Ambiguous), count(JobState::Review));
     let summary = RunOutcome {
         version: SUMMARY_VERSION,
         run_id,
@@ -328,7 +329,7 @@ async fn check_inputs(settings: &Settings, store: &Store, record: bool) -> Resul
 }
 
 /// Maps how the pool ended to the exit code and the outcome word.
-fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64) -> (ExitCode, &'static str) {
+fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64, review: u64) -> (ExitCode, &'static str) {
     match pool.stop {
         Some(Stop::Interrupted) => (ExitCode::Interrupted, "interrupted"),
         Some(Stop::KeyRejected) => (ExitCode::KeyRejected, "key_rejected"),
@@ -336,6 +337,8 @@ fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64) -> (ExitCode, &'stati
         Some(Stop::Budget) => (ExitCode::OutOfCredits, "budget"),
         Some(Stop::OutputFailing) => (ExitCode::DiskFailing, "output_failing"),
         None if failed > 0 || ambiguous > 0 || pool.unfinished > 0 => (ExitCode::RowsFailed, "rows_failed"),
+        // Paid and saved, but held by the quality gate: a person must look (`backdrop accept`).
+        None if review > 0 => (ExitCode::RowsFailed, "review"),
         None => (ExitCode::Success, "done"),
     }
 }
@@ -354,6 +357,32 @@ fn check_writable(settings: &Settings) -> Result<(), Error> {
         })?;
     }
     Ok(())
+}
+
+/// The quality gate of this run, from the template's `[quality]` table, unless it or
+/// `--no-quality-gate` turns it off.
+fn quality_gate(
+    settings: &Settings,
+    downloads: &fetch::DownloadClient,
+) -> Result<Option<Arc<backdrop::pipeline::gate::Gate>>, Error> {
+    if !settings.quality_gate {
+        warn!(
+            "quality gate off (--no-quality-gate): outputs are marked done without being compared with their inputs"
+        );
+        return Ok(None);
+    }
+    let template = backdrop::prompt::Template::load(&settings.prompt).map_err(other_usage)?;
+    let quality = template.quality();
+    if !quality.enabled {
+        info!("quality gate off ([quality] enabled = false in the template)");
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(backdrop::pipeline::gate::Gate::new(
+        quality,
+        downloads.clone(),
+        &settings.out,
+        settings.max_download_bytes,
+    ))))
 }
 
 fn other_fatal(e: impl std::fmt::Display) -> Error {
@@ -402,6 +431,7 @@ async fn drive<P: Provider>(
     // link-local address unless the API base is one (the simulator's is).
     let policy = fetch::AddressPolicy::for_api_base(provider.base_url()).await;
     let downloads = fetch::DownloadClient::new(settings.request_timeout, policy).map_err(other_fatal)?;
+    let gate_downloads = downloads.clone();
     let fetcher = Fetcher::new(
         downloads,
         settings.out.clone(),
@@ -465,6 +495,7 @@ async fn drive<P: Provider>(
         low_credit_warning: settings.low_credit_warning,
         interrupt: interrupt.clone(),
         webhooks,
+        gate: quality_gate(settings, &gate_downloads)?,
     };
     let outcome = scheduler::run(pool).await;
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.
@@ -590,12 +621,13 @@ mod tests {
     #[test]
     fn stops_outrank_failures_and_failures_outrank_success() {
         let pool = |stop| PoolOutcome { stop, unfinished: 0 };
-        assert_eq!(decide(&pool(None), 0, 0).0, ExitCode::Success);
-        assert_eq!(decide(&pool(None), 2, 0).0, ExitCode::RowsFailed);
-        assert_eq!(decide(&pool(None), 0, 1).0, ExitCode::RowsFailed);
-        assert_eq!(decide(&pool(Some(Stop::Budget)), 2, 0), (ExitCode::OutOfCredits, "budget"));
-        assert_eq!(decide(&pool(Some(Stop::OutOfCredits)), 0, 0).0, ExitCode::OutOfCredits);
-        assert_eq!(decide(&pool(Some(Stop::KeyRejected)), 0, 0).0, ExitCode::KeyRejected);
-        assert_eq!(decide(&pool(Some(Stop::Interrupted)), 3, 0).0, ExitCode::Interrupted);
+        assert_eq!(decide(&pool(None), 0, 0, 0).0, ExitCode::Success);
+        assert_eq!(decide(&pool(None), 2, 0, 0).0, ExitCode::RowsFailed);
+        assert_eq!(decide(&pool(None), 0, 1, 0).0, ExitCode::RowsFailed);
+        assert_eq!(decide(&pool(None), 0, 0, 2), (ExitCode::RowsFailed, "review"));
+        assert_eq!(decide(&pool(Some(Stop::Budget)), 2, 0, 0), (ExitCode::OutOfCredits, "budget"));
+        assert_eq!(decide(&pool(Some(Stop::OutOfCredits)), 0, 0, 0).0, ExitCode::OutOfCredits);
+        assert_eq!(decide(&pool(Some(Stop::KeyRejected)), 0, 0, 0).0, ExitCode::KeyRejected);
+        assert_eq!(decide(&pool(Some(Stop::Interrupted)), 3, 0, 0).0, ExitCode::Interrupted);
     }
 }

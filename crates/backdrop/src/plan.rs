@@ -148,6 +148,8 @@ pub struct PlanCounts {
     pub in_flight: u64,
     /// The process died mid-submit (`backdrop retry --ambiguous`).
     pub ambiguous: u64,
+    /// Paid, held by the quality gate (`backdrop accept`, `backdrop retry --review`): skipped.
+    pub review: u64,
     /// Invalid rows (left out with `--skip-invalid`).
     pub invalid: u64,
     /// Rows to submit that share another row's paid request or done result instead: counted in
@@ -168,6 +170,7 @@ impl PlanCounts {
             + self.pending
             + self.in_flight
             + self.ambiguous
+            + self.review
     }
 
     /// Rows that need a (paid) submission: new, changed, forced, pending, waiting.
@@ -219,6 +222,7 @@ enum Class {
     Pending,
     InFlight,
     Ambiguous,
+    Review,
 }
 
 impl Class {
@@ -245,6 +249,10 @@ fn classify(existing: Option<&Existing>, fingerprint: &str, input_tag: Option<&s
     match e.state {
         JobState::Submitting | JobState::Submitted | JobState::Fetching => Class::InFlight,
         JobState::Ambiguous => Class::Ambiguous,
+        // Paid and held for a person: only `accept`, `retry --review` or `--force` moves it, so a
+        // plan never pays for it again on its own, even after the prompt changed.
+        JobState::Review if force => Class::Forced,
+        JobState::Review => Class::Review,
         _ if !same => Class::Changed,
         JobState::Done if force => Class::Forced,
         JobState::Done => Class::Done,
@@ -659,6 +667,7 @@ async fn flush(
             Class::Pending => &mut counts.pending,
             Class::InFlight => &mut counts.in_flight,
             Class::Ambiguous => &mut counts.ambiguous,
+            Class::Review => &mut counts.review,
         };
         *counter += 1;
         if class.submits() && samples.len() < SAMPLES {
@@ -742,8 +751,17 @@ impl Plan {
         let _ = writeln!(out, "  rows: {} valid, {} invalid", c.valid(), c.invalid);
         let _ = writeln!(
             out,
-            "  new {} · changed {} · forced {} · pending {} · waiting {} · done (skip) {} · failed {} · in flight {} · ambiguous {}",
-            c.new, c.changed, c.forced, c.pending, c.waiting, c.done, c.failed, c.in_flight, c.ambiguous
+            "  new {} · changed {} · forced {} · pending {} · waiting {} · done (skip) {} · failed {} · in flight {} · ambiguous {}{}",
+            c.new,
+            c.changed,
+            c.forced,
+            c.pending,
+            c.waiting,
+            c.done,
+            c.failed,
+            c.in_flight,
+            c.ambiguous,
+            if c.review > 0 { format!(" · review {}", c.review) } else { String::new() }
         );
         let paid = c.to_submit().saturating_sub(c.reused);
         let limited = if self.to_run < paid { format!(" (--limit; {paid} in all)") } else { String::new() };

@@ -94,6 +94,8 @@ pub struct Pool<P: Provider> {
     pub interrupt: CancellationToken,
     /// The webhook receiver, when `--webhook-listen` is set: a delivery wakes its poller early.
     pub webhooks: Option<Webhooks>,
+    /// The quality gate, unless turned off: a flagged row ends `review`, not `done`.
+    pub gate: Option<Arc<super::gate::Gate>>,
 }
 
 struct Shared<P: Provider> {
@@ -210,6 +212,8 @@ impl InFlight {
 /// How one job's turn ended, for the counters.
 enum JobEnd {
     Done,
+    /// Paid and saved, held by the quality gate.
+    Review,
     Failed,
     Ambiguous,
     /// Left for a later run (stop, interrupt, polls failing): nothing lost.
@@ -362,6 +366,7 @@ fn record<P: Provider>(
     let stats = &shared.pool.stats;
     match joined {
         Ok(Ok(JobEnd::Done)) => RunStats::bump(&stats.done),
+        Ok(Ok(JobEnd::Review)) => RunStats::bump(&stats.review),
         Ok(Ok(JobEnd::Failed)) => RunStats::bump(&stats.failed),
         Ok(Ok(JobEnd::Ambiguous)) => RunStats::bump(&stats.ambiguous),
         Ok(Ok(JobEnd::Left)) => {}
@@ -407,7 +412,9 @@ async fn work<P: Provider>(
         }
         JobState::Pending | JobState::Waiting => submit_phase(shared, &job, in_flight).await,
         // Never claimed; listed for completeness.
-        JobState::Submitting | JobState::Done | JobState::Failed | JobState::Ambiguous => Ok(JobEnd::Left),
+        JobState::Submitting | JobState::Done | JobState::Failed | JobState::Ambiguous | JobState::Review => {
+            Ok(JobEnd::Left)
+        }
     }
 }
 
@@ -851,12 +858,16 @@ async fn fetch_phase<P: Provider>(
         };
         // Every file is fsynced and renamed: only now is the row done. With others in flight, the
         // `done` rides along with their next change rather than paying for a transaction alone.
+        let (quality, review) = super::gate::judge_row(shared.pool.gate.as_deref(), &job.spec, &saved).await;
         let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
-        let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged };
+        let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged, quality, review };
         if shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0 {
             shared.commit(done).await?;
         } else {
             shared.pool.writer.commit_unhurried(done).await?;
+        }
+        if review {
+            return Ok(JobEnd::Review);
         }
         info!("done");
         return Ok(JobEnd::Done);

@@ -14,6 +14,8 @@ pub struct RunStats {
     pub failed: AtomicU64,
     /// Rows turned ambiguous in this run.
     pub ambiguous: AtomicU64,
+    /// Rows the quality gate held for review in this run.
+    pub review: AtomicU64,
     /// Jobs in flight now (submit to download).
     pub in_flight: AtomicU64,
     /// Retries scheduled (submits and downloads).

@@ -29,6 +29,8 @@ pub struct StateCounts {
     pub failed: i64,
     /// A paid request may have left without its id being saved.
     pub ambiguous: i64,
+    /// Paid, held by the quality gate for a person.
+    pub review: i64,
     /// Every job.
     pub total: i64,
 }
@@ -46,6 +48,7 @@ impl StateCounts {
             JobState::Waiting => self.waiting,
             JobState::Failed => self.failed,
             JobState::Ambiguous => self.ambiguous,
+            JobState::Review => self.review,
         }
     }
 
@@ -59,6 +62,7 @@ impl StateCounts {
             JobState::Waiting => &mut self.waiting,
             JobState::Failed => &mut self.failed,
             JobState::Ambiguous => &mut self.ambiguous,
+            JobState::Review => &mut self.review,
         }
     }
 }
@@ -593,7 +597,10 @@ fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
         // A failed row with its result saved is downloaded again instead (see `plan_requeue`).
         JobState::Failed if job.has_result => None,
         JobState::Done | JobState::Failed if job.charged() && !pay_again => Some(KeepReason::Charged),
-        JobState::Waiting
+        // Held by the quality gate, paid: only `retry --review` regenerates it (and says it pays).
+        JobState::Review if !pay_again => Some(KeepReason::Charged),
+        JobState::Review
+        | JobState::Waiting
         | JobState::Done
         | JobState::Failed
         | JobState::Ambiguous

@@ -230,11 +230,14 @@ pub enum JobState {
     Failed,
     /// The process died after a paid request may have left and before its id was saved.
     Ambiguous,
+    /// Paid and its files durable, but the quality gate flagged an output: held for a person
+    /// (`accept` makes it done, `retry --review` pays for a new image). Never resubmitted by a plan.
+    Review,
 }
 
 impl JobState {
     /// Every state, in life order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Pending,
         Self::Submitting,
         Self::Submitted,
@@ -243,6 +246,7 @@ impl JobState {
         Self::Waiting,
         Self::Failed,
         Self::Ambiguous,
+        Self::Review,
     ];
 
     /// The name stored in the `jobs.state` column.
@@ -257,6 +261,7 @@ impl JobState {
             Self::Waiting => "waiting",
             Self::Failed => "failed",
             Self::Ambiguous => "ambiguous",
+            Self::Review => "review",
         }
     }
 }
@@ -276,6 +281,44 @@ impl FromStr for JobState {
             .find(|st| st.as_str() == s)
             .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {s:?}")))
     }
+}
+
+/// Lets `jobs.state` hold `review`. SQLite cannot change a CHECK constraint in place: the table
+/// is rebuilt (its own definition with the longer list, rows copied, indexes remade) on one
+/// connection with foreign keys off, so dropping the old table does not cascade to `attempts`
+/// and `outputs`; sqlx runs every SQLite migration inside a transaction, where that pragma is
+/// ignored, hence this step after the migrations. Done once: a rebuilt table already allows it.
+async fn allow_review_state(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    const OLD: &str = "'ambiguous')";
+    const NEW: &str = "'ambiguous', 'review')";
+    let mut conn = pool.acquire().await?;
+    let (sql,): (String,) =
+        sqlx::query_as("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'")
+            .fetch_one(&mut *conn)
+            .await?;
+    if sql.contains("'review'") || !sql.contains(OLD) {
+        return Ok(());
+    }
+    let rebuilt = sql.replacen(OLD, NEW, 1).replacen("CREATE TABLE jobs", "CREATE TABLE jobs_rebuilt", 1);
+    sqlx::query("PRAGMA foreign_keys = OFF").execute(&mut *conn).await?;
+    let step = async {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query(&rebuilt).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO jobs_rebuilt SELECT * FROM jobs").execute(&mut *tx).await?;
+        sqlx::query("DROP TABLE jobs").execute(&mut *tx).await?;
+        sqlx::query("ALTER TABLE jobs_rebuilt RENAME TO jobs").execute(&mut *tx).await?;
+        sqlx::query(
+            "CREATE INDEX jobs_by_state ON jobs (state, position);
+             CREATE INDEX jobs_by_plan ON jobs (planned_run, state, position);
+             CREATE INDEX jobs_by_request_key ON jobs (request_key, state);",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+    .await;
+    sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+    step
 }
 
 /// backdrop's mark in the SQLite header (`PRAGMA application_id`), "bdrp": a database without it
@@ -347,6 +390,7 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|source| StoreError::Migrate { path: path.to_owned(), source })?;
+        allow_review_state(&pool).await.map_err(|e| StoreError::from(e).at(path))?;
         if !marked {
             sqlx::query(&format!("PRAGMA application_id = {APPLICATION_ID}"))
                 .execute(&pool)

@@ -125,6 +125,10 @@ pub enum Change {
         result: Option<String>,
         /// Credits to add with it (a poll's correction of the estimate made at submit).
         charged: f64,
+        /// The quality gate's verdicts (JSON), when it ran.
+        quality: Option<String>,
+        /// The gate flagged an output: the row becomes `review`, not `done`.
+        review: bool,
     },
 }
 
@@ -779,7 +783,7 @@ impl<'q> BatchSql<'q> {
                 self.bind(*job_id)?;
                 self.end_attempt(now, *attempt_id, end, None, None)?;
             }
-            Change::Done { job_id, outputs, result, charged } => {
+            Change::Done { job_id, outputs, result, charged, quality, review } => {
                 self.statement("DELETE FROM outputs WHERE job_id = ?");
                 self.bind(*job_id)?;
                 for o in outputs {
@@ -798,9 +802,11 @@ impl<'q> BatchSql<'q> {
                     self.bind(o.source_url.as_str())?;
                 }
                 self.statement(
-                    "UPDATE jobs SET state = 'done', next_attempt_at = NULL, error = NULL, error_class = NULL,
+                    "UPDATE jobs SET state = ?, quality = ?, next_attempt_at = NULL, error = NULL, error_class = NULL,
                             result = COALESCE(?, result), credits = credits + ?, updated_at = ? WHERE id = ?",
                 );
+                self.bind(if *review { "review" } else { "done" })?;
+                self.bind(quality.as_deref())?;
                 self.bind(result.as_deref())?;
                 self.bind(*charged)?;
                 self.bind(now)?;
@@ -965,7 +971,16 @@ mod tests {
         };
         // The poll said 9 credits, not the 8 estimated at submit: the correction lands on the
         // charged attempt too, so the run's spend and the row's agree.
-        w.commit(Change::Done { job_id: id, outputs: vec![out], result: None, charged: 1.0 }).await.unwrap();
+        w.commit(Change::Done {
+            job_id: id,
+            outputs: vec![out],
+            result: None,
+            charged: 1.0,
+            quality: None,
+            review: false,
+        })
+        .await
+        .unwrap();
         assert_eq!(state(&store, id).await.0, "done");
         assert!((store.total_spent().await.unwrap() - 9.0).abs() < 1e-9);
         let spends = store.run_spends(&std::collections::BTreeMap::new()).await.unwrap();
@@ -976,6 +991,58 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 2);
+    }
+
+    #[tokio::test]
+    async fn a_flagged_done_becomes_review_with_its_verdict_and_is_never_claimed() {
+        let (_dir, store, run) = store_with_jobs(1).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let a = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        w.commit(accepted(1, a, "r")).await.unwrap();
+        let out = SavedOutput {
+            index: 0,
+            path: "SKU-0/0.png".into(),
+            sha256: "ab".into(),
+            bytes: 10,
+            width: 4,
+            height: 4,
+            content_type: "image/png".into(),
+            source_url: "http://x/o.png".into(),
+        };
+        let verdict = r#"{"outputs":[{"index":0,"verdict":null,"error":"x"}]}"#;
+        w.commit(Change::Done {
+            job_id: 1,
+            outputs: vec![out],
+            result: Some("{}".into()),
+            charged: 0.0,
+            quality: Some(verdict.into()),
+            review: true,
+        })
+        .await
+        .unwrap();
+        assert_eq!(state(&store, 1).await.0, "review");
+        let (q,): (Option<String>,) =
+            sqlx::query_as("SELECT quality FROM jobs WHERE id = 1").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(q.as_deref(), Some(verdict));
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outputs WHERE job_id = 1")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the paid file is recorded");
+        assert!(
+            store.claimable_jobs(run, 0, 10).await.unwrap().is_empty(),
+            "a review row is never resubmitted"
+        );
+        // Reopening (the rebuild of the state's CHECK runs once) keeps the row, its attempt and file.
+        drop(w);
+        store.close().await;
+        let again = Store::open(store.path()).await.unwrap();
+        assert_eq!(state(&again, 1).await.0, "review");
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM attempts WHERE job_id = 1")
+            .fetch_one(again.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[tokio::test]
@@ -1052,7 +1119,14 @@ mod tests {
                 Durability::Whenever,
             ),
             (
-                Change::Done { job_id: 1, outputs: Vec::new(), result: None, charged: 0.0 },
+                Change::Done {
+                    job_id: 1,
+                    outputs: Vec::new(),
+                    result: None,
+                    charged: 0.0,
+                    quality: None,
+                    review: false,
+                },
                 Durability::Whenever,
             ),
         ];
@@ -1123,7 +1197,7 @@ mod tests {
     }
 
     fn done(job_id: i64) -> Change {
-        Change::Done { job_id, outputs: Vec::new(), result: None, charged: 0.0 }
+        Change::Done { job_id, outputs: Vec::new(), result: None, charged: 0.0, quality: None, review: false }
     }
 
     #[tokio::test]
@@ -1226,7 +1300,14 @@ mod tests {
             content_type: "image/png".into(),
             source_url: "http://x/0.png".into(),
         };
-        batch.push(op(Change::Done { job_id: 999, outputs: vec![output], result: None, charged: 0.0 }));
+        batch.push(op(Change::Done {
+            job_id: 999,
+            outputs: vec![output],
+            result: None,
+            charged: 0.0,
+            quality: None,
+            review: false,
+        }));
         assert!(try_apply(&mut conn, &batch, Sync::Full).await.is_err());
         for id in 1..=n {
             assert_eq!(state(&store, id).await, ("pending".into(), 0, None), "job {id} was rolled back");

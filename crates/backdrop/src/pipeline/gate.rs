@@ -1,0 +1,216 @@
+//! The quality gate in the pipeline: before a row is `done`, each of its verified outputs is
+//! judged against its input ([`crate::quality::assess`], or `assess_output` for text-to-image
+//! rows) off the async runtime's threads, a few at a time; a flagged row is held as `review`.
+//! Owns [`Gate`]: fetching and caching decoded inputs, and the verdicts' stored form [`Judgement`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tracing::warn;
+
+use crate::domain::{JobSpec, SavedOutput, Task};
+use crate::fetch::{DownloadClient, guard};
+use crate::quality::{self, QualitySettings, Verdict};
+
+/// Decoded inputs kept at once: rows of one catalog often share a picture, and a decoded
+/// 4096² picture is 64 MB, so the cache stays small and is emptied when full.
+const CACHE_ENTRIES: usize = 16;
+
+/// One output's judgement, as stored in `jobs.quality`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputJudgement {
+    /// The output's index within its row.
+    pub index: u32,
+    /// Every check's score and outcome, when the output could be checked.
+    pub verdict: Option<Verdict>,
+    /// Why it could not be checked (the input unreachable, an image that does not decode).
+    pub error: Option<String>,
+}
+
+/// A row's judgement: one entry per output.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Judgement {
+    /// Per output, in index order.
+    pub outputs: Vec<OutputJudgement>,
+}
+
+impl Judgement {
+    /// True when an output was flagged or could not be checked: the row is held for review. An
+    /// output that could not be checked is held rather than passed, since nothing vouches for it.
+    #[must_use]
+    pub fn holds(&self) -> bool {
+        self.outputs.iter().any(|o| o.error.is_some() || o.verdict.as_ref().is_some_and(|v| !v.passed()))
+    }
+
+    /// The reasons for holding, joined with `; ` (empty when it passed).
+    #[must_use]
+    pub fn reasons(&self) -> String {
+        let mut parts = Vec::new();
+        for o in &self.outputs {
+            if let Some(e) = &o.error {
+                parts.push(format!("output {}: not checked: {e}", o.index));
+            } else if let Some(v) = &o.verdict
+                && !v.passed()
+            {
+                parts.push(format!("output {}: {}", o.index, v.summary()));
+            }
+        }
+        parts.join("; ")
+    }
+}
+
+/// The gate of one run: its template's settings, the downloads' guarded client for inputs, a
+/// bound on checks at once and a small cache of decoded inputs.
+pub struct Gate {
+    settings: QualitySettings,
+    client: DownloadClient,
+    out_dir: PathBuf,
+    max_input_bytes: u64,
+    permits: Semaphore,
+    cache: Mutex<HashMap<String, Arc<DynamicImage>>>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("out_dir", &self.out_dir).finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    /// A gate judging outputs under `out_dir` with `settings`; inputs larger than
+    /// `max_input_bytes` are not downloaded. At most one check per CPU runs at once.
+    #[must_use]
+    pub fn new(
+        settings: QualitySettings,
+        client: DownloadClient,
+        out_dir: &Path,
+        max_input_bytes: u64,
+    ) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self {
+            settings,
+            client,
+            out_dir: out_dir.to_path_buf(),
+            max_input_bytes,
+            permits: Semaphore::new(cpus),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Judges a row's outputs (files already durable and verified under the output folder)
+    /// against its inputs. Never fails: what cannot be checked is recorded as such.
+    pub async fn judge(&self, task: Task, inputs: &[String], outputs: &[SavedOutput]) -> Judgement {
+        let input = match (task, inputs.first()) {
+            (Task::Edit, Some(reference)) => match self.input(reference).await {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    warn!(error = %e, "quality gate: the input cannot be read; holding the row for review");
+                    return Judgement {
+                        outputs: outputs
+                            .iter()
+                            .map(|o| OutputJudgement {
+                                index: o.index,
+                                verdict: None,
+                                error: Some(e.clone()),
+                            })
+                            .collect(),
+                    };
+                }
+            },
+            _ => None,
+        };
+        let mut judged = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let (verdict, error) = match self.check(input.clone(), &self.out_dir.join(&o.path)).await {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e)),
+            };
+            judged.push(OutputJudgement { index: o.index, verdict, error });
+        }
+        Judgement { outputs: judged }
+    }
+
+    async fn check(&self, input: Option<Arc<DynamicImage>>, path: &Path) -> Result<Verdict, String> {
+        let bytes =
+            tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let settings = self.settings.clone();
+        tokio::task::spawn_blocking(move || {
+            let output = quality::decode(&bytes, "output")?;
+            match input {
+                Some(input) => quality::assess(&input, &output, &settings),
+                None => quality::assess_output(&output, &settings),
+            }
+        })
+        .await
+        .map_err(|e| format!("the check stopped: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+
+    /// The decoded input, from the cache or fetched (a URL through the downloads' guarded
+    /// client, under the downloads' size cap) or read (a local file).
+    async fn input(&self, reference: &str) -> Result<Arc<DynamicImage>, String> {
+        if let Ok(cache) = self.cache.lock()
+            && let Some(hit) = cache.get(reference)
+        {
+            return Ok(Arc::clone(hit));
+        }
+        let bytes = self.input_bytes(reference).await?;
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let decoded = tokio::task::spawn_blocking(move || quality::decode(&bytes, "input"))
+            .await
+            .map_err(|e| format!("the decode stopped: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let decoded = Arc::new(decoded);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(reference.to_owned(), Arc::clone(&decoded));
+        }
+        Ok(decoded)
+    }
+
+    async fn input_bytes(&self, reference: &str) -> Result<Vec<u8>, String> {
+        let lower = reference.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            return tokio::fs::read(reference)
+                .await
+                .map_err(|e| format!("cannot read the input {reference}: {e}"));
+        }
+        let url = url::Url::parse(reference).map_err(|e| format!("the input URL does not parse: {e}"))?;
+        guard::check_url(&url, self.client.policy())
+            .map_err(|why| format!("the input URL is refused: {why}"))?;
+        let response =
+            self.client.client().get(url).send().await.map_err(|e| format!("cannot fetch the input: {e}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("the input's host answered HTTP {}", status.as_u16()));
+        }
+        let limit = usize::try_from(self.max_input_bytes).unwrap_or(usize::MAX);
+        crate::provider::http::read_capped(response, limit)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| format!("cannot read the input: {e}"))
+    }
+}
+
+/// The scheduler's one call: with a gate, a row's stored judgement (JSON) and whether it is held
+/// for review; without one (`--no-quality-gate`, `[quality] enabled = false`), nothing and done.
+pub async fn judge_row(
+    gate: Option<&Gate>,
+    job: &JobSpec,
+    outputs: &[SavedOutput],
+) -> (Option<String>, bool) {
+    let Some(gate) = gate else { return (None, false) };
+    let judgement = gate.judge(job.task, &job.inputs, outputs).await;
+    let held = judgement.holds();
+    if held {
+        warn!(reasons = %judgement.reasons(), "quality gate: held for review");
+    }
+    (serde_json::to_string(&judgement).ok(), held)
+}
