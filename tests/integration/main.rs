@@ -7,6 +7,7 @@ mod budget;
 mod chaos;
 mod crash;
 mod firsthour;
+mod gate;
 mod hostile;
 mod operate;
 mod ops;
