@@ -133,6 +133,9 @@ pub(crate) enum Command {
     /// Put failed, ambiguous or named rows back in the queue for the next `run`.
     #[command(after_help = RETRY_EXAMPLES)]
     Retry(RetryArgs),
+    /// Mark rows the quality gate held for review as done, after looking at them.
+    #[command(after_help = ACCEPT_EXAMPLES)]
+    Accept(AcceptArgs),
     /// Write a report of every row: csv, json, or an html before/after gallery.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
@@ -345,6 +348,26 @@ pub(crate) struct RetryArgs {
     #[arg(long)]
     pub(crate) pay_again: bool,
 }
+
+/// Arguments of `backdrop accept`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["sku", "all_review"])))]
+pub(crate) struct AcceptArgs {
+    /// The state database.
+    #[command(flatten)]
+    pub(crate) state: StateArgs,
+    /// Accept this review row (repeatable).
+    #[arg(long, value_name = "SKU")]
+    pub(crate) sku: Vec<String>,
+    /// Accept every review row.
+    #[arg(long)]
+    pub(crate) all_review: bool,
+}
+
+const ACCEPT_EXAMPLES: &str = "Examples:
+  backdrop report --format html -o review.html      # look at the held rows first
+  backdrop accept --sku MUG-001 --sku MUG-007
+  backdrop accept --all-review";
 
 /// Arguments of `backdrop report`.
 #[derive(Debug, Clone, Args)]

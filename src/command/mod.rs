@@ -7,6 +7,7 @@ use crate::cli::{Cli, Command};
 use crate::error::Error;
 use crate::exit::ExitCode;
 
+pub(crate) mod accept;
 pub(crate) mod forced_exit;
 pub(crate) mod leftovers;
 pub(crate) mod report;
@@ -24,6 +25,7 @@ pub(crate) async fn dispatch(cli: Cli, interrupt: CancellationToken) -> Result<E
         Command::Run(args) => run::execute(&cli.global, *args, interrupt).await,
         Command::Status(args) => status::execute(&cli.global, &args).await,
         Command::Retry(args) => retry::execute(&cli.global, &args).await,
+        Command::Accept(args) => accept::execute(&cli.global, &args).await,
         Command::Report(args) => report::execute(&cli.global, &args).await,
         Command::Sim(sim) => {
             // clap hands the global flag's value here too, so BACKDROP_CONFIG set for `run`

@@ -82,6 +82,24 @@ async fn altered_edits_are_held_for_review_and_faithful_ones_are_done() {
     assert_eq!(code(&again), 3, "{}", stderr(&again));
     assert_eq!(env.sim.ledger().await.len(), ROWS, "nothing is charged twice");
     assert!(env.double_charges().await.is_empty());
+
+    // `accept` makes one named review row done, then every other one; nothing is paid.
+    let first = rows.iter().find(|(_, s, _, _)| s == "review").map(|r| r.0.clone()).expect("a review row");
+    let mut cmd = env.cmd();
+    cmd.args(["accept", "--sku", &first, "--state"]).arg(env.state());
+    let acc = output(cmd).await;
+    assert_eq!(code(&acc), 0, "{}", stderr(&acc));
+    assert!(String::from_utf8_lossy(&acc.stdout).contains(&format!("accepted {first}")));
+    assert_eq!(env.states().await.get("review").copied(), Some(i64::try_from(held - 1).unwrap()));
+    let mut cmd = env.cmd();
+    cmd.args(["accept", "--all-review", "--state"]).arg(env.state());
+    let acc = output(cmd).await;
+    assert_eq!(code(&acc), 0, "{}", stderr(&acc));
+    assert_eq!(env.states().await.get("review"), None);
+    assert_eq!(env.states().await.get("done").copied(), Some(i64::try_from(ROWS).unwrap()));
+    let last = output(env.run_cmd(&catalog, &[])).await;
+    assert_eq!(code(&last), 0, "accepted rows are done: {}", stderr(&last));
+    assert_eq!(env.sim.ledger().await.len(), ROWS, "accepting pays for nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

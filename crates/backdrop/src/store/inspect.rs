@@ -589,6 +589,43 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Marks rows held by the quality gate as done (a person looked and accepts the output):
+    /// the named SKUs, or with `skus` empty every review row. Rows in another state are left
+    /// alone. Returns the SKUs now done, in SKU order.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn accept_review(&self, skus: &[String]) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool().begin().await?;
+        let mut accepted: Vec<String> = if skus.is_empty() {
+            sqlx::query_scalar(
+                "UPDATE jobs SET state = 'done', updated_at = ?1 WHERE state = 'review' RETURNING sku",
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            let mut done = Vec::new();
+            for sku in skus {
+                let row: Option<String> = sqlx::query_scalar(
+                    "UPDATE jobs SET state = 'done', updated_at = ?1 WHERE sku = ?2 AND state = 'review' RETURNING sku",
+                )
+                .bind(now)
+                .bind(sku)
+                .fetch_optional(&mut *tx)
+                .await?;
+                done.extend(row);
+            }
+            done
+        };
+        tx.commit().await.map_err(|e| self.write_error(e))?;
+        accepted.sort();
+        Ok(accepted)
+    }
+}
+
 fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
     match job.state {
         JobState::Pending => Some(KeepReason::AlreadyPending),
