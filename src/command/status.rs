@@ -88,6 +88,14 @@ impl Status {
                 let _ = writeln!(s, "  {:<11}{n:>7}", state.as_str());
             }
         }
+        if self.counts.review > 0 {
+            let _ = writeln!(
+                s,
+                "review ({}): paid, held by the quality gate; look at them (`backdrop report`), then \
+                 `backdrop accept --sku SKU` or `--all-review`",
+                self.counts.review
+            );
+        }
         let _ = writeln!(s, "spent: {}", describe_spend(&self.spent));
         let exposed: u64 = self.runs.iter().map(|r| r.possibly_charged_requests).sum();
         if exposed > 0 {
