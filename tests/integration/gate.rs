@@ -83,6 +83,21 @@ async fn altered_edits_are_held_for_review_and_faithful_ones_are_done() {
     assert_eq!(env.sim.ledger().await.len(), ROWS, "nothing is charged twice");
     assert!(env.double_charges().await.is_empty());
 
+    // The report gives each check's score and the reasons for each flag, in columns at the end.
+    let csv = env.path("report.csv");
+    let mut cmd = env.cmd();
+    cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(env.state());
+    let rep = output(cmd).await;
+    assert_eq!(code(&rep), 0, "{}", stderr(&rep));
+    let report = std::fs::read_to_string(&csv).expect("report");
+    assert!(
+        report.lines().next().is_some_and(|h| h.ends_with(",quality_scores,quality_reasons")),
+        "{report}"
+    );
+    let review_lines: Vec<&str> = report.lines().filter(|l| l.contains(",review,")).collect();
+    assert_eq!(review_lines.len(), held, "{report}");
+    assert!(review_lines.iter().all(|l| l.contains("0:presence=") && l.contains("0: the ")), "{report}");
+
     // `accept` makes one named review row done, then every other one; nothing is paid.
     let first = rows.iter().find(|(_, s, _, _)| s == "review").map(|r| r.0.clone()).expect("a review row");
     let mut cmd = env.cmd();

@@ -422,7 +422,9 @@ async fn csv_report_is_in_catalog_order_and_spreadsheet_safe() {
             "credits",
             "attempts",
             "error",
-            "reused_from"
+            "reused_from",
+            "quality_scores",
+            "quality_reasons"
         ]
     );
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();

@@ -11,7 +11,7 @@ use super::{ReportError, ReportFormatter, RunSummary, format_amount};
 /// per output file, joined by `;` in output order; `credits` is in the provider's unit
 /// (seedance credits, fal dollars); `reused_from` is the SKU whose result the row shares (its
 /// files are copies, its cost nothing), empty for a row that made its own request.
-pub const CSV_HEADER: [&str; 11] = [
+pub const CSV_HEADER: [&str; 13] = [
     "sku",
     "state",
     "provider",
@@ -23,6 +23,8 @@ pub const CSV_HEADER: [&str; 11] = [
     "attempts",
     "error",
     "reused_from",
+    "quality_scores",
+    "quality_reasons",
 ];
 
 /// Writes the summary's rows as CSV.
@@ -48,6 +50,8 @@ impl ReportFormatter for CsvFormatter {
                 row.attempts.to_string(),
                 row.error.clone().unwrap_or_default(),
                 row.reused_from.clone().unwrap_or_default(),
+                row.quality_scores.clone(),
+                row.quality_reasons.clone(),
             ];
             w.write_record(record.iter().map(|cell| neutralise(cell).into_owned()))?;
         }

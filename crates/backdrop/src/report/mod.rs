@@ -111,6 +111,11 @@ pub struct ReportRow {
     /// The SKU whose paid request or done result this row shares: its files are copies of that
     /// row's and it cost nothing. `None` for a row that made its own request.
     pub reused_from: Option<String>,
+    /// The quality gate's scores per check (`output:check=score`, `;`-separated), empty when it
+    /// did not run.
+    pub quality_scores: String,
+    /// Why the gate held the row (a reason per flag), empty when it passed or did not run.
+    pub quality_reasons: String,
     /// Last change (RFC 3339, UTC).
     pub updated_at: String,
 }
@@ -148,12 +153,54 @@ impl From<OutputRecord> for ReportOutput {
     }
 }
 
+/// The stored form of the gate's judgement of a row.
+#[derive(serde::Deserialize)]
+struct StoredJudgement {
+    outputs: Vec<StoredOutputJudgement>,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredOutputJudgement {
+    index: u32,
+    verdict: Option<crate::quality::Verdict>,
+    error: Option<String>,
+}
+
+/// The report's two quality cells from the stored judgement: every check's score, and the
+/// reasons for each flag (or why an output could not be checked).
+fn quality_cells(stored: Option<&str>) -> (String, String) {
+    let Some(judged) = stored.and_then(|s| serde_json::from_str::<StoredJudgement>(s).ok()) else {
+        return (String::new(), String::new());
+    };
+    let (mut scores, mut reasons) = (Vec::new(), Vec::new());
+    for o in &judged.outputs {
+        if let Some(e) = &o.error {
+            reasons.push(format!("{}: not checked: {e}", o.index));
+        }
+        if let Some(v) = &o.verdict {
+            for c in &v.checks {
+                if let Some(score) = c.score {
+                    scores.push(format!("{}:{}={score:.3}", o.index, c.check.name()));
+                }
+                if c.outcome == crate::quality::Outcome::Flag
+                    && let Some(r) = &c.reason
+                {
+                    reasons.push(format!("{}: {r}", o.index));
+                }
+            }
+        }
+    }
+    (scores.join(";"), reasons.join("; "))
+}
+
 impl From<JobRecord> for ReportRow {
     fn from(j: JobRecord) -> Self {
         Self {
             dollars: crate::money::stored_to_dollars(&j.provider, j.credits),
             updated_at: rfc3339(j.updated_at),
             reused_from: j.reused_from,
+            quality_scores: quality_cells(j.quality.as_deref()).0,
+            quality_reasons: quality_cells(j.quality.as_deref()).1,
             sku: j.sku,
             name: j.name,
             position: j.position,
@@ -363,6 +410,8 @@ pub(crate) mod tests_support {
             error_class: None,
             updated_at: rfc3339(0),
             reused_from: None,
+            quality_scores: String::new(),
+            quality_reasons: String::new(),
         };
         let mut done = row("=HYPERLINK(\"x\")", JobState::Done);
         done.outputs = vec![output(0), output(1)];

@@ -203,6 +203,7 @@ struct JobRow {
     error_class: Option<String>,
     updated_at: i64,
     reuse_of: Option<String>,
+    quality: Option<String>,
 }
 
 /// A job with everything a report shows.
@@ -244,6 +245,8 @@ pub struct JobRecord {
     /// The SKU whose paid request or done result this row shares (its files are copies of that
     /// row's, and it cost nothing); `None` for a row that made its own request.
     pub reused_from: Option<String>,
+    /// The quality gate's verdicts (JSON), when it ran.
+    pub quality: Option<String>,
     /// Its output files, by index.
     pub outputs: Vec<OutputRecord>,
 }
@@ -438,7 +441,7 @@ impl Store {
     pub async fn report_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let jobs: Vec<JobRow> = sqlx::query_as(
             "SELECT id, sku, name, position, provider, model, task, prompt, inputs, state, attempts,
-                    request_id, credits, error, error_class, updated_at, reuse_of
+                    request_id, credits, error, error_class, updated_at, reuse_of, quality
              FROM jobs ORDER BY position, id",
         )
         .fetch_all(self.pool())
@@ -477,6 +480,7 @@ impl Store {
                     error_class: j.error_class,
                     updated_at: j.updated_at,
                     reused_from: j.reuse_of,
+                    quality: j.quality,
                 })
             })
             .collect()
