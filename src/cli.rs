@@ -124,6 +124,10 @@ pub(crate) struct RunArgs {
     /// Request rate limit shared by every worker, e.g. 10/s or 600/m [default: 10/s].
     #[arg(long, env = "BACKDROP_RATE")]
     pub(crate) rate: Option<String>,
+    /// How long the server may answer nothing but 429 (too many requests) before the run stops,
+    /// resumably, with exit code 7 [default: 5m]. A 429 never uses up a row's attempts.
+    #[arg(long, env = "BACKDROP_PATIENCE", value_name = "DURATION")]
+    pub(crate) patience: Option<String>,
     /// Submissions per row before it fails [default: 5].
     #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
     pub(crate) max_attempts: Option<u32>,

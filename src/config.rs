@@ -132,6 +132,8 @@ pub(crate) struct Settings {
     pub(crate) rate: Rate,
     /// Submissions per row.
     pub(crate) max_attempts: u32,
+    /// How long nothing but 429s may come before the run stops.
+    pub(crate) patience: Duration,
     /// The tighter of `--max-credits` and `--max-cost`, in the provider's unit: what this run
     /// may spend.
     pub(crate) spending_cap: Option<f64>,
@@ -334,6 +336,7 @@ impl Settings {
             concurrency,
             rate,
             max_attempts,
+            patience: duration("--patience", args.patience.as_deref(), backdrop::pipeline::scheduler::DEFAULT_PATIENCE)?,
             spending_cap,
             low_credit_warning: args.low_credit_warning,
             limit: args.limit,

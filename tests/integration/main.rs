@@ -7,6 +7,7 @@ mod budget;
 mod chaos;
 mod crash;
 mod hostile;
+mod limits;
 mod operate;
 mod ops;
 mod plan;

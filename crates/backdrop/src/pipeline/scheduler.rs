@@ -1,25 +1,29 @@
 //! The worker pool: resumes jobs a crash left at the provider, then claims this run's jobs in
-//! catalog order, at most `concurrency` in flight end to end (submit → poll → download), and
-//! drives each through the provider with the budget, rate limit, retry policy and store writer.
+//! catalog order, at most the adaptive window of jobs in flight end to end (submit → poll →
+//! download; `concurrency` is its ceiling), and drives each through the provider with the
+//! budget, the adaptive rate limiter, retry policy and store writer. A 429 means "later": it
+//! moves the pace or the window, never a row's attempts; only 429s for `patience` stop the run.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::adaptive::{Said, Throttle};
 use super::backoff::{PollSchedule, PollTiming, RetryPolicy};
-use super::limiter::Limiter;
+use super::limiter::{Limiter, Window, WindowPermit};
 use super::stats::RunStats;
 use super::webhooks::Webhooks;
 use crate::domain::{JobSpec, RequestRef};
 use crate::fetch::{FetchError, Fetcher, Persister};
 use crate::money::{Budget, PriceTable};
-use crate::provider::{ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission};
+use crate::provider::{
+    ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission, Throttled,
+};
 use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
 
 /// Rows read from the store per page: memory stays flat whatever the catalog size.
@@ -47,7 +51,12 @@ pub enum Stop {
     Interrupted,
     /// The output folder cannot be written (full, read-only, not permitted, failing).
     OutputFailing,
+    /// The server answered nothing but 429s for the run's patience.
+    Throttled,
 }
+
+/// How long a run may get nothing but 429s before it stops, unless the user says otherwise.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// How the pool ended.
 #[derive(Debug, Clone, Default)]
@@ -84,8 +93,10 @@ pub struct Pool<P: Provider> {
     pub stats: Arc<RunStats>,
     /// This run.
     pub run_id: i64,
-    /// Jobs in flight at once.
+    /// Jobs in flight at once at most: the ceiling of the adaptive window.
     pub concurrency: usize,
+    /// How long the server may answer nothing but 429s before the run stops (resumable).
+    pub patience: Duration,
     /// Rows to claim at most (resumed jobs not counted: they are already paid for).
     pub limit: Option<u64>,
     /// Warn when the provider reports fewer credits than this.
@@ -107,6 +118,11 @@ struct Shared<P: Provider> {
     low_credit_warned: std::sync::atomic::AtomicBool,
     /// When this run's jobs tend to be done, for the first polls.
     timing: PollTiming,
+    /// The adaptive window of jobs in flight.
+    window: Arc<Window>,
+    /// Since when the run has seen no progress (a submit answered other than 429, or a job
+    /// completed), when its last submit answer was a 429: the patience counts from here.
+    throttled: Mutex<Option<Instant>>,
 }
 
 impl<P: Provider> Shared<P> {
@@ -141,6 +157,11 @@ impl<P: Provider> Shared<P> {
                     "the output folder cannot be written: no new submits; paid rows keep their results \
                      and the next run downloads them"
                 ),
+                Stop::Throttled => warn!(
+                    patience_secs = self.pool.patience.as_secs(),
+                    "the server answered nothing but 429 (too many requests) for the whole patience: \
+                     no new submits; finishing the jobs in flight. Run again later to resume"
+                ),
             }
             *stop = Some(why);
         }
@@ -150,6 +171,22 @@ impl<P: Provider> Shared<P> {
         if why == Stop::KeyRejected {
             self.stop_all.cancel();
         }
+    }
+
+    /// A submit was answered 429: the run is throttled from now, unless it already was.
+    fn saw_429(&self) {
+        let mut throttled = self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        throttled.get_or_insert_with(Instant::now);
+    }
+
+    /// A submit was answered other than 429, or a job completed: the run is not stuck.
+    fn saw_progress(&self) {
+        *self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Since when the run has got nothing but 429s, if it has.
+    fn throttled_since(&self) -> Option<Instant> {
+        *self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn price(&self, job: &JobSpec) -> f64 {
@@ -195,15 +232,29 @@ impl<P: Provider> Shared<P> {
 /// over (the last output is on disk), before the final bookkeeping commit, so the next job can
 /// start while the store catches up.
 struct InFlight {
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<WindowPermit>,
     stats: Arc<RunStats>,
 }
 
 impl InFlight {
     fn release(&mut self) {
-        if self.permit.take().is_some() {
+        drop(self.take());
+    }
+
+    /// Gives the place up (to hand it back to the window with a verdict).
+    fn take(&mut self) -> Option<WindowPermit> {
+        let permit = self.permit.take();
+        if permit.is_some() {
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        permit
+    }
+
+    /// Takes a new place.
+    fn hold(&mut self, permit: WindowPermit) {
+        self.release();
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.permit = Some(permit);
     }
 }
 
@@ -222,8 +273,10 @@ enum JobEnd {
 /// # Errors
 /// A store error: the state file can no longer be written, so nothing is safe to send.
 pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> {
-    let concurrency = pool.concurrency.max(1);
+    let concurrency = u32::try_from(pool.concurrency.max(1)).unwrap_or(u32::MAX);
     let shared = Arc::new(Shared {
+        window: Window::new(concurrency),
+        throttled: Mutex::new(None),
         stop_submits: pool.interrupt.child_token(),
         stop_all: CancellationToken::new(),
         pool,
@@ -231,7 +284,6 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         low_credit_warned: std::sync::atomic::AtomicBool::new(false),
         timing: PollTiming::default(),
     });
-    let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
     let mut outcome = PoolOutcome::default();
     let mut fatal: Option<StoreError> = None;
@@ -249,6 +301,23 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
             shared.stop_all.cancel();
         }
     }));
+    // A server that answers nothing but 429s for the patience stops the run (resumable).
+    let patience = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let tick = (shared.pool.patience / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(tick) => {}
+                    () = shared.stop_submits.cancelled() => return,
+                }
+                if shared.throttled_since().is_some_and(|t| t.elapsed() >= shared.pool.patience) {
+                    shared.stop(Stop::Throttled);
+                    return;
+                }
+            }
+        }
+    }));
 
     // 1. Jobs a previous run left at the provider: poll or re-download them, never resubmit.
     let mut after_id = 0;
@@ -258,7 +327,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         after_id = last.spec.id;
         for job in page {
             let permit = tokio::select! {
-                permit = acquire(&shared, &semaphore, &shared.stop_all) => permit,
+                permit = acquire(&shared, &shared.stop_all) => permit,
                 // Interrupted: what is in flight finishes; nothing more is taken on.
                 () = shared.pool.interrupt.cancelled() => None,
             };
@@ -283,7 +352,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
             if shared.pool.limit.is_some_and(|limit| claimed >= limit) {
                 break 'claim;
             }
-            let Some(permit) = acquire(&shared, &semaphore, &shared.stop_submits).await else { break 'claim };
+            let Some(permit) = acquire(&shared, &shared.stop_submits).await else { break 'claim };
             claimed += 1;
             RunStats::bump(&shared.pool.stats.total);
             spawn(&mut tasks, &shared, job, permit);
@@ -298,6 +367,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         record(joined, &mut outcome, &mut fatal, &shared);
     }
     drop(grace);
+    drop(patience);
     if let Some(e) = fatal {
         return Err(e);
     }
@@ -308,15 +378,9 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     Ok(outcome)
 }
 
-async fn acquire<P: Provider>(
-    shared: &Shared<P>,
-    semaphore: &Arc<Semaphore>,
-    token: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    let _ = shared;
+async fn acquire<P: Provider>(shared: &Shared<P>, token: &CancellationToken) -> Option<WindowPermit> {
     tokio::select! {
-        // The semaphore is never closed, so an error cannot happen; treat it as a stop anyway.
-        permit = semaphore.clone().acquire_owned() => permit.ok(),
+        permit = shared.window.acquire() => Some(permit),
         () = token.cancelled() => None,
     }
 }
@@ -325,7 +389,7 @@ fn spawn<P: Provider>(
     tasks: &mut JoinSet<Result<JobEnd, StoreError>>,
     shared: &Arc<Shared<P>>,
     job: StoredJob,
-    permit: OwnedSemaphorePermit,
+    permit: WindowPermit,
 ) {
     let shared = Arc::clone(shared);
     let span = info_span!("job", sku = %job.spec.sku, id = job.spec.id);
@@ -483,13 +547,33 @@ async fn submit_phase<P: Provider>(
         attempts += 1;
         RunStats::bump(&shared.pool.stats.submits);
         let started = Instant::now();
+        let sent = tokio::time::Instant::now();
         // Not raced against shutdown: the answer carries the request id we must save. The
         // client's request timeout bounds the wait.
         let answer = shared.pool.provider.submit(spec).await;
         let latency = started.elapsed();
         let latency_ms = Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX));
+        // The answer's verdict on the pace and the window (a 429 below).
+        if answer.is_ok() {
+            shared.saw_progress();
+            shared.pool.limiter.on_success(sent);
+            if let Some(permit) = &in_flight.permit {
+                shared.window.on_accepted(permit);
+            }
+        }
+        if let Ok(Submission::Queued { position, .. }) = &answer {
+            // Paid and waiting behind others in the provider's queue: the account runs all it
+            // may, so the window shrinks instead of stacking paid requests in the queue.
+            debug!(position, "accepted into the provider's queue behind others");
+            shared.window.on_queued(sent, u64::from(*position));
+        }
+        if let Err(e) = &answer
+            && e.status() != Some(429)
+        {
+            shared.saw_progress();
+        }
         match answer {
-            Ok(Submission::Accepted(request)) => {
+            Ok(Submission::Accepted(request) | Submission::Queued { request, .. }) => {
                 info!(request_id = %request.request_id, attempt = attempts, latency_ms, "submitted");
                 shared.pool.budget.charge(reservation, price);
                 shared.pool.stats.add_spent(price);
@@ -541,6 +625,51 @@ async fn submit_phase<P: Provider>(
                     cancel_url: None,
                 });
                 return fetch_phase(shared, job, request, result, None, in_flight).await;
+            }
+            Err(e) if e.throttled().is_some() => {
+                // 429: the API wrote that it did not take the request (nothing charged), and
+                // that it wants it later. It costs the row no attempt: the pace or the window
+                // adapts, and only the patience (nothing but 429s for that long) stops the run.
+                shared.pool.budget.release(reservation);
+                shared.saw_429();
+                attempts = attempts.saturating_sub(1);
+                RunStats::bump(&shared.pool.stats.retries);
+                shared
+                    .commit(Change::Released {
+                        job_id: spec.id,
+                        attempt_id: Some(attempt_id),
+                        end: attempt_end(&e, "retry", latency),
+                    })
+                    .await?;
+                let retry_after = e.retry_after().map(|ra| ra.min(shared.pool.retry.cap));
+                let said = match e.throttled() {
+                    Some(Throttled::Rate) => Said::Rate,
+                    Some(Throttled::InFlight) => Said::InFlight,
+                    Some(Throttled::Unsaid) | None => Said::Nothing,
+                };
+                match Throttle::classify(retry_after, said) {
+                    Throttle::Rate { retry_after } => {
+                        debug!(retry_after_ms = retry_after.map(|d| d.as_millis()), "429: slowing the pace");
+                        shared.pool.limiter.on_429(sent, retry_after);
+                    }
+                    Throttle::InFlight => {
+                        let alone = shared.window.in_flight() <= 1;
+                        if let Some(permit) = in_flight.take() {
+                            shared.window.on_too_many(permit, sent);
+                        }
+                        // Refused with nothing else of ours in flight: the server's count is not
+                        // ours to lower by waiting for a job to end, so the pace slows instead
+                        // (else a lone job would resubmit at the ceiling's pace).
+                        if alone {
+                            shared.pool.limiter.on_429(sent, retry_after);
+                        }
+                        debug!(window = shared.window.limit(), "429 too many in flight: shrinking the window");
+                        let Some(permit) = acquire(shared, &shared.stop_submits).await else {
+                            return Ok(JobEnd::Left);
+                        };
+                        in_flight.hold(permit);
+                    }
+                }
             }
             Err(e) => match e.class() {
                 ErrorClass::Retry => {
@@ -718,6 +847,7 @@ async fn poll_loop<P: Provider>(
                 debug!(polls, queue_position, "still running");
             }
             Ok(PollOutcome::Completed(result)) => {
+                shared.saw_progress();
                 if let Some(t) = submitted_at {
                     shared.timing.saw_done(t.elapsed());
                 }

@@ -229,12 +229,18 @@ impl Provider for Fal {
             }
         }
         tracing::debug!(request_id, queue_position = queued.queue_position, "fal accepted");
-        Ok(Submission::Accepted(RequestRef {
+        let request = RequestRef {
             request_id,
             status_url: Some(status_url),
             response_url: Some(response_url),
             cancel_url: queued.cancel_url,
-        }))
+        };
+        // A position above 0 means the account already runs as many requests as it may and
+        // this one waits behind others: the scheduler's window hears it.
+        Ok(match queued.queue_position {
+            Some(position) if position > 0 => Submission::Queued { request, position },
+            _ => Submission::Accepted(request),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]

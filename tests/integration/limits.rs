@@ -1,0 +1,92 @@
+//! Limits nobody told backdrop: a server rate limit (with and without `Retry-After`) and a cap on
+//! jobs in flight far below `--concurrency`. A 429 means "later": no row fails because of them,
+//! however few attempts a row is allowed, and the user's `--rate` ceiling is never exceeded at
+//! the server. A server that answers nothing but 429s stops the run after `--patience` with the
+//! resumable exit code 7.
+
+use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig};
+
+use crate::harness::{TestEnv, code, output, stderr};
+
+fn config(faults: Faults) -> SimConfig {
+    SimConfig { faults, ..SimConfig::default() }
+}
+
+/// Runs `rows` rows with `--max-attempts 1` (so a row that counted its 429s would fail) and
+/// checks that every row is done, nothing was charged twice and every file verifies.
+async fn all_done(faults: Faults, rows: usize, extra: &[&str]) -> crate::harness::Stats {
+    let env = TestEnv::new(config(faults)).await;
+    let catalog = env.catalog(rows);
+    let mut args = vec!["--max-attempts", "1"];
+    args.extend_from_slice(extra);
+    let out = output(env.run_cmd(&catalog, &args)).await;
+    let states = env.states().await;
+    assert_eq!(code(&out), 0, "{states:?}\n{}", stderr(&out));
+    assert_eq!(states.get("done").copied(), Some(rows as i64), "{states:?}");
+    assert!(env.double_charges().await.is_empty());
+    assert_eq!(env.verify_outputs().await, rows);
+    env.sim.stats().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_row_fails_under_a_rate_limit_with_retry_after() {
+    let faults = Faults {
+        latency: Latency::Fixed { ms: 50 },
+        rate_limit_per_sec: Some(10),
+        ..Faults::default()
+    };
+    let stats = all_done(faults, 30, &["--concurrency", "20", "--rate", "40/s"]).await;
+    assert!(stats.peak_submits_per_second <= 40, "the ceiling holds at the server: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_row_fails_under_a_rate_limit_without_retry_after() {
+    let faults = Faults {
+        latency: Latency::Fixed { ms: 50 },
+        rate_limit_per_sec: Some(10),
+        rate_limit_omits_retry_after: true,
+        ..Faults::default()
+    };
+    all_done(faults, 30, &["--concurrency", "20", "--rate", "40/s"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_row_fails_under_an_in_flight_cap_far_below_the_concurrency() {
+    for provider in ["seedance", "fal"] {
+        let faults = Faults { latency: Latency::Fixed { ms: 100 }, max_in_flight: Some(3), ..Faults::default() };
+        let stats = all_done(faults, 30, &["--provider", provider, "--concurrency", "30"]).await;
+        assert!(stats.peak_in_flight <= 3, "{provider}: {stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rate_ceiling_holds_at_the_server_while_the_pace_adapts() {
+    // The server would take 30/s; the user's ceiling is 8/s: the server never sees more.
+    let faults = Faults { latency: Latency::Fixed { ms: 20 }, rate_limit_per_sec: Some(30), ..Faults::default() };
+    let stats = all_done(faults, 24, &["--concurrency", "20", "--rate", "8/s"]).await;
+    assert!(stats.peak_submits_per_second <= 8, "{stats:?}");
+    assert_eq!(stats.by_status.get(&429), None, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_only_gets_429s_stops_after_its_patience_resumably() {
+    let refuse = ScriptStep { count: 1_000_000, status: 429, retry_after_secs: Some(1), drop: false };
+    let env = TestEnv::new(config(Faults { script: vec![refuse], ..Faults::default() })).await;
+    let catalog = env.catalog(5);
+    let out = output(env.run_cmd(&catalog, &["--max-attempts", "2", "--patience", "3s"])).await;
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(err.contains("429"), "the message says why: {err}");
+    let states = env.states().await;
+    assert_eq!(states.get("failed"), None, "{states:?}");
+    assert_eq!(states.values().sum::<i64>(), 5, "{states:?}");
+    assert!(env.sim.ledger().await.is_empty());
+    let attempts = {
+        let store = env.store().await;
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT MAX(attempts) FROM jobs").fetch_one(store.pool()).await.unwrap();
+        store.close().await;
+        n
+    };
+    assert_eq!(attempts, 0, "429s use up no attempts");
+}
