@@ -174,6 +174,10 @@ pub(crate) struct RunArgs {
     /// polls fall between half of it and all of it; after that they go where jobs finish.
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
     pub(crate) poll_initial: Option<String>,
+    /// Status polls per row, on average, once generation times are known (this run's, or
+    /// earlier runs' from the state file): polls go where jobs finish [default: 4].
+    #[arg(long, env = "BACKDROP_POLLS_PER_ROW")]
+    pub(crate) polls_per_row: Option<f64>,
     /// Polls back off up to this interval [default: 5s].
     #[arg(long, env = "BACKDROP_POLL_MAX", value_name = "DURATION")]
     pub(crate) poll_max: Option<String>,

@@ -384,6 +384,7 @@ async fn drive<P: Provider>(
         run_id,
         concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
         patience: settings.patience,
+        polls_per_row: settings.polls_per_row,
         limit: settings.limit,
         low_credit_warning: settings.low_credit_warning,
         interrupt: interrupt.clone(),

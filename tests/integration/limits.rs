@@ -90,3 +90,31 @@ async fn a_run_that_only_gets_429s_stops_after_its_patience_resumably() {
     };
     assert_eq!(attempts, 0, "429s use up no attempts");
 }
+
+/// Status polls per row of a seedance run of `rows` rows at a fixed latency, on a fresh state
+/// file or one an earlier run left.
+async fn polls_per_row(env: &TestEnv, rows: usize, extra: &[&str]) -> f64 {
+    let before = env.sim.stats().await.by_route.get("GET /v1/requests/{id}").copied().unwrap_or(0);
+    let catalog = env.catalog(rows);
+    let mut args = vec!["--concurrency", "5", "--force"];
+    args.extend_from_slice(extra);
+    let out = output(env.run_cmd(&catalog, &args)).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let after = env.sim.stats().await.by_route.get("GET /v1/requests/{id}").copied().unwrap_or(0);
+    (after - before) as f64 / rows as f64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn learned_polling_spends_few_polls_per_row_and_remembers_the_latency() {
+    let env = TestEnv::new(config(Faults { latency: Latency::Fixed { ms: 400 }, ..Faults::default() })).await;
+    let first = polls_per_row(&env, 40, &[]).await;
+    // The second run starts from the first run's latencies, stored in the state file.
+    let second = polls_per_row(&env, 40, &[]).await;
+    println!("polls per row at a fixed 400 ms: first run {first:.2}, second run {second:.2}");
+    // The budget (4 per row) binds only where a poll is worth it: on a fixed latency one poll
+    // per row lands right after completion once the time is known. The first run pays for
+    // learning it; the second starts from the state file's times.
+    assert!(first <= 4.5, "first run: {first:.2} polls per row");
+    assert!(second <= 2.0, "second run, seeded: {second:.2} polls per row");
+    assert!(second < first, "the seeded run polls less: {first:.2} then {second:.2}");
+}

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::adaptive::{Said, Throttle};
 use super::backoff::{PollSchedule, PollTiming, RetryPolicy};
 use super::limiter::{Limiter, Window, WindowPermit};
+use super::polling::{LatencySample, PollBudget, PollPlan, SAMPLE_SIZE};
 use super::stats::RunStats;
 use super::webhooks::Webhooks;
 use crate::domain::{JobSpec, RequestRef};
@@ -97,6 +98,8 @@ pub struct Pool<P: Provider> {
     pub concurrency: usize,
     /// How long the server may answer nothing but 429s before the run stops (resumable).
     pub patience: Duration,
+    /// Status polls per row, on average, the learned poll plan may spend.
+    pub polls_per_row: f64,
     /// Rows to claim at most (resumed jobs not counted: they are already paid for).
     pub limit: Option<u64>,
     /// Warn when the provider reports fewer credits than this.
@@ -120,12 +123,56 @@ struct Shared<P: Provider> {
     timing: PollTiming,
     /// The adaptive window of jobs in flight.
     window: Arc<Window>,
+    /// The generation times seen (earlier runs' as the prior) and the poll plan made from them.
+    learned: Mutex<Learned>,
     /// Since when the run has seen no progress (a submit answered other than 429, or a job
     /// completed), when its last submit answer was a 429: the patience counts from here.
     throttled: Mutex<Option<Instant>>,
 }
 
+/// What a run knows of its generation times.
+#[derive(Default)]
+struct Learned {
+    sample: LatencySample,
+    /// This run's own observations, `(model, time)`, stored at the end as the next run's prior.
+    this_run: Vec<(String, Duration)>,
+    plan: Option<Arc<PollPlan>>,
+    /// Observations since the plan was made.
+    fresh: usize,
+}
+
 impl<P: Provider> Shared<P> {
+    /// The poll plan for this run's jobs, remade as observations come (after each of the first
+    /// eight, then every eighth: a plan costs a fraction of a millisecond, and one observation
+    /// moves a large sample little); `None` before anything is known.
+    fn poll_plan(&self) -> Option<Arc<PollPlan>> {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = learned.plan.is_none() || learned.fresh >= if learned.sample.len() <= 8 { 1 } else { 8 };
+        if due && !learned.sample.is_empty() {
+            let budget = PollBudget {
+                polls_per_row: self.pool.polls_per_row,
+                min_gap: Duration::ZERO,
+                max_gap: self.pool.poll.max,
+            };
+            learned.plan = PollPlan::for_observations(&learned.sample, budget).map(Arc::new);
+            learned.fresh = 0;
+        }
+        learned.plan.clone()
+    }
+
+    /// A job of this run was seen running `running_at` after its submit (`None`: never polled
+    /// before) and done at `done_at`.
+    fn learn(&self, model: &str, running_at: Option<Duration>, done_at: Duration) {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned.sample.record_bracket(running_at, done_at);
+        learned.fresh += 1;
+        // Only a time known to within a quarter is kept for later runs: the prior forgets how
+        // wide a bracket was, and "done at the first poll" says little about when.
+        if let Some(low) = running_at.filter(|low| *low <= done_at && (done_at - *low) * 4 <= done_at) {
+            learned.this_run.push((model.to_owned(), low + (done_at - low) / 2));
+        }
+    }
+
     /// After the first poll, poll in steps of a tenth of the learned latency (at least 10 ms),
     /// growing to `--poll-max`; before anything is learned, the configured schedule.
     fn poll_schedule(&self) -> PollSchedule {
@@ -274,9 +321,13 @@ enum JobEnd {
 /// A store error: the state file can no longer be written, so nothing is safe to send.
 pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> {
     let concurrency = u32::try_from(pool.concurrency.max(1)).unwrap_or(u32::MAX);
+    // Earlier runs' generation times: the first polls go where their jobs finished.
+    let keep = i64::try_from(SAMPLE_SIZE).unwrap_or(256);
+    let prior = pool.store.recent_latencies(pool.provider.name(), keep).await?;
     let shared = Arc::new(Shared {
         window: Window::new(concurrency),
         throttled: Mutex::new(None),
+        learned: Mutex::new(Learned { sample: LatencySample::with_prior(prior), ..Learned::default() }),
         stop_submits: pool.interrupt.child_token(),
         stop_all: CancellationToken::new(),
         pool,
@@ -371,6 +422,11 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     if let Some(e) = fatal {
         return Err(e);
     }
+    // What this run learned of its generation times is the next run's prior.
+    let seen = std::mem::take(
+        &mut shared.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).this_run,
+    );
+    shared.pool.store.save_latencies(shared.pool.run_id, shared.pool.provider.name(), &seen, keep).await?;
     if shared.pool.interrupt.is_cancelled() {
         shared.stop(Stop::Interrupted);
     }
@@ -776,6 +832,8 @@ async fn poll_loop<P: Provider>(
     let mut last_poll = false;
     let schedule = shared.poll_schedule();
     let interrupt = &shared.pool.interrupt;
+    // When a poll last found the job running, counted from the submit.
+    let mut running_at: Option<Duration> = None;
     loop {
         if interrupt.is_cancelled() {
             if last_poll || shared.stop_all.is_cancelled() {
@@ -783,8 +841,17 @@ async fn poll_loop<P: Provider>(
             }
             last_poll = true;
         }
+        // Once generation times are known (this run's, or earlier runs' from the state file),
+        // polls go where the plan puts them: the least expected delay between a job's completion
+        // and its detection for the run's budget of polls per row.
+        let plan = submitted_at.and_then(|_| shared.poll_plan());
+        let planned = plan.as_ref().zip(submitted_at).map(|(plan, t)| {
+            let elapsed = t.elapsed();
+            plan.next_after(elapsed).saturating_sub(elapsed)
+        });
         let mut delay = match (polls, submitted_at) {
-            // The first two polls go where this run's jobs are likely done (see PollTiming):
+            _ if planned.is_some() => planned,
+            // Nothing learned yet. The first two polls go where this run's jobs are likely done (see PollTiming):
             // short jobs are not held back by a fixed first delay, long ones are not hammered.
             (0, Some(t)) => Some(match shared.timing.probe() {
                 Some(p) => p.saturating_sub(t.elapsed()),
@@ -816,7 +883,7 @@ async fn poll_loop<P: Provider>(
                 () = shared.stop_all.cancelled() => false,
                 () = interrupt.cancelled() => { last_poll = true; true }
             },
-            None if polls < 2 && submitted_at.is_some() => {
+            None if plan.is_none() && polls < 2 && submitted_at.is_some() => {
                 // Until a first completion is learned, the delay above is a guess (the spread first
                 // probe, or the configured schedule); the run's first completion wakes this job to
                 // poll where jobs are likely done instead.
@@ -838,9 +905,12 @@ async fn poll_loop<P: Provider>(
             return Ok(JobEnd::Left);
         }
         polls += 1;
+        let asked_at = submitted_at.map(|t| t.elapsed());
         match shared.pool.provider.poll(request).await {
             Ok(PollOutcome::Running { queue_position }) => {
                 errors = 0;
+                // Running when asked (it was running at least until then).
+                running_at = asked_at.or(running_at);
                 if let Some(t) = submitted_at {
                     shared.timing.saw_running(t.elapsed());
                 }
@@ -849,7 +919,11 @@ async fn poll_loop<P: Provider>(
             Ok(PollOutcome::Completed(result)) => {
                 shared.saw_progress();
                 if let Some(t) = submitted_at {
-                    shared.timing.saw_done(t.elapsed());
+                    // Done by the time the answer came: it finished between the last poll that
+                    // found it running and now.
+                    let done_at = t.elapsed();
+                    shared.timing.saw_done(done_at);
+                    shared.learn(&job.spec.model, running_at, done_at);
                 }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.
