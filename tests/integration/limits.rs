@@ -118,3 +118,61 @@ async fn learned_polling_spends_few_polls_per_row_and_remembers_the_latency() {
     assert!(second <= 2.0, "second run, seeded: {second:.2} polls per row");
     assert!(second < first, "the seeded run polls less: {first:.2} then {second:.2}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_fal_requests_still_queued_and_the_next_run_pays_once() {
+    // One fal request runs at a time and takes 4 s; the rest wait in fal's queue.
+    let faults = Faults { latency: Latency::Fixed { ms: 4_000 }, fal_concurrency: Some(1), ..Faults::default() };
+    let env = TestEnv::new(config(faults)).await;
+    let catalog = env.catalog(6);
+    let child = env.run_cmd(&catalog, &["--provider", "fal", "--concurrency", "6"]).spawn().unwrap();
+    // Until at least two requests were accepted (one running, one or more queued).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.sim.stats().await.accepted < 2 {
+        assert!(std::time::Instant::now() < deadline, "no submits");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("exits within the grace")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let ledger = env.sim.ledger().await;
+    let refunds = ledger.iter().filter(|c| c.amount < 0.0).count();
+    assert!(refunds >= 1, "queued requests were cancelled and refunded: {ledger:?}");
+    let cancelled = {
+        let store = env.store().await;
+        let (jobs,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND error_class = 'cancelled' AND request_id IS NULL",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        let (attempts,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM attempts WHERE error_class = 'cancelled' AND credits = 0")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        store.close().await;
+        assert_eq!(jobs, attempts, "each cancellation is recorded on its attempt");
+        jobs
+    };
+    assert_eq!(cancelled as usize, refunds, "the state file agrees with the ledger");
+    let states = env.states().await;
+    assert_eq!(states.get("ambiguous"), None, "{states:?}");
+    assert_eq!(states.get("failed"), None, "{states:?}");
+
+    // The next run submits the cancelled rows again and collects the one that was running.
+    let again = output(env.run_cmd(&catalog, &["--provider", "fal", "--concurrency", "6"])).await;
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert_eq!(env.states().await.get("done"), Some(&6));
+    let ledger = env.sim.ledger().await;
+    let price = ledger.iter().find(|c| c.amount > 0.0).unwrap().amount;
+    let net: f64 = ledger.iter().map(|c| c.amount).sum();
+    assert!((net - 6.0 * price).abs() < 1e-9, "each row paid once, net: {net} for {ledger:?}");
+    assert_eq!(env.verify_outputs().await, 6);
+}

@@ -907,6 +907,28 @@ async fn poll_loop<P: Provider>(
         polls += 1;
         let asked_at = submitted_at.map(|t| t.elapsed());
         match shared.pool.provider.poll(request).await {
+            Ok(PollOutcome::Running { queue_position: Some(position) })
+                if last_poll && request.cancel_url.is_some() =>
+            {
+                // Interrupted while the request still waits in the provider's queue: it has
+                // not started, so cancelling it costs nothing and frees the account. Only the
+                // API's own "cancelled" takes the row back to `pending`; anything else leaves it
+                // `submitted`, and the next run collects its result.
+                match shared.pool.provider.cancel(request).await {
+                    Ok(true) => {
+                        info!(position, "interrupted: cancelled the request waiting in the provider's queue");
+                        if submitted_at.is_some() {
+                            let price = shared.price(&job.spec);
+                            shared.pool.budget.adjust(-price);
+                            shared.pool.stats.add_spent(-price);
+                        }
+                        shared.commit(Change::Cancelled { job_id: job.spec.id }).await?;
+                    }
+                    Ok(false) => debug!("the request started: left for the next run"),
+                    Err(e) => warn!(error = %e, "cannot cancel the queued request: left for the next run"),
+                }
+                return Ok(JobEnd::Left);
+            }
             Ok(PollOutcome::Running { queue_position }) => {
                 errors = 0;
                 // Running when asked (it was running at least until then).

@@ -280,6 +280,17 @@ pub trait Provider: Send + Sync + 'static {
     /// A [`ProviderError`]; [`ProviderError::poll_class`] says what to do. A generation that
     /// failed on the provider's side is [`ProviderError::Generation`].
     fn poll(&self, request: &RequestRef) -> impl Future<Output = Result<PollOutcome, ProviderError>> + Send;
+
+    /// Cancels a request that still waits in the provider's queue. Answers true only when the
+    /// API itself says it was cancelled before it started (then it is not charged); false when
+    /// it cannot be (it started or finished, or the protocol has no cancel).
+    ///
+    /// # Errors
+    /// A [`ProviderError`] when the API could not be asked.
+    fn cancel(&self, request: &RequestRef) -> impl Future<Output = Result<bool, ProviderError>> + Send {
+        let _ = request;
+        async { Ok(false) }
+    }
 }
 
 #[cfg(test)]

@@ -258,6 +258,24 @@ impl Provider for Fal {
             _ => Ok(PollOutcome::Running { queue_position: status.queue_position }),
         }
     }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
+    async fn cancel(&self, request: &RequestRef) -> Result<bool, ProviderError> {
+        // The key goes with the cancel: never to a host other than the one the user configured.
+        let Some(url) = request.cancel_url.as_deref().filter(|url| same_origin(&self.base, url)) else {
+            return Ok(false);
+        };
+        match http::send(self.client.put(url), &self.auth, Dialect::Fal, "fal cancel").await {
+            // 202 `CANCELLATION_REQUESTED`: it was still queued, and fal does not charge it.
+            Ok(answer) => {
+                let status: Status = answer.json("fal cancel answer", &self.auth)?;
+                Ok(status.status.as_deref() == Some("CANCELLATION_REQUESTED"))
+            }
+            // 400 `IN_PROGRESS`, `ALREADY_COMPLETED`, `ALREADY_CANCELLED`: it runs, or ran.
+            Err(e) if e.status() == Some(400) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[derive(Serialize)]
