@@ -176,3 +176,18 @@ async fn ctrl_c_cancels_fal_requests_still_queued_and_the_next_run_pays_once() {
     assert!((net - 6.0 * price).abs() < 1e-9, "each row paid once, net: {net} for {ledger:?}");
     assert_eq!(env.verify_outputs().await, 6);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_fal_the_status_stream_replaces_polling() {
+    let faults = Faults { latency: Latency::Lognormal { median_ms: 300, p99_ms: 900 }, ..Faults::default() };
+    let env = TestEnv::new(config(faults)).await;
+    let catalog = env.catalog(20);
+    let out = output(env.run_cmd(&catalog, &["--provider", "fal", "--concurrency", "5"])).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&20));
+    let routes = env.sim.stats().await.by_route;
+    let streams = routes.get("GET {status_url}/stream").copied().unwrap_or(0);
+    let polls = routes.get("GET {status_url}").copied().unwrap_or(0);
+    assert_eq!(streams, 20, "one stream per row: {routes:?}");
+    assert_eq!(polls, 20, "one status request per row, once the stream said done: {routes:?}");
+}

@@ -125,6 +125,8 @@ struct Shared<P: Provider> {
     window: Arc<Window>,
     /// The generation times seen (earlier runs' as the prior) and the poll plan made from them.
     learned: Mutex<Learned>,
+    /// The provider's push is missing (its stream answered 404): poll only.
+    no_push: std::sync::atomic::AtomicBool,
     /// Since when the run has seen no progress (a submit answered other than 429, or a job
     /// completed), when its last submit answer was a 429: the patience counts from here.
     throttled: Mutex<Option<Instant>>,
@@ -158,6 +160,14 @@ impl<P: Provider> Shared<P> {
             learned.fresh = 0;
         }
         learned.plan.clone()
+    }
+
+    /// A job of this run was done `latency` after its submit, exactly (the provider pushed it).
+    fn learn_exact(&self, model: &str, latency: Duration) {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned.sample.record(latency);
+        learned.this_run.push((model.to_owned(), latency));
+        learned.fresh += 1;
     }
 
     /// A job of this run was seen running `running_at` after its submit (`None`: never polled
@@ -328,6 +338,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         window: Window::new(concurrency),
         throttled: Mutex::new(None),
         learned: Mutex::new(Learned { sample: LatencySample::with_prior(prior), ..Learned::default() }),
+        no_push: std::sync::atomic::AtomicBool::new(false),
         stop_submits: pool.interrupt.child_token(),
         stop_all: CancellationToken::new(),
         pool,
@@ -810,11 +821,49 @@ async fn poll_phase<P: Provider>(
     submitted_at: Option<Instant>,
     in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
-    let end = poll_loop(shared, job, &request, submitted_at, in_flight).await;
+    // Where the provider pushes (fal's status stream), the push says when the job is done and
+    // one poll fetches the result; with webhooks configured those wake the poller instead.
+    let pushed = shared.pool.webhooks.is_none() && watch(shared, job, &request, submitted_at).await;
+    let end = poll_loop(shared, job, &request, submitted_at, pushed, in_flight).await;
     if let Some(hooks) = &shared.pool.webhooks {
         hooks.forget(&request.request_id);
     }
     end
+}
+
+/// Follows the request by the provider's push until it is done (true), or until the push is
+/// unavailable, breaks, or the run is interrupted (false): polling takes over.
+async fn watch<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: &RequestRef,
+    submitted_at: Option<Instant>,
+) -> bool {
+    if shared.no_push.load(Ordering::Relaxed) {
+        return false;
+    }
+    let watched = tokio::select! {
+        r = shared.pool.provider.watch(request) => r,
+        () = shared.pool.interrupt.cancelled() => return false,
+        () = shared.stop_all.cancelled() => return false,
+    };
+    match watched {
+        Ok(true) => {
+            if let Some(t) = submitted_at {
+                shared.learn_exact(&job.spec.model, t.elapsed());
+            }
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            // A server without the stream (404, 405) says so once for the whole run.
+            if matches!(e.status(), Some(404 | 405 | 501)) {
+                shared.no_push.store(true, Ordering::Relaxed);
+            }
+            debug!(error = %e, "status stream failed: polling instead");
+            false
+        }
+    }
 }
 
 async fn poll_loop<P: Provider>(
@@ -822,6 +871,7 @@ async fn poll_loop<P: Provider>(
     job: &StoredJob,
     request: &RequestRef,
     submitted_at: Option<Instant>,
+    pushed: bool,
     in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
@@ -850,6 +900,8 @@ async fn poll_loop<P: Provider>(
             plan.next_after(elapsed).saturating_sub(elapsed)
         });
         let mut delay = match (polls, submitted_at) {
+            // The provider pushed "done": fetch it now.
+            (0, _) if pushed => Some(Duration::ZERO),
             _ if planned.is_some() => planned,
             // Nothing learned yet. The first two polls go where this run's jobs are likely done (see PollTiming):
             // short jobs are not held back by a fixed first delay, long ones are not hammered.
@@ -866,12 +918,13 @@ async fn poll_loop<P: Provider>(
         }
         .unwrap_or_else(|| schedule.delay(polls, rand::random::<f64>()));
         let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
+        let pushed_now = pushed && polls == 0;
         if hooks.is_some() {
             // With webhooks, polls are only the fallback for a lost delivery: slower.
             delay = delay.max(shared.pool.poll.max) * 2;
         }
         let slept = match hooks {
-            _ if last_poll => true,
+            _ if last_poll || pushed_now => true,
             Some(hooks) => tokio::select! {
                 () = tokio::time::sleep(delay) => true,
                 () = hooks.delivered(&request.request_id) => {
@@ -945,7 +998,9 @@ async fn poll_loop<P: Provider>(
                     // found it running and now.
                     let done_at = t.elapsed();
                     shared.timing.saw_done(done_at);
-                    shared.learn(&job.spec.model, running_at, done_at);
+                    if !pushed {
+                        shared.learn(&job.spec.model, running_at, done_at);
+                    }
                 }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.

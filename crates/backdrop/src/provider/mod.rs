@@ -281,6 +281,18 @@ pub trait Provider: Send + Sync + 'static {
     /// failed on the provider's side is [`ProviderError::Generation`].
     fn poll(&self, request: &RequestRef) -> impl Future<Output = Result<PollOutcome, ProviderError>> + Send;
 
+    /// Follows a saved request by the provider's push (fal's status stream) until it is done:
+    /// answers `Ok(true)` the moment the provider says so (then one poll fetches the result),
+    /// `Ok(false)` when the protocol has no push.
+    ///
+    /// # Errors
+    /// A [`ProviderError`] when the stream cannot be opened or ends before the request is done;
+    /// the caller falls back to polling.
+    fn watch(&self, request: &RequestRef) -> impl Future<Output = Result<bool, ProviderError>> + Send {
+        let _ = request;
+        async { Ok(false) }
+    }
+
     /// Cancels a request that still waits in the provider's queue. Answers true only when the
     /// API itself says it was cancelled before it started (then it is not charged); false when
     /// it cannot be (it started or finished, or the protocol has no cancel).
