@@ -348,7 +348,11 @@ impl Settings {
             concurrency,
             rate,
             max_attempts,
-            patience: duration("--patience", args.patience.as_deref(), backdrop::pipeline::scheduler::DEFAULT_PATIENCE)?,
+            patience: duration(
+                "--patience",
+                args.patience.as_deref(),
+                backdrop::pipeline::scheduler::DEFAULT_PATIENCE,
+            )?,
             polls_per_row: polls_per_row(args.polls_per_row)?,
             spending_cap,
             low_credit_warning: args.low_credit_warning,

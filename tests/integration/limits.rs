@@ -30,11 +30,8 @@ async fn all_done(faults: Faults, rows: usize, extra: &[&str]) -> crate::harness
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_row_fails_under_a_rate_limit_with_retry_after() {
-    let faults = Faults {
-        latency: Latency::Fixed { ms: 50 },
-        rate_limit_per_sec: Some(10),
-        ..Faults::default()
-    };
+    let faults =
+        Faults { latency: Latency::Fixed { ms: 50 }, rate_limit_per_sec: Some(10), ..Faults::default() };
     let stats = all_done(faults, 30, &["--concurrency", "20", "--rate", "40/s"]).await;
     assert!(stats.peak_submits_per_second <= 40, "the ceiling holds at the server: {stats:?}");
 }
@@ -53,7 +50,8 @@ async fn no_row_fails_under_a_rate_limit_without_retry_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn no_row_fails_under_an_in_flight_cap_far_below_the_concurrency() {
     for provider in ["seedance", "fal"] {
-        let faults = Faults { latency: Latency::Fixed { ms: 100 }, max_in_flight: Some(3), ..Faults::default() };
+        let faults =
+            Faults { latency: Latency::Fixed { ms: 100 }, max_in_flight: Some(3), ..Faults::default() };
         let stats = all_done(faults, 30, &["--provider", provider, "--concurrency", "30"]).await;
         assert!(stats.peak_in_flight <= 3, "{provider}: {stats:?}");
     }
@@ -62,7 +60,8 @@ async fn no_row_fails_under_an_in_flight_cap_far_below_the_concurrency() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rate_ceiling_holds_at_the_server_while_the_pace_adapts() {
     // The server would take 30/s; the user's ceiling is 8/s: the server never sees more.
-    let faults = Faults { latency: Latency::Fixed { ms: 20 }, rate_limit_per_sec: Some(30), ..Faults::default() };
+    let faults =
+        Faults { latency: Latency::Fixed { ms: 20 }, rate_limit_per_sec: Some(30), ..Faults::default() };
     let stats = all_done(faults, 24, &["--concurrency", "20", "--rate", "8/s"]).await;
     assert!(stats.peak_submits_per_second <= 8, "{stats:?}");
     assert_eq!(stats.by_status.get(&429), None, "{stats:?}");
@@ -122,7 +121,8 @@ async fn learned_polling_spends_few_polls_per_row_and_remembers_the_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_cancels_fal_requests_still_queued_and_the_next_run_pays_once() {
     // One fal request runs at a time and takes 4 s; the rest wait in fal's queue.
-    let faults = Faults { latency: Latency::Fixed { ms: 4_000 }, fal_concurrency: Some(1), ..Faults::default() };
+    let faults =
+        Faults { latency: Latency::Fixed { ms: 4_000 }, fal_concurrency: Some(1), ..Faults::default() };
     let env = TestEnv::new(config(faults)).await;
     let catalog = env.catalog(6);
     let child = env.run_cmd(&catalog, &["--provider", "fal", "--concurrency", "6"]).spawn().unwrap();

@@ -730,7 +730,10 @@ async fn submit_phase<P: Provider>(
                         if alone {
                             shared.pool.limiter.on_429(sent, retry_after);
                         }
-                        debug!(window = shared.window.limit(), "429 too many in flight: shrinking the window");
+                        debug!(
+                            window = shared.window.limit(),
+                            "429 too many in flight: shrinking the window"
+                        );
                         let Some(permit) = acquire(shared, &shared.stop_submits).await else {
                             return Ok(JobEnd::Left);
                         };

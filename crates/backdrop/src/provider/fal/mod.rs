@@ -308,7 +308,8 @@ impl Provider for Fal {
         // it, so it gets a day; polling takes over if it breaks.
         let get = self.client.get(url).header(reqwest::header::ACCEPT, "text/event-stream");
         let response =
-            http::open_stream(get.timeout(STREAM_TIMEOUT), &self.auth, Dialect::Fal, "fal status stream").await?;
+            http::open_stream(get.timeout(STREAM_TIMEOUT), &self.auth, Dialect::Fal, "fal status stream")
+                .await?;
         let mut events = SseEvents::default();
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -321,7 +322,10 @@ impl Provider for Fal {
                 }
             }
         }
-        Err(ProviderError::NoAnswer { sent: true, message: "fal status stream ended before COMPLETED".into() })
+        Err(ProviderError::NoAnswer {
+            sent: true,
+            message: "fal status stream ended before COMPLETED".into(),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
