@@ -194,6 +194,10 @@ pub(crate) struct RunArgs {
     /// Request rate limit shared by every worker, e.g. 10/s or 600/m [default: 10/s].
     #[arg(long, env = "BACKDROP_RATE")]
     pub(crate) rate: Option<String>,
+    /// How long the server may answer nothing but 429 (too many requests) before the run stops,
+    /// resumably, with exit code 7 [default: 5m]. A 429 never uses up a row's attempts.
+    #[arg(long, env = "BACKDROP_PATIENCE", value_name = "DURATION")]
+    pub(crate) patience: Option<String>,
     /// Submissions per row before it fails [default: 5].
     #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
     pub(crate) max_attempts: Option<u32>,
@@ -259,6 +263,10 @@ pub(crate) struct RunArgs {
     /// polls fall between half of it and all of it; after that they go where jobs finish.
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
     pub(crate) poll_initial: Option<String>,
+    /// Status polls per row, on average, once generation times are known (this run's, or
+    /// earlier runs' from the state file): polls go where jobs finish [default: 4].
+    #[arg(long, env = "BACKDROP_POLLS_PER_ROW")]
+    pub(crate) polls_per_row: Option<f64>,
     /// Polls back off up to this interval [default: 5s].
     #[arg(long, env = "BACKDROP_POLL_MAX", value_name = "DURATION")]
     pub(crate) poll_max: Option<String>,

@@ -142,6 +142,10 @@ pub(crate) struct Settings {
     pub(crate) rate: Rate,
     /// Submissions per row.
     pub(crate) max_attempts: u32,
+    /// How long nothing but 429s may come before the run stops.
+    pub(crate) patience: Duration,
+    /// Status polls per row, on average, the learned poll plan may spend.
+    pub(crate) polls_per_row: f64,
     /// The tighter of `--max-credits` and `--max-cost`, in the provider's unit: what this run
     /// may spend.
     pub(crate) spending_cap: Option<f64>,
@@ -276,6 +280,16 @@ fn duration(name: &'static str, value: Option<&str>, default: Duration) -> Resul
     }
 }
 
+/// `--polls-per-row`: a finite number of at least 1.
+fn polls_per_row(value: Option<f64>) -> Result<f64, ConfigError> {
+    let v = value.unwrap_or(backdrop::pipeline::polling::DEFAULT_POLLS_PER_ROW);
+    if v.is_finite() && (1.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Invalid { name: "--polls-per-row", message: format!("{v} is outside 1..=100") })
+    }
+}
+
 impl Settings {
     /// Applies defaults and checks every value.
     ///
@@ -352,6 +366,12 @@ impl Settings {
             concurrency,
             rate,
             max_attempts,
+            patience: duration(
+                "--patience",
+                args.patience.as_deref(),
+                backdrop::pipeline::scheduler::DEFAULT_PATIENCE,
+            )?,
+            polls_per_row: polls_per_row(args.polls_per_row)?,
             spending_cap,
             low_credit_warning: args.low_credit_warning,
             limit: args.limit,

@@ -335,6 +335,7 @@ fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64) -> (ExitCode, &'stati
         Some(Stop::OutOfCredits) => (ExitCode::OutOfCredits, "out_of_credits"),
         Some(Stop::Budget) => (ExitCode::OutOfCredits, "budget"),
         Some(Stop::OutputFailing) => (ExitCode::DiskFailing, "output_failing"),
+        Some(Stop::Throttled) => (ExitCode::Throttled, "throttled"),
         None if failed > 0 || ambiguous > 0 || pool.unfinished > 0 => (ExitCode::RowsFailed, "rows_failed"),
         None => (ExitCode::Success, "done"),
     }
@@ -461,6 +462,8 @@ async fn drive<P: Provider>(
         stats: Arc::clone(stats),
         run_id,
         concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
+        patience: settings.patience,
+        polls_per_row: settings.polls_per_row,
         limit: settings.limit,
         low_credit_warning: settings.low_credit_warning,
         interrupt: interrupt.clone(),

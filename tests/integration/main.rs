@@ -8,6 +8,7 @@ mod chaos;
 mod crash;
 mod firsthour;
 mod hostile;
+mod limits;
 mod operate;
 mod ops;
 mod plan;

@@ -297,6 +297,32 @@ pub async fn send(
     }
 }
 
+/// Sends `request` with the key and answers the response of a 2xx head, its body unread (a
+/// stream the caller reads piece by piece); an error status is read and classified as
+/// [`send`] does.
+///
+/// # Errors
+/// A [`ProviderError`], as for [`send`].
+pub async fn open_stream(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = request
+        .header(reqwest::header::AUTHORIZATION, auth.header.clone())
+        .send()
+        .await
+        .map_err(|e| transport_error(&e, what, auth))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let headers = response.headers().clone();
+    let body = read_capped(response, MAX_BODY_BYTES).await.unwrap_or_default();
+    Err(error_from_response(status, &headers, &body, dialect, SystemTime::now(), auth))
+}
+
 /// Maps a reqwest failure. A connect failure never reached the server; anything later (timeout,
 /// reset, a body cut short) may have, so it is `NoAnswer { sent: true }`: on a submit the request
 /// may have been charged ([`ProviderError::class`] says ambiguous; `poll_class` says retry). The URL is left out of the message (the key is never in a URL, but a
