@@ -115,6 +115,10 @@ pub(crate) struct RunArgs {
     /// Base URL of the API (default: the provider's public endpoint).
     #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
     pub(crate) api_base: Option<String>,
+    /// Base URL of fal's REST API, where local input files are uploaded (default: --api-base
+    /// when set, the simulator's with --simulate, else https://rest.fal.ai).
+    #[arg(long, env = "BACKDROP_FAL_REST_BASE", value_name = "URL")]
+    pub(crate) fal_rest_base: Option<String>,
     /// Model, overriding the prompt's front matter.
     #[arg(long, env = "BACKDROP_MODEL")]
     pub(crate) model: Option<String>,

@@ -124,6 +124,8 @@ pub(crate) struct Settings {
     pub(crate) provider: ProviderKind,
     /// Base URL override; `None` means the provider's public endpoint (or the simulator's).
     pub(crate) api_base: Option<String>,
+    /// `--fal-rest-base`: where fal uploads go; `None` means `api_base`, else fal's own.
+    pub(crate) fal_rest_base: Option<String>,
     /// Model override.
     pub(crate) model: Option<String>,
     /// Jobs in flight at once.
@@ -307,7 +309,11 @@ impl Settings {
                 message: "--webhook-listen and --webhook-url go together".into(),
             });
         }
-        for (name, v) in [("--api-base", &args.api_base), ("--webhook-url", &args.webhook_url)] {
+        for (name, v) in [
+            ("--api-base", &args.api_base),
+            ("--webhook-url", &args.webhook_url),
+            ("--fal-rest-base", &args.fal_rest_base),
+        ] {
             if let Some(v) = v {
                 url::Url::parse(v)
                     .map_err(|e| ConfigError::Invalid { name, message: format!("{v:?}: {e}") })?;
@@ -330,6 +336,7 @@ impl Settings {
             output_name,
             provider,
             api_base: args.api_base,
+            fal_rest_base: args.fal_rest_base,
             model: args.model,
             concurrency,
             rate,

@@ -16,3 +16,4 @@ mod run;
 mod sim;
 mod tidy;
 mod trust;
+mod uploads;

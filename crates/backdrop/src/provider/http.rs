@@ -3,7 +3,7 @@
 //! anything a server sends back), sending a request and turning every failure into a
 //! [`ProviderError`] ([`send`], judging error answers by each API's own error shape, [`Dialect`]),
 //! reading bodies under a cap ([`read_capped`], [`MAX_BODY_BYTES`]), `Retry-After` parsing, and
-//! inlining local images as data URIs.
+//! inlining local images as data URIs (fal uploads them instead: `fal/upload.rs`).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -268,12 +268,34 @@ pub async fn send(
     dialect: Dialect,
     what: &str,
 ) -> Result<Answer, ProviderError> {
-    let response =
-        request.header(reqwest::header::AUTHORIZATION, auth.header.clone()).send().await.map_err(|e| {
-            let error = transport_error(&e, what, auth);
-            tracing::debug!(what, %error, "no answer");
-            error
-        })?;
+    send_request(request.header(reqwest::header::AUTHORIZATION, auth.header.clone()), auth, dialect, what).await
+}
+
+/// As [`send`], without the key: for requests to hosts that must never see it (a storage
+/// host's upload URL, which carries its own grant). `auth` only scrubs the answer.
+///
+/// # Errors
+/// As [`send`].
+pub async fn send_without_key(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<Answer, ProviderError> {
+    send_request(request, auth, dialect, what).await
+}
+
+async fn send_request(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<Answer, ProviderError> {
+    let response = request.send().await.map_err(|e| {
+        let error = transport_error(&e, what, auth);
+        tracing::debug!(what, %error, "no answer");
+        error
+    })?;
     let status = response.status();
     let headers = response.headers().clone();
     // A body cut short after a 2xx head on a submit is a request the server took: ambiguous.
