@@ -118,6 +118,9 @@ pub(crate) struct Settings {
     pub(crate) state: PathBuf,
     /// The output folder.
     pub(crate) out: PathBuf,
+    /// `--out s3://bucket/prefix` (or `gs://`, `az://`): outputs become objects there, and `out`
+    /// is the local staging folder downloads pass through.
+    pub(crate) out_object: Option<String>,
     /// The output file name template.
     pub(crate) output_name: String,
     /// Which protocol to speak.
@@ -319,6 +322,15 @@ impl Settings {
                     .map_err(|e| ConfigError::Invalid { name, message: format!("{v:?}: {e}") })?;
             }
         }
+        let state = args.state.clone().unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE));
+        let (out_dir, out_object) = match args.out.clone() {
+            Some(out) if backdrop::fetch::object::is_object_url(&out.to_string_lossy()) => {
+                // Downloads are staged beside the state file, then put as objects.
+                let staging = state.parent().unwrap_or(Path::new(".")).join("backdrop-staging");
+                (staging, Some(out.to_string_lossy().into_owned()))
+            }
+            out => (out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)), None),
+        };
         let output_name = args.output_name.unwrap_or_else(|| DEFAULT_OUTPUT_NAME.to_owned());
         if !output_name.contains("{sku}") || !output_name.contains("{index}") {
             return Err(ConfigError::Invalid {
@@ -332,7 +344,8 @@ impl Settings {
             query: args.query,
             prompt,
             state: args.state.unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE)),
-            out: args.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
+            out: out_dir,
+            out_object,
             output_name,
             provider,
             api_base: args.api_base,

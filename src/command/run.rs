@@ -403,7 +403,13 @@ async fn drive<P: Provider>(
         store: store.clone(),
         writer,
         provider: Arc::new(provider),
-        persister: fetch::Persister::start(&settings.out),
+        persister: match &settings.out_object {
+            Some(url) => fetch::Persister::start_object(
+                fetch::object::ObjectTarget::from_url(url)
+                    .map_err(|e| Error::Other { message: e.to_string(), exit: ExitCode::Usage })?,
+            ),
+            None => fetch::Persister::start(&settings.out),
+        },
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: settings.retry_policy(),

@@ -13,6 +13,7 @@ mod plan;
 mod prompts;
 mod provider;
 mod run;
+mod s3;
 mod sim;
 mod tidy;
 mod trust;
