@@ -142,3 +142,36 @@ async fn a_bucket_that_does_not_exist_keeps_paid_rows_for_the_next_run() {
     assert!(env.double_charges().await.is_empty());
     env.sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn bucket_inputs_reach_the_provider_as_presigned_urls() {
+    let Some(moto) = Moto::start().await else { return };
+    moto.bucket("photos").await;
+    let env = TestEnv::plain().await;
+    let photo = env.path("a.png");
+    image::RgbImage::from_pixel(32, 32, image::Rgb([9, 9, 9])).save(&photo).unwrap();
+    let put = reqwest::Client::new()
+        .put(format!("{}/photos/in/a.png", moto.endpoint))
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=backdrop-test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00",
+        )
+        .body(std::fs::read(&photo).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let catalog = env.path("c.csv");
+    std::fs::write(&catalog, "sku,name,color,image_url\nS1,Mug,blue,s3://photos/in/a.png\n").unwrap();
+    for provider in ["seedance", "fal"] {
+        let mut cmd = env.run_cmd(&catalog, &["--provider", provider, "--force", "-vv"]);
+        moto.env(&mut cmd);
+        let out = output(cmd).await;
+        assert_eq!(code(&out), 0, "{provider}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("backdrop-test-secret"), "the secret key never leaves: {provider}");
+    }
+    // Both protocols' simulators refuse an image URL that is not http(s) or data: (422/400), so
+    // an accepted request carried the presigned URL, not the s3:// one.
+    assert_eq!(env.sim.stats().await.accepted, 2);
+    env.sim.shutdown().await;
+}

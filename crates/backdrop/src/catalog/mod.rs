@@ -535,6 +535,18 @@ impl ImageResolver {
                 Err(e) => Err(format!("invalid URL: {e}")),
             };
         }
+        // A bucket object (`s3://bucket/key`, `gs://`, `az://`): the provider gets a presigned
+        // URL at submit time.
+        if ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "azure://"].iter().any(|s| lower.starts_with(s))
+        {
+            return match url::Url::parse(value) {
+                Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) && u.path().trim_matches('/').len() > 0 => {
+                    Ok(Input::Url(value.to_owned()))
+                }
+                Ok(_) => Err("object URL names no bucket and key".into()),
+                Err(e) => Err(format!("invalid URL: {e}")),
+            };
+        }
         if value.contains("://") || lower.starts_with("data:") {
             return Err("neither an http(s) URL nor a local file".into());
         }

@@ -2,7 +2,7 @@
 //! `object_store` crate): [`ObjectTarget`] parses a bucket URL and builds the store from each
 //! cloud's usual environment, writes a verified output as one object (one PUT, so an interrupted
 //! upload never leaves a partial object under its name), checks what the store holds, and signs
-//! short-lived GET URLs for the gallery and for providers that must read an input.
+//! GET URLs for the gallery (inputs are presigned in `provider/http.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +14,6 @@ use sha2::{Digest as _, Sha256};
 
 /// How long a gallery link to an output object works: a report is read within a week.
 pub const GALLERY_URL_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// How long a provider may read an input object: long enough for a queued request to start,
-/// short enough that a leaked request body is soon useless.
-pub const INPUT_URL_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why an object operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -219,29 +215,13 @@ impl ObjectTarget {
     }
 
     async fn signed_key(&self, key: &ObjectPath, lifetime: Duration) -> Result<String, ObjectError> {
-        self.store
+        self
+            .store
             .signed_url(object_store::signer::Method::GET, key, lifetime)
             .await
             .map(|u| u.to_string())
             .map_err(|e| store_error("sign", &e))
     }
-}
-
-/// A presigned GET URL for the object `url` names (`s3://bucket/key`), valid for
-/// [`INPUT_URL_LIFETIME`]: what a provider gets instead of the bucket's credentials.
-///
-/// # Errors
-/// [`ObjectError`] when the URL names no object or the store cannot sign.
-pub async fn presign_input(url: &str) -> Result<String, ObjectError> {
-    let parsed = url::Url::parse(url).map_err(|e| ObjectError::BadUrl { url: url.to_owned(), why: e.to_string() })?;
-    let key = parsed.path().trim_matches('/').to_owned();
-    if key.is_empty() {
-        return Err(ObjectError::BadUrl { url: url.to_owned(), why: "names a bucket, not an object".into() });
-    }
-    let bucket = format!("{}://{}", parsed.scheme(), parsed.host_str().unwrap_or_default());
-    let target = ObjectTarget::from_url(&bucket)?;
-    let key = ObjectPath::parse(&key).map_err(|e| ObjectError::BadUrl { url: url.to_owned(), why: e.to_string() })?;
-    target.signed_key(&key, INPUT_URL_LIFETIME).await
 }
 
 #[cfg(test)]

@@ -505,6 +505,9 @@ pub async fn resolve_input(input: &str, policy: InlinePolicy) -> Result<String, 
     if lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("data:") {
         return Ok(input.to_owned());
     }
+    if let Some(cloud) = input.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()) {
+        return presign_input(input, &cloud).await;
+    }
     let path = Path::new(input);
     if !path.is_absolute() {
         return Err(ProviderError::Input(format!(
@@ -539,6 +542,40 @@ pub async fn resolve_input(input: &str, policy: InlinePolicy) -> Result<String, 
     let mime = sniff_mime(&bytes)
         .ok_or_else(|| ProviderError::Input(format!("{input} is not a PNG, JPEG or WebP image")))?;
     Ok(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&bytes)))
+}
+
+/// How long a provider may read an input object: long enough for a queued request to start,
+/// short enough that a leaked request body is soon useless.
+pub const INPUT_URL_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A presigned GET URL for the bucket object `url` names (`s3://bucket/key`, `gs://`, `az://`),
+/// valid for [`INPUT_URL_LIFETIME`]: the provider reads the object without the cloud credentials,
+/// which come from the cloud's usual environment and never leave this machine.
+async fn presign_input(url: &str, scheme: &str) -> Result<String, ProviderError> {
+    use object_store::signer::{Method, Signer as _};
+    let bad = |why: String| ProviderError::Input(format!("{url}: {why}"));
+    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    let bucket = format!("{scheme}://{}", parsed.host_str().unwrap_or_default());
+    let key = object_store::path::Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let signed = match scheme {
+        "s3" | "s3a" => {
+            let store = object_store::aws::AmazonS3Builder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        "gs" => {
+            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        "az" | "abfs" | "abfss" | "azure" => {
+            let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        other => return Err(bad(format!("{other}:// is not an http(s), s3, gs or az URL"))),
+    };
+    // Signing reads credentials (possibly over the network, from instance metadata): a failure
+    // here is the row's input, never a paid request.
+    signed.map(|u| u.to_string()).map_err(|e| bad(format!("cannot presign: {e}")))
 }
 
 /// The image type from the first bytes, never from the file name.
