@@ -118,6 +118,28 @@ async fn outputs_become_verified_objects_under_the_prefix() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     assert!(!env.out().exists());
+
+    // The gallery links each object through a presigned URL that works without credentials.
+    let gallery = env.path("gallery.html");
+    let mut cmd = env.cmd();
+    cmd.arg("report").arg("--state").arg(env.state()).args(["--out", "s3://catalog/night1", "--format", "html"]);
+    cmd.arg("--output").arg(&gallery);
+    moto.env(&mut cmd);
+    let out = output(cmd).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let html = std::fs::read_to_string(&gallery).unwrap();
+    let links: Vec<&str> = html
+        .split("href=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|u| u.contains("X-Amz-Signature"))
+        .collect();
+    assert_eq!(links.len(), 5, "{html}");
+    let link = links[0].replace("&amp;", "&");
+    assert!(link.starts_with(&moto.endpoint) && link.contains("X-Amz-Expires=604800"), "{link}");
+    let answer = reqwest::get(&link).await.unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    assert!(!html.contains("backdrop-test-secret"));
     env.sim.shutdown().await;
 }
 
