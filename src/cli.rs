@@ -103,7 +103,8 @@ pub(crate) struct RunArgs {
     /// State database (created if missing).
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
     pub(crate) state: Option<PathBuf>,
-    /// Output folder for finished images.
+    /// Output folder for finished images, or a bucket: s3://bucket/prefix, gs://..., az://...
+    /// (credentials from the cloud's usual environment).
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]

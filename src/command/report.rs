@@ -73,7 +73,10 @@ async fn object_links(
     if !backdrop::fetch::object::is_object_url(&url) {
         return Ok(None);
     }
-    let failed = |e: backdrop::fetch::object::ObjectError| Error::Other { message: e.to_string(), exit: ExitCode::Usage };
+    let failed = |e: backdrop::fetch::object::ObjectError| Error::Other {
+        message: e.to_string(),
+        exit: ExitCode::Usage,
+    };
     let target = backdrop::fetch::object::ObjectTarget::from_url(&url).map_err(failed)?;
     let mut links = std::collections::HashMap::new();
     for output in summary.rows.iter().flat_map(|r| &r.outputs) {

@@ -187,10 +187,14 @@ pub(crate) async fn execute(
             let rest_base = match (&sim, &settings.fal_rest_base) {
                 (_, Some(base)) => base.clone(),
                 (Some(sim), None) => sim.base_url(),
-                (None, None) => settings.api_base.clone().unwrap_or_else(|| upload::DEFAULT_REST_BASE.to_owned()),
+                (None, None) => {
+                    settings.api_base.clone().unwrap_or_else(|| upload::DEFAULT_REST_BASE.to_owned())
+                }
             };
-            let uploader =
-                Arc::new(upload::Uploader::new(client.clone(), &rest_base, key, Arc::new(store.clone())).map_err(other_usage)?);
+            let uploader = Arc::new(
+                upload::Uploader::new(client.clone(), &rest_base, key, Arc::new(store.clone()))
+                    .map_err(other_usage)?,
+            );
             let uploads = uploader.stats();
             let outcome = drive(
                 &settings,

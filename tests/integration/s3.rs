@@ -122,7 +122,12 @@ async fn outputs_become_verified_objects_under_the_prefix() {
     // The gallery links each object through a presigned URL that works without credentials.
     let gallery = env.path("gallery.html");
     let mut cmd = env.cmd();
-    cmd.arg("report").arg("--state").arg(env.state()).args(["--out", "s3://catalog/night1", "--format", "html"]);
+    cmd.arg("report").arg("--state").arg(env.state()).args([
+        "--out",
+        "s3://catalog/night1",
+        "--format",
+        "html",
+    ]);
     cmd.arg("--output").arg(&gallery);
     moto.env(&mut cmd);
     let out = output(cmd).await;

@@ -537,10 +537,15 @@ impl ImageResolver {
         }
         // A bucket object (`s3://bucket/key`, `gs://`, `az://`): the provider gets a presigned
         // URL at submit time.
-        if ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "azure://"].iter().any(|s| lower.starts_with(s))
+        if ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "azure://"]
+            .iter()
+            .any(|s| lower.starts_with(s))
         {
             return match url::Url::parse(value) {
-                Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) && u.path().trim_matches('/').len() > 0 => {
+                Ok(u)
+                    if u.host_str().is_some_and(|h| !h.is_empty())
+                        && !u.path().trim_matches('/').is_empty() =>
+                {
                     Ok(Input::Url(value.to_owned()))
                 }
                 Ok(_) => Err("object URL names no bucket and key".into()),

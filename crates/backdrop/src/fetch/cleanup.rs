@@ -57,7 +57,8 @@ impl FetchError {
     #[must_use]
     pub fn is_output_failure(&self) -> bool {
         // A bucket that keeps failing after the retries is an output that cannot be written.
-        matches!(self, Self::Io { source, .. } if is_output_failure(source)) || matches!(self, Self::Object(_))
+        matches!(self, Self::Io { source, .. } if is_output_failure(source))
+            || matches!(self, Self::Object(_))
     }
 }
 

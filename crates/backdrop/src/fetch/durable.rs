@@ -111,7 +111,10 @@ async fn object_loop(target: ObjectTarget, mut rx: tokio::sync::mpsc::Receiver<P
 }
 
 /// Checks, puts and verifies one job's outputs.
-async fn store_objects(target: &ObjectTarget, outputs: Vec<Downloaded>) -> Result<Vec<SavedOutput>, FetchError> {
+async fn store_objects(
+    target: &ObjectTarget,
+    outputs: Vec<Downloaded>,
+) -> Result<Vec<SavedOutput>, FetchError> {
     let group = match tokio::task::spawn_blocking(move || Group::check(outputs)).await {
         Ok(group) => group?,
         Err(e) => return Err(FetchError::io(Path::new("."), io::Error::other(e.to_string()))),

@@ -160,8 +160,7 @@ impl ObjectTarget {
     /// [`ObjectError::BadUrl`] when the path cannot be an object key.
     pub fn key(&self, relative: &str) -> Result<ObjectPath, ObjectError> {
         let relative = relative.replace('\\', "/");
-        let joined =
-            if self.prefix.is_empty() { relative } else { format!("{}/{}", self.prefix, relative) };
+        let joined = if self.prefix.is_empty() { relative } else { format!("{}/{}", self.prefix, relative) };
         ObjectPath::parse(&joined)
             .map_err(|e| ObjectError::BadUrl { url: format!("{}/{joined}", self.url), why: e.to_string() })
     }
@@ -194,7 +193,9 @@ impl ObjectTarget {
             let plain = etag.trim_matches('"');
             // A multipart or encrypted object's ETag is not the MD5 of its bytes: only a plain
             // 32-hex-digit one is compared.
-            if plain.len() == 32 && plain.bytes().all(|b| b.is_ascii_hexdigit()) && !plain.eq_ignore_ascii_case(&md5)
+            if plain.len() == 32
+                && plain.bytes().all(|b| b.is_ascii_hexdigit())
+                && !plain.eq_ignore_ascii_case(&md5)
             {
                 return Err(ObjectError::Mismatch {
                     key: key.to_string(),
@@ -215,8 +216,7 @@ impl ObjectTarget {
     }
 
     async fn signed_key(&self, key: &ObjectPath, lifetime: Duration) -> Result<String, ObjectError> {
-        self
-            .store
+        self.store
             .signed_url(object_store::signer::Method::GET, key, lifetime)
             .await
             .map(|u| u.to_string())

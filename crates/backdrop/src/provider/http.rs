@@ -268,7 +268,8 @@ pub async fn send(
     dialect: Dialect,
     what: &str,
 ) -> Result<Answer, ProviderError> {
-    send_request(request.header(reqwest::header::AUTHORIZATION, auth.header.clone()), auth, dialect, what).await
+    send_request(request.header(reqwest::header::AUTHORIZATION, auth.header.clone()), auth, dialect, what)
+        .await
 }
 
 /// As [`send`], without the key: for requests to hosts that must never see it (a storage
@@ -556,7 +557,8 @@ async fn presign_input(url: &str, scheme: &str) -> Result<String, ProviderError>
     let bad = |why: String| ProviderError::Input(format!("{url}: {why}"));
     let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
     let bucket = format!("{scheme}://{}", parsed.host_str().unwrap_or_default());
-    let key = object_store::path::Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
+    let key =
+        object_store::path::Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let signed = match scheme {
         "s3" | "s3a" => {

@@ -38,7 +38,12 @@ impl HtmlFormatter {
     /// A formatter that finds output images under `out_dir`.
     #[must_use]
     pub fn new(out_dir: PathBuf) -> Self {
-        Self { out_dir, thumb_px: DEFAULT_THUMB_PX, links: std::collections::HashMap::new(), links_note: String::new() }
+        Self {
+            out_dir,
+            thumb_px: DEFAULT_THUMB_PX,
+            links: std::collections::HashMap::new(),
+            links_note: String::new(),
+        }
     }
 
     /// Outputs stored as objects: each output `path` links to its URL (a presigned GET URL,

@@ -92,7 +92,8 @@ mod tests {
         assert_eq!(store.live_upload("ab", &record.storage, 5_000).await.unwrap(), None, "expired");
         assert_eq!(store.live_upload("ab", "https://rest.fal.ai", 0).await.unwrap(), None, "other storage");
         assert_eq!(store.live_upload("cd", &record.storage, 0).await.unwrap(), None);
-        let again = UploadRecord { url: "http://127.0.0.1:1/new".into(), expires_at: 9_000, ..record.clone() };
+        let again =
+            UploadRecord { url: "http://127.0.0.1:1/new".into(), expires_at: 9_000, ..record.clone() };
         store.record_upload(&again).await.unwrap();
         assert_eq!(store.live_upload("ab", &record.storage, 6_000).await.unwrap(), Some(again.url));
     }

@@ -195,7 +195,11 @@ impl Uploader {
     ) -> Result<Self, ProviderError> {
         match url::Url::parse(rest_base) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => return Err(ProviderError::Input(format!("fal REST base {rest_base:?} is not an http(s) URL"))),
+            _ => {
+                return Err(ProviderError::Input(format!(
+                    "fal REST base {rest_base:?} is not an http(s) URL"
+                )));
+            }
         }
         Ok(Self {
             client,
@@ -240,8 +244,9 @@ impl Uploader {
                 meta.len()
             )));
         }
-        let bytes =
-            tokio::fs::read(path).await.map_err(|e| ProviderError::Input(format!("cannot read {path}: {e}")))?;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| ProviderError::Input(format!("cannot read {path}: {e}")))?;
         let mime = http::sniff_mime(&bytes)
             .ok_or_else(|| ProviderError::Input(format!("{path} is not a PNG, JPEG or WebP image")))?;
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
@@ -284,7 +289,12 @@ impl Uploader {
         Ok(url)
     }
 
-    async fn upload_with_retries(&self, bytes: Vec<u8>, mime: &str, name: &str) -> Result<String, ProviderError> {
+    async fn upload_with_retries(
+        &self,
+        bytes: Vec<u8>,
+        mime: &str,
+        name: &str,
+    ) -> Result<String, ProviderError> {
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(self.first_retry)
             .with_max_delay(Duration::from_secs(30))
@@ -306,7 +316,12 @@ impl Uploader {
         }
     }
 
-    async fn upload_once(&self, bytes: bytes::Bytes, mime: &str, name: &str) -> Result<String, ProviderError> {
+    async fn upload_once(
+        &self,
+        bytes: bytes::Bytes,
+        mime: &str,
+        name: &str,
+    ) -> Result<String, ProviderError> {
         if !self.v3_missing.load(Ordering::Relaxed) {
             match self.upload_v3(bytes.clone(), mime, name).await {
                 Err(ProviderError::Http { status: 404 | 405, .. }) => {
@@ -326,7 +341,8 @@ impl Uploader {
             return Ok(token.clone());
         }
         let url = format!("{}/storage/auth/token?storage_type=fal-cdn-v3", self.rest_base);
-        let request = self.client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body("{}");
+        let request =
+            self.client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body("{}");
         let answer = http::send(request, &self.auth, Dialect::Fal, "fal storage token").await?;
         let got: TokenAnswer = answer.json("fal storage token", &self.auth)?;
         check_url(&got.base_url, "base_url")?;
@@ -383,7 +399,12 @@ impl Uploader {
 
     /// The older flow: `POST /storage/upload/initiate`, then `PUT` the bytes to `upload_url`
     /// (without the key: the URL is its own grant, and may be another host).
-    async fn upload_initiate(&self, bytes: bytes::Bytes, mime: &str, name: &str) -> Result<String, ProviderError> {
+    async fn upload_initiate(
+        &self,
+        bytes: bytes::Bytes,
+        mime: &str,
+        name: &str,
+    ) -> Result<String, ProviderError> {
         let url = format!("{}/storage/upload/initiate?storage_type=fal-cdn-v3", self.rest_base);
         let request = self
             .client
