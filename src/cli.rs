@@ -270,7 +270,8 @@ pub(crate) struct ReportArgs {
     #[arg(long, short, value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
     /// Output folder of the run, where the html report finds the finished images
-    /// [default: out, or `out` from the config file].
+    /// [default: out, or `out` from the config file]; for a bucket (s3://...) the gallery
+    /// links each image through a presigned URL valid 7 days.
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
 }
