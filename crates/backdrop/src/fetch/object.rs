@@ -243,6 +243,7 @@ mod tests {
     #[test]
     fn keys_live_under_the_prefix() {
         // Building an S3 store reads no network: a region and keys make it complete.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let target = ObjectTarget {
             store: Arc::new(
                 object_store::aws::AmazonS3Builder::new()
