@@ -173,7 +173,8 @@ pub(crate) struct RunArgs {
     /// State database, created if missing [default: backdrop.db].
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
     pub(crate) state: Option<PathBuf>,
-    /// Output folder for finished images [default: out].
+    /// Output folder for finished images [default: out], or a bucket: s3://bucket/prefix, gs://...,
+    /// az://... (credentials from the cloud's usual environment).
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]
@@ -185,6 +186,10 @@ pub(crate) struct RunArgs {
     /// Base URL of the API (default: the provider's public endpoint).
     #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
     pub(crate) api_base: Option<String>,
+    /// Base URL of fal's REST API, where local input files are uploaded (default: --api-base
+    /// when set, the simulator's with --simulate, else https://rest.fal.ai).
+    #[arg(long, env = "BACKDROP_FAL_REST_BASE", value_name = "URL")]
+    pub(crate) fal_rest_base: Option<String>,
     /// Model, overriding the prompt's front matter.
     #[arg(long, env = "BACKDROP_MODEL")]
     pub(crate) model: Option<String>,
@@ -362,7 +367,8 @@ pub(crate) struct ReportArgs {
     #[arg(long, short, value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
     /// Output folder of the run, where the html report finds the finished images
-    /// [default: out, or `out` from the config file].
+    /// [default: out, or `out` from the config file]; for a bucket (s3://...) the gallery
+    /// links each image through a presigned URL valid 7 days.
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
 }

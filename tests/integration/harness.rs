@@ -43,6 +43,15 @@ pub(crate) struct Stats {
     pub(crate) dropped_connections: u64,
     pub(crate) webhooks_delivered: u64,
     pub(crate) webhooks_failed: u64,
+    /// Files fal's storage kept (both upload flows).
+    #[serde(default)]
+    pub(crate) uploads: u64,
+    #[serde(default)]
+    pub(crate) uploaded_bytes: u64,
+    #[serde(default)]
+    pub(crate) storage_tokens: u64,
+    #[serde(default)]
+    pub(crate) expired_token_refusals: u64,
     pub(crate) by_status: BTreeMap<u16, u64>,
     pub(crate) by_route: BTreeMap<String, u64>,
 }

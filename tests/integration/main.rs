@@ -18,6 +18,8 @@ mod provider;
 mod quality;
 mod reuse;
 mod run;
+mod s3;
 mod sim;
 mod tidy;
 mod trust;
+mod uploads;

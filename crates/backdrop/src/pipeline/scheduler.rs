@@ -577,6 +577,25 @@ async fn submit_phase<P: Provider>(
             return Ok(JobEnd::Left);
         }
     }
+    // Unpaid work first (fal uploads local inputs): before any intent, never counted as an
+    // attempt, retried by the provider on its own.
+    let prepared = tokio::select! {
+        p = shared.pool.provider.prepare(spec) => p,
+        () = shared.stop_submits.cancelled() => return Ok(JobEnd::Left),
+    };
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            if let ErrorClass::Stop(reason) = e.class() {
+                shared.stop(match reason {
+                    StopReason::KeyRejected => Stop::KeyRejected,
+                    StopReason::OutOfCredits => Stop::OutOfCredits,
+                });
+                return Ok(JobEnd::Left);
+            }
+            return fail(shared, job, None, &format!("preparing the inputs failed: {e}")).await;
+        }
+    };
     loop {
         if attempts >= shared.pool.retry.max_attempts {
             return fail(shared, job, None, &format!("gave up after {attempts} attempts")).await;
@@ -617,7 +636,7 @@ async fn submit_phase<P: Provider>(
         let sent = tokio::time::Instant::now();
         // Not raced against shutdown: the answer carries the request id we must save. The
         // client's request timeout bounds the wait.
-        let answer = shared.pool.provider.submit(spec).await;
+        let answer = shared.pool.provider.submit(&prepared).await;
         let latency = started.elapsed();
         let latency_ms = Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX));
         // The answer's verdict on the pace and the window (a 429 below).

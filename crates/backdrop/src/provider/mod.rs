@@ -268,6 +268,17 @@ pub trait Provider: Send + Sync + 'static {
     /// on 127.0.0.1 allows loopback downloads).
     fn base_url(&self) -> &str;
 
+    /// Work a job needs before its paid request, done before its intent is committed: it is not
+    /// paid and is retried on its own (fal uploads local input files here). Answers the job to
+    /// submit; the default is the job as it is.
+    ///
+    /// # Errors
+    /// A [`ProviderError`]: [`ErrorClass::Stop`] stops the run, anything else fails the row
+    /// (nothing was paid).
+    fn prepare(&self, job: &JobSpec) -> impl Future<Output = Result<JobSpec, ProviderError>> + Send {
+        std::future::ready(Ok(job.clone()))
+    }
+
     /// Sends the paid request. The caller has already committed its intent to the store.
     ///
     /// # Errors

@@ -1,8 +1,12 @@
 //! The fal.ai queue protocol: `POST {base}/{model_id}` answers with a request id and
 //! three URLs that are stored and used exactly as given; polls `GET status_url`, then fetches the
-//! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`].
+//! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`];
+//! local input files go up to fal's storage first ([`upload`]).
 
+pub mod upload;
 pub mod webhook;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -47,6 +51,8 @@ pub struct Fal {
     base: String,
     auth: Auth,
     opts: FalOptions,
+    /// Uploads local input files; without it they follow the inline policy.
+    uploader: Option<Arc<upload::Uploader>>,
 }
 
 /// The fal model id for a job's model and task: a model containing `/` is already a fal id;
@@ -103,7 +109,20 @@ impl Fal {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => return Err(ProviderError::Input(format!("API base {base_url:?} is not an http(s) URL"))),
         }
-        Ok(Self { client, base: base_url.trim_end_matches('/').to_owned(), auth: Auth::fal(key)?, opts })
+        Ok(Self {
+            client,
+            base: base_url.trim_end_matches('/').to_owned(),
+            auth: Auth::fal(key)?,
+            opts,
+            uploader: None,
+        })
+    }
+
+    /// The same client, uploading local input files to fal's storage before each submit.
+    #[must_use]
+    pub fn with_uploader(mut self, uploader: Arc<upload::Uploader>) -> Self {
+        self.uploader = Some(uploader);
+        self
     }
 
     /// The model input for a job.
@@ -164,6 +183,13 @@ impl Fal {
         }
         Ok(JobResult { images, charged: None, credits_remaining: None, seed: output.seed })
     }
+}
+
+/// True for an absolute local path (not a URL or a data URI).
+fn is_local(input: &str) -> bool {
+    let lower = input.get(..8).unwrap_or(input).to_ascii_lowercase();
+    !(lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("data:"))
+        && std::path::Path::new(input).is_absolute()
 }
 
 /// True when `url` has the scheme, host and port of `base`.
@@ -235,6 +261,19 @@ impl Provider for Fal {
 
     fn base_url(&self) -> &str {
         &self.base
+    }
+
+    #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
+    async fn prepare(&self, job: &JobSpec) -> Result<JobSpec, ProviderError> {
+        let Some(uploader) = &self.uploader else { return Ok(job.clone()) };
+        if job.task != Task::Edit {
+            return Ok(job.clone());
+        }
+        let mut inputs = Vec::with_capacity(job.inputs.len());
+        for input in &job.inputs {
+            inputs.push(if is_local(input) { uploader.url_for(input).await? } else { input.clone() });
+        }
+        Ok(JobSpec { inputs, ..job.clone() })
     }
 
     #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
