@@ -1174,21 +1174,30 @@ async fn fail_paid<P: Provider>(
     unsaved: Option<Unsaved>,
     reason: &str,
 ) -> Result<JobEnd, StoreError> {
-    if let Some(u) = unsaved {
-        shared
-            .pool
-            .writer
-            .send(Change::Completed {
-                job_id: job.spec.id,
-                attempt_id: None,
-                request_id: None,
-                result: u.result,
-                charged: u.charged,
-                end: AttemptEnd::default(),
-            })
-            .await?;
-    }
+    save_unsaved(shared, job, unsaved).await?;
     fail(shared, job, None, reason).await
+}
+
+/// Records a polled result that no change has saved yet, so the next run can collect it
+/// without paying again.
+async fn save_unsaved<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+) -> Result<(), StoreError> {
+    let Some(u) = unsaved else { return Ok(()) };
+    shared
+        .pool
+        .writer
+        .send(Change::Completed {
+            job_id: job.spec.id,
+            attempt_id: None,
+            request_id: None,
+            result: u.result,
+            charged: u.charged,
+            end: AttemptEnd::default(),
+        })
+        .await
 }
 
 /// The output folder cannot be written: stops new submits, and keeps a paid row `fetching` with
@@ -1201,20 +1210,7 @@ async fn keep_paid<P: Provider>(
 ) -> Result<JobEnd, StoreError> {
     warn!(error = %e, "cannot save the outputs: the row keeps its result for the next run");
     shared.stop(Stop::OutputFailing);
-    if let Some(u) = unsaved {
-        shared
-            .pool
-            .writer
-            .send(Change::Completed {
-                job_id: job.spec.id,
-                attempt_id: None,
-                request_id: None,
-                result: u.result,
-                charged: u.charged,
-                end: AttemptEnd::default(),
-            })
-            .await?;
-    }
+    save_unsaved(shared, job, unsaved).await?;
     Ok(JobEnd::Left)
 }
 
