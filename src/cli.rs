@@ -176,7 +176,8 @@ pub(crate) struct RunArgs {
     /// State database, created if missing [default: backdrop.db].
     #[arg(long, env = "BACKDROP_STATE", value_name = "FILE")]
     pub(crate) state: Option<PathBuf>,
-    /// Output folder for finished images [default: out].
+    /// Output folder for finished images [default: out], or a bucket: s3://bucket/prefix, gs://...,
+    /// az://... (credentials from the cloud's usual environment).
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// Output file names, relative to --out: {sku}, {index}, {ext} [default: {sku}/{index}.{ext}]
@@ -188,6 +189,10 @@ pub(crate) struct RunArgs {
     /// Base URL of the API (default: the provider's public endpoint).
     #[arg(long, env = "BACKDROP_API_BASE", value_name = "URL")]
     pub(crate) api_base: Option<String>,
+    /// Base URL of fal's REST API, where local input files are uploaded (default: --api-base
+    /// when set, the simulator's with --simulate, else https://rest.fal.ai).
+    #[arg(long, env = "BACKDROP_FAL_REST_BASE", value_name = "URL")]
+    pub(crate) fal_rest_base: Option<String>,
     /// Model, overriding the prompt's front matter.
     #[arg(long, env = "BACKDROP_MODEL")]
     pub(crate) model: Option<String>,
@@ -197,6 +202,10 @@ pub(crate) struct RunArgs {
     /// Request rate limit shared by every worker, e.g. 10/s or 600/m [default: 10/s].
     #[arg(long, env = "BACKDROP_RATE")]
     pub(crate) rate: Option<String>,
+    /// How long the server may answer nothing but 429 (too many requests) before the run stops,
+    /// resumably, with exit code 7 [default: 5m]. A 429 never uses up a row's attempts.
+    #[arg(long, env = "BACKDROP_PATIENCE", value_name = "DURATION")]
+    pub(crate) patience: Option<String>,
     /// Submissions per row before it fails [default: 5].
     #[arg(long, env = "BACKDROP_MAX_ATTEMPTS")]
     pub(crate) max_attempts: Option<u32>,
@@ -267,6 +276,10 @@ pub(crate) struct RunArgs {
     /// polls fall between half of it and all of it; after that they go where jobs finish.
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
     pub(crate) poll_initial: Option<String>,
+    /// Status polls per row, on average, once generation times are known (this run's, or
+    /// earlier runs' from the state file): polls go where jobs finish [default: 4].
+    #[arg(long, env = "BACKDROP_POLLS_PER_ROW")]
+    pub(crate) polls_per_row: Option<f64>,
     /// Polls back off up to this interval [default: 5s].
     #[arg(long, env = "BACKDROP_POLL_MAX", value_name = "DURATION")]
     pub(crate) poll_max: Option<String>,
@@ -382,7 +395,8 @@ pub(crate) struct ReportArgs {
     #[arg(long, short, value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
     /// Output folder of the run, where the html report finds the finished images
-    /// [default: out, or `out` from the config file].
+    /// [default: out, or `out` from the config file]; for a bucket (s3://...) the gallery
+    /// links each image through a presigned URL valid 7 days.
     #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
 }

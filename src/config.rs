@@ -128,12 +128,17 @@ pub(crate) struct Settings {
     pub(crate) state: PathBuf,
     /// The output folder.
     pub(crate) out: PathBuf,
+    /// `--out s3://bucket/prefix` (or `gs://`, `az://`): outputs become objects there, and `out`
+    /// is the local staging folder downloads pass through.
+    pub(crate) out_object: Option<String>,
     /// The output file name template.
     pub(crate) output_name: String,
     /// Which protocol to speak.
     pub(crate) provider: ProviderKind,
     /// Base URL override; `None` means the provider's public endpoint (or the simulator's).
     pub(crate) api_base: Option<String>,
+    /// `--fal-rest-base`: where fal uploads go; `None` means `api_base`, else fal's own.
+    pub(crate) fal_rest_base: Option<String>,
     /// Model override.
     pub(crate) model: Option<String>,
     /// Jobs in flight at once.
@@ -142,6 +147,10 @@ pub(crate) struct Settings {
     pub(crate) rate: Rate,
     /// Submissions per row.
     pub(crate) max_attempts: u32,
+    /// How long nothing but 429s may come before the run stops.
+    pub(crate) patience: Duration,
+    /// Status polls per row, on average, the learned poll plan may spend.
+    pub(crate) polls_per_row: f64,
     /// The tighter of `--max-credits` and `--max-cost`, in the provider's unit: what this run
     /// may spend.
     pub(crate) spending_cap: Option<f64>,
@@ -278,6 +287,16 @@ fn duration(name: &'static str, value: Option<&str>, default: Duration) -> Resul
     }
 }
 
+/// `--polls-per-row`: a finite number of at least 1.
+fn polls_per_row(value: Option<f64>) -> Result<f64, ConfigError> {
+    let v = value.unwrap_or(backdrop::pipeline::polling::DEFAULT_POLLS_PER_ROW);
+    if v.is_finite() && (1.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::Invalid { name: "--polls-per-row", message: format!("{v} is outside 1..=100") })
+    }
+}
+
 impl Settings {
     /// Applies defaults and checks every value.
     ///
@@ -327,12 +346,25 @@ impl Settings {
                 message: "--webhook-listen and --webhook-url go together".into(),
             });
         }
-        for (name, v) in [("--api-base", &args.api_base), ("--webhook-url", &args.webhook_url)] {
+        for (name, v) in [
+            ("--api-base", &args.api_base),
+            ("--webhook-url", &args.webhook_url),
+            ("--fal-rest-base", &args.fal_rest_base),
+        ] {
             if let Some(v) = v {
                 url::Url::parse(v)
                     .map_err(|e| ConfigError::Invalid { name, message: format!("{v:?}: {e}") })?;
             }
         }
+        let state = args.state.clone().unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE));
+        let (out_dir, out_object) = match args.out.clone() {
+            Some(out) if backdrop::fetch::object::is_object_url(&out.to_string_lossy()) => {
+                // Downloads are staged beside the state file, then put as objects.
+                let staging = state.parent().unwrap_or(Path::new(".")).join("backdrop-staging");
+                (staging, Some(out.to_string_lossy().into_owned()))
+            }
+            out => (out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)), None),
+        };
         let output_name = args.output_name.unwrap_or_else(|| DEFAULT_OUTPUT_NAME.to_owned());
         if !output_name.contains("{sku}") || !output_name.contains("{index}") {
             return Err(ConfigError::Invalid {
@@ -346,14 +378,22 @@ impl Settings {
             query: args.query,
             prompt,
             state: args.state.unwrap_or_else(|| PathBuf::from(backdrop::store::DEFAULT_STATE)),
-            out: args.out.unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
+            out: out_dir,
+            out_object,
             output_name,
             provider,
             api_base: args.api_base,
+            fal_rest_base: args.fal_rest_base,
             model: args.model,
             concurrency,
             rate,
             max_attempts,
+            patience: duration(
+                "--patience",
+                args.patience.as_deref(),
+                backdrop::pipeline::scheduler::DEFAULT_PATIENCE,
+            )?,
+            polls_per_row: polls_per_row(args.polls_per_row)?,
             spending_cap,
             low_credit_warning: args.low_credit_warning,
             limit: args.limit,
@@ -459,10 +499,13 @@ impl Settings {
             price_overrides: self.prices.clone(),
             // Checked at plan time, so a catalog of local files without the flag is refused
             // before anything is sent, not row by row at the provider's rate.
-            local_images: if self.inline_local_images {
-                LocalImages::Inline { max_bytes: self.inline_max_bytes }
-            } else {
-                LocalImages::Refused
+            // fal uploads local files to its storage; seedance takes them only inline.
+            local_images: match (self.provider, self.inline_local_images) {
+                (ProviderKind::Fal, _) => {
+                    LocalImages::Uploaded { max_bytes: backdrop::provider::fal::upload::MAX_UPLOAD_BYTES }
+                }
+                (ProviderKind::Seedance, true) => LocalImages::Inline { max_bytes: self.inline_max_bytes },
+                (ProviderKind::Seedance, false) => LocalImages::Refused,
             },
             refused_inputs: std::sync::Arc::default(),
             input_validators: std::sync::Arc::default(),

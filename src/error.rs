@@ -106,6 +106,20 @@ impl Error {
 mod tests {
     use super::*;
 
+    /// A plan that cannot run is a usage error (exit 2, nothing was sent); a planner bug is fatal.
+    #[test]
+    fn plan_errors_map_to_usage_or_fatal() {
+        use backdrop::plan::PlanError;
+        let catalog = PlanError::Catalog(backdrop::catalog::CatalogError::Io {
+            path: "c.csv".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(Error::from(catalog).exit_code(), ExitCode::Usage);
+        let prompt = PlanError::Prompt(backdrop::prompt::PromptError::Empty { path: "p.txt".into() });
+        assert_eq!(Error::from(prompt).exit_code(), ExitCode::Usage);
+        assert_eq!(Error::from(PlanError::Internal("reader died".into())).exit_code(), ExitCode::Fatal);
+    }
+
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {
         let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);

@@ -20,6 +20,8 @@ pub(crate) enum ExitCode {
     /// The output folder or the state file cannot be written (disk full, read-only, permissions,
     /// I/O errors); paid rows keep their results. Resumable once the disk is fixed.
     DiskFailing,
+    /// The server answered nothing but 429 (too many requests) for `--patience`; resumable.
+    Throttled,
     /// Interrupted by Ctrl-C or SIGTERM; resumable.
     Interrupted,
 }
@@ -36,6 +38,7 @@ impl ExitCode {
             Self::OutOfCredits => 4,
             Self::KeyRejected => 5,
             Self::DiskFailing => 6,
+            Self::Throttled => 7,
             Self::Interrupted => 130,
         }
     }
@@ -51,6 +54,7 @@ Exit codes:
   4    stopped by out-of-credits or the budget cap (resumable)
   5    the API rejected the key
   6    stopped: the output folder or state file cannot be written (resumable once fixed)
+  7    stopped: the server answered only 429 (too many requests) for --patience (resumable)
   130  interrupted (resumable)";
 
 #[cfg(test)]
@@ -67,6 +71,7 @@ mod tests {
             (ExitCode::OutOfCredits, 4),
             (ExitCode::KeyRejected, 5),
             (ExitCode::DiskFailing, 6),
+            (ExitCode::Throttled, 7),
             (ExitCode::Interrupted, 130),
         ];
         for (exit, code) in all {

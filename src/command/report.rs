@@ -10,6 +10,7 @@ use crate::cli::{GlobalArgs, ReportArgs};
 use crate::config::DEFAULT_OUT;
 use crate::error::Error;
 use crate::exit::ExitCode;
+use backdrop::report::html::HtmlFormatter;
 use backdrop::report::{Format, ReportError, ReportFormatter, RunSummary, formatter};
 
 use super::status::{config_file, require_existing, state_path};
@@ -35,7 +36,16 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &ReportArgs) -> Result<Ex
     let summary = RunSummary::load(&store).await?;
     store.close().await;
 
-    let fmt = formatter(args.format, &out_dir);
+    let fmt = match (args.format, object_links(&out_dir, &summary).await?) {
+        (Format::Html, Some(links)) => {
+            let note = format!(
+                "link valid {} from the report's time",
+                humantime::format_duration(backdrop::fetch::object::GALLERY_URL_LIFETIME)
+            );
+            Box::new(HtmlFormatter::new(out_dir.clone()).with_links(links, &note))
+        }
+        _ => formatter(args.format, &out_dir),
+    };
     let rows = summary.rows.len();
     // Decoding and downscaling images is CPU work: keep it off the async workers.
     let target = output.clone();
@@ -92,6 +102,33 @@ fn destination(
         }
         None => Ok(None),
     }
+}
+
+/// With `--out s3://...` (or `gs://`, `az://`): every output's presigned GET URL, valid
+/// `GALLERY_URL_LIFETIME`, for the gallery's links. Signing is local (credentials from the
+/// cloud's environment); nothing is fetched.
+async fn object_links(
+    out: &Path,
+    summary: &RunSummary,
+) -> Result<Option<std::collections::HashMap<String, String>>, Error> {
+    let url = out.to_string_lossy();
+    if !backdrop::fetch::object::is_object_url(&url) {
+        return Ok(None);
+    }
+    let failed = |e: backdrop::fetch::object::ObjectError| Error::Other {
+        message: e.to_string(),
+        exit: ExitCode::Usage,
+    };
+    let target = backdrop::fetch::object::ObjectTarget::from_url(&url).map_err(failed)?;
+    let mut links = std::collections::HashMap::new();
+    for output in summary.rows.iter().flat_map(|r| &r.outputs) {
+        let signed = target
+            .signed_get(&output.path, backdrop::fetch::object::GALLERY_URL_LIFETIME)
+            .await
+            .map_err(failed)?;
+        links.insert(output.path.clone(), signed);
+    }
+    Ok(Some(links))
 }
 
 enum WriteError {

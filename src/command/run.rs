@@ -27,7 +27,7 @@ use backdrop::pipeline::webhooks::{WebhookSettings, Webhooks};
 use backdrop::plan;
 use backdrop::progress;
 use backdrop::provider::Provider;
-use backdrop::provider::fal::Fal;
+use backdrop::provider::fal::{Fal, upload};
 use backdrop::provider::seedance::Seedance;
 use backdrop::provider::{self as providers};
 use backdrop::store::{JobState, RunLock, Store, now_ms};
@@ -197,11 +197,46 @@ pub(crate) async fn execute(
             let provider = Fal::new(
                 client.clone(),
                 api_base.as_deref().unwrap_or(providers::fal::DEFAULT_BASE_URL),
-                key,
+                key.clone(),
                 settings.fal_options(),
             )
             .map_err(other_usage)?;
-            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+            // Local input files go to fal's storage (a host of its own; the simulator serves both).
+            let rest_base = match (&sim, &settings.fal_rest_base) {
+                (_, Some(base)) => base.clone(),
+                (Some(sim), None) => sim.base_url(),
+                (None, None) => {
+                    settings.api_base.clone().unwrap_or_else(|| upload::DEFAULT_REST_BASE.to_owned())
+                }
+            };
+            let uploader = Arc::new(
+                upload::Uploader::new(client.clone(), &rest_base, key, Arc::new(store.clone()))
+                    .map_err(other_usage)?,
+            );
+            let uploads = uploader.stats();
+            let outcome = drive(
+                &settings,
+                &store,
+                provider.with_uploader(uploader),
+                client,
+                &prices,
+                run_id,
+                &stats,
+                interrupt,
+            )
+            .await;
+            let uploaded = uploads.uploaded.load(std::sync::atomic::Ordering::Relaxed);
+            let reused = uploads.reused.load(std::sync::atomic::Ordering::Relaxed);
+            if uploaded + reused > 0 {
+                info!(
+                    uploaded,
+                    uploaded_bytes = uploads.uploaded_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    reused,
+                    retries = uploads.retries.load(std::sync::atomic::Ordering::Relaxed),
+                    "local inputs on fal's storage"
+                );
+            }
+            outcome
         }
     };
     bar_done.cancel();
@@ -336,6 +371,7 @@ fn decide(pool: &PoolOutcome, failed: u64, ambiguous: u64, review: u64) -> (Exit
         Some(Stop::OutOfCredits) => (ExitCode::OutOfCredits, "out_of_credits"),
         Some(Stop::Budget) => (ExitCode::OutOfCredits, "budget"),
         Some(Stop::OutputFailing) => (ExitCode::DiskFailing, "output_failing"),
+        Some(Stop::Throttled) => (ExitCode::Throttled, "throttled"),
         None if failed > 0 || ambiguous > 0 || pool.unfinished > 0 => (ExitCode::RowsFailed, "rows_failed"),
         // Paid and saved, but held by the quality gate: a person must look (`backdrop accept`).
         None if review > 0 => (ExitCode::RowsFailed, "review"),
@@ -481,7 +517,13 @@ async fn drive<P: Provider>(
         store: store.clone(),
         writer,
         provider: Arc::new(provider),
-        persister: fetch::Persister::start(&settings.out),
+        persister: match &settings.out_object {
+            Some(url) => fetch::Persister::start_object(
+                fetch::object::ObjectTarget::from_url(url)
+                    .map_err(|e| Error::Other { message: e.to_string(), exit: ExitCode::Usage })?,
+            ),
+            None => fetch::Persister::start(&settings.out),
+        },
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: settings.retry_policy(),
@@ -491,6 +533,8 @@ async fn drive<P: Provider>(
         stats: Arc::clone(stats),
         run_id,
         concurrency: usize::try_from(settings.concurrency).unwrap_or(1),
+        patience: settings.patience,
+        polls_per_row: settings.polls_per_row,
         limit: settings.limit,
         low_credit_warning: settings.low_credit_warning,
         interrupt: interrupt.clone(),

@@ -43,6 +43,15 @@ pub(crate) struct Stats {
     pub(crate) dropped_connections: u64,
     pub(crate) webhooks_delivered: u64,
     pub(crate) webhooks_failed: u64,
+    /// Files fal's storage kept (both upload flows).
+    #[serde(default)]
+    pub(crate) uploads: u64,
+    #[serde(default)]
+    pub(crate) uploaded_bytes: u64,
+    #[serde(default)]
+    pub(crate) storage_tokens: u64,
+    #[serde(default)]
+    pub(crate) expired_token_refusals: u64,
     pub(crate) by_status: BTreeMap<u16, u64>,
     pub(crate) by_route: BTreeMap<String, u64>,
 }
@@ -316,11 +325,21 @@ impl TestEnv {
 
     /// Ledger entries whose request body was charged more than once.
     pub(crate) async fn double_charges(&self) -> Vec<String> {
-        let mut seen = std::collections::HashMap::new();
-        for charge in self.sim.ledger().await {
-            *seen.entry(charge.body_sha256.clone()).or_insert(0) += 1;
+        let ledger = self.sim.ledger().await;
+        // A refund (fal cancels a request still queued) names the request it gives back, not its
+        // body: a refunded request was not paid for.
+        let refunded: std::collections::HashSet<&str> =
+            ledger.iter().filter(|c| c.amount < 0.0).map(|c| c.request_id.as_str()).collect();
+        let mut seen: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        for charge in ledger.iter().filter(|c| c.amount > 0.0 && !refunded.contains(c.request_id.as_str())) {
+            seen.entry(charge.body_sha256.clone())
+                .or_default()
+                .push(format!("{} {}", charge.request_id, charge.amount));
         }
-        seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("{k} x{n}")).collect()
+        seen.into_iter()
+            .filter(|(_, c)| c.len() > 1)
+            .map(|(k, c)| format!("{k} x{} ({})", c.len(), c.join(", ")))
+            .collect()
     }
 }
 

@@ -370,7 +370,8 @@ async fn fal_submit_uses_key_auth_webhook_query_and_returns_urls_as_given() {
     ));
     let mut job = edit_job(&["https://cdn/a.png", "https://cdn/b.png"]);
     job.params.size = Some("2048x1536".into());
-    let Submission::Accepted(r) = p.submit(&job).await.unwrap() else { panic!() };
+    // Queued behind 4 others: the scheduler's window hears the position.
+    let Submission::Queued { request: r, position: 4 } = p.submit(&job).await.unwrap() else { panic!() };
     assert_eq!(r.request_id, "abc");
     assert_eq!(r.status_url.as_deref(), Some(status_url.as_str()));
     assert_eq!(r.response_url.as_deref(), Some(response_url.as_str()));

@@ -79,14 +79,16 @@ async fn a_429_storm_with_retry_after_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_always_says_429_cannot_hold_a_row_forever() {
+    // A 429 means "later": the rows do not fail, the patience stops the run (exit 7, resumable).
     let script = vec![ScriptStep { count: 1000, status: 429, retry_after_secs: Some(1), drop: false }];
     let env =
         TestEnv::new(SimConfig { faults: Faults { script, ..Faults::default() }, ..SimConfig::default() })
             .await;
     let catalog = env.catalog(2);
-    let out = output(env.run_cmd(&catalog, &["--max-attempts", "3", "--retry-max", "100ms"])).await;
-    assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert_eq!(env.states().await.get("failed"), Some(&2));
+    let args = ["--max-attempts", "3", "--retry-max", "100ms", "--patience", "2s"];
+    let out = output(env.run_cmd(&catalog, &args)).await;
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("pending"), Some(&2));
     assert!(env.sim.ledger().await.is_empty());
 }
 

@@ -154,6 +154,11 @@ Scenario file (--scenario FILE), every key optional:
   webhook_duplicate_rate = 0.1         #   webhook_drop_rate, gateway_error_rate,
   oversized_rate = 0.01                #   oversized_bytes, extra_outputs_rate + extra_outputs,
   redirect_rate = 0.1                  #   redirect_hops, key_echo_rate, bad_request_id_rate
+  # fal storage (uploads of local files):
+  upload_error_rate = 0.1              # uploads answered 503
+  upload_delay_ms = 500                # slow uploads
+  storage_token_ttl_secs = 5.0         # tokens die early: the upload gets a 401
+  storage_v3_unavailable = true        # no CDN v3 token endpoint: the initiate flow only
   [[faults.script]]
   count = 3
   status = 429
@@ -179,7 +184,9 @@ Scenario file (--scenario FILE), every key optional:
 Simulator-only endpoints: GET /__sim/ledger, GET /__sim/stats, GET|POST /__sim/balance,
 POST /__sim/keys {\"revoked\": true}, POST /__sim/burst {\"status\": 503, \"seconds\": 30},
 POST /__sim/expire-urls (every output ready so far answers 410 Gone), GET /__sim/config,
-GET /__sim/limits, GET /__sim/input/{name}.png, GET /__sim/alterations"
+GET /__sim/limits, GET /__sim/input/{name}.png, GET /__sim/alterations. fal storage:
+POST /storage/auth/token, POST {base_url}/files/upload, POST /storage/upload/initiate,
+PUT {upload_url}, GET /storage/files/{id}/{name}"
     };
 }
 

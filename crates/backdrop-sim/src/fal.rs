@@ -294,6 +294,13 @@ pub(crate) struct StatusQuery {
     logs: Option<String>,
 }
 
+impl StatusQuery {
+    /// `?logs=1` (or `true`): the status carries the request's log lines.
+    fn wants_logs(&self) -> bool {
+        self.logs.as_deref().is_some_and(|l| l == "1" || l == "true")
+    }
+}
+
 /// Checks auth, the URL token and that `id` is a fal request; `Err` is the answer.
 fn check(sim: &Sim, headers: &HeaderMap, token: &str, id: &str) -> Result<(), Response> {
     if !authorized(sim, headers, Scheme::Key) {
@@ -317,7 +324,7 @@ pub(crate) async fn status(
     if sim.config.faults.poll_error_rate > 0.0 && chance(&mut sim.rng(), sim.config.faults.poll_error_rate) {
         return server_error(503);
     }
-    let logs = query.logs.as_deref().is_some_and(|l| l == "1" || l == "true");
+    let logs = query.wants_logs();
     let Some(body) = status_body(&sim, &id, Instant::now(), logs) else {
         return not_found("Request not found");
     };
@@ -367,7 +374,7 @@ pub(crate) async fn status_stream(
     if let Err(response) = check(&sim, &headers, &token, &id) {
         return response;
     }
-    let logs = query.logs.as_deref().is_some_and(|l| l == "1" || l == "true");
+    let logs = query.wants_logs();
     // (simulator, request, last status sent, finished)
     let start = (sim, id, Value::Null, false);
     let events = futures::stream::unfold(start, move |(sim, id, last, finished)| async move {

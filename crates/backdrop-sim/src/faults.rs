@@ -332,6 +332,22 @@ pub struct Faults {
     /// Edits that come back unfaithful to their input (`[faults.alterations]`).
     #[serde(default)]
     pub alterations: Alterations,
+
+    // fal storage.
+    /// Probability that a file upload (either flow) is answered 503, storing nothing.
+    #[serde(default)]
+    pub upload_error_rate: f64,
+    /// Every file upload takes this long before it is answered (slow uploads).
+    #[serde(default)]
+    pub upload_delay_ms: u64,
+    /// Storage tokens stop working this many seconds after they are issued, whatever their
+    /// announced `expires_at` (an hour) says [default: 3600]; an upload with an expired token is
+    /// answered 401.
+    #[serde(default)]
+    pub storage_token_ttl_secs: Option<f64>,
+    /// The CDN v3 token endpoint answers 404, so clients must use the older initiate flow.
+    #[serde(default)]
+    pub storage_v3_unavailable: bool,
 }
 
 /// Stragglers: a share `rate` of generations take `factor` times their drawn latency.
@@ -501,6 +517,7 @@ impl Faults {
             ("wrong_content_type_rate", self.wrong_content_type_rate),
             ("webhook_duplicate_rate", self.webhook_duplicate_rate),
             ("webhook_drop_rate", self.webhook_drop_rate),
+            ("upload_error_rate", self.upload_error_rate),
         ];
         for (name, p) in probabilities {
             if !(0.0..=1.0).contains(&p) {
@@ -509,6 +526,9 @@ impl Faults {
         }
         if self.slow_rate > 0.0 && self.slow_bytes_per_sec == 0 {
             return Err(SimError::Config("slow_rate needs slow_bytes_per_sec > 0".into()));
+        }
+        if self.storage_token_ttl_secs.is_some_and(|s| !s.is_finite() || s < 0.0) {
+            return Err(SimError::Config("storage_token_ttl_secs must be a number >= 0".into()));
         }
         if self.oversized_bytes == Some(0) {
             return Err(SimError::Config("oversized_bytes must be at least 1".into()));

@@ -31,6 +31,7 @@ pub mod imagegen;
 mod limits;
 pub mod money;
 mod seedance;
+mod storage;
 mod submit;
 pub mod webhook;
 
@@ -204,6 +205,18 @@ pub struct SimStats {
     pub webhooks_delivered: u64,
     /// Webhook deliveries that failed (after retries) or were dropped on purpose.
     pub webhooks_failed: u64,
+    /// Files stored by fal's storage (both flows).
+    #[serde(default)]
+    pub uploads: u64,
+    /// Bytes of those files.
+    #[serde(default)]
+    pub uploaded_bytes: u64,
+    /// fal storage tokens handed out.
+    #[serde(default)]
+    pub storage_tokens: u64,
+    /// Uploads refused because their storage token had expired.
+    #[serde(default)]
+    pub expired_token_refusals: u64,
     /// Responses by HTTP status.
     pub by_status: BTreeMap<u16, u64>,
     /// Requests by route, e.g. `"POST /v1/seedream/v4.5/edit"`.
@@ -285,6 +298,8 @@ pub(crate) struct Sim {
     pub(crate) shutdown: CancellationToken,
     /// The limits in force, the cap on generations in flight and fal's account queue.
     pub(crate) limits: limits::Limits,
+    /// fal's file storage: tokens, uploaded files.
+    pub(crate) storage: storage::Storage,
 }
 
 /// Locks a mutex, ignoring poisoning: a handler that unwound on purpose (a dropped connection)
@@ -344,6 +359,7 @@ impl Sim {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             limits,
+            storage: storage::Storage::default(),
         })
     }
 
@@ -454,6 +470,10 @@ impl Sim {
             truncated_downloads: self.truncated.load(Ordering::SeqCst),
             webhooks_delivered: self.webhooks_delivered.load(Ordering::SeqCst),
             webhooks_failed: self.webhooks_failed.load(Ordering::SeqCst),
+            uploads: self.storage.uploads.load(Ordering::SeqCst),
+            uploaded_bytes: self.storage.uploaded_bytes.load(Ordering::SeqCst),
+            storage_tokens: self.storage.tokens_issued.load(Ordering::SeqCst),
+            expired_token_refusals: self.storage.expired_token_refusals.load(Ordering::SeqCst),
             by_status: tallies.by_status.iter().map(|(k, v)| (*k, *v)).collect(),
             by_route: tallies.by_route.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         }
@@ -507,6 +527,11 @@ fn route_label(method: &axum::http::Method, path: &str) -> &'static str {
         "/__sim/config" => "GET /__sim/config",
         "/__sim/limits" => "GET /__sim/limits",
         "/__sim/input-version" => "POST /__sim/input-version",
+        "/storage/auth/token" => "POST /storage/auth/token",
+        "/storage/upload/initiate" => "POST /storage/upload/initiate",
+        "/cdn/files/upload" => "POST {base_url}/files/upload",
+        p if p.starts_with("/storage/put/") => "PUT {upload_url}",
+        p if p.starts_with("/storage/files/") => "GET /storage/files/{id}/{name}",
         p if p.starts_with("/v1/requests/") => "GET /v1/requests/{id}",
         p if p.starts_with("/files/") => "GET /files/{id}/{file}",
         p if p.starts_with("/__sim/input/") => "GET /__sim/input/{file}",
@@ -530,6 +555,11 @@ fn router(sim: Arc<Sim>) -> Router {
         .route("/queue/{token}/requests/{id}/cancel", axum::routing::put(fal::cancel))
         .route("/files/{id}/{file}", get(files::output))
         .route("/.well-known/jwks.json", get(webhook::jwks))
+        .route("/storage/auth/token", post(storage::token))
+        .route("/storage/upload/initiate", post(storage::initiate))
+        .route("/cdn/files/upload", post(storage::cdn_upload))
+        .route("/storage/put/{slot}", axum::routing::put(storage::put))
+        .route("/storage/files/{id}/{name}", get(storage::file))
         .merge(admin::routes())
         .fallback(fal::submit)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&sim), track))

@@ -273,31 +273,33 @@ pub fn fingerprint(
     inputs: &[Input],
     params_json: &str,
 ) -> String {
-    fn field(h: &mut Sha256, bytes: &[u8]) {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
     let mut h = Sha256::new();
-    field(&mut h, b"backdrop-fingerprint-v1");
-    field(&mut h, sku.as_bytes());
-    field(&mut h, task.as_str().as_bytes());
-    field(&mut h, model.as_bytes());
-    field(&mut h, prompt.as_bytes());
-    field(&mut h, params_json.as_bytes());
+    hash_field(&mut h, b"backdrop-fingerprint-v1");
+    hash_field(&mut h, sku.as_bytes());
+    hash_field(&mut h, task.as_str().as_bytes());
+    hash_field(&mut h, model.as_bytes());
+    hash_field(&mut h, prompt.as_bytes());
+    hash_field(&mut h, params_json.as_bytes());
     h.update((inputs.len() as u64).to_le_bytes());
     for input in inputs {
         match input {
             Input::Url(u) => {
-                field(&mut h, b"url");
-                field(&mut h, u.as_bytes());
+                hash_field(&mut h, b"url");
+                hash_field(&mut h, u.as_bytes());
             }
             Input::File { sha256, .. } => {
-                field(&mut h, b"file");
-                field(&mut h, sha256.as_bytes());
+                hash_field(&mut h, b"file");
+                hash_field(&mut h, sha256.as_bytes());
             }
         }
     }
     hex::encode(h.finalize())
+}
+
+/// Feeds one length-prefixed field to a digest, so moving a boundary between fields changes it.
+fn hash_field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
 }
 
 /// The digest of the validators of a row's input URLs, when every one of them has passed the
@@ -309,10 +311,8 @@ fn input_tag(inputs: &[Input], validators: &HashMap<String, String>) -> Option<S
     for input in inputs {
         if let Input::Url(url) = input {
             let v = validators.get(url)?;
-            h.update((url.len() as u64).to_le_bytes());
-            h.update(url.as_bytes());
-            h.update((v.len() as u64).to_le_bytes());
-            h.update(v.as_bytes());
+            hash_field(&mut h, url.as_bytes());
+            hash_field(&mut h, v.as_bytes());
             any = true;
         }
     }
@@ -332,27 +332,23 @@ pub fn request_key(
     params_json: &str,
     validators: &HashMap<String, String>,
 ) -> Option<String> {
-    fn field(h: &mut Sha256, bytes: &[u8]) {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
     let mut h = Sha256::new();
-    field(&mut h, b"backdrop-request-key-v1");
-    field(&mut h, task.as_str().as_bytes());
-    field(&mut h, model.as_bytes());
-    field(&mut h, prompt.as_bytes());
-    field(&mut h, params_json.as_bytes());
+    hash_field(&mut h, b"backdrop-request-key-v1");
+    hash_field(&mut h, task.as_str().as_bytes());
+    hash_field(&mut h, model.as_bytes());
+    hash_field(&mut h, prompt.as_bytes());
+    hash_field(&mut h, params_json.as_bytes());
     h.update((inputs.len() as u64).to_le_bytes());
     for input in inputs {
         match input {
             Input::Url(u) => {
-                field(&mut h, b"url");
-                field(&mut h, u.as_bytes());
-                field(&mut h, validators.get(u)?.as_bytes());
+                hash_field(&mut h, b"url");
+                hash_field(&mut h, u.as_bytes());
+                hash_field(&mut h, validators.get(u)?.as_bytes());
             }
             Input::File { sha256, .. } => {
-                field(&mut h, b"file");
-                field(&mut h, sha256.as_bytes());
+                hash_field(&mut h, b"file");
+                hash_field(&mut h, sha256.as_bytes());
             }
         }
     }

@@ -378,6 +378,9 @@ pub async fn check_catalog(
             let stored = input.as_stored().to_owned();
             if seen.insert(stored.clone()) {
                 match input {
+                    // A bucket object is read with the user's cloud credentials, which never go
+                    // to an image host: it is checked when the run presigns it, not here.
+                    Input::Url(_) if crate::fetch::object::is_object_url(&stored) => {}
                     Input::Url(_) => urls.push(stored),
                     Input::File { .. } => files.push(stored),
                 }

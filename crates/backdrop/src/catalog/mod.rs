@@ -33,6 +33,12 @@ pub enum LocalImages {
         /// The largest file sent inline (`--inline-max-bytes`).
         max_bytes: u64,
     },
+    /// Uploaded to the provider's storage (fal): each must be a PNG, JPEG or WebP of at most
+    /// `max_bytes`, checked here so a bad file is refused before anything is sent.
+    Uploaded {
+        /// The largest file the storage takes.
+        max_bytes: u64,
+    },
     /// Refused: the run has no way to send a local file (`--inline-local-images` is off).
     Refused,
 }
@@ -562,6 +568,23 @@ impl ImageResolver {
                 Err(e) => Err(format!("invalid URL: {e}")),
             };
         }
+        // A bucket object (`s3://bucket/key`, `gs://`, `az://`): the provider gets a presigned
+        // URL at submit time.
+        if ["s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "azure://"]
+            .iter()
+            .any(|s| lower.starts_with(s))
+        {
+            return match url::Url::parse(value) {
+                Ok(u)
+                    if u.host_str().is_some_and(|h| !h.is_empty())
+                        && !u.path().trim_matches('/').is_empty() =>
+                {
+                    Ok(Input::Url(value.to_owned()))
+                }
+                Ok(_) => Err("object URL names no bucket and key".into()),
+                Err(e) => Err(format!("invalid URL: {e}")),
+            };
+        }
         if value.contains("://") || lower.starts_with("data:") {
             return Err("neither an http(s) URL nor a local file".into());
         }
@@ -586,6 +609,18 @@ impl ImageResolver {
             if read.size > max_bytes {
                 return Err(format!(
                     "is {}, above the {} inline limit (--inline-max-bytes): host it and use its URL",
+                    megabytes(read.size),
+                    megabytes(max_bytes)
+                ));
+            }
+            if crate::provider::http::sniff_mime(&read.head).is_none() {
+                return Err("is not a PNG, JPEG or WebP image".into());
+            }
+        }
+        if let LocalImages::Uploaded { max_bytes } = self.policy {
+            if read.size > max_bytes {
+                return Err(format!(
+                    "is {}, above the {} the provider's storage takes: host it and use its URL",
                     megabytes(read.size),
                     megabytes(max_bytes)
                 ));

@@ -56,7 +56,9 @@ impl FetchError {
     /// [`is_output_failure`]): stop new submits, keep the row's result for the next run.
     #[must_use]
     pub fn is_output_failure(&self) -> bool {
+        // A bucket that keeps failing after the retries is an output that cannot be written.
         matches!(self, Self::Io { source, .. } if is_output_failure(source))
+            || matches!(self, Self::Object(_))
     }
 }
 

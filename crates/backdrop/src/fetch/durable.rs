@@ -1,10 +1,13 @@
 //! [`Persister`]: makes finished downloads durable in batches: each file's data synced, renamed
 //! to its final name, and the names synced (on Linux one `syncfs` before the renames and one after,
-//! for the whole batch), plus [`TempFile`], the temporary file a download is written to.
+//! for the whole batch), plus [`TempFile`], the temporary file a download is written to. With a
+//! bucket as the output location ([`Persister::start_object`]), each output is instead put as one
+//! object, checked, and its staged file removed.
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
+use super::object::{ObjectError, ObjectTarget};
 use super::{Downloaded, FetchError, check_image};
 use crate::domain::SavedOutput;
 
@@ -39,6 +42,16 @@ impl Persister {
     pub fn start(out_dir: &Path) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(MAX_PERSIST_BATCH);
         tokio::spawn(persist_loop(out_dir.to_owned(), rx));
+        Self { tx }
+    }
+
+    /// Starts the task that puts outputs in `target` (a bucket and prefix) instead: each output
+    /// downloaded to the staging folder is checked, put as one object under its relative name,
+    /// verified (see [`ObjectTarget::put_verified`]), and its staged file removed.
+    #[must_use]
+    pub fn start_object(target: ObjectTarget) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_PERSIST_BATCH);
+        tokio::spawn(object_loop(target, rx));
         Self { tx }
     }
 
@@ -79,6 +92,66 @@ async fn persist_loop(out_dir: PathBuf, mut rx: tokio::sync::mpsc::Receiver<Pers
         let out_dir = out_dir.clone();
         // A panic drops the replies, which their waiters see as an error.
         let _ = tokio::task::spawn_blocking(move || persist_batch(&out_dir, batch)).await;
+    }
+}
+
+/// Tries per object put (the store's own client retries transient errors within each).
+const OBJECT_TRIES: u32 = 3;
+
+async fn object_loop(target: ObjectTarget, mut rx: tokio::sync::mpsc::Receiver<PersistJob>) {
+    // Jobs are independent objects: each is stored on its own task, so one slow PUT does not
+    // hold the others.
+    while let Some(job) = rx.recv().await {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let PersistJob { outputs, reply, .. } = job;
+            drop(reply.send(store_objects(&target, outputs).await));
+        });
+    }
+}
+
+/// Checks, puts and verifies one job's outputs.
+async fn store_objects(
+    target: &ObjectTarget,
+    outputs: Vec<Downloaded>,
+) -> Result<Vec<SavedOutput>, FetchError> {
+    let group = match tokio::task::spawn_blocking(move || Group::check(outputs)).await {
+        Ok(group) => group?,
+        Err(e) => return Err(FetchError::io(Path::new("."), io::Error::other(e.to_string()))),
+    };
+    let mut saved = Vec::with_capacity(group.pending.len());
+    // Each staged file is removed when its `Downloaded` drops, either way: on success the object
+    // is the output, on failure the row keeps its result and downloads again.
+    for d in group.pending {
+        put_one(target, &d).await?;
+        saved.push(d.saved);
+    }
+    Ok(saved)
+}
+
+async fn put_one(target: &ObjectTarget, d: &Downloaded) -> Result<(), FetchError> {
+    let bytes = tokio::fs::read(&d.temp.path).await.map_err(|e| FetchError::io(&d.temp.path, e))?;
+    let bytes = bytes::Bytes::from(bytes);
+    let relative = d.saved.path.to_string_lossy().into_owned();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match target.put_verified(&relative, bytes.clone()).await {
+            Ok(sha256) if sha256 == d.saved.sha256 => return Ok(()),
+            Ok(sha256) => {
+                // The staged file changed after it was downloaded and hashed.
+                return Err(ObjectError::Mismatch {
+                    key: relative,
+                    why: format!("sha256 {sha256} stored, {} downloaded", d.saved.sha256),
+                }
+                .into());
+            }
+            Err(e) if e.is_retryable() && tries < OBJECT_TRIES => {
+                tracing::info!(error = %e, tries, "storing an output failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500 * u64::from(tries))).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -2,12 +2,13 @@
 //! final name (size-capped while streaming, PNG/JPEG checked) through a [`DownloadClient`] whose
 //! [`guard`] decides which addresses and redirects a download may follow; [`durable`] makes
 //! finished downloads durable in batches, [`naming`] maps a SKU to its file name, and
-//! [`cleanup`] removes what a crash left.
+//! [`cleanup`] removes what a crash left; [`object`] puts outputs in a bucket instead of a folder.
 
 pub mod cleanup;
 pub mod durable;
 pub mod guard;
 pub mod naming;
+pub mod object;
 
 pub use cleanup::{CleanUp, OutputFolderLock, TEMP_MARKER, clean_temp_files, probe_writable, temp_file_name};
 pub use durable::Persister;
@@ -103,6 +104,10 @@ pub enum FetchError {
         /// Why.
         reason: String,
     },
+    /// Storing the output in object storage failed, or the stored object is not what was
+    /// written.
+    #[error("cannot store the output: {0}")]
+    Object(#[from] object::ObjectError),
     /// Writing to the output folder failed.
     #[error("cannot write {path}: {source}")]
     Io {

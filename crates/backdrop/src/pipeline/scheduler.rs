@@ -1,25 +1,30 @@
 //! The worker pool: resumes jobs a crash left at the provider, then claims this run's jobs in
-//! catalog order, at most `concurrency` in flight end to end (submit → poll → download), and
-//! drives each through the provider with the budget, rate limit, retry policy and store writer.
+//! catalog order, at most the adaptive window of jobs in flight end to end (submit → poll →
+//! download; `concurrency` is its ceiling), and drives each through the provider with the
+//! budget, the adaptive rate limiter, retry policy and store writer. A 429 means "later": it
+//! moves the pace or the window, never a row's attempts; only 429s for `patience` stop the run.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::adaptive::{Said, Throttle};
 use super::backoff::{PollSchedule, PollTiming, RetryPolicy};
-use super::limiter::Limiter;
+use super::limiter::{Limiter, Window, WindowPermit};
+use super::polling::{LatencySample, PollBudget, PollPlan, SAMPLE_SIZE};
 use super::stats::RunStats;
 use super::webhooks::Webhooks;
 use crate::domain::{JobSpec, RequestRef};
 use crate::fetch::{FetchError, Fetcher, Persister};
 use crate::money::{Budget, PriceTable};
-use crate::provider::{ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission};
+use crate::provider::{
+    ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission, Throttled,
+};
 use crate::store::{AttemptEnd, Change, JobState, Store, StoreError, StoredJob, Writer, now_ms};
 
 /// Rows read from the store per page: memory stays flat whatever the catalog size.
@@ -47,7 +52,12 @@ pub enum Stop {
     Interrupted,
     /// The output folder cannot be written (full, read-only, not permitted, failing).
     OutputFailing,
+    /// The server answered nothing but 429s for the run's patience.
+    Throttled,
 }
+
+/// How long a run may get nothing but 429s before it stops, unless the user says otherwise.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// How the pool ended.
 #[derive(Debug, Clone, Default)]
@@ -84,8 +94,12 @@ pub struct Pool<P: Provider> {
     pub stats: Arc<RunStats>,
     /// This run.
     pub run_id: i64,
-    /// Jobs in flight at once.
+    /// Jobs in flight at once at most: the ceiling of the adaptive window.
     pub concurrency: usize,
+    /// How long the server may answer nothing but 429s before the run stops (resumable).
+    pub patience: Duration,
+    /// Status polls per row, on average, the learned poll plan may spend.
+    pub polls_per_row: f64,
     /// Rows to claim at most (resumed jobs not counted: they are already paid for).
     pub limit: Option<u64>,
     /// Warn when the provider reports fewer credits than this.
@@ -109,9 +123,68 @@ struct Shared<P: Provider> {
     low_credit_warned: std::sync::atomic::AtomicBool,
     /// When this run's jobs tend to be done, for the first polls.
     timing: PollTiming,
+    /// The adaptive window of jobs in flight.
+    window: Arc<Window>,
+    /// The generation times seen (earlier runs' as the prior) and the poll plan made from them.
+    learned: Mutex<Learned>,
+    /// The provider's push is missing (its stream answered 404): poll only.
+    no_push: std::sync::atomic::AtomicBool,
+    /// Since when the run has seen no progress (a submit answered other than 429, or a job
+    /// completed), when its last submit answer was a 429: the patience counts from here.
+    throttled: Mutex<Option<Instant>>,
+}
+
+/// What a run knows of its generation times.
+#[derive(Default)]
+struct Learned {
+    sample: LatencySample,
+    /// This run's own observations, `(model, time)`, stored at the end as the next run's prior.
+    this_run: Vec<(String, Duration)>,
+    plan: Option<Arc<PollPlan>>,
+    /// Observations since the plan was made.
+    fresh: usize,
 }
 
 impl<P: Provider> Shared<P> {
+    /// The poll plan for this run's jobs, remade as observations come (after each of the first
+    /// eight, then every eighth: a plan costs a fraction of a millisecond, and one observation
+    /// moves a large sample little); `None` before anything is known.
+    fn poll_plan(&self) -> Option<Arc<PollPlan>> {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = learned.plan.is_none() || learned.fresh >= if learned.sample.len() <= 8 { 1 } else { 8 };
+        if due && !learned.sample.is_empty() {
+            let budget = PollBudget {
+                polls_per_row: self.pool.polls_per_row,
+                min_gap: Duration::ZERO,
+                max_gap: self.pool.poll.max,
+            };
+            learned.plan = PollPlan::for_observations(&learned.sample, budget).map(Arc::new);
+            learned.fresh = 0;
+        }
+        learned.plan.clone()
+    }
+
+    /// A job of this run was done `latency` after its submit, exactly (the provider pushed it).
+    fn learn_exact(&self, model: &str, latency: Duration) {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned.sample.record(latency);
+        learned.this_run.push((model.to_owned(), latency));
+        learned.fresh += 1;
+    }
+
+    /// A job of this run was seen running `running_at` after its submit (`None`: never polled
+    /// before) and done at `done_at`.
+    fn learn(&self, model: &str, running_at: Option<Duration>, done_at: Duration) {
+        let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        learned.sample.record_bracket(running_at, done_at);
+        learned.fresh += 1;
+        // Only a time known to within a quarter is kept for later runs: the prior forgets how
+        // wide a bracket was, and "done at the first poll" says little about when.
+        if let Some(low) = running_at.filter(|low| *low <= done_at && (done_at - *low) * 4 <= done_at) {
+            learned.this_run.push((model.to_owned(), low + (done_at - low) / 2));
+        }
+    }
+
     /// After the first poll, poll in steps of a tenth of the learned latency (at least 10 ms),
     /// growing to `--poll-max`; before anything is learned, the configured schedule.
     fn poll_schedule(&self) -> PollSchedule {
@@ -143,6 +216,11 @@ impl<P: Provider> Shared<P> {
                     "the output folder cannot be written: no new submits; paid rows keep their results \
                      and the next run downloads them"
                 ),
+                Stop::Throttled => warn!(
+                    patience_secs = self.pool.patience.as_secs(),
+                    "the server answered nothing but 429 (too many requests) for the whole patience: \
+                     no new submits; finishing the jobs in flight. Run again later to resume"
+                ),
             }
             *stop = Some(why);
         }
@@ -152,6 +230,22 @@ impl<P: Provider> Shared<P> {
         if why == Stop::KeyRejected {
             self.stop_all.cancel();
         }
+    }
+
+    /// A submit was answered 429: the run is throttled from now, unless it already was.
+    fn saw_429(&self) {
+        let mut throttled = self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        throttled.get_or_insert_with(Instant::now);
+    }
+
+    /// A submit was answered other than 429, or a job completed: the run is not stuck.
+    fn saw_progress(&self) {
+        *self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Since when the run has got nothing but 429s, if it has.
+    fn throttled_since(&self) -> Option<Instant> {
+        *self.throttled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn price(&self, job: &JobSpec) -> f64 {
@@ -197,15 +291,29 @@ impl<P: Provider> Shared<P> {
 /// over (the last output is on disk), before the final bookkeeping commit, so the next job can
 /// start while the store catches up.
 struct InFlight {
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<WindowPermit>,
     stats: Arc<RunStats>,
 }
 
 impl InFlight {
     fn release(&mut self) {
-        if self.permit.take().is_some() {
+        drop(self.take());
+    }
+
+    /// Gives the place up (to hand it back to the window with a verdict).
+    fn take(&mut self) -> Option<WindowPermit> {
+        let permit = self.permit.take();
+        if permit.is_some() {
             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        permit
+    }
+
+    /// Takes a new place.
+    fn hold(&mut self, permit: WindowPermit) {
+        self.release();
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.permit = Some(permit);
     }
 }
 
@@ -226,8 +334,15 @@ enum JobEnd {
 /// # Errors
 /// A store error: the state file can no longer be written, so nothing is safe to send.
 pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> {
-    let concurrency = pool.concurrency.max(1);
+    let concurrency = u32::try_from(pool.concurrency.max(1)).unwrap_or(u32::MAX);
+    // Earlier runs' generation times: the first polls go where their jobs finished.
+    let keep = i64::try_from(SAMPLE_SIZE).unwrap_or(256);
+    let prior = pool.store.recent_latencies(pool.provider.name(), keep).await?;
     let shared = Arc::new(Shared {
+        window: Window::new(concurrency),
+        throttled: Mutex::new(None),
+        learned: Mutex::new(Learned { sample: LatencySample::with_prior(prior), ..Learned::default() }),
+        no_push: std::sync::atomic::AtomicBool::new(false),
         stop_submits: pool.interrupt.child_token(),
         stop_all: CancellationToken::new(),
         pool,
@@ -235,7 +350,6 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         low_credit_warned: std::sync::atomic::AtomicBool::new(false),
         timing: PollTiming::default(),
     });
-    let semaphore = Arc::new(Semaphore::new(concurrency));
     let mut tasks: JoinSet<Result<JobEnd, StoreError>> = JoinSet::new();
     let mut outcome = PoolOutcome::default();
     let mut fatal: Option<StoreError> = None;
@@ -253,6 +367,23 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
             shared.stop_all.cancel();
         }
     }));
+    // A server that answers nothing but 429s for the patience stops the run (resumable).
+    let patience = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let tick = (shared.pool.patience / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(tick) => {}
+                    () = shared.stop_submits.cancelled() => return,
+                }
+                if shared.throttled_since().is_some_and(|t| t.elapsed() >= shared.pool.patience) {
+                    shared.stop(Stop::Throttled);
+                    return;
+                }
+            }
+        }
+    }));
 
     // 1. Jobs a previous run left at the provider: poll or re-download them, never resubmit.
     let mut after_id = 0;
@@ -262,7 +393,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         after_id = last.spec.id;
         for job in page {
             let permit = tokio::select! {
-                permit = acquire(&shared, &semaphore, &shared.stop_all) => permit,
+                permit = acquire(&shared, &shared.stop_all) => permit,
                 // Interrupted: what is in flight finishes; nothing more is taken on.
                 () = shared.pool.interrupt.cancelled() => None,
             };
@@ -287,7 +418,7 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
             if shared.pool.limit.is_some_and(|limit| claimed >= limit) {
                 break 'claim;
             }
-            let Some(permit) = acquire(&shared, &semaphore, &shared.stop_submits).await else { break 'claim };
+            let Some(permit) = acquire(&shared, &shared.stop_submits).await else { break 'claim };
             claimed += 1;
             RunStats::bump(&shared.pool.stats.total);
             spawn(&mut tasks, &shared, job, permit);
@@ -302,9 +433,15 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         record(joined, &mut outcome, &mut fatal, &shared);
     }
     drop(grace);
+    drop(patience);
     if let Some(e) = fatal {
         return Err(e);
     }
+    // What this run learned of its generation times is the next run's prior.
+    let seen = std::mem::take(
+        &mut shared.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner).this_run,
+    );
+    shared.pool.store.save_latencies(shared.pool.run_id, shared.pool.provider.name(), &seen, keep).await?;
     if shared.pool.interrupt.is_cancelled() {
         shared.stop(Stop::Interrupted);
     }
@@ -312,15 +449,9 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
     Ok(outcome)
 }
 
-async fn acquire<P: Provider>(
-    shared: &Shared<P>,
-    semaphore: &Arc<Semaphore>,
-    token: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
-    let _ = shared;
+async fn acquire<P: Provider>(shared: &Shared<P>, token: &CancellationToken) -> Option<WindowPermit> {
     tokio::select! {
-        // The semaphore is never closed, so an error cannot happen; treat it as a stop anyway.
-        permit = semaphore.clone().acquire_owned() => permit.ok(),
+        permit = shared.window.acquire() => Some(permit),
         () = token.cancelled() => None,
     }
 }
@@ -329,7 +460,7 @@ fn spawn<P: Provider>(
     tasks: &mut JoinSet<Result<JobEnd, StoreError>>,
     shared: &Arc<Shared<P>>,
     job: StoredJob,
-    permit: OwnedSemaphorePermit,
+    permit: WindowPermit,
 ) {
     let shared = Arc::clone(shared);
     let span = info_span!("job", sku = %job.spec.sku, id = job.spec.id);
@@ -453,6 +584,25 @@ async fn submit_phase<P: Provider>(
             return Ok(JobEnd::Left);
         }
     }
+    // Unpaid work first (fal uploads local inputs): before any intent, never counted as an
+    // attempt, retried by the provider on its own.
+    let prepared = tokio::select! {
+        p = shared.pool.provider.prepare(spec) => p,
+        () = shared.stop_submits.cancelled() => return Ok(JobEnd::Left),
+    };
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            if let ErrorClass::Stop(reason) = e.class() {
+                shared.stop(match reason {
+                    StopReason::KeyRejected => Stop::KeyRejected,
+                    StopReason::OutOfCredits => Stop::OutOfCredits,
+                });
+                return Ok(JobEnd::Left);
+            }
+            return fail(shared, job, None, &format!("preparing the inputs failed: {e}")).await;
+        }
+    };
     loop {
         if attempts >= shared.pool.retry.max_attempts {
             return fail(shared, job, None, &format!("gave up after {attempts} attempts")).await;
@@ -490,13 +640,33 @@ async fn submit_phase<P: Provider>(
         attempts += 1;
         RunStats::bump(&shared.pool.stats.submits);
         let started = Instant::now();
+        let sent = tokio::time::Instant::now();
         // Not raced against shutdown: the answer carries the request id we must save. The
         // client's request timeout bounds the wait.
-        let answer = shared.pool.provider.submit(spec).await;
+        let answer = shared.pool.provider.submit(&prepared).await;
         let latency = started.elapsed();
         let latency_ms = Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX));
+        // The answer's verdict on the pace and the window (a 429 below).
+        if answer.is_ok() {
+            shared.saw_progress();
+            shared.pool.limiter.on_success(sent);
+            if let Some(permit) = &in_flight.permit {
+                shared.window.on_accepted(permit);
+            }
+        }
+        if let Ok(Submission::Queued { position, .. }) = &answer {
+            // Paid and waiting behind others in the provider's queue: the account runs all it
+            // may, so the window shrinks instead of stacking paid requests in the queue.
+            debug!(position, "accepted into the provider's queue behind others");
+            shared.window.on_queued(sent, u64::from(*position));
+        }
+        if let Err(e) = &answer
+            && e.status() != Some(429)
+        {
+            shared.saw_progress();
+        }
         match answer {
-            Ok(Submission::Accepted(request)) => {
+            Ok(Submission::Accepted(request) | Submission::Queued { request, .. }) => {
                 info!(request_id = %request.request_id, attempt = attempts, latency_ms, "submitted");
                 shared.pool.budget.charge(reservation, price);
                 shared.pool.stats.add_spent(price);
@@ -548,6 +718,54 @@ async fn submit_phase<P: Provider>(
                     cancel_url: None,
                 });
                 return fetch_phase(shared, job, request, result, None, in_flight).await;
+            }
+            Err(e) if e.throttled().is_some() => {
+                // 429: the API wrote that it did not take the request (nothing charged), and
+                // that it wants it later. It costs the row no attempt: the pace or the window
+                // adapts, and only the patience (nothing but 429s for that long) stops the run.
+                shared.pool.budget.release(reservation);
+                shared.saw_429();
+                attempts = attempts.saturating_sub(1);
+                RunStats::bump(&shared.pool.stats.retries);
+                shared
+                    .commit(Change::Released {
+                        job_id: spec.id,
+                        attempt_id: Some(attempt_id),
+                        end: attempt_end(&e, "retry", latency),
+                    })
+                    .await?;
+                let retry_after = e.retry_after().map(|ra| ra.min(shared.pool.retry.cap));
+                let said = match e.throttled() {
+                    Some(Throttled::Rate) => Said::Rate,
+                    Some(Throttled::InFlight) => Said::InFlight,
+                    Some(Throttled::Unsaid) | None => Said::Nothing,
+                };
+                match Throttle::classify(retry_after, said) {
+                    Throttle::Rate { retry_after } => {
+                        debug!(retry_after_ms = retry_after.map(|d| d.as_millis()), "429: slowing the pace");
+                        shared.pool.limiter.on_429(sent, retry_after);
+                    }
+                    Throttle::InFlight => {
+                        let alone = shared.window.in_flight() <= 1;
+                        if let Some(permit) = in_flight.take() {
+                            shared.window.on_too_many(permit, sent);
+                        }
+                        // Refused with nothing else of ours in flight: the server's count is not
+                        // ours to lower by waiting for a job to end, so the pace slows instead
+                        // (else a lone job would resubmit at the ceiling's pace).
+                        if alone {
+                            shared.pool.limiter.on_429(sent, retry_after);
+                        }
+                        debug!(
+                            window = shared.window.limit(),
+                            "429 too many in flight: shrinking the window"
+                        );
+                        let Some(permit) = acquire(shared, &shared.stop_submits).await else {
+                            return Ok(JobEnd::Left);
+                        };
+                        in_flight.hold(permit);
+                    }
+                }
             }
             Err(e) => match e.class() {
                 ErrorClass::Retry => {
@@ -632,11 +850,49 @@ async fn poll_phase<P: Provider>(
     submitted_at: Option<Instant>,
     in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
-    let end = poll_loop(shared, job, &request, submitted_at, in_flight).await;
+    // Where the provider pushes (fal's status stream), the push says when the job is done and
+    // one poll fetches the result; with webhooks configured those wake the poller instead.
+    let pushed = shared.pool.webhooks.is_none() && watch(shared, job, &request, submitted_at).await;
+    let end = poll_loop(shared, job, &request, submitted_at, pushed, in_flight).await;
     if let Some(hooks) = &shared.pool.webhooks {
         hooks.forget(&request.request_id);
     }
     end
+}
+
+/// Follows the request by the provider's push until it is done (true), or until the push is
+/// unavailable, breaks, or the run is interrupted (false): polling takes over.
+async fn watch<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    request: &RequestRef,
+    submitted_at: Option<Instant>,
+) -> bool {
+    if shared.no_push.load(Ordering::Relaxed) {
+        return false;
+    }
+    let watched = tokio::select! {
+        r = shared.pool.provider.watch(request) => r,
+        () = shared.pool.interrupt.cancelled() => return false,
+        () = shared.stop_all.cancelled() => return false,
+    };
+    match watched {
+        Ok(true) => {
+            if let Some(t) = submitted_at {
+                shared.learn_exact(&job.spec.model, t.elapsed());
+            }
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            // A server without the stream (404, 405) says so once for the whole run.
+            if matches!(e.status(), Some(404 | 405 | 501)) {
+                shared.no_push.store(true, Ordering::Relaxed);
+            }
+            debug!(error = %e, "status stream failed: polling instead");
+            false
+        }
+    }
 }
 
 async fn poll_loop<P: Provider>(
@@ -644,6 +900,7 @@ async fn poll_loop<P: Provider>(
     job: &StoredJob,
     request: &RequestRef,
     submitted_at: Option<Instant>,
+    pushed: bool,
     in_flight: &mut InFlight,
 ) -> Result<JobEnd, StoreError> {
     let mut polls: u32 = 0;
@@ -654,6 +911,8 @@ async fn poll_loop<P: Provider>(
     let mut last_poll = false;
     let schedule = shared.poll_schedule();
     let interrupt = &shared.pool.interrupt;
+    // When a poll last found the job running, counted from the submit.
+    let mut running_at: Option<Duration> = None;
     loop {
         if interrupt.is_cancelled() {
             if last_poll || shared.stop_all.is_cancelled() {
@@ -661,8 +920,19 @@ async fn poll_loop<P: Provider>(
             }
             last_poll = true;
         }
+        // Once generation times are known (this run's, or earlier runs' from the state file),
+        // polls go where the plan puts them: the least expected delay between a job's completion
+        // and its detection for the run's budget of polls per row.
+        let plan = submitted_at.and_then(|_| shared.poll_plan());
+        let planned = plan.as_ref().zip(submitted_at).map(|(plan, t)| {
+            let elapsed = t.elapsed();
+            plan.next_after(elapsed).saturating_sub(elapsed)
+        });
         let mut delay = match (polls, submitted_at) {
-            // The first two polls go where this run's jobs are likely done (see PollTiming):
+            // The provider pushed "done": fetch it now.
+            (0, _) if pushed => Some(Duration::ZERO),
+            _ if planned.is_some() => planned,
+            // Nothing learned yet. The first two polls go where this run's jobs are likely done (see PollTiming):
             // short jobs are not held back by a fixed first delay, long ones are not hammered.
             (0, Some(t)) => Some(match shared.timing.probe() {
                 Some(p) => p.saturating_sub(t.elapsed()),
@@ -677,12 +947,13 @@ async fn poll_loop<P: Provider>(
         }
         .unwrap_or_else(|| schedule.delay(polls, rand::random::<f64>()));
         let hooks = shared.pool.webhooks.as_ref().filter(|_| !woken);
+        let pushed_now = pushed && polls == 0;
         if hooks.is_some() {
             // With webhooks, polls are only the fallback for a lost delivery: slower.
             delay = delay.max(shared.pool.poll.max) * 2;
         }
         let slept = match hooks {
-            _ if last_poll => true,
+            _ if last_poll || pushed_now => true,
             Some(hooks) => tokio::select! {
                 () = tokio::time::sleep(delay) => true,
                 () = hooks.delivered(&request.request_id) => {
@@ -694,7 +965,7 @@ async fn poll_loop<P: Provider>(
                 () = shared.stop_all.cancelled() => false,
                 () = interrupt.cancelled() => { last_poll = true; true }
             },
-            None if polls < 2 && submitted_at.is_some() => {
+            None if plan.is_none() && polls < 2 && submitted_at.is_some() => {
                 // Until a first completion is learned, the delay above is a guess (the spread first
                 // probe, or the configured schedule); the run's first completion wakes this job to
                 // poll where jobs are likely done instead.
@@ -716,17 +987,49 @@ async fn poll_loop<P: Provider>(
             return Ok(JobEnd::Left);
         }
         polls += 1;
+        let asked_at = submitted_at.map(|t| t.elapsed());
         match shared.pool.provider.poll(request).await {
+            Ok(PollOutcome::Running { queue_position: Some(position) })
+                if last_poll && request.cancel_url.is_some() =>
+            {
+                // Interrupted while the request still waits in the provider's queue: it has
+                // not started, so cancelling it costs nothing and frees the account. Only the
+                // API's own "cancelled" takes the row back to `pending`; anything else leaves it
+                // `submitted`, and the next run collects its result.
+                match shared.pool.provider.cancel(request).await {
+                    Ok(true) => {
+                        info!(position, "interrupted: cancelled the request waiting in the provider's queue");
+                        if submitted_at.is_some() {
+                            let price = shared.price(&job.spec);
+                            shared.pool.budget.adjust(-price);
+                            shared.pool.stats.add_spent(-price);
+                        }
+                        shared.commit(Change::Cancelled { job_id: job.spec.id }).await?;
+                    }
+                    Ok(false) => debug!("the request started: left for the next run"),
+                    Err(e) => warn!(error = %e, "cannot cancel the queued request: left for the next run"),
+                }
+                return Ok(JobEnd::Left);
+            }
             Ok(PollOutcome::Running { queue_position }) => {
                 errors = 0;
+                // Running when asked (it was running at least until then).
+                running_at = asked_at.or(running_at);
                 if let Some(t) = submitted_at {
                     shared.timing.saw_running(t.elapsed());
                 }
                 debug!(polls, queue_position, "still running");
             }
             Ok(PollOutcome::Completed(result)) => {
+                shared.saw_progress();
                 if let Some(t) = submitted_at {
-                    shared.timing.saw_done(t.elapsed());
+                    // Done by the time the answer came: it finished between the last poll that
+                    // found it running and now.
+                    let done_at = t.elapsed();
+                    shared.timing.saw_done(done_at);
+                    if !pushed {
+                        shared.learn(&job.spec.model, running_at, done_at);
+                    }
                 }
                 shared.note_credits_remaining(&result);
                 // A poll may report the real charge; correct the estimate made at submit.
@@ -882,21 +1185,30 @@ async fn fail_paid<P: Provider>(
     unsaved: Option<Unsaved>,
     reason: &str,
 ) -> Result<JobEnd, StoreError> {
-    if let Some(u) = unsaved {
-        shared
-            .pool
-            .writer
-            .send(Change::Completed {
-                job_id: job.spec.id,
-                attempt_id: None,
-                request_id: None,
-                result: u.result,
-                charged: u.charged,
-                end: AttemptEnd::default(),
-            })
-            .await?;
-    }
+    save_unsaved(shared, job, unsaved).await?;
     fail(shared, job, None, reason).await
+}
+
+/// Records a polled result that no change has saved yet, so the next run can collect it
+/// without paying again.
+async fn save_unsaved<P: Provider>(
+    shared: &Shared<P>,
+    job: &StoredJob,
+    unsaved: Option<Unsaved>,
+) -> Result<(), StoreError> {
+    let Some(u) = unsaved else { return Ok(()) };
+    shared
+        .pool
+        .writer
+        .send(Change::Completed {
+            job_id: job.spec.id,
+            attempt_id: None,
+            request_id: None,
+            result: u.result,
+            charged: u.charged,
+            end: AttemptEnd::default(),
+        })
+        .await
 }
 
 /// The output folder cannot be written: stops new submits, and keeps a paid row `fetching` with
@@ -909,20 +1221,7 @@ async fn keep_paid<P: Provider>(
 ) -> Result<JobEnd, StoreError> {
     warn!(error = %e, "cannot save the outputs: the row keeps its result for the next run");
     shared.stop(Stop::OutputFailing);
-    if let Some(u) = unsaved {
-        shared
-            .pool
-            .writer
-            .send(Change::Completed {
-                job_id: job.spec.id,
-                attempt_id: None,
-                request_id: None,
-                result: u.result,
-                charged: u.charged,
-                end: AttemptEnd::default(),
-            })
-            .await?;
-    }
+    save_unsaved(shared, job, unsaved).await?;
     Ok(JobEnd::Left)
 }
 

@@ -3,7 +3,7 @@
 //! anything a server sends back), sending a request and turning every failure into a
 //! [`ProviderError`] ([`send`], judging error answers by each API's own error shape, [`Dialect`]),
 //! reading bodies under a cap ([`read_capped`], [`MAX_BODY_BYTES`]), `Retry-After` parsing, and
-//! inlining local images as data URIs.
+//! inlining local images as data URIs (fal uploads them instead: `fal/upload.rs`).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -268,12 +268,35 @@ pub async fn send(
     dialect: Dialect,
     what: &str,
 ) -> Result<Answer, ProviderError> {
-    let response =
-        request.header(reqwest::header::AUTHORIZATION, auth.header.clone()).send().await.map_err(|e| {
-            let error = transport_error(&e, what, auth);
-            tracing::debug!(what, %error, "no answer");
-            error
-        })?;
+    send_request(request.header(reqwest::header::AUTHORIZATION, auth.header.clone()), auth, dialect, what)
+        .await
+}
+
+/// As [`send`], without the key: for requests to hosts that must never see it (a storage
+/// host's upload URL, which carries its own grant). `auth` only scrubs the answer.
+///
+/// # Errors
+/// As [`send`].
+pub async fn send_without_key(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<Answer, ProviderError> {
+    send_request(request, auth, dialect, what).await
+}
+
+async fn send_request(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<Answer, ProviderError> {
+    let response = request.send().await.map_err(|e| {
+        let error = transport_error(&e, what, auth);
+        tracing::debug!(what, %error, "no answer");
+        error
+    })?;
     let status = response.status();
     let headers = response.headers().clone();
     // A body cut short after a 2xx head on a submit is a request the server took: ambiguous.
@@ -295,6 +318,32 @@ pub async fn send(
         tracing::debug!(what, %error, "error answer");
         Err(error)
     }
+}
+
+/// Sends `request` with the key and answers the response of a 2xx head, its body unread (a
+/// stream the caller reads piece by piece); an error status is read and classified as
+/// [`send`] does.
+///
+/// # Errors
+/// A [`ProviderError`], as for [`send`].
+pub async fn open_stream(
+    request: RequestBuilder,
+    auth: &Auth,
+    dialect: Dialect,
+    what: &str,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = request
+        .header(reqwest::header::AUTHORIZATION, auth.header.clone())
+        .send()
+        .await
+        .map_err(|e| transport_error(&e, what, auth))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let headers = response.headers().clone();
+    let body = read_capped(response, MAX_BODY_BYTES).await.unwrap_or_default();
+    Err(error_from_response(status, &headers, &body, dialect, SystemTime::now(), auth))
 }
 
 /// Maps a reqwest failure. A connect failure never reached the server; anything later (timeout,
@@ -483,6 +532,9 @@ pub async fn resolve_input(input: &str, policy: InlinePolicy) -> Result<String, 
     if lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("data:") {
         return Ok(input.to_owned());
     }
+    if let Some(cloud) = input.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()) {
+        return presign_input(input, &cloud).await;
+    }
     let path = Path::new(input);
     if !path.is_absolute() {
         return Err(ProviderError::Input(format!(
@@ -517,6 +569,41 @@ pub async fn resolve_input(input: &str, policy: InlinePolicy) -> Result<String, 
     let mime = sniff_mime(&bytes)
         .ok_or_else(|| ProviderError::Input(format!("{input} is not a PNG, JPEG or WebP image")))?;
     Ok(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&bytes)))
+}
+
+/// How long a provider may read an input object: long enough for a queued request to start,
+/// short enough that a leaked request body is soon useless.
+pub const INPUT_URL_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A presigned GET URL for the bucket object `url` names (`s3://bucket/key`, `gs://`, `az://`),
+/// valid for [`INPUT_URL_LIFETIME`]: the provider reads the object without the cloud credentials,
+/// which come from the cloud's usual environment and never leave this machine.
+async fn presign_input(url: &str, scheme: &str) -> Result<String, ProviderError> {
+    use object_store::signer::{Method, Signer as _};
+    let bad = |why: String| ProviderError::Input(format!("{url}: {why}"));
+    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    let bucket = format!("{scheme}://{}", parsed.host_str().unwrap_or_default());
+    let key =
+        object_store::path::Path::parse(parsed.path().trim_matches('/')).map_err(|e| bad(e.to_string()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let signed = match scheme {
+        "s3" | "s3a" => {
+            let store = object_store::aws::AmazonS3Builder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        "gs" => {
+            let store = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        "az" | "abfs" | "abfss" | "azure" => {
+            let store = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(&bucket).build();
+            store.map_err(|e| bad(e.to_string()))?.signed_url(Method::GET, &key, INPUT_URL_LIFETIME).await
+        }
+        other => return Err(bad(format!("{other}:// is not an http(s), s3, gs or az URL"))),
+    };
+    // Signing reads credentials (possibly over the network, from instance metadata): a failure
+    // here is the row's input, never a paid request.
+    signed.map(|u| u.to_string()).map_err(|e| bad(format!("cannot presign: {e}")))
 }
 
 /// The image type from the first bytes, never from the file name.

@@ -41,6 +41,22 @@ pub enum StopReason {
     OutOfCredits,
 }
 
+/// What a 429 says it is about, as the API itself wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttled {
+    /// Too many requests per unit of time (seedance `rate_limited`, fal `rate_limited`).
+    Rate,
+    /// Too many requests in flight (`concurrency_limit_exceeded`, fal's `concurrency_limit`).
+    InFlight,
+    /// A 429 whose code says neither (then `Retry-After`, or its absence, is the hint).
+    Unsaid,
+}
+
+/// The error codes that name a cap on requests in flight.
+const IN_FLIGHT_CODES: &[&str] = &["concurrency_limit_exceeded", "concurrency_limit", "too_many_in_flight"];
+/// The error codes that name a rate limit.
+const RATE_CODES: &[&str] = &["rate_limited", "rate_limit_exceeded"];
+
 /// A failure talking to a provider. Never contains the API key: the key only lives in a header.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -135,6 +151,19 @@ impl ProviderError {
         }
     }
 
+    /// For a 429: what the API's own error code says it is about. `None` for anything else.
+    #[must_use]
+    pub fn throttled(&self) -> Option<Throttled> {
+        match self {
+            Self::Http { status: 429, code, .. } => Some(match code.as_deref() {
+                Some(c) if IN_FLIGHT_CODES.contains(&c) => Throttled::InFlight,
+                Some(c) if RATE_CODES.contains(&c) => Throttled::Rate,
+                _ => Throttled::Unsaid,
+            }),
+            _ => None,
+        }
+    }
+
     /// The HTTP status, if the server answered.
     #[must_use]
     pub fn status(&self) -> Option<u16> {
@@ -200,6 +229,15 @@ impl JobResult {
 pub enum Submission {
     /// Queued: persist the reference, then poll it.
     Accepted(RequestRef),
+    /// Accepted (and paid) but waiting in the provider's queue behind `position` other requests
+    /// (fal's `queue_position` above 0): the account runs all it may at once. Persisted and
+    /// polled like [`Submission::Accepted`].
+    Queued {
+        /// Where to find it again.
+        request: RequestRef,
+        /// Requests ahead of it in the provider's queue.
+        position: u32,
+    },
     /// Answered synchronously with the outputs (seedance generate, or edit without `async`).
     Completed {
         /// An id to record, when the API gives one.
@@ -230,6 +268,17 @@ pub trait Provider: Send + Sync + 'static {
     /// on 127.0.0.1 allows loopback downloads).
     fn base_url(&self) -> &str;
 
+    /// Work a job needs before its paid request, done before its intent is committed: it is not
+    /// paid and is retried on its own (fal uploads local input files here). Answers the job to
+    /// submit; the default is the job as it is.
+    ///
+    /// # Errors
+    /// A [`ProviderError`]: [`ErrorClass::Stop`] stops the run, anything else fails the row
+    /// (nothing was paid).
+    fn prepare(&self, job: &JobSpec) -> impl Future<Output = Result<JobSpec, ProviderError>> + Send {
+        std::future::ready(Ok(job.clone()))
+    }
+
     /// Sends the paid request. The caller has already committed its intent to the store.
     ///
     /// # Errors
@@ -242,6 +291,29 @@ pub trait Provider: Send + Sync + 'static {
     /// A [`ProviderError`]; [`ProviderError::poll_class`] says what to do. A generation that
     /// failed on the provider's side is [`ProviderError::Generation`].
     fn poll(&self, request: &RequestRef) -> impl Future<Output = Result<PollOutcome, ProviderError>> + Send;
+
+    /// Follows a saved request by the provider's push (fal's status stream) until it is done:
+    /// answers `Ok(true)` the moment the provider says so (then one poll fetches the result),
+    /// `Ok(false)` when the protocol has no push.
+    ///
+    /// # Errors
+    /// A [`ProviderError`] when the stream cannot be opened or ends before the request is done;
+    /// the caller falls back to polling.
+    fn watch(&self, request: &RequestRef) -> impl Future<Output = Result<bool, ProviderError>> + Send {
+        let _ = request;
+        async { Ok(false) }
+    }
+
+    /// Cancels a request that still waits in the provider's queue. Answers true only when the
+    /// API itself says it was cancelled before it started (then it is not charged); false when
+    /// it cannot be (it started or finished, or the protocol has no cancel).
+    ///
+    /// # Errors
+    /// A [`ProviderError`] when the API could not be asked.
+    fn cancel(&self, request: &RequestRef) -> impl Future<Output = Result<bool, ProviderError>> + Send {
+        let _ = request;
+        async { Ok(false) }
+    }
 }
 
 #[cfg(test)]
@@ -319,6 +391,25 @@ mod tests {
         assert_eq!(result.keep_requested(2), None);
         assert_eq!(result.keep_requested(6), None);
         assert_eq!(result.images.len(), 2);
+    }
+
+    #[test]
+    fn a_429_says_what_it_is_about_through_its_code() {
+        let with_code = |status: u16, code: Option<&str>| ProviderError::Http {
+            status,
+            code: code.map(str::to_owned),
+            message: "m".into(),
+            retry_after: None,
+            retryable_hint: None,
+            user_timeout: false,
+            from_api: true,
+        };
+        assert_eq!(with_code(429, Some("concurrency_limit_exceeded")).throttled(), Some(Throttled::InFlight));
+        assert_eq!(with_code(429, Some("rate_limited")).throttled(), Some(Throttled::Rate));
+        assert_eq!(with_code(429, Some("something_else")).throttled(), Some(Throttled::Unsaid));
+        assert_eq!(with_code(429, None).throttled(), Some(Throttled::Unsaid));
+        assert_eq!(with_code(503, Some("rate_limited")).throttled(), None);
+        assert_eq!(ProviderError::Connect("x".into()).throttled(), None);
     }
 
     #[test]

@@ -29,13 +29,31 @@ const JPEG_QUALITY: u8 = 75;
 pub struct HtmlFormatter {
     out_dir: PathBuf,
     thumb_px: u32,
+    /// Outputs kept in a bucket: their path → a presigned URL (linked, never fetched).
+    links: std::collections::HashMap<String, String>,
+    /// What the page says about those links ("valid 7 days").
+    links_note: String,
 }
 
 impl HtmlFormatter {
     /// A formatter that finds output images under `out_dir`.
     #[must_use]
     pub fn new(out_dir: PathBuf) -> Self {
-        Self { out_dir, thumb_px: DEFAULT_THUMB_PX }
+        Self {
+            out_dir,
+            thumb_px: DEFAULT_THUMB_PX,
+            links: std::collections::HashMap::new(),
+            links_note: String::new(),
+        }
+    }
+
+    /// Outputs stored as objects: each output `path` links to its URL (a presigned GET URL,
+    /// `note` saying how long it works) instead of being embedded; the page fetches nothing.
+    #[must_use]
+    pub fn with_links(mut self, links: std::collections::HashMap<String, String>, note: &str) -> Self {
+        self.links = links;
+        self.links_note = note.to_owned();
+        self
     }
 
     /// Changes the longest edge of embedded pictures (at least 16 px).
@@ -53,6 +71,8 @@ enum Picture {
     Embedded { uri: String, label: String },
     /// A remote input: shown as a link, never fetched.
     Remote { url: String },
+    /// An output stored as an object: a link to its presigned URL, never fetched.
+    Stored { url: String, label: String, note: String },
     /// Could not be shown (missing file, not an image).
     Missing { label: String, reason: String },
 }
@@ -124,6 +144,9 @@ impl HtmlFormatter {
             .outputs
             .iter()
             .map(|o| match safe_relative(&o.path) {
+                Some(_) if let Some(url) = self.links.get(&o.path) => {
+                    Picture::Stored { url: url.clone(), label: o.path.clone(), note: self.links_note.clone() }
+                }
                 Some(rel) => self.embed(&self.out_dir.join(rel), &o.path),
                 None => Picture::Missing {
                     label: o.path.clone(),
@@ -338,6 +361,15 @@ fn picture(html: &mut String, row: &ReportRow, side: &str, p: &Picture) {
                 html,
                 "<div class=\"ph\">remote image (not fetched)<br><a href=\"{u}\" rel=\"noreferrer noopener\" target=\"_blank\">{u}</a></div>",
                 u = escape(url),
+            );
+        }
+        Picture::Stored { url, label, note } => {
+            let _ = write!(
+                html,
+                "<div class=\"ph\">{}<br><a href=\"{}\" rel=\"noreferrer noopener\" target=\"_blank\">open the stored object</a><br><small>{}</small></div>",
+                escape(label),
+                escape(url),
+                escape(note),
             );
         }
         Picture::Missing { label, reason } => {

@@ -3,7 +3,8 @@
 //! outputs. Owns [`Store`] (opening, migrating, locking) and the job state machine [`JobState`];
 //! the queries live beside it, one method per statement, grouped by who uses them: [`planning`]
 //! (the planner), [`queue`] (the scheduler's reads and crash recovery), [`writer`] (every job state
-//! change), [`inspect`] (status, retry and report) and [`ledger`] (money per run).
+//! change), [`inspect`] (status, retry and report), [`ledger`] (money per run) and [`uploads`]
+//! (local files already uploaded to a provider's storage).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,6 +17,7 @@ mod lock;
 pub mod planning;
 pub mod queue;
 pub mod reuse;
+pub mod uploads;
 pub mod writer;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -28,6 +30,7 @@ pub use inspect::{
 pub use ledger::{Carried, RunSpend};
 pub use lock::{FileIdentity, RunLock};
 pub use queue::{Recovery, StoredJob};
+pub use uploads::UploadRecord;
 pub use writer::{AttemptEnd, Change, Writer};
 
 /// Default path of the state database.

@@ -1,6 +1,8 @@
 //! What the scheduler reads from the store: start-up crash recovery ([`Store::recover`]), the
 //! runs table, and the paging of resumable and claimable jobs as [`StoredJob`]s.
 
+use std::time::Duration;
+
 use sqlx::Row;
 
 use super::{JobState, Store, StoreError, now_ms};
@@ -176,6 +178,63 @@ impl Store {
             .execute(self.pool())
             .await
             .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// The most recent generation times (at most `limit`) this state file saw for `provider`,
+    /// oldest first: the prior a run's poll plan starts from.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn recent_latencies(&self, provider: &str, limit: i64) -> Result<Vec<Duration>, StoreError> {
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "SELECT latency_ms FROM (SELECT id, latency_ms FROM latencies WHERE provider = ?
+             ORDER BY id DESC LIMIT ?) ORDER BY id",
+        )
+        .bind(provider)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(ms,)| Duration::from_millis(u64::try_from(ms).unwrap_or(0))).collect())
+    }
+
+    /// Appends the generation times a run learned (`(model, time)`), in one transaction, and
+    /// drops all but the most recent `keep` of the provider's.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn save_latencies(
+        &self,
+        run_id: i64,
+        provider: &str,
+        seen: &[(String, Duration)],
+        keep: i64,
+    ) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool().begin().await.map_err(|e| self.write_error(e))?;
+        for (model, latency) in seen {
+            sqlx::query("INSERT INTO latencies (run_id, provider, model, latency_ms) VALUES (?, ?, ?, ?)")
+                .bind(run_id)
+                .bind(provider)
+                .bind(model)
+                .bind(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        sqlx::query(
+            "DELETE FROM latencies WHERE provider = ? AND id NOT IN
+             (SELECT id FROM latencies WHERE provider = ? ORDER BY id DESC LIMIT ?)",
+        )
+        .bind(provider)
+        .bind(provider)
+        .bind(keep)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.write_error(e))?;
+        tx.commit().await.map_err(|e| self.write_error(e))?;
         Ok(())
     }
 

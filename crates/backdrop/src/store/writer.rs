@@ -114,6 +114,14 @@ pub enum Change {
         /// How the attempt ended.
         end: AttemptEnd,
     },
+    /// The provider cancelled the accepted request before it started (it waited in the
+    /// provider's queue when the run was interrupted), so it is not charged: back to `pending`,
+    /// its request forgotten, the charge its attempt recorded taken back (the attempt keeps
+    /// `cancelled` as its end), and the attempt not counted.
+    Cancelled {
+        /// The job.
+        job_id: i64,
+    },
     /// Every output file is durable and verified.
     Done {
         /// The job.
@@ -561,6 +569,7 @@ impl Change {
             | Self::Failed { job_id, .. }
             | Self::Ambiguous { job_id, .. }
             | Self::Released { job_id, .. }
+            | Self::Cancelled { job_id }
             | Self::Done { job_id, .. } => *job_id,
         }
     }
@@ -577,6 +586,7 @@ impl Change {
             Self::Ambiguous { .. } => (5, 0),
             Self::Released { attempt_id, .. } => (6, usize::from(attempt_id.is_some())),
             Self::Done { outputs, .. } => (7, outputs.len()),
+            Self::Cancelled { .. } => (8, 0),
         }
     }
 
@@ -782,6 +792,26 @@ impl<'q> BatchSql<'q> {
                 self.bind(now)?;
                 self.bind(*job_id)?;
                 self.end_attempt(now, *attempt_id, end, None, None)?;
+            }
+            Change::Cancelled { job_id } => {
+                // The job's credits first, while the attempt still holds what it recorded.
+                self.statement(
+                    "UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = NULL,
+                            request_id = NULL, status_url = NULL, response_url = NULL, cancel_url = NULL,
+                            accepted_at = NULL, error = 'cancelled while queued (not charged)',
+                            error_class = 'cancelled', updated_at = ?,
+                            credits = credits - COALESCE((SELECT credits FROM attempts WHERE id =
+                                (SELECT MAX(id) FROM attempts WHERE job_id = jobs.id AND credits IS NOT NULL)), 0)
+                     WHERE id = ?",
+                );
+                self.bind(now)?;
+                self.bind(*job_id)?;
+                self.statement(
+                    "UPDATE attempts SET credits = 0, error_class = 'cancelled',
+                            error = 'cancelled in the provider''s queue before it started: not charged'
+                     WHERE id = (SELECT MAX(id) FROM attempts WHERE job_id = ? AND credits IS NOT NULL)",
+                );
+                self.bind(*job_id)?;
             }
             Change::Done { job_id, outputs, result, charged, quality, review } => {
                 self.statement("DELETE FROM outputs WHERE job_id = ?");

@@ -1,8 +1,12 @@
 //! The fal.ai queue protocol: `POST {base}/{model_id}` answers with a request id and
 //! three URLs that are stored and used exactly as given; polls `GET status_url`, then fetches the
-//! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`].
+//! output from `response_url`. Owns [`Fal`], [`FalOptions`] and the model-id mapping [`model_id`];
+//! local input files go up to fal's storage first ([`upload`]).
 
+pub mod upload;
 pub mod webhook;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -47,6 +51,8 @@ pub struct Fal {
     base: String,
     auth: Auth,
     opts: FalOptions,
+    /// Uploads local input files; without it they follow the inline policy.
+    uploader: Option<Arc<upload::Uploader>>,
 }
 
 /// The fal model id for a job's model and task: a model containing `/` is already a fal id;
@@ -103,7 +109,20 @@ impl Fal {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => return Err(ProviderError::Input(format!("API base {base_url:?} is not an http(s) URL"))),
         }
-        Ok(Self { client, base: base_url.trim_end_matches('/').to_owned(), auth: Auth::fal(key)?, opts })
+        Ok(Self {
+            client,
+            base: base_url.trim_end_matches('/').to_owned(),
+            auth: Auth::fal(key)?,
+            opts,
+            uploader: None,
+        })
+    }
+
+    /// The same client, uploading local input files to fal's storage before each submit.
+    #[must_use]
+    pub fn with_uploader(mut self, uploader: Arc<upload::Uploader>) -> Self {
+        self.uploader = Some(uploader);
+        self
     }
 
     /// The model input for a job.
@@ -166,7 +185,54 @@ impl Fal {
     }
 }
 
+/// True for an absolute local path (not a URL or a data URI).
+fn is_local(input: &str) -> bool {
+    let lower = input.get(..8).unwrap_or(input).to_ascii_lowercase();
+    !(lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("data:"))
+        && std::path::Path::new(input).is_absolute()
+}
+
 /// True when `url` has the scheme, host and port of `base`.
+/// How long a status stream may stay open.
+const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The most a stream may buffer without finishing an event (a status event is a few hundred
+/// bytes; logs are not asked for).
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Server-sent events, cut into each event's `data` (its `data:` lines joined by newlines).
+///
+/// Hand-written: fal's status stream uses only `data:` fields, which take a dozen lines here;
+/// the maintained SSE clients bring their own HTTP stack and reconnect logic, where polling is
+/// our fallback instead.
+#[derive(Debug, Default)]
+struct SseEvents {
+    pending: Vec<u8>,
+}
+
+impl SseEvents {
+    /// Adds a chunk; answers the data of every event it completed.
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<String>, ProviderError> {
+        self.pending.extend(chunk.iter().filter(|b| **b != b'\r'));
+        let mut done = Vec::new();
+        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|line| line.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !data.is_empty() {
+                done.push(data.join("\n"));
+            }
+        }
+        if self.pending.len() > MAX_EVENT_BYTES {
+            return Err(ProviderError::TooLarge { limit: MAX_EVENT_BYTES });
+        }
+        Ok(done)
+    }
+}
+
 fn same_origin(base: &str, url: &str) -> bool {
     match (url::Url::parse(base), url::Url::parse(url)) {
         (Ok(a), Ok(b)) => a.origin() == b.origin(),
@@ -195,6 +261,19 @@ impl Provider for Fal {
 
     fn base_url(&self) -> &str {
         &self.base
+    }
+
+    #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
+    async fn prepare(&self, job: &JobSpec) -> Result<JobSpec, ProviderError> {
+        let Some(uploader) = &self.uploader else { return Ok(job.clone()) };
+        if job.task != Task::Edit {
+            return Ok(job.clone());
+        }
+        let mut inputs = Vec::with_capacity(job.inputs.len());
+        for input in &job.inputs {
+            inputs.push(if is_local(input) { uploader.url_for(input).await? } else { input.clone() });
+        }
+        Ok(JobSpec { inputs, ..job.clone() })
     }
 
     #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
@@ -229,12 +308,18 @@ impl Provider for Fal {
             }
         }
         tracing::debug!(request_id, queue_position = queued.queue_position, "fal accepted");
-        Ok(Submission::Accepted(RequestRef {
+        let request = RequestRef {
             request_id,
             status_url: Some(status_url),
             response_url: Some(response_url),
             cancel_url: queued.cancel_url,
-        }))
+        };
+        // A position above 0 means the account already runs as many requests as it may and
+        // this one waits behind others: the scheduler's window hears it.
+        Ok(match queued.queue_position {
+            Some(position) if position > 0 => Submission::Queued { request, position },
+            _ => Submission::Accepted(request),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
@@ -250,6 +335,53 @@ impl Provider for Fal {
             Some("COMPLETED") => Ok(PollOutcome::Completed(self.result(request).await?)),
             // IN_QUEUE, IN_PROGRESS, and anything new: still running.
             _ => Ok(PollOutcome::Running { queue_position: status.queue_position }),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
+    async fn watch(&self, request: &RequestRef) -> Result<bool, ProviderError> {
+        use futures::StreamExt as _;
+        let Some(status_url) = request.status_url.as_deref() else { return Ok(false) };
+        let url = format!("{}/stream", status_url.trim_end_matches('/'));
+        // A stream lasts as long as the generation: the client's per-request timeout would cut
+        // it, so it gets a day; polling takes over if it breaks.
+        let get = self.client.get(url).header(reqwest::header::ACCEPT, "text/event-stream");
+        let response =
+            http::open_stream(get.timeout(STREAM_TIMEOUT), &self.auth, Dialect::Fal, "fal status stream")
+                .await?;
+        let mut events = SseEvents::default();
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| http::transport_error(&e, "fal status stream", &self.auth))?;
+            for data in events.push(&chunk)? {
+                // Each event is a status body; an unreadable one is skipped (polling confirms).
+                let status: Option<Status> = serde_json::from_str(&data).ok();
+                if status.is_some_and(|s| s.status.as_deref() == Some("COMPLETED")) {
+                    return Ok(true);
+                }
+            }
+        }
+        Err(ProviderError::NoAnswer {
+            sent: true,
+            message: "fal status stream ended before COMPLETED".into(),
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.request_id))]
+    async fn cancel(&self, request: &RequestRef) -> Result<bool, ProviderError> {
+        // The key goes with the cancel: never to a host other than the one the user configured.
+        let Some(url) = request.cancel_url.as_deref().filter(|url| same_origin(&self.base, url)) else {
+            return Ok(false);
+        };
+        match http::send(self.client.put(url), &self.auth, Dialect::Fal, "fal cancel").await {
+            // 202 `CANCELLATION_REQUESTED`: it was still queued, and fal does not charge it.
+            Ok(answer) => {
+                let status: Status = answer.json("fal cancel answer", &self.auth)?;
+                Ok(status.status.as_deref() == Some("CANCELLATION_REQUESTED"))
+            }
+            // 400 `IN_PROGRESS`, `ALREADY_COMPLETED`, `ALREADY_CANCELLED`: it runs, or ran.
+            Err(e) if e.status() == Some(400) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
@@ -364,6 +496,16 @@ mod tests {
         assert!(!same_origin("https://queue.fal.run", "http://queue.fal.run/x"));
         assert!(!same_origin("http://127.0.0.1:8080", "http://127.0.0.1:9090/x"));
         assert!(!same_origin("https://queue.fal.run", "not a url"));
+    }
+
+    #[test]
+    fn server_sent_events_are_cut_into_their_data_across_chunks() {
+        let mut sse = SseEvents::default();
+        assert!(sse.push(b"data: {\"status\": \"IN_QU").unwrap().is_empty());
+        let got = sse.push(b"EUE\"}\r\n\r\n: keep-alive\n\ndata: {\"status\":\"COMPLETED\"}\n\n").unwrap();
+        assert_eq!(got, vec![r#"{"status": "IN_QUEUE"}"#.to_owned(), r#"{"status":"COMPLETED"}"#.to_owned()]);
+        let mut sse = SseEvents::default();
+        assert!(sse.push(&vec![b'x'; MAX_EVENT_BYTES + 1]).is_err());
     }
 
     #[test]
