@@ -2,10 +2,6 @@
 //! otherwise everything not connected to the border through background-coloured pixels), and
 //! the foreground of an output (whatever its new background does not reach).
 
-use image::{GrayImage, Luma};
-use imageproc::distance_transform::Norm;
-use imageproc::region_labelling::{Connectivity, connected_components};
-
 use super::work::{Work, delta_e};
 
 /// A pixel mask over a working frame.
@@ -79,54 +75,88 @@ impl Mask {
         (n > 0).then(|| ((sx / n as f64) as f32, (sy / n as f64) as f32))
     }
 
-    pub(crate) fn to_gray(&self) -> GrayImage {
-        GrayImage::from_fn(self.w as u32, self.h as u32, |x, y| {
-            Luma([if self.get(x as usize, y as usize) { 255 } else { 0 }])
-        })
-    }
-
-    pub(crate) fn from_gray(img: &GrayImage) -> Self {
-        Self {
-            w: img.width() as usize,
-            h: img.height() as usize,
-            on: img.pixels().map(|p| p.0[0] >= 128).collect(),
-        }
-    }
+    // Hand-written morphology and labelling: imageproc has both, but it is the only user of
+    // nalgebra and its numeric stack here, about half a minute of CPU on every clean build
+    // (CI builds twice, for clippy and for the tests) for three functions of a few lines each
+    // on a boolean mask. Same semantics as imageproc's `erode`/`dilate` with `Norm::LInf`:
+    // a square window, and pixels outside the frame count neither as product nor background.
 
     /// Shrunk by `k` pixels (a square structuring element).
     pub(crate) fn eroded(&self, k: u8) -> Self {
-        Self::from_gray(&imageproc::morphology::erode(&self.to_gray(), Norm::LInf, k))
+        self.square_window(usize::from(k), |on, len| on == len)
     }
 
     /// Grown by `k` pixels.
     pub(crate) fn dilated(&self, k: u8) -> Self {
-        Self::from_gray(&imageproc::morphology::dilate(&self.to_gray(), Norm::LInf, k))
+        self.square_window(usize::from(k), |on, _| on > 0)
     }
 
     /// Eroded then dilated by `k`: specks and threads thinner than `2k + 1` pixels go.
     pub(crate) fn opened(&self, k: u8) -> Self {
-        Self::from_gray(&imageproc::morphology::open(&self.to_gray(), Norm::LInf, k))
+        self.eroded(k).dilated(k)
     }
 
-    /// Keeps the 8-connected components `keep(area, component)` accepts; `component` lists
-    /// the component's pixel indexes.
+    /// Each pixel becomes `rule(on, len)` over the `(2k + 1)²` window around it, clipped to the
+    /// frame: `on` of the window's `len` pixels are set. A square window is separable, so this is
+    /// one pass along the rows and one down the columns, each with a running count.
+    fn square_window(&self, k: usize, rule: impl Fn(usize, usize) -> bool) -> Self {
+        let (w, h) = (self.w, self.h);
+        let pass = |get: &dyn Fn(usize, usize) -> bool, lines: usize, len: usize| -> Vec<bool> {
+            // out[line * len + i]: the rule over positions i-k..=i+k of that line.
+            let mut out = vec![false; lines * len];
+            let mut prefix = vec![0usize; len + 1];
+            for line in 0..lines {
+                for i in 0..len {
+                    prefix[i + 1] = prefix[i] + usize::from(get(line, i));
+                }
+                for i in 0..len {
+                    let (lo, hi) = (i.saturating_sub(k), (i + k + 1).min(len));
+                    out[line * len + i] = rule(prefix[hi] - prefix[lo], hi - lo);
+                }
+            }
+            out
+        };
+        let rows = pass(&|y, x| self.on[y * w + x], h, w);
+        let cols = pass(&|x, y| rows[y * w + x], w, h);
+        let mut out = Self::new(w, h);
+        for x in 0..w {
+            for y in 0..h {
+                out.on[y * w + x] = cols[x * h + y];
+            }
+        }
+        out
+    }
+
+    /// Keeps the 8-connected components `keep(component)` accepts; `component` lists the
+    /// component's pixel indexes.
     pub(crate) fn components_where(&self, mut keep: impl FnMut(&[usize]) -> bool) -> Self {
-        let labels = connected_components(&self.to_gray(), Connectivity::Eight, Luma([0u8]));
-        let mut members: Vec<Vec<usize>> = Vec::new();
-        for (i, label) in labels.pixels().enumerate() {
-            let label = label.0[0] as usize;
-            if label == 0 {
+        let (w, h) = (self.w, self.h);
+        let mut seen = vec![false; w * h];
+        let mut out = Self::new(w, h);
+        let mut component = Vec::new();
+        let mut stack = Vec::new();
+        for start in 0..w * h {
+            if !self.on[start] || seen[start] {
                 continue;
             }
-            if members.len() < label {
-                members.resize_with(label, Vec::new);
+            component.clear();
+            seen[start] = true;
+            stack.push(start);
+            while let Some(i) = stack.pop() {
+                component.push(i);
+                let (x, y) = (i % w, i / w);
+                for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
+                    for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
+                        let j = ny * w + nx;
+                        if self.on[j] && !seen[j] {
+                            seen[j] = true;
+                            stack.push(j);
+                        }
+                    }
+                }
             }
-            members[label - 1].push(i);
-        }
-        let mut out = Self::new(self.w, self.h);
-        for component in members.iter().filter(|c| !c.is_empty()) {
-            if keep(component) {
-                for &i in component {
+            if keep(&component) {
+                for &i in &component {
                     out.on[i] = true;
                 }
             }
@@ -353,5 +383,33 @@ mod tests {
         assert_eq!(m.eroded(1).area(), 64);
         assert_eq!(m.opened(1).area(), 100);
         assert_eq!(m.bbox(), Some(BBox { x0: 0, y0: 0, x1: 15, y1: 15 }));
+    }
+
+    #[test]
+    fn windows_are_clipped_to_the_frame_and_components_join_at_corners() {
+        let mut m = Mask::new(20, 20);
+        for y in 5..15 {
+            for x in 5..15 {
+                m.on[y * 20 + x] = true;
+            }
+        }
+        m.on[0] = true;
+        // 12x12 around the square, and the corner speck grown to 2x2 inside the frame.
+        assert_eq!(m.dilated(1).area(), 144 + 4);
+        // Outside the frame is not background: a full frame stays full.
+        let full = Mask { w: 7, h: 5, on: vec![true; 35] };
+        assert_eq!(full.eroded(2), full);
+        // Two pixels touching at a corner are one 8-connected component.
+        let mut d = Mask::new(4, 4);
+        d.on[0] = true;
+        d.on[5] = true;
+        d.on[15] = true;
+        let mut sizes = Vec::new();
+        let kept = d.components_where(|c| {
+            sizes.push(c.len());
+            c.len() == 2
+        });
+        sizes.sort_unstable();
+        assert_eq!((sizes, kept.area()), (vec![1, 2], 2));
     }
 }
