@@ -103,7 +103,13 @@ async fn outputs_become_verified_objects_under_the_prefix() {
     let store = env.store().await;
     let rows: Vec<(String, String, i64)> =
         sqlx::query_as("SELECT path, sha256, bytes FROM outputs").fetch_all(store.pool()).await.unwrap();
+    // The quality gate judged the received bytes before they went to the bucket.
+    let (judged,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE quality LIKE '%\"verdict\":{%'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
     store.close().await;
+    assert_eq!(judged, 5);
     assert_eq!(rows.len(), 5);
     for (path, sha, bytes) in rows {
         let object = moto.object("catalog", &format!("night1/{path}")).await.expect("the object exists");

@@ -279,6 +279,10 @@ pub(super) struct TempFile {
 }
 
 impl TempFile {
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(super) fn create(path: &Path) -> Result<Self, FetchError> {
         let file = std::fs::OpenOptions::new()
             .write(true)

@@ -308,6 +308,16 @@ pub struct Downloaded {
     saved: SavedOutput,
 }
 
+impl Downloaded {
+    /// The output's index and the staging file holding its received bytes: what the quality
+    /// gate reads, before the file is made durable (locally or as an object) and the staging
+    /// copy goes away.
+    #[must_use]
+    pub fn staged(&self) -> (u32, &Path) {
+        (self.saved.index, self.temp.path())
+    }
+}
+
 fn transport(url: &str, e: &reqwest::Error) -> FetchError {
     if let Some(why) = guard::refusal(e) {
         return FetchError::Refused { url: url.to_owned(), reason: why.to_string() };

@@ -4,7 +4,7 @@
 //! Owns [`Gate`]: fetching and caching decoded inputs, and the verdicts' stored form [`Judgement`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use image::DynamicImage;
@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::warn;
 
-use crate::domain::{JobSpec, SavedOutput, Task};
+use crate::domain::{JobSpec, Task};
 use crate::fetch::{DownloadClient, guard};
+use crate::provider::http::{InlinePolicy, resolve_input};
 use crate::quality::{self, QualitySettings, Verdict};
 
 /// Decoded inputs kept at once: rows of one catalog often share a picture, and a decoded
@@ -68,7 +69,6 @@ impl Judgement {
 pub struct Gate {
     settings: QualitySettings,
     client: DownloadClient,
-    out_dir: PathBuf,
     max_input_bytes: u64,
     permits: Semaphore,
     cache: Mutex<HashMap<String, Arc<DynamicImage>>>,
@@ -76,34 +76,28 @@ pub struct Gate {
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate").field("out_dir", &self.out_dir).finish_non_exhaustive()
+        f.debug_struct("Gate").field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
 impl Gate {
-    /// A gate judging outputs under `out_dir` with `settings`; inputs larger than
+    /// A gate judging outputs with `settings`; inputs larger than
     /// `max_input_bytes` are not downloaded. At most one check per CPU runs at once.
     #[must_use]
-    pub fn new(
-        settings: QualitySettings,
-        client: DownloadClient,
-        out_dir: &Path,
-        max_input_bytes: u64,
-    ) -> Self {
+    pub fn new(settings: QualitySettings, client: DownloadClient, max_input_bytes: u64) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
             settings,
             client,
-            out_dir: out_dir.to_path_buf(),
             max_input_bytes,
             permits: Semaphore::new(cpus),
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Judges a row's outputs (files already durable and verified under the output folder)
-    /// against its inputs. Never fails: what cannot be checked is recorded as such.
-    pub async fn judge(&self, task: Task, inputs: &[String], outputs: &[SavedOutput]) -> Judgement {
+    /// Judges a row's outputs (each its index and the file holding its received, verified
+    /// bytes) against its inputs. Never fails: what cannot be checked is recorded as such.
+    pub async fn judge(&self, task: Task, inputs: &[String], outputs: &[(u32, &Path)]) -> Judgement {
         let input = match (task, inputs.first()) {
             (Task::Edit, Some(reference)) => match self.input(reference).await {
                 Ok(image) => Some(image),
@@ -112,8 +106,8 @@ impl Gate {
                     return Judgement {
                         outputs: outputs
                             .iter()
-                            .map(|o| OutputJudgement {
-                                index: o.index,
+                            .map(|&(index, _)| OutputJudgement {
+                                index,
                                 verdict: None,
                                 error: Some(e.clone()),
                             })
@@ -124,12 +118,12 @@ impl Gate {
             _ => None,
         };
         let mut judged = Vec::with_capacity(outputs.len());
-        for o in outputs {
-            let (verdict, error) = match self.check(input.clone(), &self.out_dir.join(&o.path)).await {
+        for &(index, path) in outputs {
+            let (verdict, error) = match self.check(input.clone(), path).await {
                 Ok(v) => (Some(v), None),
                 Err(e) => (None, Some(e)),
             };
-            judged.push(OutputJudgement { index: o.index, verdict, error });
+            judged.push(OutputJudgement { index, verdict, error });
         }
         Judgement { outputs: judged }
     }
@@ -176,13 +170,22 @@ impl Gate {
     }
 
     async fn input_bytes(&self, reference: &str) -> Result<Vec<u8>, String> {
-        let lower = reference.to_ascii_lowercase();
-        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        let lower = reference.get(..8).unwrap_or(reference).to_ascii_lowercase();
+        if lower.starts_with("data:") {
+            return data_uri_bytes(reference).ok_or_else(|| "the input data URI does not decode".to_owned());
+        }
+        let fetched = if lower.starts_with("http://") || lower.starts_with("https://") {
+            reference.to_owned()
+        } else if reference.contains("://") {
+            // A bucket object: read through a presigned URL, as the provider reads it, so the
+            // cloud credentials serve only to sign.
+            resolve_input(reference, InlinePolicy::refuse()).await.map_err(|e| e.to_string())?
+        } else {
             return tokio::fs::read(reference)
                 .await
                 .map_err(|e| format!("cannot read the input {reference}: {e}"));
-        }
-        let url = url::Url::parse(reference).map_err(|e| format!("the input URL does not parse: {e}"))?;
+        };
+        let url = url::Url::parse(&fetched).map_err(|e| format!("the input URL does not parse: {e}"))?;
         guard::check_url(&url, self.client.policy())
             .map_err(|why| format!("the input URL is refused: {why}"))?;
         let response =
@@ -199,12 +202,20 @@ impl Gate {
     }
 }
 
+/// The bytes of a base64 `data:` URI (the only kind a catalog or the inliner makes).
+fn data_uri_bytes(uri: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let (head, body) = uri.split_once(',')?;
+    head.ends_with(";base64").then_some(())?;
+    base64::engine::general_purpose::STANDARD.decode(body.trim()).ok()
+}
+
 /// The scheduler's one call: with a gate, a row's stored judgement (JSON) and whether it is held
 /// for review; without one (`--no-quality-gate`, `[quality] enabled = false`), nothing and done.
 pub async fn judge_row(
     gate: Option<&Gate>,
     job: &JobSpec,
-    outputs: &[SavedOutput],
+    outputs: &[(u32, &Path)],
 ) -> (Option<String>, bool) {
     let Some(gate) = gate else { return (None, false) };
     let judgement = gate.judge(job.task, &job.inputs, outputs).await;

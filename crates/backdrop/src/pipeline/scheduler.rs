@@ -20,7 +20,7 @@ use super::polling::{LatencySample, PollBudget, PollPlan, SAMPLE_SIZE};
 use super::stats::RunStats;
 use super::webhooks::Webhooks;
 use crate::domain::{JobSpec, RequestRef};
-use crate::fetch::{FetchError, Fetcher, Persister};
+use crate::fetch::{Downloaded, FetchError, Fetcher, Persister};
 use crate::money::{Budget, PriceTable};
 use crate::provider::{
     ErrorClass, JobResult, PollOutcome, Provider, ProviderError, StopReason, Submission, Throttled,
@@ -1152,6 +1152,10 @@ async fn fetch_phase<P: Provider>(
         // Everything is received: the provider's part is over, so the in-flight place goes to the next job
         // while the files are made durable and the row is recorded.
         in_flight.release();
+        // The gate reads the received bytes where they are staged, before they are made durable:
+        // the same bytes, whether they then go to the output folder or to a bucket.
+        let staged: Vec<(u32, &std::path::Path)> = outputs.iter().map(Downloaded::staged).collect();
+        let (quality, review) = super::gate::judge_row(shared.pool.gate.as_deref(), &job.spec, &staged).await;
         // Alone in flight, nothing would join this job's sync: don't make it wait for company.
         let urgent = shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0;
         let saved = match shared.pool.persister.persist(outputs, urgent).await {
@@ -1161,7 +1165,6 @@ async fn fetch_phase<P: Provider>(
         };
         // Every file is fsynced and renamed: only now is the row done. With others in flight, the
         // `done` rides along with their next change rather than paying for a transaction alone.
-        let (quality, review) = super::gate::judge_row(shared.pool.gate.as_deref(), &job.spec, &saved).await;
         let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
         let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged, quality, review };
         if shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0 {
