@@ -325,10 +325,19 @@ fn is_near_white(px: &Rgb<u8>) -> bool {
     px.0.iter().all(|&c| c > NEAR_WHITE)
 }
 
+/// Channels above this are light enough to be a soft shadow on the background, which the fill
+/// follows as long as it fades gently ([`GENTLE_STEP`]): a model redraws the shadows on the new
+/// surface rather than keeping the old one.
+const LIGHT: u8 = 215;
+
+/// The largest step between neighbours in a soft shadow's gradient.
+const GENTLE_STEP: u8 = 6;
+
 /// The background an edit replaces: the near-white pixels connected to the image's border
-/// through near-white neighbours without crossing an edge. A white product (a mug, a sneaker, a
-/// glass) is near-white too, but its outline separates it from the background, and white inside
-/// it (a watch face, a highlight) is not reached. Row-major, `true` on background.
+/// through near-white neighbours without crossing an edge, and the soft shadows that fade into
+/// it. A white product (a mug, a sneaker, a glass) is near-white too, but its outline separates
+/// it from the background, and white inside it (a watch face, a highlight) is not reached.
+/// Row-major, `true` on background.
 ///
 /// Hand-written: imageproc's flood fill matches one exact colour, and this needs a tolerance
 /// and an edge stop; the simulator depends on no backdrop crate, so it has its own.
@@ -362,7 +371,8 @@ fn border_background(img: &RgbImage) -> Vec<bool> {
             }
             let there = px(j);
             let step = here.0.iter().zip(there.0).map(|(&a, b)| a.abs_diff(b)).max().unwrap_or(0);
-            if is_near_white(there) && step <= EDGE_STEP {
+            let light = there.0.iter().all(|&c| c > LIGHT);
+            if (is_near_white(there) && step <= EDGE_STEP) || (light && step <= GENTLE_STEP) {
                 background[j] = true;
                 stack.push(j);
             }
@@ -413,7 +423,10 @@ fn edit_picture(source: &Source, key: &ImageKey, seed: u32) -> RgbImage {
             continue;
         }
         if let Alteration::Recolored { degrees } = alteration {
-            *px = turn_hue(*px, f32::from(degrees));
+            // A photo's product may be grey (steel, glass), which no turn of hue changes: it
+            // comes back tinted instead, as a steel watch turned gold would.
+            *px =
+                if procedural { turn_hue(*px, f32::from(degrees)) } else { recolor(*px, f32::from(degrees)) };
         }
         if gain != 1.0 {
             *px = Rgb(px.0.map(|c| (f32::from(c) * gain).round().clamp(0.0, 255.0) as u8));
@@ -469,6 +482,16 @@ fn erase_middle_band(img: &mut RgbImage) {
             }
         }
     }
+}
+
+/// Turns a pixel's hue by `degrees`; a nearly grey pixel is tinted with that hue instead.
+fn recolor(px: Rgb<u8>, degrees: f32) -> Rgb<u8> {
+    let [r, g, b] = px.0.map(|c| f32::from(c) / 255.0);
+    let max = r.max(g).max(b);
+    if max - r.min(g).min(b) >= 0.15 {
+        return turn_hue(px, degrees);
+    }
+    Rgb(hsv(degrees.rem_euclid(360.0), 0.45, max))
 }
 
 /// Turns a pixel's hue by `degrees`, keeping its saturation and value.
@@ -823,6 +846,26 @@ mod tests {
                 .all(|(_, _, p)| p.0 == [255, 255, 255]),
             "the frame is padded with the photo's white background above and below"
         );
+    }
+
+    #[test]
+    fn a_recoloured_grey_photo_is_tinted() {
+        let photo = RgbImage::from_fn(48, 48, |x, y| {
+            if (12..36).contains(&x) && (12..36).contains(&y) {
+                Rgb([150, 152, 158])
+            } else {
+                Rgb([255, 255, 255])
+            }
+        });
+        let key = ImageKey {
+            width: 48,
+            height: 48,
+            alteration: Alteration::Recolored { degrees: 40 },
+            ..key(data(&photo), Texture::White, Format::Png)
+        };
+        let px = *decoded(&key).get_pixel(24, 24);
+        let spread = px.0.iter().max().unwrap() - px.0.iter().min().unwrap();
+        assert!(spread > 40, "the grey product has a colour now: {px:?}");
     }
 
     #[test]
