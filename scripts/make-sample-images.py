@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Draws the sample catalog's product photos: simple flat products on a white background,
-256x256 PNG, written to samples/. Standard library only (zlib + struct), so the quickstart
-needs no download and no imaging package. Deterministic: same script, same bytes.
+256x256 PNG, written to samples/. As in a studio photo, each product's silhouette has a thin
+darker rim (its edge turning away from the light) and a soft contact shadow under it; the rim
+keeps a white product (a mug, a sneaker, a glass) apart from the white background. Standard
+library only (zlib + struct), so the quickstart needs no download and no imaging package. Deterministic: same script, same bytes.
 
     python3 scripts/make-sample-images.py [OUT_DIR]
 """
@@ -69,11 +71,48 @@ def shaded(rgb, light=0.25):
     return shade
 
 
+SHADOW_DEPTH = 31  # how much darker than white the shadow's centre is (224)
+
+
 def shadow(cx=0.5, cy=0.86, rx=0.3, ry=0.045):
-    return (ellipse(cx, cy, rx, ry), (226, 226, 226))
+    """A soft contact shadow: white at its edge, falling smoothly to its darkest at the centre
+    (no step between neighbouring pixels is more than a few levels)."""
+    def paint(x, y):
+        r2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
+        v = int(round(255 - SHADOW_DEPTH * max(0.0, 1.0 - r2) ** 2))
+        return (v, v, v)
+    paint.shadow = True
+    return (ellipse(cx, cy, rx, ry), paint)
+
+
+RIM = 3  # the rim's width in supersamples (1.5 px)
+RIM_SHADE = 0.72  # how much darker the rim is than the product under it
 
 
 def render(shapes):
+    # One supersampled grid: each sample's colour, and whether it is the product (any shape
+    # but the contact shadow).
+    colour = [[(255, 255, 255)] * W for _ in range(W)]
+    product = [[False] * W for _ in range(W)]
+    for gy in range(W):
+        for gx in range(W):
+            x, y = (gx + 0.5) / W, (gy + 0.5) / W
+            for inside, paint in shapes:
+                if inside(x, y):
+                    colour[gy][gx] = paint(x, y) if callable(paint) else paint
+                    product[gy][gx] = not getattr(paint, "shadow", False)
+    # The rim: product samples within RIM of a sample that is not the product.
+    offsets = [(dx, dy) for dx in (-RIM, 0, RIM) for dy in (-RIM, 0, RIM) if (dx, dy) != (0, 0)]
+    for gy in range(W):
+        for gx in range(W):
+            if not product[gy][gx]:
+                continue
+            edge = any(
+                not (0 <= gx + dx < W and 0 <= gy + dy < W) or not product[gy + dy][gx + dx]
+                for dx, dy in offsets
+            )
+            if edge:
+                colour[gy][gx] = tuple(int(c * RIM_SHADE) for c in colour[gy][gx])
     rows = []
     for py in range(SIZE):
         row = bytearray()
@@ -81,12 +120,7 @@ def render(shapes):
             acc = [0, 0, 0]
             for sy in range(SS):
                 for sx in range(SS):
-                    x = (px * SS + sx + 0.5) / W
-                    y = (py * SS + sy + 0.5) / W
-                    col = (255, 255, 255)
-                    for inside, paint in shapes:
-                        if inside(x, y):
-                            col = paint(x, y) if callable(paint) else paint
+                    col = colour[py * SS + sy][px * SS + sx]
                     acc[0] += col[0]
                     acc[1] += col[1]
                     acc[2] += col[2]

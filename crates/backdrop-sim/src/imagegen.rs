@@ -287,7 +287,7 @@ fn input_picture(source: &Source, w: u32, h: u32, look: Look) -> RgbImage {
         Source::Named { name, .. } => product_on_white_with(name, w, h, look),
         Source::Url(url) => product_on_white_with(url, w, h, look),
         Source::Data { bytes, sha256 } => match image::load_from_memory(&bytes.0) {
-            Ok(img) => image::imageops::resize(&img.to_rgb8(), w, h, image::imageops::FilterType::Triangle),
+            Ok(img) => fit_on_white(&img.to_rgb8(), w, h),
             // The submit checked the magic bytes; a corrupt body still gets a picture.
             Err(_) => product_on_white_with(sha256, w, h, look),
         },
@@ -295,11 +295,90 @@ fn input_picture(source: &Source, w: u32, h: u32, look: Look) -> RgbImage {
     }
 }
 
-/// Channels above this are the white background an edit replaces.
+/// A photo scaled to fit inside `w`×`h` with its aspect kept, centred on white: a model keeps
+/// the product's proportions whatever output size it is asked for, and the padding is more of
+/// the photo's own white background.
+fn fit_on_white(photo: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let (pw, ph) = (u64::from(photo.width().max(1)), u64::from(photo.height().max(1)));
+    let (w64, h64) = (u64::from(w), u64::from(h));
+    // The side that binds fills the frame; the other is scaled by the same factor (rounded).
+    let (fw, fh) = if w64 * ph <= h64 * pw {
+        (w64, ((ph * w64 + pw / 2) / pw).clamp(1, h64.max(1)))
+    } else {
+        (((pw * h64 + ph / 2) / ph).clamp(1, w64.max(1)), h64)
+    };
+    let (fw, fh) = (u32::try_from(fw).unwrap_or(w), u32::try_from(fh).unwrap_or(h));
+    let scaled = image::imageops::resize(photo, fw, fh, image::imageops::FilterType::Triangle);
+    let mut canvas = RgbImage::from_pixel(w.max(1), h.max(1), Rgb([255, 255, 255]));
+    image::imageops::overlay(&mut canvas, &scaled, i64::from((w - fw) / 2), i64::from((h - fh) / 2));
+    canvas
+}
+
+/// Channels above this are white enough to be the background an edit replaces.
 const NEAR_WHITE: u8 = 235;
 
-fn is_background(px: &Rgb<u8>) -> bool {
+/// A step between neighbours larger than this (in any channel) is an edge the background fill
+/// does not cross: a product's outline, however light the product is inside it.
+const EDGE_STEP: u8 = 12;
+
+fn is_near_white(px: &Rgb<u8>) -> bool {
     px.0.iter().all(|&c| c > NEAR_WHITE)
+}
+
+/// Channels above this are light enough to be a soft shadow on the background, which the fill
+/// follows as long as it fades gently ([`GENTLE_STEP`]): a model redraws the shadows on the new
+/// surface rather than keeping the old one.
+const LIGHT: u8 = 215;
+
+/// The largest step between neighbours in a soft shadow's gradient.
+const GENTLE_STEP: u8 = 6;
+
+/// The background an edit replaces: the near-white pixels connected to the image's border
+/// through near-white neighbours without crossing an edge, and the soft shadows that fade into
+/// it. A white product (a mug, a sneaker, a glass) is near-white too, but its outline separates
+/// it from the background, and white inside it (a watch face, a highlight) is not reached.
+/// Row-major, `true` on background.
+///
+/// Hand-written: imageproc's flood fill matches one exact colour, and this needs a tolerance
+/// and an edge stop; the simulator depends on no backdrop crate, so it has its own.
+fn border_background(img: &RgbImage) -> Vec<bool> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut background = vec![false; w * h];
+    if w == 0 || h == 0 {
+        return background;
+    }
+    let px = |i: usize| img.get_pixel((i % w) as u32, (i / w) as u32);
+    let mut stack: Vec<usize> = Vec::new();
+    let border = (0..w).flat_map(|x| [x, (h - 1) * w + x]).chain((0..h).flat_map(|y| [y * w, y * w + w - 1]));
+    for i in border {
+        if !background[i] && is_near_white(px(i)) {
+            background[i] = true;
+            stack.push(i);
+        }
+    }
+    while let Some(i) = stack.pop() {
+        let (x, y) = (i % w, i / w);
+        let here = px(i);
+        let neighbours = [
+            (x > 0).then(|| i - 1),
+            (x + 1 < w).then(|| i + 1),
+            (y > 0).then(|| i - w),
+            (y + 1 < h).then(|| i + w),
+        ];
+        for j in neighbours.into_iter().flatten() {
+            if background[j] {
+                continue;
+            }
+            let there = px(j);
+            let step = here.0.iter().zip(there.0).map(|(&a, b)| a.abs_diff(b)).max().unwrap_or(0);
+            let light = there.0.iter().all(|&c| c > LIGHT);
+            if (is_near_white(there) && step <= EDGE_STEP) || (light && step <= GENTLE_STEP) {
+                background[j] = true;
+                stack.push(j);
+            }
+        }
+    }
+    background
 }
 
 /// An edit: the input's product (altered or jittered as the key says) on the new background.
@@ -334,8 +413,9 @@ fn edit_picture(source: &Source, key: &ImageKey, seed: u32) -> RgbImage {
         img = transform(&img, dx * w as f32, dy * h as f32, scale, scale);
     }
     let gain = f32::from(key.jitter.gain) / 100.0;
-    for (x, y, px) in img.enumerate_pixels_mut() {
-        if is_background(px) || alteration == Alteration::Missing {
+    let background = border_background(&img);
+    for ((x, y, px), &is_background) in img.enumerate_pixels_mut().zip(&background) {
+        if is_background || alteration == Alteration::Missing {
             *px = match alteration {
                 Alteration::OffWhite { rgb } => Rgb(rgb),
                 _ => texture_pixel(key.texture, x, y, seed),
@@ -343,7 +423,10 @@ fn edit_picture(source: &Source, key: &ImageKey, seed: u32) -> RgbImage {
             continue;
         }
         if let Alteration::Recolored { degrees } = alteration {
-            *px = turn_hue(*px, f32::from(degrees));
+            // A photo's product may be grey (steel, glass), which no turn of hue changes: it
+            // comes back tinted instead, as a steel watch turned gold would.
+            *px =
+                if procedural { turn_hue(*px, f32::from(degrees)) } else { recolor(*px, f32::from(degrees)) };
         }
         if gain != 1.0 {
             *px = Rgb(px.0.map(|c| (f32::from(c) * gain).round().clamp(0.0, 255.0) as u8));
@@ -383,20 +466,32 @@ fn transform(img: &RgbImage, dx: f32, dy: f32, sx: f32, sy: f32) -> RgbImage {
 /// Paints over the middle fifth of an uploaded product's height with the colour just below
 /// it, which wipes whatever print was there.
 fn erase_middle_band(img: &mut RgbImage) {
-    let rows: Vec<u32> = (0..img.height())
-        .filter(|&y| (0..img.width()).any(|x| !is_background(img.get_pixel(x, y))))
-        .collect();
+    let background = border_background(img);
+    let w = img.width() as usize;
+    let product = |x: u32, y: u32| !background[y as usize * w + x as usize];
+    let rows: Vec<u32> = (0..img.height()).filter(|&y| (0..img.width()).any(|x| product(x, y))).collect();
     let (Some(&top), Some(&bottom)) = (rows.first(), rows.last()) else { return };
     let span = bottom - top;
     let (from, to) = (top + span * 2 / 5, top + span * 3 / 5);
     for x in 0..img.width() {
-        let below = *img.get_pixel(x, (to + 1).min(img.height() - 1));
+        let y_below = (to + 1).min(img.height() - 1);
+        let below = *img.get_pixel(x, y_below);
         for y in from..=to {
-            if !is_background(img.get_pixel(x, y)) && !is_background(&below) {
+            if product(x, y) && product(x, y_below) {
                 img.put_pixel(x, y, below);
             }
         }
     }
+}
+
+/// Turns a pixel's hue by `degrees`; a nearly grey pixel is tinted with that hue instead.
+fn recolor(px: Rgb<u8>, degrees: f32) -> Rgb<u8> {
+    let [r, g, b] = px.0.map(|c| f32::from(c) / 255.0);
+    let max = r.max(g).max(b);
+    if max - r.min(g).min(b) >= 0.15 {
+        return turn_hue(px, degrees);
+    }
+    Rgb(hsv(degrees.rem_euclid(360.0), 0.45, max))
 }
 
 /// Turns a pixel's hue by `degrees`, keeping its saturation and value.
@@ -686,6 +781,91 @@ mod tests {
             render(&ImageKey { width: 96, height: 96, jitter, ..key(source, Texture::White, Format::Png) })
                 .unwrap();
         assert_ne!(plain, varied);
+    }
+
+    fn decoded(key: &ImageKey) -> RgbImage {
+        image::load_from_memory(&render(key).unwrap()).unwrap().to_rgb8()
+    }
+
+    fn data(img: &RgbImage) -> Source {
+        Source::Data {
+            sha256: format!("{:x}", Sha256::digest(img.as_raw())),
+            bytes: encode(img, Format::Png).unwrap().into(),
+        }
+    }
+
+    #[test]
+    fn only_the_background_connected_to_the_border_is_replaced() {
+        // A white product (a mug's glaze, 246) inside its darker outline, with a whiter
+        // highlight (255) in it: near-white, but not the background.
+        let photo = RgbImage::from_fn(64, 64, |x, y| {
+            let r = ((x as f32 - 31.5).powi(2) + (y as f32 - 31.5).powi(2)).sqrt();
+            match r {
+                r if r < 4.0 => Rgb([255, 255, 255]),
+                r if r < 18.0 => Rgb([246, 244, 238]),
+                r if r < 20.0 => Rgb([150, 148, 140]),
+                _ => Rgb([255, 255, 255]),
+            }
+        });
+        let key = ImageKey { width: 64, height: 64, ..key(data(&photo), Texture::Wood, Format::Png) };
+        let img = decoded(&key);
+        assert!(
+            img.get_pixel(0, 0).0.iter().any(|&c| c < 200),
+            "the background is wood: {:?}",
+            img.get_pixel(0, 0)
+        );
+        for (x, y) in [(31, 31), (31, 20), (40, 31), (20, 40)] {
+            assert_eq!(img.get_pixel(x, y), photo.get_pixel(x, y), "the white product is kept at ({x}, {y})");
+        }
+    }
+
+    #[test]
+    fn a_photo_keeps_its_aspect_in_an_output_of_another_shape() {
+        // A 2:1 photo with a black square in its middle, edited into a square output.
+        let photo = RgbImage::from_fn(64, 32, |x, y| {
+            if (24..40).contains(&x) && (8..24).contains(&y) {
+                Rgb([20, 20, 20])
+            } else {
+                Rgb([255, 255, 255])
+            }
+        });
+        let key = ImageKey { width: 64, height: 64, ..key(data(&photo), Texture::White, Format::Png) };
+        let img = decoded(&key);
+        let dark: Vec<(u32, u32)> = img
+            .enumerate_pixels()
+            .filter(|(_, _, p)| p.0.iter().all(|&c| c < 128))
+            .map(|(x, y, _)| (x, y))
+            .collect();
+        let (x0, x1) = (dark.iter().map(|p| p.0).min().unwrap(), dark.iter().map(|p| p.0).max().unwrap());
+        let (y0, y1) = (dark.iter().map(|p| p.1).min().unwrap(), dark.iter().map(|p| p.1).max().unwrap());
+        assert_eq!((x1 - x0 + 1, y1 - y0 + 1), (16, 16), "the square stays a square, the same size");
+        assert_eq!((x0 + x1 + 1, y0 + y1 + 1), (64, 64), "in the middle of the frame");
+        assert!(
+            img.enumerate_pixels()
+                .filter(|(_, y, _)| *y < 16 || *y >= 48)
+                .all(|(_, _, p)| p.0 == [255, 255, 255]),
+            "the frame is padded with the photo's white background above and below"
+        );
+    }
+
+    #[test]
+    fn a_recoloured_grey_photo_is_tinted() {
+        let photo = RgbImage::from_fn(48, 48, |x, y| {
+            if (12..36).contains(&x) && (12..36).contains(&y) {
+                Rgb([150, 152, 158])
+            } else {
+                Rgb([255, 255, 255])
+            }
+        });
+        let key = ImageKey {
+            width: 48,
+            height: 48,
+            alteration: Alteration::Recolored { degrees: 40 },
+            ..key(data(&photo), Texture::White, Format::Png)
+        };
+        let px = *decoded(&key).get_pixel(24, 24);
+        let spread = px.0.iter().max().unwrap() - px.0.iter().min().unwrap();
+        assert!(spread > 40, "the grey product has a colour now: {px:?}");
     }
 
     #[test]

@@ -229,4 +229,19 @@ mod tests {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(iso(at), "2023-11-14T22:13:20.000000+00:00");
     }
+
+    #[test]
+    fn an_uploaded_picture_is_drawn_from_its_own_bytes() {
+        let sim = Sim::new(crate::SimConfig::default(), "http://127.0.0.1:9".into()).unwrap();
+        let photo = image::RgbImage::from_fn(40, 30, |x, _| image::Rgb([(x * 6) as u8, 90, 200]));
+        let png = crate::imagegen::encode(&photo, crate::imagegen::Format::Png).unwrap();
+        let url = keep(&sim, "f1".into(), "photo.png", "image/png", Bytes::from(png.clone()));
+        let (source, dims) = crate::submit::resolve_source(&sim, &url).unwrap();
+        assert_eq!(dims, (40, 30));
+        let crate::imagegen::Source::Data { sha256, bytes } = source else {
+            panic!("an upload is the uploaded picture, not a made-up product: {source:?}")
+        };
+        assert_eq!(sha256, crate::hex_sha256(&png));
+        assert_eq!(&bytes.0[..], &png[..]);
+    }
 }

@@ -217,14 +217,13 @@ pub(crate) fn resolve_source(sim: &Sim, url: &str) -> Result<(Source, (u32, u32)
         return Ok((Source::Named { name: name.to_owned(), width, height }, (width, height)));
     }
     if same_server && parsed.path().starts_with("/storage/files/") {
-        // An uploaded file: read its size from the header only, and derive the product from
-        // its hash (decoding megabytes of photo per request would make the simulator the
-        // bottleneck).
+        // An uploaded file is drawn from its own bytes, as an inline one is: the edit is of
+        // the photo that was uploaded. Only its header is read here; the pixels are decoded
+        // when the output is rendered, once per distinct output (the render cache).
         let file = sim.storage.file_for_path(parsed.path()).ok_or("image URL names no uploaded file")?;
         let dims = super::imagegen::dimensions(&file.bytes).ok_or("the uploaded file is not an image")?;
-        let name = format!("upload-{}", &hex_sha256(&file.bytes)[..16]);
-        let (width, height) = fit(dims.0, dims.1, sim.config.max_side);
-        return Ok((Source::Named { name, width, height }, dims));
+        let source = Source::Data { sha256: hex_sha256(&file.bytes), bytes: file.bytes.to_vec().into() };
+        return Ok((source, dims));
     }
     Ok((Source::Url(url.to_owned()), (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE)))
 }

@@ -426,11 +426,29 @@ impl Store {
         StoreError::from(e).at(&self.path)
     }
 
-    /// Closes the pool, waiting for connections to finish (checkpoints the WAL).
+    /// Closes the pool, waiting for connections to finish; the last connection to close
+    /// checkpoints the WAL and removes the `-wal` and `-shm` files.
     pub async fn close(&self) {
+        // sqlx returns a connection to the pool from a spawned task (a ping, then back to the
+        // idle queue, or closed if the pool is closed by then). Two ways that leaves the WAL:
+        // a connection that lands idle after `close` emptied the queue is never closed (the
+        // process exits with the database open), and two connections closing at once on their
+        // own threads each see the other still open, so neither removes the WAL. So: wait until
+        // every connection is back idle (briefly: callers have finished with the pool), let
+        // `close` close them one after another, and close again whatever came back late.
+        let deadline = std::time::Instant::now() + CLOSE_SETTLE;
+        while self.pool.num_idle() < self.pool.size() as usize && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         self.pool.close().await;
+        while self.pool.size() > 0 {
+            self.pool.close().await;
+        }
     }
 }
+
+/// How long [`Store::close`] waits for connections still on their way back to the pool.
+const CLOSE_SETTLE: Duration = Duration::from_secs(2);
 
 /// Decides whether the non-empty database at `path` is backdrop's, reading it on a read-only
 /// connection before anything is written to it. Answers whether it already carries
@@ -485,6 +503,24 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last query's connection goes back to the pool from a spawned task; closing right
+    /// after it must still close that connection, or the process exits with the database open
+    /// and its `-wal` and `-shm` stay beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_right_after_a_query_leaves_no_wal_or_shm() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        for round in 0..40 {
+            let store = Store::open(&path).await.unwrap();
+            let _: Vec<(i64,)> = sqlx::query_as("SELECT 1").fetch_all(store.pool()).await.unwrap();
+            store.close().await;
+            assert_eq!(store.pool().size(), 0, "round {round}: a connection is still open");
+            for side in ["state.db-wal", "state.db-shm"] {
+                assert!(!dir.path().join(side).exists(), "round {round}: {side} left behind");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn open_creates_migrates_and_reopens() {
