@@ -51,14 +51,11 @@ pub fn difference_image(
         Err(reason) => return Ok(Difference::Unavailable(reason)),
     };
     let fg = region::output_foreground(&out);
-    let placed = match place(&inp, &mask, &out, &fg, origin, settings)? {
-        Some((Some(t), _, _)) => t,
-        Some((None, _, _)) => {
-            return Ok(Difference::Unavailable(
-                "the product is missing from the output: nothing to lay the input over".into(),
-            ));
-        }
-        None => return Ok(Difference::Unavailable("the input's product region is empty".into())),
+    let placed = match (place(&inp, &mask, &out, &fg, origin, settings)?, mask.centroid()) {
+        (Some((Some(t), _, _)), _) => t,
+        // Missing from the output: laid where the input had it, so the picture shows what is gone.
+        (Some((None, _, _)), Some((cx, cy))) => Transform::identity(cx, cy, origin.0, origin.1),
+        _ => return Ok(Difference::Unavailable("the input's product region is empty".into())),
     };
     Ok(Difference::Image(draw(&inp, &mask, &out, &fg, &placed)?))
 }
@@ -165,12 +162,22 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_product_has_no_picture_and_says_why() {
+    fn a_missing_product_glows_where_the_input_had_it() {
         let input = scene(300, 300, 100, 100, 100, [20, 60, 200]);
         let output = DynamicImage::ImageRgb8(RgbImage::from_pixel(300, 300, Rgb([255; 3])));
-        match difference_image(&input, &output, &QualitySettings::default()).unwrap() {
-            Difference::Unavailable(why) => assert!(why.contains("missing"), "{why}"),
-            Difference::Image(_) => panic!("a picture of nothing"),
+        let img = picture(difference_image(&input, &output, &QualitySettings::default()).unwrap());
+        assert!(is_red(img.get_pixel(150, 150)), "{:?}", img.get_pixel(150, 150));
+        assert!(!is_red(img.get_pixel(20, 20)));
+    }
+
+    #[test]
+    fn an_input_without_a_product_region_says_why() {
+        let noise = DynamicImage::ImageRgb8(RgbImage::from_fn(200, 200, |x, y| {
+            Rgb([(x * 37 % 256) as u8, (y * 91 % 256) as u8, ((x * y) % 256) as u8])
+        }));
+        match difference_image(&noise, &noise, &QualitySettings::default()).unwrap() {
+            Difference::Unavailable(why) => assert!(!why.is_empty()),
+            Difference::Image(_) => panic!("a picture without a product region"),
         }
     }
 }
