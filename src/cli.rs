@@ -133,7 +133,7 @@ pub(crate) enum Command {
     /// Counts per state, credits spent, failures with reasons, the last run.
     #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
-    /// Put failed, ambiguous or named rows back in the queue for the next `run`.
+    /// Put failed, ambiguous, named or review rows back in the queue for the next `run`.
     #[command(after_help = RETRY_EXAMPLES)]
     Retry(RetryArgs),
     /// Mark rows the quality gate held for review as done, after looking at them.

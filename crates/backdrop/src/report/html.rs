@@ -626,6 +626,55 @@ mod tests {
     use crate::report::tests_support::summary;
 
     #[test]
+    fn skus_become_one_shell_word() {
+        assert_eq!(shell_word("MUG-001"), "MUG-001");
+        assert_eq!(shell_word("it's a mug"), "'it'\\''s a mug'");
+        assert_eq!(shell_word("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_word(""), "''");
+    }
+
+    #[test]
+    fn a_review_card_comes_first_with_its_flags_difference_and_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("R")).unwrap();
+        let scene = |w: u32, h: u32, color: [u8; 3]| {
+            image::RgbImage::from_fn(w, h, |x, y| {
+                let inside = (w / 3..2 * w / 3).contains(&x) && (h / 3..2 * h / 3).contains(&y);
+                image::Rgb(if inside { color } else { [255; 3] })
+            })
+        };
+        scene(400, 400, [200, 30, 30]).save(out.join("R/0.png")).unwrap();
+        let input = dir.path().join("in.png");
+        scene(300, 300, [30, 60, 200]).save(&input).unwrap();
+        let mut summary = summary();
+        let mut held = summary.rows[0].clone();
+        held.sku = "R <1>".into();
+        held.state = JobState::Review;
+        held.inputs = vec![input.display().to_string()];
+        held.outputs = vec![crate::report::ReportOutput { path: "R/0.png".into(), ..held.outputs[0].clone() }];
+        held.quality = Some(
+            r#"{"outputs":[{"index":0,"verdict":{"checks":[{"check":"color","outcome":"flag","score":52.5,"limit":10.0,"reason":"the product's colour changed"}],"input_region":null,"output_region":null},"error":null}]}"#
+                .into(),
+        );
+        summary.rows.push(held);
+
+        let mut buf = Vec::new();
+        HtmlFormatter::new(out).write_report(&summary, &mut buf).unwrap();
+        let html = String::from_utf8(buf).unwrap();
+        let first = html.find("<article").unwrap();
+        assert!(html[first..].starts_with("<article class=\"card\" data-state=\"review\">"));
+        assert!(html.contains("<li>output 0: <b>color</b> 52.500 (limit 10.000): the product&#39;s colour changed</li>"));
+        assert!(html.contains("backdrop accept --sku &#39;R &lt;1&gt;&#39;\nbackdrop retry --review --sku &#39;R &lt;1&gt;&#39;"));
+        let img = &html[html.find("<img class=\"thumb diff\" src=\"data:image/png;base64,").unwrap()..];
+        assert!(img.contains("width=\"256\" height=\"256\""), "{}", &img[..img.find('>').unwrap()].len());
+        let b64 = &img["<img class=\"thumb diff\" src=\"data:image/png;base64,".len()..];
+        let b64 = &b64[..b64.find('"').unwrap()];
+        let png = image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+        assert_eq!((png.width(), png.height()), (256, 256));
+    }
+
+    #[test]
     fn escape_covers_markup_and_quotes() {
         assert_eq!(
             escape("<b a='1' c=\"2\">&</b>"),

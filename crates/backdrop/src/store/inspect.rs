@@ -888,6 +888,23 @@ fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn review_seeds_are_stable_and_differ_per_row_retry_and_old_seed() {
+        let a1 = review_seed("A", Some(7), 1);
+        assert_eq!(a1, review_seed("A", Some(7), 1), "a repeated command picks the same seed");
+        assert_ne!(a1, review_seed("A", Some(7), 2));
+        assert_ne!(a1, review_seed("B", Some(7), 1));
+        assert_ne!(a1, review_seed("A", None, 1));
+        for retry in 1..200 {
+            let s = review_seed("A", Some(retry), retry);
+            assert!((0..1 << 31).contains(&s) && s != retry);
+        }
+        let key = "k".repeat(64);
+        assert_ne!(crate::plan::seeded_request_key(&key, 1), key);
+        assert_ne!(crate::plan::seeded_request_key(&key, 1), crate::plan::seeded_request_key(&key, 2));
+        assert_eq!(kept_path("A/0.png", 2), "review-kept/2/A/0.png");
+    }
+
     async fn fixture() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).await.unwrap();
