@@ -280,7 +280,10 @@ async fn execute_review(global: &GlobalArgs, args: &RetryArgs) -> Result<ExitCod
 
 /// `16 cr ($0.16)`, or per model when the rows ask for several, through the price table (built-in
 /// prices with the config's `[prices]` on top).
-fn estimate(rows: &[backdrop::store::ReviewRetry], prices: &std::collections::BTreeMap<String, f64>) -> String {
+fn estimate(
+    rows: &[backdrop::store::ReviewRetry],
+    prices: &std::collections::BTreeMap<String, f64>,
+) -> String {
     let mut images: std::collections::BTreeMap<(&str, &str), u64> = std::collections::BTreeMap::new();
     for r in rows {
         *images.entry((r.provider.as_str(), r.model.as_str())).or_default() += u64::from(r.images.max(1));
@@ -314,7 +317,10 @@ fn keep_aside(
     let mut missing = Vec::new();
     for o in &row.outputs {
         let rel = std::path::Path::new(&o.path);
-        if !rel.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+        if !rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        {
             missing.push(o.path.clone());
             continue;
         }

@@ -15,12 +15,8 @@ use crate::harness::{TestEnv, code, output, stderr};
 const ROWS: usize = 16;
 
 async fn held_env() -> TestEnv {
-    let alterations = Alterations {
-        moved_rate: 0.12,
-        recolored_rate: 0.12,
-        missing_rate: 0.06,
-        ..Alterations::default()
-    };
+    let alterations =
+        Alterations { moved_rate: 0.12, recolored_rate: 0.12, missing_rate: 0.06, ..Alterations::default() };
     let config =
         SimConfig { seed: 23, faults: Faults { alterations, ..Faults::default() }, ..SimConfig::default() };
     TestEnv::new(config).await
@@ -78,7 +74,8 @@ async fn the_gallery_shows_review_rows_first_with_a_difference_picture() {
 
     let cards: Vec<&str> = html.split("<article ").skip(1).collect();
     assert_eq!(cards.len(), ROWS);
-    let states: Vec<bool> = cards.iter().map(|c| c.starts_with("class=\"card\" data-state=\"review\"")).collect();
+    let states: Vec<bool> =
+        cards.iter().map(|c| c.starts_with("class=\"card\" data-state=\"review\"")).collect();
     assert!(
         states.iter().take(held.len()).all(|r| *r) && !states.iter().skip(held.len()).any(|r| *r),
         "review rows come first: {states:?}"
@@ -92,10 +89,18 @@ async fn the_gallery_shows_review_rows_first_with_a_difference_picture() {
         // The input is a URL: the card shows the gate's copy, embedded, not a link.
         assert!(!card.contains("remote image (not fetched)"), "{card}");
         let Some(img) = card.split("<img class=\"thumb diff\" ").nth(1) else {
-            panic!("{sku}: no difference picture: {}", card.split("difference</figcaption>").nth(1).unwrap_or(card))
+            panic!(
+                "{sku}: no difference picture: {}",
+                card.split("difference</figcaption>").nth(1).unwrap_or(card)
+            )
         };
         let attr = |name: &str| -> u32 {
-            img.split(&format!("{name}=\"")).nth(1).and_then(|s| s.split('"').next()).expect(name).parse().expect(name)
+            img.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .expect(name)
+                .parse()
+                .expect(name)
         };
         let b64 = img
             .split("src=\"data:image/png;base64,")
@@ -125,7 +130,8 @@ async fn retry_review_pays_again_for_exactly_the_review_rows_with_new_seeds_and_
     let run = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&run), 3, "{}", stderr(&run));
     let before = rows(&env).await;
-    let held: BTreeSet<String> = before.iter().filter(|(_, s, _)| s == "review").map(|r| r.0.clone()).collect();
+    let held: BTreeSet<String> =
+        before.iter().filter(|(_, s, _)| s == "review").map(|r| r.0.clone()).collect();
     assert!(held.len() >= 2, "the seed holds a few rows: {held:?}");
     let first_ledger = env.sim.ledger().await;
     assert_eq!(first_ledger.len(), ROWS);
@@ -179,7 +185,8 @@ async fn retry_review_pays_again_for_exactly_the_review_rows_with_new_seeds_and_
         let sku = by_request.get(c.request_id.as_str()).expect("a new charge belongs to a row");
         assert!(held.contains(*sku), "{sku} was not in review and was paid again");
         assert!(paid_again.insert((*sku).to_owned()), "{sku} paid twice");
-        let old_request = before.iter().find(|(s, _, _)| s == sku).and_then(|r| r.2.clone()).expect("old request");
+        let old_request =
+            before.iter().find(|(s, _, _)| s == sku).and_then(|r| r.2.clone()).expect("old request");
         let old_seed = old_seeds.get(&old_request).copied().flatten();
         assert!(c.seed.is_some() && c.seed != old_seed, "{sku}: seed {:?} after {old_seed:?}", c.seed);
         let stored = recorded.iter().find(|r| r.0 == **sku).expect("recorded");
@@ -188,7 +195,11 @@ async fn retry_review_pays_again_for_exactly_the_review_rows_with_new_seeds_and_
     assert_eq!(paid_again, held);
     assert!(env.double_charges().await.is_empty());
     for (_, path, sha) in &old_outputs {
-        assert_eq!(&sha256_file(&env.out().join("review-kept/1").join(path)), sha, "still kept after the run");
+        assert_eq!(
+            &sha256_file(&env.out().join("review-kept/1").join(path)),
+            sha,
+            "still kept after the run"
+        );
     }
     assert_eq!(env.verify_outputs().await, ROWS, "every row has its new, verified outputs");
 }

@@ -208,7 +208,8 @@ impl Gate {
         }
         let bytes = self.input_bytes(reference).await?;
         let lower = reference.to_ascii_lowercase();
-        let kept = (lower.starts_with("http://") || lower.starts_with("https://")).then(|| Arc::new(bytes.clone()));
+        let kept =
+            (lower.starts_with("http://") || lower.starts_with("https://")).then(|| Arc::new(bytes.clone()));
         let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
         let decoded = tokio::task::spawn_blocking(move || quality::decode(&bytes, "input"))
             .await

@@ -124,7 +124,11 @@ mod tests {
     /// A white frame with a coloured square of `side` at `(x, y)`.
     fn scene(w: u32, h: u32, x: u32, y: u32, side: u32, color: [u8; 3]) -> DynamicImage {
         DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |px, py| {
-            if (x..x + side).contains(&px) && (y..y + side).contains(&py) { Rgb(color) } else { Rgb([255; 3]) }
+            if (x..x + side).contains(&px) && (y..y + side).contains(&py) {
+                Rgb(color)
+            } else {
+                Rgb([255; 3])
+            }
         }))
     }
 

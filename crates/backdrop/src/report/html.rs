@@ -89,8 +89,11 @@ struct Pictures {
     after: Vec<Picture>,
     /// Review rows: per output, its difference picture (a PNG `data:` URI and its size) or why
     /// there is none.
-    difference: Vec<(i64, Result<(String, u32, u32), String>)>,
+    difference: Vec<(i64, DiffPicture)>,
 }
+
+/// A difference picture as a PNG `data:` URI with its width and height, or why there is none.
+type DiffPicture = Result<(String, u32, u32), String>;
 
 impl ReportFormatter for HtmlFormatter {
     fn write_report(&self, summary: &RunSummary, out: &mut dyn Write) -> Result<(), ReportError> {
@@ -185,16 +188,14 @@ impl HtmlFormatter {
     /// The difference picture of each output of a held edit, against its first input (the
     /// gate's copy of a URL input; a local file as it is now), from the gate's own comparison
     /// at its default settings (a template's `[quality]` table is not in the state file).
-    fn differences(
-        &self,
-        row: &ReportRow,
-        input_copy: Option<&Path>,
-    ) -> Vec<(i64, Result<(String, u32, u32), String>)> {
+    fn differences(&self, row: &ReportRow, input_copy: Option<&Path>) -> Vec<(i64, DiffPicture)> {
         let input = match (row.task.as_str(), row.inputs.first()) {
             ("edit", Some(input)) if is_http(input) => match input_copy {
                 Some(copy) => decode_file(copy),
-                None => Err("the input is a URL and the gate kept no copy of it (the gallery fetches nothing)"
-                    .to_owned()),
+                None => {
+                    Err("the input is a URL and the gate kept no copy of it (the gallery fetches nothing)"
+                        .to_owned())
+                }
             },
             ("edit", Some(input)) => decode_file(Path::new(input)),
             _ => Err("a generated image has no input to compare with".to_owned()),
@@ -204,7 +205,8 @@ impl HtmlFormatter {
             .iter()
             .map(|o| {
                 let diff = input.as_ref().map_err(Clone::clone).and_then(|input| {
-                    let rel = safe_relative(&o.path).ok_or("the output's path is outside the output folder")?;
+                    let rel =
+                        safe_relative(&o.path).ok_or("the output's path is outside the output folder")?;
                     if self.links.contains_key(&o.path) {
                         return Err("the output is stored in a bucket, not read by the report".to_owned());
                     }
@@ -652,7 +654,8 @@ mod tests {
         held.sku = "R <1>".into();
         held.state = JobState::Review;
         held.inputs = vec![input.display().to_string()];
-        held.outputs = vec![crate::report::ReportOutput { path: "R/0.png".into(), ..held.outputs[0].clone() }];
+        held.outputs =
+            vec![crate::report::ReportOutput { path: "R/0.png".into(), ..held.outputs[0].clone() }];
         held.quality = Some(
             r#"{"outputs":[{"index":0,"verdict":{"checks":[{"check":"color","outcome":"flag","score":52.5,"limit":10.0,"reason":"the product's colour changed"}],"input_region":null,"output_region":null},"error":null}]}"#
                 .into(),
@@ -664,13 +667,18 @@ mod tests {
         let html = String::from_utf8(buf).unwrap();
         let first = html.find("<article").unwrap();
         assert!(html[first..].starts_with("<article class=\"card\" data-state=\"review\">"));
-        assert!(html.contains("<li>output 0: <b>color</b> 52.500 (limit 10.000): the product&#39;s colour changed</li>"));
-        assert!(html.contains("backdrop accept --sku &#39;R &lt;1&gt;&#39;\nbackdrop retry --review --sku &#39;R &lt;1&gt;&#39;"));
+        assert!(html.contains(
+            "<li>output 0: <b>color</b> 52.500 (limit 10.000): the product&#39;s colour changed</li>"
+        ));
+        assert!(html.contains(
+            "backdrop accept --sku &#39;R &lt;1&gt;&#39;\nbackdrop retry --review --sku &#39;R &lt;1&gt;&#39;"
+        ));
         let img = &html[html.find("<img class=\"thumb diff\" src=\"data:image/png;base64,").unwrap()..];
         assert!(img.contains("width=\"256\" height=\"256\""), "{}", &img[..img.find('>').unwrap()].len());
         let b64 = &img["<img class=\"thumb diff\" src=\"data:image/png;base64,".len()..];
         let b64 = &b64[..b64.find('"').unwrap()];
-        let png = image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+        let png =
+            image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
         assert_eq!((png.width(), png.height()), (256, 256));
     }
 
