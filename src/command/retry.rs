@@ -115,6 +115,12 @@ pub(crate) async fn execute(global: &GlobalArgs, args: &RetryArgs) -> Result<Exi
                 job.state,
                 one_line(job.request_id.as_deref().unwrap_or("?"))
             ),
+            KeepReason::Charged if job.state == JobState::Review => format!(
+                "left as review: the provider already charged for it and the quality gate held it; \
+                 `backdrop accept --sku {s}` keeps its output, `backdrop retry --review --sku {s}` generates \
+                 it again with a new seed and pays again",
+                s = one_line(&job.sku)
+            ),
             KeepReason::Charged => format!(
                 "left as {}: the provider already charged for it{}; `--pay-again` re-queues it and the next \
                  run pays for it again",

@@ -895,6 +895,15 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_override_makes_another_request_key() {
+        let key = "k".repeat(64);
+        assert_ne!(seeded_request_key(&key, 1), key);
+        assert_ne!(seeded_request_key(&key, 1), seeded_request_key(&key, 2));
+        assert_ne!(seeded_request_key(&key, 1), seeded_request_key(&"j".repeat(64), 1));
+        assert_eq!(seeded_request_key(&key, 1), seeded_request_key(&key, 1));
+    }
+
+    #[test]
     fn a_changed_picture_under_the_same_url_is_a_changed_row() {
         let tagged = |t: Option<&str>| Existing {
             fingerprint: "a".into(),

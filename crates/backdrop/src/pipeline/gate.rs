@@ -159,6 +159,10 @@ impl Gate {
     /// it is logged and `None` returned.
     async fn keep_input(&self, bytes: &[u8]) -> Option<String> {
         use sha2::{Digest as _, Sha256};
+        // Outputs in a bucket: there is no local output folder to keep it in.
+        if crate::fetch::object::is_object_url(&self.out_dir.to_string_lossy()) {
+            return None;
+        }
         let name = format!("{INPUT_COPIES}/{}", hex::encode(Sha256::digest(bytes)));
         let path = self.out_dir.join(&name);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {

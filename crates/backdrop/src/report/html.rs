@@ -12,7 +12,6 @@ use std::path::{Component, Path, PathBuf};
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView, ImageReader, RgbImage};
 
-use crate::pipeline::gate::Judgement;
 use crate::quality::{Difference, Outcome};
 
 use super::{
@@ -146,7 +145,7 @@ impl HtmlFormatter {
             .quality
             .as_deref()
             .filter(|_| row.state == JobState::Review)
-            .and_then(|q| serde_json::from_str::<Judgement>(q).ok());
+            .and_then(|q| serde_json::from_str::<super::StoredJudgement>(q).ok());
         // The copy of a URL input the gate kept for a held row: the pixels it judged.
         let input_copy = judgement
             .as_ref()
@@ -456,7 +455,7 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
 /// commands that resolve it.
 fn review_notes(html: &mut String, row: &ReportRow) {
     html.push_str("<div class=\"review\"><p><b>Held for review</b> by the quality gate:</p><ul>");
-    match row.quality.as_deref().and_then(|q| serde_json::from_str::<Judgement>(q).ok()) {
+    match row.quality.as_deref().and_then(|q| serde_json::from_str::<super::StoredJudgement>(q).ok()) {
         Some(judged) => {
             for o in &judged.outputs {
                 if let Some(e) = &o.error {

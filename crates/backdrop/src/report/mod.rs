@@ -160,6 +160,9 @@ impl From<OutputRecord> for ReportOutput {
 #[derive(serde::Deserialize)]
 struct StoredJudgement {
     outputs: Vec<StoredOutputJudgement>,
+    /// The gate's copy of a held row's URL input, relative to the output folder.
+    #[serde(default)]
+    input_copy: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
