@@ -101,7 +101,10 @@ Examples:
   backdrop retry --failed
   # Rows whose paid request may have left before a crash (may be charged twice):
   backdrop retry --ambiguous
-  backdrop retry --sku MUG-001 --sku MUG-002";
+  backdrop retry --sku MUG-001 --sku MUG-002
+  # Rows the quality gate held, generated again with a new seed (paid again):
+  backdrop retry --review
+  backdrop retry --review --sku MUG-001";
 
 /// The end of `backdrop report --help`.
 const REPORT_EXAMPLES: &str = "\
@@ -130,7 +133,7 @@ pub(crate) enum Command {
     /// Counts per state, credits spent, failures with reasons, the last run.
     #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
-    /// Put failed, ambiguous or named rows back in the queue for the next `run`.
+    /// Put failed, ambiguous, named or review rows back in the queue for the next `run`.
     #[command(after_help = RETRY_EXAMPLES)]
     Retry(RetryArgs),
     /// Mark rows the quality gate held for review as done, after looking at them.
@@ -341,7 +344,7 @@ pub(crate) struct StatusArgs {
 
 /// Arguments of `backdrop retry`.
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["failed", "ambiguous", "sku"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["failed", "ambiguous", "sku", "review"])))]
 pub(crate) struct RetryArgs {
     /// The state database.
     #[command(flatten)]
@@ -360,6 +363,15 @@ pub(crate) struct RetryArgs {
     /// they are, and a failed row whose result is saved is only downloaded again.
     #[arg(long)]
     pub(crate) pay_again: bool,
+    /// Generate rows the quality gate held for review again, with a new seed (all of them, or
+    /// the --sku ones): the next run PAYS FOR THEM AGAIN. Their old outputs are moved to
+    /// OUT/review-kept/N/, never deleted.
+    #[arg(long, conflicts_with_all = ["failed", "ambiguous", "pay_again"])]
+    pub(crate) review: bool,
+    /// With --review: the run's output folder, where the old outputs are kept aside
+    /// [default: out, or `out` from the config file].
+    #[arg(long, env = "BACKDROP_OUT", value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
 }
 
 /// Arguments of `backdrop accept`.

@@ -416,6 +416,7 @@ fn quality_gate(
     Ok(Some(Arc::new(backdrop::pipeline::gate::Gate::new(
         quality,
         downloads.clone(),
+        &settings.out,
         settings.max_download_bytes,
     ))))
 }

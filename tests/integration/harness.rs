@@ -30,6 +30,9 @@ pub(crate) struct Charge {
     /// `"seedance"` or `"fal"`.
     pub(crate) protocol: String,
     pub(crate) model: String,
+    /// The seed the charged request asked for, if any.
+    #[serde(default)]
+    pub(crate) seed: Option<u64>,
 }
 
 /// The simulator's counters, as `GET /__sim/stats` shows them (the fields the tests read).

@@ -18,6 +18,7 @@ mod prompts;
 mod provider;
 mod quality;
 mod reuse;
+mod review;
 mod run;
 mod s3;
 mod sim;

@@ -56,6 +56,10 @@ pub struct Charge {
     pub model: String,
     /// Output images paid for.
     pub images: u32,
+    /// The seed the request body asked for (`None`: none, or a refund), so a test can tell a
+    /// regenerated row from a resubmitted one.
+    #[serde(default)]
+    pub seed: Option<u64>,
     /// Unix time of the charge, in milliseconds.
     pub at: u64,
 }
@@ -117,6 +121,7 @@ pub(crate) fn refund_entry(request_id: &str, protocol: Protocol, cost: f64, mode
         protocol,
         model,
         images: 0,
+        seed: None,
         at: unix_ms(),
     }
 }
@@ -141,6 +146,7 @@ mod tests {
             protocol: Protocol::Fal,
             model: "m".into(),
             images: 1,
+            seed: None,
             at: 0,
         }
     }

@@ -303,6 +303,7 @@ pub(crate) fn accept(sim: &Arc<Sim>, order: Order, rng: &mut StdRng) -> Result<A
         protocol: order.protocol,
         model: order.model.clone(),
         images: order.num_images,
+        seed: order.seed,
         at: unix_ms(),
     });
     let remaining = charged.inspect_err(|_| sim.limits.release())?;

@@ -355,6 +355,17 @@ pub fn request_key(
     Some(hex::encode(h.finalize()))
 }
 
+/// The request key of a row asking what `key` asks but with `seed` instead of the template's
+/// seed (a row `retry --review` re-queued): never equal to a template key or another seed's.
+#[must_use]
+pub fn seeded_request_key(key: &str, seed: i64) -> String {
+    let mut h = Sha256::new();
+    hash_field(&mut h, b"backdrop-request-key-seed-override-v1");
+    hash_field(&mut h, key.as_bytes());
+    hash_field(&mut h, &seed.to_le_bytes());
+    hex::encode(h.finalize())
+}
+
 /// What the store side of a plan needs to know.
 struct Context<'a> {
     force: bool,
@@ -642,6 +653,16 @@ async fn flush(
     }
     let skus: Vec<&str> = batch.iter().map(|j| j.sku.as_str()).collect();
     let existing = tx.existing(&skus).await?;
+    // A row `retry --review` re-queued asks with its own seed: another request than the
+    // template's, so it must neither share nor lend a result under the template's key.
+    for job in batch.iter_mut() {
+        if let Some(e) = existing.get(&job.sku)
+            && let Some(seed) = e.seed_override
+            && !classify(Some(e), &job.fingerprint, job.input_tag.as_deref(), ctx.force).resets()
+        {
+            job.request_key = job.request_key.as_deref().map(|k| seeded_request_key(k, seed));
+        }
+    }
     let holders = if ctx.reuse {
         let keys: Vec<&str> = batch.iter().filter_map(|j| j.request_key.as_deref()).collect();
         tx.key_holders(&keys).await?
@@ -854,7 +875,7 @@ mod tests {
     use super::*;
 
     fn existing(fp: &str, state: JobState) -> Existing {
-        Existing { fingerprint: fp.into(), state, input_tag: None }
+        Existing { fingerprint: fp.into(), state, input_tag: None, seed_override: None }
     }
 
     #[test]
@@ -874,11 +895,21 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_override_makes_another_request_key() {
+        let key = "k".repeat(64);
+        assert_ne!(seeded_request_key(&key, 1), key);
+        assert_ne!(seeded_request_key(&key, 1), seeded_request_key(&key, 2));
+        assert_ne!(seeded_request_key(&key, 1), seeded_request_key(&"j".repeat(64), 1));
+        assert_eq!(seeded_request_key(&key, 1), seeded_request_key(&key, 1));
+    }
+
+    #[test]
     fn a_changed_picture_under_the_same_url_is_a_changed_row() {
         let tagged = |t: Option<&str>| Existing {
             fingerprint: "a".into(),
             state: JobState::Done,
             input_tag: t.map(str::to_owned),
+            seed_override: None,
         };
         assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t1"), false), Class::Done);
         assert_eq!(classify(Some(&tagged(Some("t1"))), "a", Some("t2"), false), Class::Changed);

@@ -4,7 +4,7 @@
 //! Owns [`Gate`]: fetching and caching decoded inputs, and the verdicts' stored form [`Judgement`].
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use image::DynamicImage;
@@ -37,7 +37,17 @@ pub struct OutputJudgement {
 pub struct Judgement {
     /// Per output, in index order.
     pub outputs: Vec<OutputJudgement>,
+    /// For a held row whose input is a URL: the copy of the input the gate judged against, kept
+    /// under the output folder (relative path, [`INPUT_COPIES`]), so the report's gallery shows
+    /// and compares the very pixels the gate saw without fetching anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_copy: Option<String>,
 }
+
+/// The folder, under the output folder, of the inputs the gate kept for held rows, named by
+/// their content's sha256: a name the default output names cannot produce (a SKU kept verbatim
+/// has no lowercase letters, a hashed one always has a `~`).
+pub const INPUT_COPIES: &str = "review-inputs";
 
 impl Judgement {
     /// True when an output was flagged or could not be checked: the row is held for review. An
@@ -69,10 +79,15 @@ impl Judgement {
 pub struct Gate {
     settings: QualitySettings,
     client: DownloadClient,
+    /// Where a held row's fetched input is kept for the gallery ([`INPUT_COPIES`]).
+    out_dir: PathBuf,
     max_input_bytes: u64,
     permits: Semaphore,
-    cache: Mutex<HashMap<String, Arc<DynamicImage>>>,
+    cache: Mutex<HashMap<String, Fetched>>,
 }
+
+/// A decoded input and, for a URL, the bytes it was decoded from (kept if the row is held).
+type Fetched = (Arc<DynamicImage>, Option<Arc<Vec<u8>>>);
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,14 +96,21 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    /// A gate judging outputs with `settings`; inputs larger than
-    /// `max_input_bytes` are not downloaded. At most one check per CPU runs at once.
+    /// A gate judging outputs with `settings`, keeping held rows' fetched inputs under `out_dir`;
+    /// inputs larger than `max_input_bytes` are not downloaded. At most one check per CPU runs at
+    /// once.
     #[must_use]
-    pub fn new(settings: QualitySettings, client: DownloadClient, max_input_bytes: u64) -> Self {
+    pub fn new(
+        settings: QualitySettings,
+        client: DownloadClient,
+        out_dir: &Path,
+        max_input_bytes: u64,
+    ) -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
             settings,
             client,
+            out_dir: out_dir.to_path_buf(),
             max_input_bytes,
             permits: Semaphore::new(cpus),
             cache: Mutex::new(HashMap::new()),
@@ -98,9 +120,9 @@ impl Gate {
     /// Judges a row's outputs (each its index and the file holding its received, verified
     /// bytes) against its inputs. Never fails: what cannot be checked is recorded as such.
     pub async fn judge(&self, task: Task, inputs: &[String], outputs: &[(u32, &Path)]) -> Judgement {
-        let input = match (task, inputs.first()) {
+        let (input, fetched) = match (task, inputs.first()) {
             (Task::Edit, Some(reference)) => match self.input(reference).await {
-                Ok(image) => Some(image),
+                Ok((image, bytes)) => (Some(image), bytes),
                 Err(e) => {
                     warn!(error = %e, "quality gate: the input cannot be read; holding the row for review");
                     return Judgement {
@@ -112,10 +134,11 @@ impl Gate {
                                 error: Some(e.clone()),
                             })
                             .collect(),
+                        input_copy: None,
                     };
                 }
             },
-            _ => None,
+            _ => (None, None),
         };
         let mut judged = Vec::with_capacity(outputs.len());
         for &(index, path) in outputs {
@@ -125,7 +148,44 @@ impl Gate {
             };
             judged.push(OutputJudgement { index, verdict, error });
         }
-        Judgement { outputs: judged }
+        let mut judgement = Judgement { outputs: judged, input_copy: None };
+        if judgement.holds()
+            && let Some(bytes) = fetched
+        {
+            judgement.input_copy = self.keep_input(&bytes).await;
+        }
+        judgement
+    }
+
+    /// Writes a held row's fetched input under the output folder, once per content (written
+    /// whole, then renamed into place). A failure costs the gallery its picture, not the row:
+    /// it is logged and `None` returned.
+    async fn keep_input(&self, bytes: &[u8]) -> Option<String> {
+        use sha2::{Digest as _, Sha256};
+        // Outputs in a bucket: there is no local output folder to keep it in.
+        if crate::fetch::object::is_object_url(&self.out_dir.to_string_lossy()) {
+            return None;
+        }
+        let name = format!("{INPUT_COPIES}/{}", hex::encode(Sha256::digest(bytes)));
+        let path = self.out_dir.join(&name);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Some(name);
+        }
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let written = async {
+            tokio::fs::create_dir_all(self.out_dir.join(INPUT_COPIES)).await?;
+            tokio::fs::write(&tmp, bytes).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        match written {
+            Ok(()) => Some(name),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                warn!(error = %e, "quality gate: cannot keep a copy of the input for the report");
+                None
+            }
+        }
     }
 
     async fn check(&self, input: Option<Arc<DynamicImage>>, path: &Path) -> Result<Verdict, String> {
@@ -147,13 +207,16 @@ impl Gate {
 
     /// The decoded input, from the cache or fetched (a URL through the downloads' guarded
     /// client, under the downloads' size cap) or read (a local file).
-    async fn input(&self, reference: &str) -> Result<Arc<DynamicImage>, String> {
+    async fn input(&self, reference: &str) -> Result<Fetched, String> {
         if let Ok(cache) = self.cache.lock()
-            && let Some(hit) = cache.get(reference)
+            && let Some((image, bytes)) = cache.get(reference)
         {
-            return Ok(Arc::clone(hit));
+            return Ok((Arc::clone(image), bytes.clone()));
         }
         let bytes = self.input_bytes(reference).await?;
+        let lower = reference.to_ascii_lowercase();
+        let kept =
+            (lower.starts_with("http://") || lower.starts_with("https://")).then(|| Arc::new(bytes.clone()));
         let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
         let decoded = tokio::task::spawn_blocking(move || quality::decode(&bytes, "input"))
             .await
@@ -164,9 +227,9 @@ impl Gate {
             if cache.len() >= CACHE_ENTRIES {
                 cache.clear();
             }
-            cache.insert(reference.to_owned(), Arc::clone(&decoded));
+            cache.insert(reference.to_owned(), (Arc::clone(&decoded), kept.clone()));
         }
-        Ok(decoded)
+        Ok((decoded, kept))
     }
 
     async fn input_bytes(&self, reference: &str) -> Result<Vec<u8>, String> {

@@ -38,7 +38,7 @@ pub(crate) struct Appearance {
 }
 
 /// A window of the output frame, `x0..x1` × `y0..y1`, as signed bounds for clipping.
-fn clip(x0: f32, y0: f32, x1: f32, y1: f32, w: usize, h: usize) -> Option<BBox> {
+pub(crate) fn clip(x0: f32, y0: f32, x1: f32, y1: f32, w: usize, h: usize) -> Option<BBox> {
     let x0 = x0.floor().max(0.0) as usize;
     let y0 = y0.floor().max(0.0) as usize;
     let x1 = (x1.ceil().max(0.0) as usize).min(w);
@@ -48,7 +48,7 @@ fn clip(x0: f32, y0: f32, x1: f32, y1: f32, w: usize, h: usize) -> Option<BBox> 
 
 /// The input's pixels and mask warped by `t` into `window` of the output frame; pixels the
 /// input does not cover are outside the mask.
-fn warp(
+pub(crate) fn warp(
     input: &Work,
     mask: &Mask,
     t: &Transform,

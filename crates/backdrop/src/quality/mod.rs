@@ -15,6 +15,7 @@
 
 mod align;
 mod compare;
+mod difference;
 pub mod export;
 mod region;
 mod sound;
@@ -23,6 +24,7 @@ mod work;
 use image::{DynamicImage, GenericImageView};
 use serde::{Deserialize, Serialize};
 
+pub use difference::{Difference, difference_image};
 pub use export::{ExportFormat, ExportPreset, render_export};
 
 use align::Transform;
@@ -476,14 +478,7 @@ pub fn assess(
         verdict.checks.sort_by_key(|c| c.check);
         return Ok(verdict);
     }
-    // The input's frame, fitted inside the output's and centred: when the aspects differ the
-    // output is taken to show the input's scene widened (as an outpainting edit does).
-    let (ow, oh) = (out.w as u32, out.h as u32);
-    let scale = (f64::from(ow) / f64::from(input.width())).min(f64::from(oh) / f64::from(input.height()));
-    let iw = ((f64::from(input.width()) * scale).round() as u32).clamp(1, ow);
-    let ih = ((f64::from(input.height()) * scale).round() as u32).clamp(1, oh);
-    let (ox, oy) = (((ow - iw) / 2) as f32, ((oh - ih) / 2) as f32);
-    let inp = Work::new(input, iw, ih)?;
+    let (inp, (ox, oy)) = fitted_input(input, &out)?;
     sound_checks(&out, output.dimensions(), Some(&inp), settings, &mut verdict);
     let mut foreground = None;
     if comparing {
@@ -494,6 +489,49 @@ pub fn assess(
     background_checks(&out, output.dimensions(), foreground.as_ref(), settings, &mut verdict);
     verdict.checks.sort_by_key(|c| c.check);
     Ok(verdict)
+}
+
+/// The input's working copy, its frame fitted inside the output's and centred, with that
+/// frame's origin in the output: when the aspects differ the output is taken to show the
+/// input's scene widened (as an outpainting edit does).
+fn fitted_input(input: &DynamicImage, out: &Work) -> Result<(Work, (f32, f32)), QualityError> {
+    let (ow, oh) = (out.w as u32, out.h as u32);
+    let scale = (f64::from(ow) / f64::from(input.width())).min(f64::from(oh) / f64::from(input.height()));
+    let iw = ((f64::from(input.width()) * scale).round() as u32).clamp(1, ow);
+    let ih = ((f64::from(input.height()) * scale).round() as u32).clamp(1, oh);
+    let origin = (((ow - iw) / 2) as f32, ((oh - ih) / 2) as f32);
+    Ok((Work::new(input, iw, ih)?, origin))
+}
+
+/// Where the input's product (`mask`) is in the output: the best placement by colour when
+/// enough of it agrees, else, for a recoloured product, the output's own large foreground
+/// blob. Returns the placement (`None`: missing), whether the colours matched, and the share
+/// that agreed.
+fn place(
+    inp: &Work,
+    mask: &Mask,
+    out: &Work,
+    fg: &Mask,
+    (ox, oy): (f32, f32),
+    settings: &QualitySettings,
+) -> Result<Option<(Option<Transform>, bool, f64)>, QualityError> {
+    let Some((cx, cy)) = mask.centroid() else { return Ok(None) };
+    let start = Transform::identity(cx, cy, ox, oy);
+    let located = align::locate(inp, mask, out, start, settings.search as f32)?;
+    let agreement = f64::from(located.agreement);
+    let matched = agreement >= settings.min_match;
+    // Not found by its colours: the output's own foreground may still show it (recoloured).
+    let transform = if matched {
+        Some(located.transform)
+    } else {
+        let area = mask.area();
+        let big = fg.components_where(|comp| comp.len() * 20 >= area);
+        big.centroid().map(|(fx, fy)| {
+            let scale = ((big.area() as f32 / area as f32).sqrt()).clamp(0.3, 3.0);
+            Transform { scale, dx: fx - (ox + cx), dy: fy - (oy + cy), ..start }
+        })
+    };
+    Ok(Some((transform, matched, agreement)))
 }
 
 /// The output's working copy, or `None` (with a blank flag) when it has no pixels.
@@ -647,23 +685,10 @@ fn compare_checks(
     if let Some(b) = mask.bbox() {
         verdict.input_region = Some(Rect::of(b, inp.w, inp.h));
     }
-    let Some((cx, cy)) = mask.centroid() else { return Ok(()) };
-    let start = Transform::identity(cx, cy, ox, oy);
-    let located = align::locate(inp, &mask, out, start, settings.search as f32)?;
-    let side = out.w.max(out.h) as f32;
-    let agreement = f64::from(located.agreement);
-    let matched = agreement >= settings.min_match;
-    // Not found by its colours: the output's own foreground may still show it (recoloured).
-    let transform = if matched {
-        Some(located.transform)
-    } else {
-        let area = mask.area();
-        let big = fg.components_where(|comp| comp.len() * 20 >= area);
-        big.centroid().map(|(fx, fy)| {
-            let scale = ((big.area() as f32 / area as f32).sqrt()).clamp(0.3, 3.0);
-            Transform { scale, dx: fx - (ox + cx), dy: fy - (oy + cy), ..start }
-        })
+    let Some((transform, matched, agreement)) = place(inp, &mask, out, fg, (ox, oy), settings)? else {
+        return Ok(());
     };
+    let side = out.w.max(out.h) as f32;
     if c.presence {
         let mut result = CheckResult {
             check: Check::Presence,

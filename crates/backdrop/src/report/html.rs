@@ -1,6 +1,8 @@
-//! The HTML report: one self-contained file with a before/after gallery per SKU (failed rows
-//! first, with their reasons), a header with totals and cost, and state filters. It works
-//! offline: every picture is a downscaled `data:` URI and the page's CSP forbids fetching anything.
+//! The HTML report: one self-contained file with a before/after gallery per SKU (rows held for
+//! review first, with the gate's difference picture, flags and the commands that resolve them;
+//! then failed rows with their reasons), a header with totals and cost, and state filters. It
+//! works offline: every picture is a downscaled `data:` URI and the page's CSP forbids fetching
+//! anything; the report writes nothing but itself.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -9,6 +11,8 @@ use std::path::{Component, Path, PathBuf};
 
 use base64::Engine as _;
 use image::{DynamicImage, GenericImageView, ImageReader, RgbImage};
+
+use crate::quality::{Difference, Outcome};
 
 use super::{
     ReportError, ReportFormatter, ReportRow, RunSummary, describe_spend, format_amount, format_dollars,
@@ -82,16 +86,24 @@ enum Picture {
 struct Pictures {
     before: Vec<Picture>,
     after: Vec<Picture>,
+    /// Review rows: per output, its difference picture (a PNG `data:` URI and its size) or why
+    /// there is none.
+    difference: Vec<(i64, DiffPicture)>,
 }
+
+/// A difference picture as a PNG `data:` URI with its width and height, or why there is none.
+type DiffPicture = Result<(String, u32, u32), String>;
 
 impl ReportFormatter for HtmlFormatter {
     fn write_report(&self, summary: &RunSummary, out: &mut dyn Write) -> Result<(), ReportError> {
-        // Failed rows first (the reader's to-do list), then ambiguous ones, then catalog order.
+        // The reader's to-do list first: rows held for review, failed rows, ambiguous ones; then
+        // catalog order.
         let mut rows: Vec<&ReportRow> = summary.rows.iter().collect();
         rows.sort_by_key(|r| match r.state {
-            JobState::Failed => 0,
-            JobState::Ambiguous => 1,
-            _ => 2,
+            JobState::Review => 0,
+            JobState::Failed => 1,
+            JobState::Ambiguous => 2,
+            _ => 3,
         });
         let pictures = self.load_pictures(&rows);
         out.write_all(page_head(summary).as_bytes())?;
@@ -129,15 +141,25 @@ impl HtmlFormatter {
     }
 
     fn row_pictures(&self, row: &ReportRow) -> Pictures {
+        let judgement = row
+            .quality
+            .as_deref()
+            .filter(|_| row.state == JobState::Review)
+            .and_then(|q| serde_json::from_str::<super::StoredJudgement>(q).ok());
+        // The copy of a URL input the gate kept for a held row: the pixels it judged.
+        let input_copy = judgement
+            .as_ref()
+            .and_then(|j| j.input_copy.as_deref())
+            .and_then(safe_relative)
+            .map(|rel| self.out_dir.join(rel));
         let before = row
             .inputs
             .iter()
-            .map(|input| {
-                if is_http(input) {
-                    Picture::Remote { url: input.clone() }
-                } else {
-                    self.embed(Path::new(input), input)
-                }
+            .enumerate()
+            .map(|(i, input)| match &input_copy {
+                Some(copy) if i == 0 && is_http(input) => self.embed(copy, input),
+                _ if is_http(input) => Picture::Remote { url: input.clone() },
+                _ => self.embed(Path::new(input), input),
             })
             .collect();
         let after = row
@@ -154,7 +176,52 @@ impl HtmlFormatter {
                 },
             })
             .collect();
-        Pictures { before, after }
+        let difference = if row.state == JobState::Review {
+            self.differences(row, input_copy.as_deref())
+        } else {
+            Vec::new()
+        };
+        Pictures { before, after, difference }
+    }
+
+    /// The difference picture of each output of a held edit, against its first input (the
+    /// gate's copy of a URL input; a local file as it is now), from the gate's own comparison
+    /// at its default settings (a template's `[quality]` table is not in the state file).
+    fn differences(&self, row: &ReportRow, input_copy: Option<&Path>) -> Vec<(i64, DiffPicture)> {
+        let input = match (row.task.as_str(), row.inputs.first()) {
+            ("edit", Some(input)) if is_http(input) => match input_copy {
+                Some(copy) => decode_file(copy),
+                None => {
+                    Err("the input is a URL and the gate kept no copy of it (the gallery fetches nothing)"
+                        .to_owned())
+                }
+            },
+            ("edit", Some(input)) => decode_file(Path::new(input)),
+            _ => Err("a generated image has no input to compare with".to_owned()),
+        };
+        let settings = crate::quality::QualitySettings::default();
+        row.outputs
+            .iter()
+            .map(|o| {
+                let diff = input.as_ref().map_err(Clone::clone).and_then(|input| {
+                    let rel =
+                        safe_relative(&o.path).ok_or("the output's path is outside the output folder")?;
+                    if self.links.contains_key(&o.path) {
+                        return Err("the output is stored in a bucket, not read by the report".to_owned());
+                    }
+                    let output = decode_file(&self.out_dir.join(rel))?;
+                    match crate::quality::difference_image(input, &output, &settings) {
+                        Ok(Difference::Image(img)) => {
+                            let (w, h) = img.dimensions();
+                            png_uri(&img).map(|uri| (uri, w, h))
+                        }
+                        Ok(Difference::Unavailable(why)) => Err(why),
+                        Err(e) => Err(e.to_string()),
+                    }
+                });
+                (o.index, diff)
+            })
+            .collect()
     }
 
     fn embed(&self, path: &Path, label: &str) -> Picture {
@@ -163,6 +230,24 @@ impl HtmlFormatter {
             Err(reason) => Picture::Missing { label: label.to_owned(), reason },
         }
     }
+}
+
+/// Decodes an image file whatever its name (the gate's input copies have no extension).
+fn decode_file(path: &Path) -> Result<DynamicImage, String> {
+    ImageReader::open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .decode()
+        .map_err(|e| format!("not a readable image: {e}"))
+}
+
+/// A PNG `data:` URI: the difference picture's flat colours and thin outline stay crisp.
+fn png_uri(img: &RgbImage) -> Result<String, String> {
+    let mut png = Vec::new();
+    img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| format!("cannot encode the difference picture: {e}"))?;
+    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
 }
 
 fn is_http(s: &str) -> bool {
@@ -260,7 +345,7 @@ fn page_head(summary: &RunSummary) -> String {
         );
     }
     html.push_str(
-        "<p class=\"meta hint\">Failed rows first, then ambiguous ones, then catalog order. Click a picture to enlarge it (Esc closes).</p>",
+        "<p class=\"meta hint\">Rows held for review first, then failed rows, then ambiguous ones, then catalog order. Click a picture to enlarge it (Esc closes).</p>",
     );
     html.push_str("<nav class=\"filters\" aria-label=\"filter by state\">");
     let _ = write!(
@@ -311,7 +396,11 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
             "<p class=\"warn\">A paid request may already have gone out; retrying may charge twice.</p>",
         );
     }
-    html.push_str("<div class=\"pair\"><figure><figcaption>before</figcaption>");
+    if row.state == JobState::Review {
+        review_notes(&mut html, row);
+    }
+    let trio = if row.state == JobState::Review { " trio" } else { "" };
+    let _ = write!(html, "<div class=\"pair{trio}\"><figure><figcaption>before</figcaption>");
     if pics.before.is_empty() {
         html.push_str("<div class=\"ph\">no input image</div>");
     }
@@ -325,6 +414,30 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
     for p in &pics.after {
         picture(&mut html, row, "after", p);
     }
+    if row.state == JobState::Review {
+        html.push_str("</figure><figure><figcaption>difference</figcaption>");
+        if pics.difference.is_empty() {
+            html.push_str("<div class=\"ph\">no output to compare</div>");
+        }
+        for (index, diff) in &pics.difference {
+            match diff {
+                Ok((uri, w, h)) => {
+                    let _ = write!(
+                        html,
+                        "<img class=\"thumb diff\" src=\"{uri}\" width=\"{w}\" height=\"{h}\" alt=\"{} difference {index}\" title=\"output {index}: the input's product laid where the gate found it; yellow to red: how far its colour moved; magenta: product the input does not account for; blue: the expected outline\" tabindex=\"0\">",
+                        escape(&row.sku),
+                    );
+                }
+                Err(why) => {
+                    let _ = write!(
+                        html,
+                        "<div class=\"ph missing\">no difference picture for output {index}<br><small>{}</small></div>",
+                        escape(why)
+                    );
+                }
+            }
+        }
+    }
     html.push_str("</figure></div>");
     let _ = writeln!(
         html,
@@ -336,6 +449,50 @@ fn card(row: &ReportRow, pics: &Pictures) -> String {
         escape(&format!("{} {}", row.provider, row.model)),
     );
     html
+}
+
+/// A held row's flags (each flagged check's score, limit and reason, per output) and the two
+/// commands that resolve it.
+fn review_notes(html: &mut String, row: &ReportRow) {
+    html.push_str("<div class=\"review\"><p><b>Held for review</b> by the quality gate:</p><ul>");
+    match row.quality.as_deref().and_then(|q| serde_json::from_str::<super::StoredJudgement>(q).ok()) {
+        Some(judged) => {
+            for o in &judged.outputs {
+                if let Some(e) = &o.error {
+                    let _ = write!(html, "<li>output {}: not checked: {}</li>", o.index, escape(e));
+                }
+                for c in o.verdict.iter().flat_map(|v| &v.checks).filter(|c| c.outcome == Outcome::Flag) {
+                    let score = c.score.map_or_else(|| "—".to_owned(), |s| format!("{s:.3}"));
+                    let limit = c.limit.map_or_else(String::new, |l| format!(" (limit {l:.3})"));
+                    let _ = write!(
+                        html,
+                        "<li>output {}: <b>{}</b> {score}{limit}: {}</li>",
+                        o.index,
+                        c.check.name(),
+                        escape(c.reason.as_deref().unwrap_or("flagged")),
+                    );
+                }
+            }
+        }
+        None => {
+            let _ = write!(html, "<li>{}</li>", escape(&row.quality_reasons));
+        }
+    }
+    let sku = shell_word(&row.sku);
+    let _ = write!(
+        html,
+        "</ul><p>Keep it as it is, or generate it again with a new seed (paid again):</p><pre class=\"cmd\">backdrop accept --sku {s}\nbackdrop retry --review --sku {s}</pre></div>",
+        s = escape(&sku),
+    );
+}
+
+/// A SKU as one shell word: as it is when it holds only safe characters, else single-quoted.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-+:@/=,".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn cost(row: &ReportRow) -> String {
@@ -408,7 +565,10 @@ h1{font-size:18px;margin:0 0 4px}.meta{margin:2px 0;color:#d4d4d8}code{font-size
 .reused{color:#1e40af;margin:4px 0}
 .error{background:#fef2f2;color:#991b1b;border-left:3px solid #dc2626;padding:4px 8px;margin:4px 0;white-space:pre-wrap;overflow-wrap:anywhere}
 .warn{background:#fffbeb;color:#92400e;padding:4px 8px;margin:4px 0}
-.pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}figure{margin:0;display:flex;flex-direction:column;gap:4px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:8px}.pair.trio{grid-template-columns:1fr 1fr 1fr}
+.review{background:#f5f3ff;border-left:3px solid #7c3aed;padding:4px 8px;margin:4px 0}.review ul{margin:2px 0;padding-left:18px}
+.cmd{background:#18181b;color:#fafafa;padding:4px 8px;border-radius:4px;font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere;margin:4px 0}
+.st-review{background:#ddd6fe;color:#4c1d95}figure{margin:0;display:flex;flex-direction:column;gap:4px}
 figcaption{font-size:12px;color:#71717a;text-transform:uppercase;letter-spacing:.05em}
 .thumb{width:100%;max-width:320px;height:auto;border-radius:4px;cursor:zoom-in;background:#fafafa;border:1px solid #e4e4e7}
 .ph{min-height:100px;border:2px dashed #d4d4d8;border-radius:4px;display:flex;flex-direction:column;align-items:center;justify-content:center;text-align:center;color:#71717a;font-size:12px;padding:6px;overflow-wrap:anywhere}
@@ -465,6 +625,61 @@ const PAGE_TAIL: &str = r#"</main>
 mod tests {
     use super::*;
     use crate::report::tests_support::summary;
+
+    #[test]
+    fn skus_become_one_shell_word() {
+        assert_eq!(shell_word("MUG-001"), "MUG-001");
+        assert_eq!(shell_word("it's a mug"), "'it'\\''s a mug'");
+        assert_eq!(shell_word("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_word(""), "''");
+    }
+
+    #[test]
+    fn a_review_card_comes_first_with_its_flags_difference_and_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("R")).unwrap();
+        let scene = |w: u32, h: u32, color: [u8; 3]| {
+            image::RgbImage::from_fn(w, h, |x, y| {
+                let inside = (w / 3..2 * w / 3).contains(&x) && (h / 3..2 * h / 3).contains(&y);
+                image::Rgb(if inside { color } else { [255; 3] })
+            })
+        };
+        scene(400, 400, [200, 30, 30]).save(out.join("R/0.png")).unwrap();
+        let input = dir.path().join("in.png");
+        scene(300, 300, [30, 60, 200]).save(&input).unwrap();
+        let mut summary = summary();
+        let mut held = summary.rows[0].clone();
+        held.sku = "R <1>".into();
+        held.state = JobState::Review;
+        held.inputs = vec![input.display().to_string()];
+        held.outputs =
+            vec![crate::report::ReportOutput { path: "R/0.png".into(), ..held.outputs[0].clone() }];
+        held.quality = Some(
+            r#"{"outputs":[{"index":0,"verdict":{"checks":[{"check":"color","outcome":"flag","score":52.5,"limit":10.0,"reason":"the product's colour changed"}],"input_region":null,"output_region":null},"error":null}]}"#
+                .into(),
+        );
+        summary.rows.push(held);
+
+        let mut buf = Vec::new();
+        HtmlFormatter::new(out).write_report(&summary, &mut buf).unwrap();
+        let html = String::from_utf8(buf).unwrap();
+        let first = html.find("<article").unwrap();
+        assert!(html[first..].starts_with("<article class=\"card\" data-state=\"review\">"));
+        assert!(html.contains(
+            "<li>output 0: <b>color</b> 52.500 (limit 10.000): the product&#39;s colour changed</li>"
+        ));
+        assert!(html.contains(
+            "backdrop accept --sku &#39;R &lt;1&gt;&#39;\nbackdrop retry --review --sku &#39;R &lt;1&gt;&#39;"
+        ));
+        let img = &html[html.find("<img class=\"thumb diff\" src=\"data:image/png;base64,").unwrap()..];
+        assert!(img.contains("width=\"256\" height=\"256\""), "{}", &img[..img.find('>').unwrap()].len());
+        let b64 = &img["<img class=\"thumb diff\" src=\"data:image/png;base64,".len()..];
+        let b64 = &b64[..b64.find('"').unwrap()];
+        let png =
+            image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+        assert_eq!((png.width(), png.height()), (256, 256));
+    }
 
     #[test]
     fn escape_covers_markup_and_quotes() {

@@ -116,6 +116,9 @@ pub struct ReportRow {
     pub quality_scores: String,
     /// Why the gate held the row (a reason per flag), empty when it passed or did not run.
     pub quality_reasons: String,
+    /// The gate's stored judgement (JSON), for the gallery's review cards; not a report column.
+    #[serde(skip)]
+    pub quality: Option<String>,
     /// Last change (RFC 3339, UTC).
     pub updated_at: String,
 }
@@ -157,6 +160,9 @@ impl From<OutputRecord> for ReportOutput {
 #[derive(serde::Deserialize)]
 struct StoredJudgement {
     outputs: Vec<StoredOutputJudgement>,
+    /// The gate's copy of a held row's URL input, relative to the output folder.
+    #[serde(default)]
+    input_copy: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -201,6 +207,7 @@ impl From<JobRecord> for ReportRow {
             reused_from: j.reused_from,
             quality_scores: quality_cells(j.quality.as_deref()).0,
             quality_reasons: quality_cells(j.quality.as_deref()).1,
+            quality: j.quality,
             sku: j.sku,
             name: j.name,
             position: j.position,
@@ -412,6 +419,7 @@ pub(crate) mod tests_support {
             reused_from: None,
             quality_scores: String::new(),
             quality_reasons: String::new(),
+            quality: None,
         };
         let mut done = row("=HYPERLINK(\"x\")", JobState::Done);
         done.outputs = vec![output(0), output(1)];

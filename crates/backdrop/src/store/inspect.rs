@@ -630,6 +630,241 @@ impl Store {
     }
 }
 
+/// A row held for review that `retry --review` regenerates with another seed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReviewRetry {
+    /// `jobs.id`.
+    pub job_id: i64,
+    /// The SKU.
+    pub sku: String,
+    /// `seedance` or `fal`.
+    pub provider: String,
+    /// The model its next request asks for.
+    pub model: String,
+    /// Outputs its next request asks for (the template's `num_images`).
+    pub images: u32,
+    /// This row's how-many-th review retry (1 for the first).
+    pub retry: i64,
+    /// The seed its last request asked with (`None`: the template set none).
+    pub old_seed: Option<i64>,
+    /// The seed its next request asks with.
+    pub new_seed: i64,
+    /// The paid request whose outputs are replaced.
+    pub request_id: Option<String>,
+    /// Those outputs, to keep aside.
+    pub outputs: Vec<OutputRecord>,
+}
+
+/// What `retry --review` would do: computed by [`Store::plan_review_retry`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReviewPlan {
+    /// Review rows to regenerate, in catalog order.
+    pub rows: Vec<ReviewRetry>,
+    /// Named SKUs that are not in review, with their state: left alone.
+    pub not_review: Vec<(String, JobState)>,
+    /// Named SKUs with no job.
+    pub unknown: Vec<String>,
+}
+
+/// One old output moved aside by `retry --review`, as `review_retries.kept` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct KeptOutput {
+    /// Its index among the row's outputs.
+    pub index: i64,
+    /// Where it was, relative to the output folder.
+    pub path: String,
+    /// Where it is now, relative to the output folder.
+    pub kept_as: String,
+    /// Its hex SHA-256 (unchanged by the move).
+    pub sha256: String,
+}
+
+/// The folder, under the output folder, where `retry --review` keeps replaced outputs: a path
+/// the default output names cannot produce (a SKU kept verbatim has no lowercase letters, and a
+/// hashed one always has a `~`).
+pub const REVIEW_KEPT_DIR: &str = "review-kept";
+
+/// Where output `path` of a row's `retry`-th review retry is kept, relative to the output folder.
+#[must_use]
+pub fn kept_path(path: &str, retry: i64) -> String {
+    format!("{REVIEW_KEPT_DIR}/{retry}/{path}")
+}
+
+/// The seed of a row's `retry`-th review retry: derived from the SKU, the seed it replaces and
+/// the retry's number, so it is the same if the command is repeated after a crash, differs per
+/// row and per retry, and fits every provider's seed range (0..2^31).
+#[must_use]
+pub fn review_seed(sku: &str, old_seed: Option<i64>, retry: i64) -> i64 {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"backdrop-review-seed-v1\0");
+    h.update((sku.len() as u64).to_le_bytes());
+    h.update(sku.as_bytes());
+    h.update(old_seed.map_or([0xff; 9], |s| {
+        let mut b = [0u8; 9];
+        b[1..].copy_from_slice(&s.to_le_bytes());
+        b
+    }));
+    h.update(retry.to_le_bytes());
+    let digest = h.finalize();
+    let seed = i64::from(u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) & 0x7fff_ffff);
+    // Equal to the old seed only by a 1 in 2^31 chance; never hand that back.
+    if Some(seed) == old_seed { (seed + 1) & 0x7fff_ffff } else { seed }
+}
+
+#[derive(FromRow)]
+struct ReviewRow {
+    id: i64,
+    sku: String,
+    state: String,
+    provider: String,
+    model: String,
+    params: String,
+    seed_override: Option<i64>,
+    request_id: Option<String>,
+    retries: i64,
+}
+
+impl Store {
+    /// Works out which rows `retry --review` regenerates: every review row, or the named SKUs
+    /// that are in review. Changes nothing.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for unreadable params or states.
+    pub async fn plan_review_retry(&self, skus: &[String]) -> Result<ReviewPlan, StoreError> {
+        const COLUMNS: &str = "id, sku, state, provider, model, params, seed_override, request_id,
+             (SELECT COUNT(*) FROM review_retries r WHERE r.job_id = jobs.id) AS retries";
+        let mut plan = ReviewPlan::default();
+        let mut found: Vec<ReviewRow> = Vec::new();
+        if skus.is_empty() {
+            found = sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE state = 'review' ORDER BY position, id"
+            ))
+            .fetch_all(self.pool())
+            .await?;
+        } else {
+            let by_sku = format!("SELECT {COLUMNS} FROM jobs WHERE sku = ?1");
+            for sku in skus {
+                let row: Option<ReviewRow> =
+                    sqlx::query_as(&by_sku).bind(sku).fetch_optional(self.pool()).await?;
+                match row {
+                    Some(r) if found.iter().any(|f| f.id == r.id) => {}
+                    Some(r) if r.state == "review" => found.push(r),
+                    Some(r) => plan.not_review.push((r.sku, r.state.parse()?)),
+                    None if !plan.unknown.contains(sku) => plan.unknown.push(sku.clone()),
+                    None => {}
+                }
+            }
+        }
+        for r in found {
+            let params: crate::domain::Params = serde_json::from_str(&r.params)
+                .map_err(|e| StoreError::Corrupt(format!("jobs.params of {:?}: {e}", r.sku)))?;
+            let old_seed = r.seed_override.or(params.seed);
+            let retry = r.retries + 1;
+            let outputs: Vec<OutputRecord> = sqlx::query_as(
+                "SELECT job_id, idx, path, sha256, bytes, width, height, content_type
+                 FROM outputs WHERE job_id = ?1 ORDER BY idx",
+            )
+            .bind(r.id)
+            .fetch_all(self.pool())
+            .await?;
+            plan.rows.push(ReviewRetry {
+                new_seed: review_seed(&r.sku, old_seed, retry),
+                job_id: r.id,
+                sku: r.sku,
+                provider: r.provider,
+                model: r.model,
+                images: params.num_images,
+                retry,
+                old_seed,
+                request_id: r.request_id,
+                outputs,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Puts the planned review rows back to pending, in one transaction, each with its new seed
+    /// (`jobs.seed_override`, which its next request asks with) and a `review_retries` record of
+    /// the seeds, the replaced request, its verdict and where its outputs were kept (`kept`, per
+    /// row, from the caller, which moved the files before this). Attempts, request, result,
+    /// error and verdict are cleared as for any re-queue; credits and attempt history stay. A row
+    /// no longer in review is left alone. Returns the SKUs moved.
+    ///
+    /// # Errors
+    /// A database error; nothing is changed then.
+    pub async fn apply_review_retry(
+        &self,
+        rows: &[(ReviewRetry, Vec<KeptOutput>)],
+    ) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(|e| self.write_error(e))?;
+        let mut moved = Vec::new();
+        for (row, kept) in rows {
+            // The verdict that held it moves to the retry's record; the new request gets its own.
+            let verdict: Option<Option<String>> =
+                sqlx::query_scalar("SELECT quality FROM jobs WHERE id = ?1 AND state = 'review'")
+                    .bind(row.job_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(verdict) = verdict else { continue };
+            sqlx::query(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = NULL, error = NULL,
+                        error_class = NULL, request_id = NULL, status_url = NULL, response_url = NULL,
+                        cancel_url = NULL, result = NULL, accepted_at = NULL, quality = NULL,
+                        seed_override = ?1, updated_at = ?2
+                 WHERE id = ?3 AND state = 'review'",
+            )
+            .bind(row.new_seed)
+            .bind(now)
+            .bind(row.job_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM outputs WHERE job_id = ?1").bind(row.job_id).execute(&mut *tx).await?;
+            let kept = serde_json::to_string(kept)
+                .map_err(|e| StoreError::Corrupt(format!("kept outputs of {:?}: {e}", row.sku)))?;
+            sqlx::query(
+                "INSERT INTO review_retries (job_id, retry, old_seed, new_seed, old_request_id, kept,
+                                             quality, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .bind(row.job_id)
+            .bind(row.retry)
+            .bind(row.old_seed)
+            .bind(row.new_seed)
+            .bind(row.request_id.as_deref())
+            .bind(kept)
+            .bind(verdict)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            moved.push(row.sku.clone());
+        }
+        tx.commit().await.map_err(|e| self.write_error(e))?;
+        Ok(moved)
+    }
+
+    /// Every output `retry --review` kept aside, per SKU, oldest retry first.
+    ///
+    /// # Errors
+    /// A database error, or [`StoreError::Corrupt`] for an unreadable record.
+    pub async fn kept_outputs(&self) -> Result<Vec<(String, i64, Vec<KeptOutput>)>, StoreError> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT j.sku, r.retry, r.kept FROM review_retries r JOIN jobs j ON j.id = r.job_id
+             ORDER BY j.position, j.id, r.retry",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(sku, retry, kept)| {
+                let kept = serde_json::from_str(&kept)
+                    .map_err(|e| StoreError::Corrupt(format!("review_retries.kept of {sku:?}: {e}")))?;
+                Ok((sku, retry, kept))
+            })
+            .collect()
+    }
+}
+
 fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
     match job.state {
         JobState::Pending => Some(KeepReason::AlreadyPending),
@@ -652,6 +887,20 @@ fn keep_reason(job: &JobBrief, pay_again: bool) -> Option<KeepReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn review_seeds_are_stable_and_differ_per_row_retry_and_old_seed() {
+        let a1 = review_seed("A", Some(7), 1);
+        assert_eq!(a1, review_seed("A", Some(7), 1), "a repeated command picks the same seed");
+        assert_ne!(a1, review_seed("A", Some(7), 2));
+        assert_ne!(a1, review_seed("B", Some(7), 1));
+        assert_ne!(a1, review_seed("A", None, 1));
+        for retry in 1..200 {
+            let s = review_seed("A", Some(retry), retry);
+            assert!((0..1 << 31).contains(&s) && s != retry);
+        }
+        assert_eq!(kept_path("A/0.png", 2), "review-kept/2/A/0.png");
+    }
 
     async fn fixture() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

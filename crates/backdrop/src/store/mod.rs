@@ -24,8 +24,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection as _, SqliteConnection, SqlitePool};
 
 pub use inspect::{
-    DueDownload, JobBrief, JobRecord, KeepReason, OutputRecord, Requeue, RequeuePlan, RunRecord, Spend,
-    StateCounts,
+    DueDownload, JobBrief, JobRecord, KeepReason, KeptOutput, OutputRecord, REVIEW_KEPT_DIR, Requeue,
+    RequeuePlan, ReviewPlan, ReviewRetry, RunRecord, Spend, StateCounts, kept_path, review_seed,
 };
 pub use ledger::{Carried, RunSpend};
 pub use lock::{FileIdentity, RunLock};

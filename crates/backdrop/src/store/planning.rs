@@ -40,6 +40,8 @@ pub(crate) struct Existing {
     pub(crate) fingerprint: String,
     pub(crate) state: JobState,
     pub(crate) input_tag: Option<String>,
+    /// The seed `retry --review` gave the row for its next request, instead of the template's.
+    pub(crate) seed_override: Option<i64>,
 }
 
 /// One plan's transaction. Dropping it without [`PlanTx::commit`] rolls everything back, which
@@ -113,7 +115,7 @@ impl PlanTx {
         // characters, which the catalog rejects in SKUs.
         let mut sql = String::from(
             "SELECT group_concat(sku || char(31) || fingerprint || char(31) || state || char(31) || \
-             coalesce(input_tag, ''), char(30)) \
+             coalesce(input_tag, '') || char(31) || coalesce(seed_override, ''), char(30)) \
              FROM jobs WHERE sku IN (",
         );
         for i in 0..skus.len() {
@@ -128,8 +130,8 @@ impl PlanTx {
         let mut out = HashMap::with_capacity(skus.len());
         for record in joined.as_deref().unwrap_or("").split('\u{1e}').filter(|r| !r.is_empty()) {
             let mut fields = record.split('\u{1f}');
-            let (Some(sku), Some(fingerprint), Some(state), Some(tag), None) =
-                (fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+            let (Some(sku), Some(fingerprint), Some(state), Some(tag), Some(seed), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
             else {
                 return Err(StoreError::Corrupt(format!("job record {record:?} has a control character")));
             };
@@ -139,6 +141,13 @@ impl PlanTx {
                     fingerprint: fingerprint.to_owned(),
                     state: state.parse()?,
                     input_tag: (!tag.is_empty()).then(|| tag.to_owned()),
+                    seed_override: if seed.is_empty() {
+                        None
+                    } else {
+                        Some(seed.parse().map_err(|e| {
+                            StoreError::Corrupt(format!("jobs.seed_override of {sku:?} is {seed:?}: {e}"))
+                        })?)
+                    },
                 },
             );
         }
@@ -216,7 +225,7 @@ impl PlanTx {
              prompt = excluded.prompt, inputs = excluded.inputs, params = excluded.params, \
              name = excluded.name, \
              input_tag = excluded.input_tag, request_key = excluded.request_key, \
-             reuse_of = excluded.reuse_of, \
+             reuse_of = excluded.reuse_of, seed_override = NULL, \
              state = 'pending', attempts = 0, next_attempt_at = NULL, request_id = NULL, \
              status_url = NULL, response_url = NULL, cancel_url = NULL, result = NULL, \
              error = NULL, error_class = NULL, updated_at = excluded.updated_at",

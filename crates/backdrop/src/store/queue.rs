@@ -39,7 +39,7 @@ pub struct Recovery {
 }
 
 const JOB_COLUMNS: &str = "id, sku, task, model, prompt, inputs, params, state, attempts, next_attempt_at,
-     request_id, status_url, response_url, cancel_url, result, credits, position";
+     request_id, status_url, response_url, cancel_url, result, credits, position, seed_override";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredJob, StoreError> {
     let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
@@ -52,7 +52,11 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredJob, StoreError> 
     let inputs: String = row.try_get("inputs")?;
     let inputs: Vec<String> = serde_json::from_str(&inputs).map_err(|e| corrupt("jobs.inputs", &e))?;
     let params: String = row.try_get("params")?;
-    let params: Params = serde_json::from_str(&params).map_err(|e| corrupt("jobs.params", &e))?;
+    let mut params: Params = serde_json::from_str(&params).map_err(|e| corrupt("jobs.params", &e))?;
+    // `retry --review` gave the row another seed: its request asks with that one.
+    if let Some(seed) = row.try_get::<Option<i64>, _>("seed_override")? {
+        params.seed = Some(seed);
+    }
     let state: String = row.try_get("state")?;
     let request_id: Option<String> = row.try_get("request_id")?;
     let request = request_id
