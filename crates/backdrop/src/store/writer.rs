@@ -10,7 +10,7 @@ use sqlx::{Arguments as _, Row as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{FileIdentity, Store, StoreError, now_ms};
-use crate::domain::{RequestRef, SavedOutput};
+use crate::domain::{RequestRef, SavedExport, SavedOutput};
 /// Most changes committed in one transaction; bounds the latency a change can add to others.
 const MAX_BATCH: usize = 512;
 
@@ -137,6 +137,9 @@ pub enum Change {
         quality: Option<String>,
         /// The gate flagged an output: the row becomes `review`, not `done`.
         review: bool,
+        /// The files the template's export presets made from the outputs, already durable and
+        /// verified: recorded in the same transaction, so a `done` row has them.
+        exports: Vec<SavedExport>,
     },
 }
 
@@ -813,7 +816,7 @@ impl<'q> BatchSql<'q> {
                 );
                 self.bind(*job_id)?;
             }
-            Change::Done { job_id, outputs, result, charged, quality, review } => {
+            Change::Done { job_id, outputs, result, charged, quality, review, exports } => {
                 self.statement("DELETE FROM outputs WHERE job_id = ?");
                 self.bind(*job_id)?;
                 for o in outputs {
@@ -830,6 +833,25 @@ impl<'q> BatchSql<'q> {
                     self.bind(i64::from(o.height))?;
                     self.bind(o.content_type.as_str())?;
                     self.bind(o.source_url.as_str())?;
+                }
+                // Deleting the outputs above removed their exports (a trigger): these replace them.
+                for e in exports {
+                    self.statement(
+                        "INSERT OR REPLACE INTO exports
+                            (job_id, idx, preset, path, sha256, bytes, width, height, content_type, recipe, source_sha256)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    );
+                    self.bind(*job_id)?;
+                    self.bind(i64::from(e.index))?;
+                    self.bind(e.preset.as_str())?;
+                    self.bind(e.path.to_string_lossy().into_owned())?;
+                    self.bind(e.sha256.as_str())?;
+                    self.bind(i64::try_from(e.bytes).unwrap_or(i64::MAX))?;
+                    self.bind(i64::from(e.width))?;
+                    self.bind(i64::from(e.height))?;
+                    self.bind(e.content_type.as_str())?;
+                    self.bind(e.recipe.as_str())?;
+                    self.bind(e.source_sha256.as_str())?;
                 }
                 self.statement(
                     "UPDATE jobs SET state = ?, quality = ?, next_attempt_at = NULL, error = NULL, error_class = NULL,
@@ -1008,6 +1030,7 @@ mod tests {
             charged: 1.0,
             quality: None,
             review: false,
+            exports: Vec::new(),
         })
         .await
         .unwrap();
@@ -1047,6 +1070,7 @@ mod tests {
             charged: 0.0,
             quality: Some(verdict.into()),
             review: true,
+            exports: Vec::new(),
         })
         .await
         .unwrap();
@@ -1156,6 +1180,7 @@ mod tests {
                     charged: 0.0,
                     quality: None,
                     review: false,
+                    exports: Vec::new(),
                 },
                 Durability::Whenever,
             ),
@@ -1227,7 +1252,15 @@ mod tests {
     }
 
     fn done(job_id: i64) -> Change {
-        Change::Done { job_id, outputs: Vec::new(), result: None, charged: 0.0, quality: None, review: false }
+        Change::Done {
+            job_id,
+            outputs: Vec::new(),
+            result: None,
+            charged: 0.0,
+            quality: None,
+            review: false,
+            exports: Vec::new(),
+        }
     }
 
     #[tokio::test]
@@ -1337,6 +1370,7 @@ mod tests {
             charged: 0.0,
             quality: None,
             review: false,
+            exports: Vec::new(),
         }));
         assert!(try_apply(&mut conn, &batch, Sync::Full).await.is_err());
         for id in 1..=n {
