@@ -450,11 +450,10 @@ async fn exporter(
     persister: &fetch::Persister,
 ) -> Result<Option<Arc<backdrop::pipeline::export::Exporter>>, Error> {
     use backdrop::pipeline::export::Exporter;
-    if settings.out_object.is_some() {
-        return Ok(None);
-    }
     let template = backdrop::prompt::Template::load(&settings.prompt).map_err(other_usage)?;
-    let presets = template.exports();
+    // A bucket takes no presets (refused before the plan).
+    let none = std::collections::BTreeMap::new();
+    let presets = if settings.out_object.is_some() { &none } else { template.exports() };
     // Recorded even when empty: `accept` then makes none, as this run would.
     let out_dir = std::fs::canonicalize(&settings.out).unwrap_or_else(|_| settings.out.clone());
     store.save_export_settings(&out_dir.to_string_lossy(), &Exporter::presets_json(presets)).await?;

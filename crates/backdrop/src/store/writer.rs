@@ -1047,6 +1047,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_done_records_its_exports_with_it_and_a_new_result_replaces_them() {
+        let (_dir, store, run) = store_with_jobs(1).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let a = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        w.commit(accepted(1, a, "r")).await.unwrap();
+        let out = SavedOutput {
+            index: 0,
+            path: "SKU-0/0.png".into(),
+            sha256: "ab".into(),
+            bytes: 10,
+            width: 4,
+            height: 4,
+            content_type: "image/png".into(),
+            source_url: "http://x/o.png".into(),
+        };
+        let export = |preset: &str| SavedExport {
+            index: 0,
+            preset: preset.into(),
+            path: format!("{preset}/SKU-0/0.jpg").into(),
+            sha256: "cd".into(),
+            bytes: 7,
+            width: 2,
+            height: 2,
+            content_type: "image/jpeg".into(),
+            recipe: "r".into(),
+            source_sha256: "ab".into(),
+        };
+        let done = |exports| Change::Done {
+            job_id: 1,
+            outputs: vec![out.clone()],
+            result: Some("{}".into()),
+            charged: 0.0,
+            quality: None,
+            review: false,
+            exports,
+        };
+        w.commit(done(vec![export("a"), export("b")])).await.unwrap();
+        assert_eq!(state(&store, 1).await.0, "done");
+        let presets = || async {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT preset FROM exports WHERE job_id = 1 ORDER BY preset")
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            rows.into_iter().map(|(p,)| p).collect::<Vec<_>>()
+        };
+        assert_eq!(presets().await, ["a", "b"]);
+        // A later result of the same row (retry --review) replaces the outputs and their exports.
+        w.commit(done(vec![export("c")])).await.unwrap();
+        assert_eq!(presets().await, ["c"]);
+    }
+
+    #[tokio::test]
     async fn a_flagged_done_becomes_review_with_its_verdict_and_is_never_claimed() {
         let (_dir, store, run) = store_with_jobs(1).await;
         let (w, _h) = Writer::start(&store).await.unwrap();
