@@ -91,6 +91,7 @@ pub(crate) async fn execute(
     let settings = Settings::resolve(config::merge(args, file)?)?;
     // Paths first: a mistyped catalog is the problem to report even when the key is missing too.
     settings.check_files()?;
+    refuse_exports_to_bucket(&settings)?;
     // The key is checked before anything else touches the network or the store.
     let key = match (settings.simulate, settings.dry_run) {
         (true, _) => Some(ApiKey::new("simulated-key")),
@@ -421,6 +422,59 @@ fn quality_gate(
     ))))
 }
 
+/// `[export.NAME]` presets write derived files beside the originals in a local output folder;
+/// with a bucket as the output location they are refused before anything is planned or paid.
+fn refuse_exports_to_bucket(settings: &Settings) -> Result<(), Error> {
+    let Some(bucket) = &settings.out_object else { return Ok(()) };
+    // A template that does not load is reported by the plan, with its line.
+    let Ok(template) = backdrop::prompt::Template::load(&settings.prompt) else { return Ok(()) };
+    if template.exports().is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = template.exports().keys().map(String::as_str).collect();
+    Err(Error::Other {
+        message: format!(
+            "the template's export presets ({}) need a local output folder; --out {bucket} is object \
+             storage: remove the [export.NAME] tables or write to a folder",
+            names.join(", ")
+        ),
+        exit: ExitCode::Usage,
+    })
+}
+
+/// The run's exporter, from the template's `[export.NAME]` presets (none without any), with the
+/// presets and output folder recorded for `backdrop accept`.
+async fn exporter(
+    settings: &Settings,
+    store: &Store,
+    persister: &fetch::Persister,
+) -> Result<Option<Arc<backdrop::pipeline::export::Exporter>>, Error> {
+    use backdrop::pipeline::export::Exporter;
+    let template = backdrop::prompt::Template::load(&settings.prompt).map_err(other_usage)?;
+    // A bucket takes no presets (refused before the plan).
+    let none = std::collections::BTreeMap::new();
+    let presets = if settings.out_object.is_some() { &none } else { template.exports() };
+    // Recorded even when empty: `accept` then makes none, as this run would.
+    let out_dir = std::fs::canonicalize(&settings.out).unwrap_or_else(|_| settings.out.clone());
+    store.save_export_settings(&out_dir.to_string_lossy(), &Exporter::presets_json(presets)).await?;
+    Ok(Exporter::new(presets, &settings.out, persister.clone()).map(Arc::new))
+}
+
+/// Makes the exports done rows lack (no provider request).
+async fn backfill_exports(
+    store: &Store,
+    exporter: &backdrop::pipeline::export::Exporter,
+) -> Result<(), Error> {
+    let made = backdrop::pipeline::export::backfill(store, exporter).await?;
+    if made.failed > 0 {
+        warn!(
+            rows = made.failed,
+            "some done rows lack exports that could not be made; the next run tries again"
+        );
+    }
+    Ok(())
+}
+
 fn other_fatal(e: impl std::fmt::Display) -> Error {
     Error::Other { message: e.to_string(), exit: ExitCode::Fatal }
 }
@@ -512,18 +566,25 @@ async fn drive<P: Provider>(
     // Rows sharing a result that is already done (a crash between the shared request and its
     // copies, or a result of an earlier run) become done before anything is claimed.
     materialise_shared(store, settings).await?;
+    let persister = match &settings.out_object {
+        Some(url) => fetch::Persister::start_object(
+            fetch::object::ObjectTarget::from_url(url)
+                .map_err(|e| Error::Other { message: e.to_string(), exit: ExitCode::Usage })?,
+        ),
+        None => fetch::Persister::start(&settings.out),
+    };
+    // Done rows that lack exports (reused rows, a preset added or changed, a crash) get them
+    // from the files on disk before anything is claimed.
+    let exporter = exporter(settings, store, &persister).await?;
+    if let Some(exporter) = &exporter {
+        backfill_exports(store, exporter).await?;
+    }
     let (writer, writer_task) = backdrop::store::Writer::start(store).await?;
     let pool = Pool {
         store: store.clone(),
         writer,
         provider: Arc::new(provider),
-        persister: match &settings.out_object {
-            Some(url) => fetch::Persister::start_object(
-                fetch::object::ObjectTarget::from_url(url)
-                    .map_err(|e| Error::Other { message: e.to_string(), exit: ExitCode::Usage })?,
-            ),
-            None => fetch::Persister::start(&settings.out),
-        },
+        persister,
         fetcher: Arc::new(fetcher),
         limiter: Arc::new(Limiter::new(settings.rate)),
         retry: settings.retry_policy(),
@@ -540,12 +601,17 @@ async fn drive<P: Provider>(
         interrupt: interrupt.clone(),
         webhooks,
         gate: quality_gate(settings, &gate_downloads)?,
+        exporter: exporter.clone(),
     };
     let outcome = scheduler::run(pool).await;
     // Every worker is gone, so the writer's channel closes and it finishes its last commit.
     let _ = writer_task.await;
     let outcome = outcome?;
     materialise_shared(store, settings).await?;
+    // Rows that became done just now by sharing another's result.
+    if let Some(exporter) = &exporter {
+        backfill_exports(store, exporter).await?;
+    }
     Ok(outcome)
 }
 

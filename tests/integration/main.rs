@@ -6,6 +6,7 @@ mod badinput;
 mod budget;
 mod chaos;
 mod crash;
+mod exports;
 mod firsthour;
 mod gate;
 mod hostile;

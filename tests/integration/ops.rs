@@ -424,7 +424,9 @@ async fn csv_report_is_in_catalog_order_and_spreadsheet_safe() {
             "error",
             "reused_from",
             "quality_scores",
-            "quality_reasons"
+            "quality_reasons",
+            "export_paths",
+            "export_sha256"
         ]
     );
     let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();

@@ -12,7 +12,7 @@ mod secret;
 pub mod text;
 
 pub use job::{JobSpec, Params, Task};
-pub use output::SavedOutput;
+pub use output::{SavedExport, SavedOutput};
 pub use provider::{
     DEFAULT_FAL_EDIT_MODEL, DEFAULT_FAL_GENERATE_MODEL, DEFAULT_SEEDANCE_MODEL, ProviderKind,
 };

@@ -2,10 +2,12 @@
 //! final name (size-capped while streaming, PNG/JPEG checked) through a [`DownloadClient`] whose
 //! [`guard`] decides which addresses and redirects a download may follow; [`durable`] makes
 //! finished downloads durable in batches, [`naming`] maps a SKU to its file name, and
-//! [`cleanup`] removes what a crash left; [`object`] puts outputs in a bucket instead of a folder.
+//! [`cleanup`] removes what a crash left; [`object`] puts outputs in a bucket instead of a folder;
+//! [`export`] stages and verifies the files export presets derive from outputs.
 
 pub mod cleanup;
 pub mod durable;
+pub mod export;
 pub mod guard;
 pub mod naming;
 pub mod object;
@@ -359,8 +361,9 @@ fn check_image(path: &Path, url: &str) -> Result<(u32, u32), FetchError> {
         .map_err(|e| FetchError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| FetchError::io(path, e))?;
+    // Downloads are PNG or JPEG by their first bytes already; WebP comes from export presets.
     match reader.format() {
-        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg) => {}
+        Some(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => {}
         other => return Err(not_image(format!("unexpected format {other:?}"))),
     }
     let (width, height) = reader.into_dimensions().map_err(|e| not_image(e.to_string()))?;

@@ -6,6 +6,7 @@
 
 pub mod adaptive;
 pub mod backoff;
+pub mod export;
 pub mod gate;
 pub mod limiter;
 pub mod polling;

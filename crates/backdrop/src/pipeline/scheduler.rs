@@ -110,6 +110,8 @@ pub struct Pool<P: Provider> {
     pub webhooks: Option<Webhooks>,
     /// The quality gate, unless turned off: a flagged row ends `review`, not `done`.
     pub gate: Option<Arc<super::gate::Gate>>,
+    /// The template's export presets, when it has any: a row is `done` only with its exports.
+    pub exporter: Option<Arc<super::export::Exporter>>,
 }
 
 struct Shared<P: Provider> {
@@ -1165,8 +1167,16 @@ async fn fetch_phase<P: Provider>(
         };
         // Every file is fsynced and renamed: only now is the row done. With others in flight, the
         // `done` rides along with their next change rather than paying for a transaction alone.
+        // A passing row's exports are made durable before its `done`, and recorded with it.
+        let exported =
+            super::export::export_row(shared.pool.exporter.as_deref(), &saved, quality, review, urgent).await;
+        let (quality, review, exports) = match exported {
+            Ok(exported) => exported,
+            Err(e) => return keep_paid(shared, job, unsaved.take(), &e).await,
+        };
         let (result, charged) = unsaved.map_or((None, 0.0), |u| (Some(u.result), u.charged));
-        let done = Change::Done { job_id: job.spec.id, outputs: saved, result, charged, quality, review };
+        let done =
+            Change::Done { job_id: job.spec.id, outputs: saved, result, charged, quality, review, exports };
         if shared.pool.stats.in_flight.load(Ordering::Relaxed) == 0 {
             shared.commit(done).await?;
         } else {

@@ -10,8 +10,10 @@ use super::{ReportError, ReportFormatter, RunSummary, format_amount};
 /// The header row, stable within a report version. `output_paths` and `sha256` hold one entry
 /// per output file, joined by `;` in output order; `credits` is in the provider's unit
 /// (seedance credits, fal dollars); `reused_from` is the SKU whose result the row shares (its
-/// files are copies, its cost nothing), empty for a row that made its own request.
-pub const CSV_HEADER: [&str; 13] = [
+/// files are copies, its cost nothing), empty for a row that made its own request;
+/// `export_paths` and `export_sha256` hold one entry per export file (output order, then preset
+/// name), joined by `;`.
+pub const CSV_HEADER: [&str; 15] = [
     "sku",
     "state",
     "provider",
@@ -25,6 +27,8 @@ pub const CSV_HEADER: [&str; 13] = [
     "reused_from",
     "quality_scores",
     "quality_reasons",
+    "export_paths",
+    "export_sha256",
 ];
 
 /// Writes the summary's rows as CSV.
@@ -38,6 +42,8 @@ impl ReportFormatter for CsvFormatter {
         for row in &summary.rows {
             let paths: Vec<&str> = row.outputs.iter().map(|o| o.path.as_str()).collect();
             let hashes: Vec<&str> = row.outputs.iter().map(|o| o.sha256.as_str()).collect();
+            let export_paths: Vec<&str> = row.exports.iter().map(|e| e.path.as_str()).collect();
+            let export_hashes: Vec<&str> = row.exports.iter().map(|e| e.sha256.as_str()).collect();
             let record = [
                 row.sku.clone(),
                 row.state.to_string(),
@@ -52,6 +58,8 @@ impl ReportFormatter for CsvFormatter {
                 row.reused_from.clone().unwrap_or_default(),
                 row.quality_scores.clone(),
                 row.quality_reasons.clone(),
+                export_paths.join(";"),
+                export_hashes.join(";"),
             ];
             w.write_record(record.iter().map(|cell| neutralise(cell).into_owned()))?;
         }
@@ -97,6 +105,9 @@ mod tests {
         assert_eq!(&rows[0][0], "'=HYPERLINK(\"x\")");
         assert_eq!(&rows[0][5], "A/0.png;A/1.png");
         assert_eq!(&rows[0][7], "30");
+        assert_eq!(&rows[0][13], "amazon/A/0.jpg");
+        assert_eq!(rows[0][14], "e".repeat(64));
+        assert_eq!(&rows[1][13], "");
         assert_eq!(&rows[1][1], "failed");
         assert_eq!(&rows[1][9], "'-HTTP 422, \"content policy\"\nsecond line");
     }

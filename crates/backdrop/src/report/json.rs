@@ -32,6 +32,9 @@ mod tests {
         assert_eq!(v["rows"][0]["sku"], "=HYPERLINK(\"x\")");
         assert_eq!(v["rows"][1]["state"], "failed");
         assert_eq!(v["rows"][0]["outputs"][0]["path"], "A/0.png");
+        assert_eq!(v["rows"][0]["exports"][0]["path"], "amazon/A/0.jpg");
+        assert_eq!(v["rows"][0]["exports"][0]["preset"], "amazon");
+        assert_eq!(v["rows"][1]["exports"], serde_json::json!([]));
         assert_eq!(v["counts"]["total"], 2);
         assert_eq!(v["spent"]["seedance_credits"], 30.0);
     }

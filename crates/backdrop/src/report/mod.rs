@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::store::{JobRecord, JobState, OutputRecord, RunRecord, Spend, StateCounts, Store, StoreError};
+use crate::store::{
+    ExportRecord, JobRecord, JobState, OutputRecord, RunRecord, Spend, StateCounts, Store, StoreError,
+};
 
 pub mod csv;
 pub mod html;
@@ -121,6 +123,44 @@ pub struct ReportRow {
     pub quality: Option<String>,
     /// Last change (RFC 3339, UTC).
     pub updated_at: String,
+    /// Files the template's export presets made from the outputs, by output and preset.
+    pub exports: Vec<ReportExport>,
+}
+
+/// One export file of a row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReportExport {
+    /// The index of the output it was made from.
+    pub index: i64,
+    /// The preset's name.
+    pub preset: String,
+    /// Path relative to the output folder.
+    pub path: String,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// Size in bytes.
+    pub bytes: i64,
+    /// Pixel width.
+    pub width: i64,
+    /// Pixel height.
+    pub height: i64,
+    /// MIME type.
+    pub content_type: String,
+}
+
+impl From<ExportRecord> for ReportExport {
+    fn from(e: ExportRecord) -> Self {
+        Self {
+            index: e.idx,
+            preset: e.preset,
+            path: e.path,
+            sha256: e.sha256,
+            bytes: e.bytes,
+            width: e.width,
+            height: e.height,
+            content_type: e.content_type,
+        }
+    }
 }
 
 /// One output file of a row.
@@ -219,6 +259,7 @@ impl From<JobRecord> for ReportRow {
             prompt: j.prompt,
             inputs: j.inputs,
             outputs: j.outputs.into_iter().map(ReportOutput::from).collect(),
+            exports: j.exports.into_iter().map(ReportExport::from).collect(),
             credits: j.credits,
             attempts: j.attempts,
             error: j.error,
@@ -420,9 +461,20 @@ pub(crate) mod tests_support {
             quality_scores: String::new(),
             quality_reasons: String::new(),
             quality: None,
+            exports: vec![],
         };
         let mut done = row("=HYPERLINK(\"x\")", JobState::Done);
         done.outputs = vec![output(0), output(1)];
+        done.exports = vec![ReportExport {
+            index: 0,
+            preset: "amazon".into(),
+            path: "amazon/A/0.jpg".into(),
+            sha256: "e".repeat(64),
+            bytes: 20,
+            width: 2000,
+            height: 2000,
+            content_type: "image/jpeg".into(),
+        }];
         done.credits = 30.0;
         done.dollars = 0.3;
         done.request_id = Some("req-1".into());

@@ -249,6 +249,8 @@ pub struct JobRecord {
     pub quality: Option<String>,
     /// Its output files, by index.
     pub outputs: Vec<OutputRecord>,
+    /// The files export presets made from them, by output index and preset.
+    pub exports: Vec<super::ExportRecord>,
 }
 
 /// One output file of a job.
@@ -456,6 +458,7 @@ impl Store {
         for o in outputs {
             by_job.entry(o.job_id).or_default().push(o);
         }
+        let mut exports = self.exports_by_job().await?;
         jobs.into_iter()
             .map(|j| {
                 let inputs: Vec<String> = serde_json::from_str(&j.inputs).map_err(|e| {
@@ -463,6 +466,7 @@ impl Store {
                 })?;
                 Ok(JobRecord {
                     outputs: by_job.remove(&j.id).unwrap_or_default(),
+                    exports: exports.remove(&j.id).unwrap_or_default(),
                     id: j.id,
                     sku: j.sku,
                     name: j.name,

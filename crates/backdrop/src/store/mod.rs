@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod exports;
 pub mod inputs;
 pub mod inspect;
 pub mod ledger;
@@ -23,6 +24,7 @@ pub mod writer;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, SqliteConnection, SqlitePool};
 
+pub use exports::{ExportCandidate, ExportRecord};
 pub use inspect::{
     DueDownload, JobBrief, JobRecord, KeepReason, KeptOutput, OutputRecord, REVIEW_KEPT_DIR, Requeue,
     RequeuePlan, ReviewPlan, ReviewRetry, RunRecord, Spend, StateCounts, kept_path, review_seed,

@@ -10,7 +10,7 @@ use sqlx::{Arguments as _, Row as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{FileIdentity, Store, StoreError, now_ms};
-use crate::domain::{RequestRef, SavedOutput};
+use crate::domain::{RequestRef, SavedExport, SavedOutput};
 /// Most changes committed in one transaction; bounds the latency a change can add to others.
 const MAX_BATCH: usize = 512;
 
@@ -137,6 +137,9 @@ pub enum Change {
         quality: Option<String>,
         /// The gate flagged an output: the row becomes `review`, not `done`.
         review: bool,
+        /// The files the template's export presets made from the outputs, already durable and
+        /// verified: recorded in the same transaction, so a `done` row has them.
+        exports: Vec<SavedExport>,
     },
 }
 
@@ -813,7 +816,7 @@ impl<'q> BatchSql<'q> {
                 );
                 self.bind(*job_id)?;
             }
-            Change::Done { job_id, outputs, result, charged, quality, review } => {
+            Change::Done { job_id, outputs, result, charged, quality, review, exports } => {
                 self.statement("DELETE FROM outputs WHERE job_id = ?");
                 self.bind(*job_id)?;
                 for o in outputs {
@@ -830,6 +833,25 @@ impl<'q> BatchSql<'q> {
                     self.bind(i64::from(o.height))?;
                     self.bind(o.content_type.as_str())?;
                     self.bind(o.source_url.as_str())?;
+                }
+                // Deleting the outputs above removed their exports (a trigger): these replace them.
+                for e in exports {
+                    self.statement(
+                        "INSERT OR REPLACE INTO exports
+                            (job_id, idx, preset, path, sha256, bytes, width, height, content_type, recipe, source_sha256)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    );
+                    self.bind(*job_id)?;
+                    self.bind(i64::from(e.index))?;
+                    self.bind(e.preset.as_str())?;
+                    self.bind(e.path.to_string_lossy().into_owned())?;
+                    self.bind(e.sha256.as_str())?;
+                    self.bind(i64::try_from(e.bytes).unwrap_or(i64::MAX))?;
+                    self.bind(i64::from(e.width))?;
+                    self.bind(i64::from(e.height))?;
+                    self.bind(e.content_type.as_str())?;
+                    self.bind(e.recipe.as_str())?;
+                    self.bind(e.source_sha256.as_str())?;
                 }
                 self.statement(
                     "UPDATE jobs SET state = ?, quality = ?, next_attempt_at = NULL, error = NULL, error_class = NULL,
@@ -1008,6 +1030,7 @@ mod tests {
             charged: 1.0,
             quality: None,
             review: false,
+            exports: Vec::new(),
         })
         .await
         .unwrap();
@@ -1021,6 +1044,59 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 2);
+    }
+
+    #[tokio::test]
+    async fn a_done_records_its_exports_with_it_and_a_new_result_replaces_them() {
+        let (_dir, store, run) = store_with_jobs(1).await;
+        let (w, _h) = Writer::start(&store).await.unwrap();
+        let a = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
+        w.commit(accepted(1, a, "r")).await.unwrap();
+        let out = SavedOutput {
+            index: 0,
+            path: "SKU-0/0.png".into(),
+            sha256: "ab".into(),
+            bytes: 10,
+            width: 4,
+            height: 4,
+            content_type: "image/png".into(),
+            source_url: "http://x/o.png".into(),
+        };
+        let export = |preset: &str| SavedExport {
+            index: 0,
+            preset: preset.into(),
+            path: format!("{preset}/SKU-0/0.jpg").into(),
+            sha256: "cd".into(),
+            bytes: 7,
+            width: 2,
+            height: 2,
+            content_type: "image/jpeg".into(),
+            recipe: "r".into(),
+            source_sha256: "ab".into(),
+        };
+        let done = |exports| Change::Done {
+            job_id: 1,
+            outputs: vec![out.clone()],
+            result: Some("{}".into()),
+            charged: 0.0,
+            quality: None,
+            review: false,
+            exports,
+        };
+        w.commit(done(vec![export("a"), export("b")])).await.unwrap();
+        assert_eq!(state(&store, 1).await.0, "done");
+        let presets = || async {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT preset FROM exports WHERE job_id = 1 ORDER BY preset")
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            rows.into_iter().map(|(p,)| p).collect::<Vec<_>>()
+        };
+        assert_eq!(presets().await, ["a", "b"]);
+        // A later result of the same row (retry --review) replaces the outputs and their exports.
+        w.commit(done(vec![export("c")])).await.unwrap();
+        assert_eq!(presets().await, ["c"]);
     }
 
     #[tokio::test]
@@ -1047,6 +1123,7 @@ mod tests {
             charged: 0.0,
             quality: Some(verdict.into()),
             review: true,
+            exports: Vec::new(),
         })
         .await
         .unwrap();
@@ -1156,6 +1233,7 @@ mod tests {
                     charged: 0.0,
                     quality: None,
                     review: false,
+                    exports: Vec::new(),
                 },
                 Durability::Whenever,
             ),
@@ -1227,7 +1305,15 @@ mod tests {
     }
 
     fn done(job_id: i64) -> Change {
-        Change::Done { job_id, outputs: Vec::new(), result: None, charged: 0.0, quality: None, review: false }
+        Change::Done {
+            job_id,
+            outputs: Vec::new(),
+            result: None,
+            charged: 0.0,
+            quality: None,
+            review: false,
+            exports: Vec::new(),
+        }
     }
 
     #[tokio::test]
@@ -1337,6 +1423,7 @@ mod tests {
             charged: 0.0,
             quality: None,
             review: false,
+            exports: Vec::new(),
         }));
         assert!(try_apply(&mut conn, &batch, Sync::Full).await.is_err());
         for id in 1..=n {
