@@ -13,12 +13,16 @@ use std::time::Duration;
 /// The expected delay between completion and detection falls roughly as 1/polls once the
 /// polls cover the distribution, so each extra poll buys less. For log-normal generation times
 /// with σ 0.5 (the shape real ones have) the optimal plans give, as a share of the mean
-/// latency: 2 polls 24%, 3 polls 14%, 4 polls 10%, 6 polls 7%, 8 polls 5%, 10 polls 4%. Up to
-/// four, each extra poll per row saves 4-10% of the mean; beyond, under 2%. At the providers'
-/// scales four means about 0.7 s of delay on 5-15 s generations (polls 1-2 s apart) and 2 s on
-/// 30-60 s edits (polls 3-5 s apart). Where the provider pushes (webhooks, fal's status
-/// stream) nothing is polled at all.
-pub const DEFAULT_POLLS_PER_ROW: f64 = 4.0;
+/// latency: 2 polls 24%, 3 polls 14%, 4 polls 10%, 6 polls 6.6%, and no more than 6.1% however
+/// large the budget (a poll must save [`MIN_POLL_WORTH`], which leaves a budget above 6.5
+/// unspent). From 4 to 6 each extra poll saves 1.6% of the mean, which is 1.6% of the run's
+/// throughput at a fixed concurrency; past 6 under 0.3%. So six: the detection delay stays
+/// under 7% of the mean, polls cost nothing, and a row takes 8 requests (submit, 6 polls,
+/// download). At the providers' scales six means about 0.5 s of delay on 5-15 s generations
+/// (5.7 polls per row) and 2.0 s on 30-60 s edits (4.3 polls; the guides' 5 s interval: 2.5 s
+/// for 9 polls); on a steady latency a row costs one or two polls. Where the provider pushes (webhooks, fal's status stream) nothing is
+/// polled at all.
+pub const DEFAULT_POLLS_PER_ROW: f64 = 6.0;
 
 /// A poll is worth making only when it cuts the expected detection delay by at least this share
 /// of the median generation time. The budget is a ceiling, not a target: on a fixed latency a
