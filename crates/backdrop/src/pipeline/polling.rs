@@ -230,7 +230,9 @@ impl PollPlan {
     }
 
     /// When poll `n` (0-based) goes, counted from the submit: the planned ones, then gaps of 5%
-    /// of the last planned time, doubling, between `min_gap` and `max_gap`.
+    /// of the last planned time, doubling, but never more than [`LEARNING_STEP`] of the time
+    /// since the submit (a plan made from the first few completions, the fastest, would else
+    /// find the slower jobs of the wave far too late), between `min_gap` and `max_gap`.
     #[must_use]
     pub fn poll_at(&self, n: usize) -> Duration {
         if let Some(t) = self.times.get(n) {
@@ -240,7 +242,8 @@ impl PollPlan {
         let mut at = last;
         let mut gap = last.mul_f64(TAIL_FIRST_GAP);
         for _ in self.times.len()..=n {
-            at += gap.clamp(self.min_gap.max(Duration::from_millis(1)), self.max_gap);
+            let step = gap.min(at.mul_f64(LEARNING_STEP));
+            at += step.clamp(self.min_gap.max(Duration::from_millis(1)), self.max_gap);
             gap *= 2;
         }
         at
@@ -512,6 +515,20 @@ mod tests {
         assert_eq!(plan.next_after(Duration::ZERO), plan.poll_at(0));
         assert_eq!(plan.next_after(plan.poll_at(3)), plan.poll_at(4));
         assert!(plan.next_after(late) > late);
+    }
+
+    #[test]
+    fn a_plan_from_the_fastest_few_still_finds_slow_jobs_within_a_fifth_of_their_time() {
+        // The first completions of a wave are its fastest jobs: a plan made from them ends early,
+        // and the slower jobs fall in its tail.
+        let plan = PollPlan::for_sample(&[MS(190)], PollBudget::default()).unwrap();
+        for late in [MS(400), MS(800), MS(2_000), Duration::from_secs(20)] {
+            let (polls, delay) = plan.evaluate(&[late]);
+            println!(
+                "a job of {late:?} after a plan from one of 190 ms: {polls} polls, found {delay:?} late"
+            );
+            assert!(delay.as_secs_f64() <= late.as_secs_f64() * LEARNING_STEP + 1e-3, "{late:?}: {delay:?}");
+        }
     }
 
     #[test]
