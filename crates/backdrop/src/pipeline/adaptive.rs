@@ -204,7 +204,7 @@ impl AdaptiveRate {
         self.saw_send(sent);
         self.throttled_since.get_or_insert(now);
         let mut pause = retry_after.map(|wait| now + wait);
-        if !self.episode_until.is_some_and(|until| sent < until)
+        if self.episode_until.is_none_or(|until| sent >= until)
             && let Some(room) = self.decrease(sent, now, retry_after)
         {
             pause = Some(pause.map_or(room, |p| p.max(room)));

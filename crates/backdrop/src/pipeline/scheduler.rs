@@ -989,7 +989,7 @@ async fn poll_loop<P: Provider>(
                         // likely is too; a younger one polls where jobs are likely done.
                         () = learned => {
                             let fastest = shared.timing.fastest();
-                            if !submitted_at.zip(fastest).is_some_and(|(t, f)| t.elapsed() >= f) {
+                            if submitted_at.zip(fastest).is_none_or(|(t, f)| t.elapsed() < f) {
                                 continue;
                             }
                             true
