@@ -280,7 +280,7 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "BACKDROP_POLL_INITIAL", value_name = "DURATION")]
     pub(crate) poll_initial: Option<String>,
     /// Status polls per row, on average, once generation times are known (this run's, or
-    /// earlier runs' from the state file): polls go where jobs finish [default: 4].
+    /// earlier runs' from the state file): polls go where jobs finish [default: 6].
     #[arg(long, env = "BACKDROP_POLLS_PER_ROW")]
     pub(crate) polls_per_row: Option<f64>,
     /// Polls back off up to this interval [default: 5s].

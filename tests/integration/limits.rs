@@ -201,3 +201,30 @@ async fn on_fal_the_status_stream_replaces_polling() {
     assert_eq!(streams, 20, "one stream per row: {routes:?}");
     assert_eq!(polls, 20, "one status request per row, once the stream said done: {routes:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_state_learns_the_first_waves_times_closely() {
+    // Nothing learned yet (a fresh state file) and jobs of 1 s, with the default 250 ms first
+    // poll and 5 s poll ceiling: the first wave polls a fixed share of each job's age apart, so
+    // every job's time is known to within a quarter (what a run keeps for the next one) and
+    // the first completion wakes the rest of the wave.
+    let env =
+        TestEnv::new(config(Faults { latency: Latency::Fixed { ms: 1_000 }, ..Faults::default() })).await;
+    let catalog = env.catalog(5);
+    let out =
+        output(env.run_cmd(&catalog, &["--concurrency", "5", "--poll-initial", "250ms", "--poll-max", "5s"]))
+            .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let polls = env.sim.stats().await.by_route.get("GET /v1/requests/{id}").copied().unwrap_or(0);
+    let store = env.store().await;
+    let kept: Vec<(i64,)> = sqlx::query_as("SELECT latency_ms FROM latencies WHERE provider = 'seedance'")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    store.close().await;
+    println!("first wave of 5 jobs of 1 s: {polls} polls, kept {kept:?}");
+    // Generous bounds: a loaded machine answers polls late.
+    let close = kept.iter().filter(|(ms,)| (800..=1_600).contains(ms)).count();
+    assert!(close >= 4, "{close} of 5 times kept near 1 s: {kept:?}");
+    assert!(polls <= 5 * 16, "{polls} polls");
+}

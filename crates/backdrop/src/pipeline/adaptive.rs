@@ -60,8 +60,12 @@ const SAME_LIMIT: f64 = 0.15;
 /// Seconds from a decrease back to the plateau, the first time; doubled for each decrease in a
 /// row that finds the same limit, up to [`MAX_DOUBLINGS`] times, so probes above a steady limit
 /// (each costing a 429 and perhaps a `Retry-After` pause) come rarely.
-const PLATEAU_SECS: f64 = 4.0;
+const PLATEAU_SECS: f64 = 6.0;
 const MAX_DOUBLINGS: u32 = 3;
+/// Where the pace levels off after a decrease, as a share of the server's estimated rate: close
+/// enough to use 98% of it, far enough below that a limit enforced to the submit (a sliding
+/// window) is not hit again by the pace's own jitter.
+const PLATEAU_SHARE: f64 = 0.98;
 /// Fewest accepted submits an estimate is made from.
 const MIN_SAMPLES: usize = 2;
 /// How far back accepted submits are remembered: the longest window an estimate looks at.
@@ -77,15 +81,19 @@ const HISTORY: Duration = Duration::from_secs(60);
 /// - the pace drops to 95% of that estimate when it is clearly below the pace, else to 95% of
 ///   the pace (just too fast: the limit is right below it), else, with no evidence, to 70%
 ///   (multiplicative decrease);
-/// - then it grows back along a cubic, as CUBIC congestion control does: quickly at first,
-///   flat near the level where the 429 came (the plateau), then faster again beyond it, so a
-///   limit that rose is found. The plateau lasts 4 s, doubling (to 32 s) while decreases keep
-///   finding the same limit;
+/// - then it grows back along a cubic, as CUBIC congestion control does, towards a plateau:
+///   98% of the estimate (so a short run gets most of the server's rate from its first
+///   seconds, rather than probing back up to the pace that was refused), or, when an earlier
+///   pause hid part of the window, the count over the time actually spent sending; flat near
+///   the plateau, then faster again beyond it, so a limit that rose is found. The plateau lasts
+///   6 s, doubling (to 48 s) while decreases keep finding the same limit;
 /// - 429s for submits sent before the decrease (and, without `Retry-After`, within one server
 ///   window after it) belong to the same episode and do not decrease again.
 ///
 /// `Retry-After` is honoured as a pause ([`AdaptiveRate::on_429`] returns it) and as the hint
-/// of the server's window above. Pauses are left out of the active time an estimate counts.
+/// of the server's window above. Without it, the first 429 of an episode pauses until the
+/// oldest submit the server counted in its window has left it: a window limit refuses
+/// everything before then. Pauses are left out of the active time an estimate counts.
 #[derive(Debug, Clone)]
 pub struct AdaptiveRate {
     ceiling: f64,
@@ -102,7 +110,6 @@ pub struct AdaptiveRate {
     c_after: f64,
     same_limit_in_a_row: u32,
     previous_plateau: Option<f64>,
-    previous_estimate: Option<f64>,
     first_send: Option<Instant>,
     /// Send times of accepted submits, oldest first, at most [`HISTORY`] old.
     accepted: VecDeque<Instant>,
@@ -131,7 +138,6 @@ impl AdaptiveRate {
             c_after: 0.0,
             same_limit_in_a_row: 0,
             previous_plateau: None,
-            previous_estimate: None,
             first_send: None,
             accepted: VecDeque::new(),
             pauses: VecDeque::new(),
@@ -192,25 +198,29 @@ impl AdaptiveRate {
     }
 
     /// The server answered 429 about the rate to a submit sent at `sent`; the answer came at
-    /// `now`. Returns the instant nobody may send before, when the server sent `Retry-After`.
+    /// `now`. Returns the instant nobody may send before: the server's `Retry-After`, or without
+    /// one, on a decrease, when the server's window (as estimated) has room again.
     pub fn on_429(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) -> Option<Instant> {
         self.saw_send(sent);
         self.throttled_since.get_or_insert(now);
-        let pause = retry_after.map(|wait| now + wait);
+        let mut pause = retry_after.map(|wait| now + wait);
+        if self.episode_until.is_none_or(|until| sent >= until)
+            && let Some(room) = self.decrease(sent, now, retry_after)
+        {
+            pause = Some(pause.map_or(room, |p| p.max(room)));
+        }
         if let Some(until) = pause {
             self.pauses.push_back((now, until));
             if self.pauses.len() > 8 {
                 self.pauses.pop_front();
             }
         }
-        if self.episode_until.is_some_and(|until| sent < until) {
-            return pause;
-        }
-        self.decrease(sent, now, retry_after);
         pause
     }
 
-    fn decrease(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) {
+    /// Lowers the pace; returns, for a 429 without `Retry-After`, when the server's window will
+    /// have room again.
+    fn decrease(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) -> Option<Instant> {
         let rate = self.rate;
         // The server's window: its Retry-After hints it, at least a second, and long enough to
         // hold a few submits at the current pace.
@@ -234,15 +244,25 @@ impl AdaptiveRate {
             }
             n as f64 / active.max(1e-3)
         });
+        // A pause inside the window (an earlier Retry-After) hides the server's rate from the
+        // count: then the limit lies between the two readings.
+        let paused_in_window = self.pauses.iter().any(|(a, b)| *b > from.unwrap_or(*a) && *a < sent);
+        // Without Retry-After, a window limit keeps refusing until the submits that filled it
+        // have left it: nothing sent before the oldest of them is a window old can pass.
+        let room = if retry_after.is_none() && estimate.is_some() {
+            self.accepted.iter().filter(|a| from.is_none_or(|f| **a > f)).min().map(|a| *a + window)
+        } else {
+            None
+        };
         let (plateau, new_rate) = match estimate {
-            Some(est) if est < TRUST * rate => {
-                let confirmed = self.previous_estimate.is_some_and(|p| (est - p).abs() <= SAME_LIMIT * p);
-                // Unconfirmed, the limit lies between the two readings: aim the cubic at the
-                // upper one, so a token bucket's rate is found quickly; a window's 429 stops
-                // the climb at its limit, and the next decrease confirms it.
-                let plateau = if confirmed { est } else { rate.min(est.max(upper.unwrap_or(est))) };
-                (plateau, GAMMA * est)
-            }
+            // The server's own count over its window: for a window limit that is the limit
+            // itself, and for a token bucket its rate plus the burst spread over the window
+            // (an overestimate the next decrease corrects). The pace levels off just below it,
+            // rather than climbing to what this client sent (the old pace, far above).
+            Some(est) if est < TRUST * rate && !paused_in_window => (PLATEAU_SHARE * est, GAMMA * est),
+            // Aim at the upper reading, so a token bucket's rate is found quickly; a window's
+            // 429 stops the climb at its limit.
+            Some(est) if est < TRUST * rate => (rate.min(est.max(upper.unwrap_or(est))), GAMMA * est),
             Some(_) => (rate, GAMMA * rate),
             None => (rate, BETA * rate),
         };
@@ -252,7 +272,6 @@ impl AdaptiveRate {
         self.same_limit_in_a_row =
             if certain && same { (self.same_limit_in_a_row + 1).min(MAX_DOUBLINGS) } else { 0 };
         self.previous_plateau = Some(plateau);
-        self.previous_estimate = estimate;
         self.plateau = plateau;
         self.rate = new_rate;
         self.decreased_at = Some(now);
@@ -266,6 +285,7 @@ impl AdaptiveRate {
         // Beyond the plateau the climb is as steep as the first plateau's: a limit that rose is
         // found within seconds of the plateau's end, however long the plateau was.
         self.c_after = 0.05 / PLATEAU_SECS.powi(3);
+        room.filter(|r| *r > now)
     }
 }
 
@@ -447,11 +467,18 @@ mod tests {
     struct Outcome {
         /// Accepted submits' times.
         accepted: Vec<f64>,
+        /// Refused submits' times.
+        refused_at: Vec<f64>,
         refused: usize,
         sent: usize,
     }
 
     impl Outcome {
+        /// Submits refused up to `t`.
+        fn refused_before(&self, t: f64) -> usize {
+            self.refused_at.iter().filter(|r| **r <= t).count()
+        }
+
         /// Accepted per second over [from, to), as a share of `limit`.
         fn share(&self, from: f64, to: f64, limit: f64) -> f64 {
             let n = self.accepted.iter().filter(|a| (from..to).contains(*a)).count();
@@ -477,7 +504,7 @@ mod tests {
         const RTT: f64 = 0.02;
         let clock = Clock(Instant::now());
         let mut ctl = AdaptiveRate::new(ceiling);
-        let mut out = Outcome { accepted: Vec::new(), refused: 0, sent: 0 };
+        let mut out = Outcome { accepted: Vec::new(), refused_at: Vec::new(), refused: 0, sent: 0 };
         let mut answers: VecDeque<(f64, f64, Result<(), Option<f64>>)> = VecDeque::new();
         let (mut t, mut gate) = (0.0_f64, 0.0_f64);
         let mut changes = changes.iter().peekable();
@@ -509,6 +536,7 @@ mod tests {
                 }
                 Err(wait) => {
                     out.refused += 1;
+                    out.refused_at.push(t);
                     Err(with_retry_after.then(|| wait.ceil().max(1.0)))
                 }
             };
@@ -550,8 +578,31 @@ mod tests {
                 out.sent
             );
             assert!(share >= 0.90, "{name} R={limit}: {share:.3} of R");
-            assert!(share <= 1.0 + 1e-9, "{name}: more than the server's limit");
+            // A token bucket also lets its burst through after a pause: at most one burst over.
+            assert!(share <= 1.0 + limit / (115.0 * limit) + 1e-9, "{name}: more than the server's limit");
             assert!(refused <= 0.05, "{name} R={limit}: {refused:.3} of submits answered 429");
+        }
+    }
+
+    #[test]
+    fn a_short_run_gets_most_of_an_unknown_rate_limit_from_its_first_seconds() {
+        // The bench's case: 80 submits to a server taking 8/s in any one-second window (429 with
+        // `Retry-After: 1` beyond), the user's ceiling 20/s. Ideal: 10 s of simulated time.
+        for (name, mut server, retry_after) in [
+            ("sliding window, Retry-After", Server::window(8), true),
+            ("sliding window, no Retry-After", Server::window(8), false),
+            ("token bucket, burst R, Retry-After", Server::bucket(8.0, 8.0), true),
+        ] {
+            let out = drive(&mut server, 20.0, 30.0, retry_after, &[]);
+            let last = out.accepted.get(79).copied().unwrap_or(f64::INFINITY);
+            let sent_by_then = out.refused_before(last) + 80;
+            println!(
+                "{name}: the 80th accepted at {last:.2} s ({:.1}% of R), {} of {sent_by_then} submits 429",
+                80.0 / 8.0 / last * 100.0,
+                out.refused_before(last)
+            );
+            assert!(last <= 10.0 / 0.9, "{name}: {last:.2} s for 80 submits at 8/s");
+            assert!(out.refused_before(last) * 20 <= sent_by_then, "{name}: 429s");
         }
     }
 

@@ -148,12 +148,14 @@ struct Learned {
 }
 
 impl<P: Provider> Shared<P> {
-    /// The poll plan for this run's jobs, remade as observations come (after each of the first
-    /// eight, then every eighth: a plan costs a fraction of a millisecond, and one observation
-    /// moves a large sample little); `None` before anything is known.
+    /// The poll plan for this run's jobs, remade as observations come: after each of the first
+    /// eight, then after an eighth of the sample's size in new ones (at most 32). A plan costs
+    /// about half a millisecond of CPU under the lock, and one observation moves a large sample
+    /// little. `None` before anything is known.
     fn poll_plan(&self) -> Option<Arc<PollPlan>> {
         let mut learned = self.learned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let due = learned.plan.is_none() || learned.fresh >= if learned.sample.len() <= 8 { 1 } else { 8 };
+        let every = (learned.sample.len() / 8).clamp(1, 32);
+        let due = learned.plan.is_none() || learned.fresh >= every;
         if due && !learned.sample.is_empty() {
             let budget = PollBudget {
                 polls_per_row: self.pool.polls_per_row,
@@ -944,7 +946,15 @@ async fn poll_loop<P: Provider>(
                 // of them waiting out the whole delay.
                 None => schedule.first_probe(rand::random::<f64>()),
             }),
-            (1, Some(t)) => shared.timing.fastest().map(|f| f.saturating_sub(t.elapsed())),
+            (1, Some(t)) if shared.timing.fastest().is_some() => {
+                shared.timing.fastest().map(|f| f.saturating_sub(t.elapsed()))
+            }
+            // Still nothing learned after the first probe: each poll a fixed share later than the
+            // time since the submit, so however long the jobs take the first completion is found
+            // within that share of it (and wakes the rest).
+            (_, Some(t)) if shared.timing.fastest().is_none() => {
+                Some(super::polling::learning_delay(t.elapsed(), schedule.max))
+            }
             _ => None,
         }
         .unwrap_or_else(|| schedule.delay(polls, rand::random::<f64>()));
@@ -967,9 +977,9 @@ async fn poll_loop<P: Provider>(
                 () = shared.stop_all.cancelled() => false,
                 () = interrupt.cancelled() => { last_poll = true; true }
             },
-            None if plan.is_none() && polls < 2 && submitted_at.is_some() => {
+            None if plan.is_none() && submitted_at.is_some() => {
                 // Until a first completion is learned, the delay above is a guess (the spread first
-                // probe, or the configured schedule); the run's first completion wakes this job to
+                // probe, then the learning ladder); the run's first completion wakes this job to
                 // poll where jobs are likely done instead.
                 let learned = shared.timing.first_done();
                 if shared.timing.fastest().is_some() {
@@ -977,7 +987,15 @@ async fn poll_loop<P: Provider>(
                 } else {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => true,
-                        () = learned => continue,
+                        // Another job of this run was just found done: this one, if as old,
+                        // likely is too; a younger one polls where jobs are likely done.
+                        () = learned => {
+                            let fastest = shared.timing.fastest();
+                            if submitted_at.zip(fastest).is_none_or(|(t, f)| t.elapsed() < f) {
+                                continue;
+                            }
+                            true
+                        }
                         () = shared.stop_all.cancelled() => false,
                         () = interrupt.cancelled() => { last_poll = true; true }
                     }
