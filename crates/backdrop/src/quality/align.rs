@@ -69,6 +69,12 @@ pub(crate) fn agree(a: [f32; 3], b: [f32; 3]) -> bool {
     dl * dl + da * da + db * db <= AGREE * AGREE
 }
 
+/// A product scoring this high at scale 1 and no shift, on the coarse level, is in place: most of
+/// its pixels agree and its ring stands apart from it. A moved, scaled or reshaped product
+/// cannot score this there (its ring is covered, or its pixels miss), so the search for where
+/// else it went is not needed.
+const IN_PLACE: f32 = 0.9;
+
 /// Coarse placements scoring this far below the best are not worth refining.
 const NEAR_BEST: f32 = 0.2;
 
@@ -239,7 +245,13 @@ pub(crate) fn locate(
     let mut overall = score(&coarse, &start, side, f32::MIN).unwrap_or(f32::MIN);
     let mut scales = SCALES;
     scales.sort_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs()));
-    for scale in scales {
+    let in_place = overall >= IN_PLACE;
+    if in_place {
+        // Where a faithful edit leaves it: the finer levels refine around it, and the wide scan
+        // (most of the gate's CPU on a small image) is skipped.
+        best.push((overall, start));
+    }
+    for &scale in if in_place { &[][..] } else { &scales[..] } {
         let mut top = (f32::MIN, start.with(scale, 0.0, 0.0));
         for iy in -steps..=steps {
             for ix in -steps..=steps {
