@@ -926,6 +926,20 @@ mod tests {
     use super::*;
     use crate::store::Recovery;
 
+    /// The one output the done tests record.
+    fn one_output() -> SavedOutput {
+        SavedOutput {
+            index: 0,
+            path: "SKU-0/0.png".into(),
+            sha256: "ab".into(),
+            bytes: 10,
+            width: 4,
+            height: 4,
+            content_type: "image/png".into(),
+            source_url: "http://x/o.png".into(),
+        }
+    }
+
     async fn store_with_jobs(n: i64) -> (tempfile::TempDir, Store, i64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).await.unwrap();
@@ -1011,16 +1025,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(state(&store, id).await.0, "fetching");
-        let out = SavedOutput {
-            index: 0,
-            path: "SKU-0/0.png".into(),
-            sha256: "ab".into(),
-            bytes: 10,
-            width: 4,
-            height: 4,
-            content_type: "image/png".into(),
-            source_url: "http://x/o.png".into(),
-        };
+        let out = one_output();
         // The poll said 9 credits, not the 8 estimated at submit: the correction lands on the
         // charged attempt too, so the run's spend and the row's agree.
         w.commit(Change::Done {
@@ -1052,16 +1057,7 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         let a = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         w.commit(accepted(1, a, "r")).await.unwrap();
-        let out = SavedOutput {
-            index: 0,
-            path: "SKU-0/0.png".into(),
-            sha256: "ab".into(),
-            bytes: 10,
-            width: 4,
-            height: 4,
-            content_type: "image/png".into(),
-            source_url: "http://x/o.png".into(),
-        };
+        let out = one_output();
         let export = |preset: &str| SavedExport {
             index: 0,
             preset: preset.into(),
@@ -1105,16 +1101,7 @@ mod tests {
         let (w, _h) = Writer::start(&store).await.unwrap();
         let a = w.commit(Change::Intent { job_id: 1, run_id: run }).await.unwrap();
         w.commit(accepted(1, a, "r")).await.unwrap();
-        let out = SavedOutput {
-            index: 0,
-            path: "SKU-0/0.png".into(),
-            sha256: "ab".into(),
-            bytes: 10,
-            width: 4,
-            height: 4,
-            content_type: "image/png".into(),
-            source_url: "http://x/o.png".into(),
-        };
+        let out = one_output();
         let verdict = r#"{"outputs":[{"index":0,"verdict":null,"error":"x"}]}"#;
         w.commit(Change::Done {
             job_id: 1,
