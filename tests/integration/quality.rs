@@ -40,11 +40,13 @@ const SIZES: [(u32, u32); 3] = [(128, 128), (128, 112), (112, 128)];
 /// output with that photo.
 const PHOTO_EVERY: usize = 5;
 
-/// The sample photos the photo rows cycle through. The white mug, the white sneaker and the
-/// clear glass are left out: on a light background (marble, studio, pure white) the gate's
-/// search places a near-white product wrongly, so faithful edits of them are held.
-const PHOTOS: [&str; 9] = [
+/// The sample photos the photo rows cycle through: all of them, the white mug, the white
+/// sneaker and the clear glass on light backgrounds included.
+const PHOTOS: [&str; 12] = [
     "mug-blue",
+    "mug-white",
+    "sneaker-white",
+    "tumbler-glass",
     "bottle-black",
     "lamp-brass",
     "tote-olive",

@@ -463,22 +463,58 @@ fn transform(img: &RgbImage, dx: f32, dy: f32, sx: f32, sy: f32) -> RgbImage {
     })
 }
 
-/// Paints over the middle fifth of an uploaded product's height with the colour just below
-/// it, which wipes whatever print was there.
+/// Paints over the most detailed fifth of an uploaded product's height (its print, label,
+/// buttons or stitching: where neighbouring pixels differ sharply) in one colour, the median of
+/// the band, as a model that drops a product's label does. A plain product (a tote, a
+/// pair of headphones) has no label in the middle; its most detailed band is what a model
+/// loses instead.
 fn erase_middle_band(img: &mut RgbImage) {
+    /// A step between neighbours (summed over channels) sharper than any shading.
+    const SHARP_STEP: u32 = 30;
     let background = border_background(img);
-    let w = img.width() as usize;
-    let product = |x: u32, y: u32| !background[y as usize * w + x as usize];
-    let rows: Vec<u32> = (0..img.height()).filter(|&y| (0..img.width()).any(|x| product(x, y))).collect();
+    let (w, h) = (img.width(), img.height());
+    let product = |x: u32, y: u32| !background[y as usize * w as usize + x as usize];
+    let rows: Vec<u32> = (0..h).filter(|&y| (0..w).any(|x| product(x, y))).collect();
     let (Some(&top), Some(&bottom)) = (rows.first(), rows.last()) else { return };
     let span = bottom - top;
-    let (from, to) = (top + span * 2 / 5, top + span * 3 / 5);
-    for x in 0..img.width() {
-        let y_below = (to + 1).min(img.height() - 1);
-        let below = *img.get_pixel(x, y_below);
-        for y in from..=to {
-            if product(x, y) && product(x, y_below) {
-                img.put_pixel(x, y, below);
+    let band = (span / 5).max(1);
+    // Each row's count of sharp steps to the next pixel right or down within the product: a
+    // print's edges, not the smooth shading of a plain surface.
+    let sharp = |a: &Rgb<u8>, b: &Rgb<u8>| {
+        a.0.iter().zip(b.0).map(|(&p, q)| u32::from(p.abs_diff(q))).sum::<u32>() > SHARP_STEP
+    };
+    let detail: Vec<u64> = (0..h)
+        .map(|y| {
+            (0..w)
+                .filter(|&x| product(x, y))
+                .map(|x| {
+                    let here = img.get_pixel(x, y);
+                    let right = x + 1 < w && product(x + 1, y) && sharp(here, img.get_pixel(x + 1, y));
+                    let down = y + 1 < h && product(x, y + 1) && sharp(here, img.get_pixel(x, y + 1));
+                    u64::from(right) + u64::from(down)
+                })
+                .sum()
+        })
+        .collect();
+    // The band's top, from the product's top to where the band still ends above its bottom.
+    let from = (top..=bottom.saturating_sub(band))
+        .max_by_key(|&y| {
+            (detail[y as usize..(y + band).min(h) as usize].iter().sum::<u64>(), std::cmp::Reverse(y))
+        })
+        .unwrap_or(top + span * 2 / 5);
+    let to = (from + band).min(h - 1);
+    // One colour over the band: the median of its product pixels, the surface the print sat on.
+    let mut colours: Vec<Rgb<u8>> = (from..=to)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| product(x, y))
+        .map(|(x, y)| *img.get_pixel(x, y))
+        .collect();
+    colours.sort_by_key(|p| p.0.iter().map(|&c| u32::from(c)).sum::<u32>());
+    let Some(&fill) = colours.get(colours.len() / 2) else { return };
+    for y in from..=to {
+        for x in 0..w {
+            if product(x, y) {
+                img.put_pixel(x, y, fill);
             }
         }
     }
@@ -792,6 +828,30 @@ mod tests {
             sha256: format!("{:x}", Sha256::digest(img.as_raw())),
             bytes: encode(img, Format::Png).unwrap().into(),
         }
+    }
+
+    #[test]
+    fn unlabeled_wipes_a_plain_photos_most_detailed_band() {
+        // A plain olive box (a tote) with stitching across its top fifth and nothing in its
+        // middle: the middle band holds nothing to remove, the stitching is what goes.
+        let photo = RgbImage::from_fn(64, 64, |x, y| match (x, y) {
+            (12..52, 12..52) if y < 20 && (x + y) % 3 == 0 => Rgb([40, 50, 20]),
+            (12..52, 12..52) => Rgb([110, 120, 60]),
+            _ => Rgb([255, 255, 255]),
+        });
+        let faithful = ImageKey { width: 64, height: 64, ..key(data(&photo), Texture::White, Format::Png) };
+        let unlabeled = ImageKey { alteration: Alteration::Unlabeled, ..faithful.clone() };
+        let (kept, wiped) = (decoded(&faithful), decoded(&unlabeled));
+        let stitches = |img: &RgbImage| img.pixels().filter(|p| p.0[0] < 60).count();
+        assert!(stitches(&kept) > 50, "the faithful edit keeps the stitching");
+        assert!(
+            stitches(&wiped) * 4 < stitches(&kept),
+            "{} of {} stitches left",
+            stitches(&wiped),
+            stitches(&kept)
+        );
+        // The middle of the product is as it was.
+        assert_eq!(wiped.get_pixel(32, 32), kept.get_pixel(32, 32));
     }
 
     #[test]
