@@ -370,7 +370,12 @@ pub(crate) fn locate(
     // background's texture, not a move: a moved or resized product scores far below its true
     // placement anywhere near where it was.
     let near_reach = ((NEAR_SHIFT * side) / mid_factor).ceil() as i32;
-    let (near_score, near) = refine((&mid, mid_factor), &fine, &[start], near_reach, side);
+    let (near_score, near) = if in_place && near_reach <= reach_mid {
+        // The candidates were only where it was, and this search would repeat the one above.
+        (found_score, found)
+    } else {
+        refine((&mid, mid_factor), &fine, &[start], near_reach, side)
+    };
     let best_score = found_score.max(near_score);
     let t = match score(&fine, &start, side, best_score - NEAR_MARGIN) {
         // Staying exactly put is the likeliest of all.
