@@ -317,6 +317,8 @@ pub struct AdaptiveConcurrency {
     limit: Option<f64>,
     decreased_at: Option<Instant>,
     slow_start: bool,
+    /// Whether the server accepted a submit since the last cut.
+    accepted_since_cut: bool,
 }
 
 impl AdaptiveConcurrency {
@@ -330,6 +332,7 @@ impl AdaptiveConcurrency {
             limit: None,
             decreased_at: None,
             slow_start: true,
+            accepted_since_cut: true,
         }
     }
 
@@ -356,6 +359,7 @@ impl AdaptiveConcurrency {
 
     /// The server accepted a submit sent while `in_flight` other jobs were in flight.
     pub fn on_accepted(&mut self, in_flight: u32) {
+        self.accepted_since_cut = true;
         // Only a full window says the window is not too small (an idle pipeline proves nothing).
         if in_flight + 1 < self.limit() {
             return;
@@ -382,7 +386,15 @@ impl AdaptiveConcurrency {
         }
         self.slow_start = false;
         let in_flight = f64::from(in_flight.max(1));
-        self.limit = Some(in_flight);
+        // The limit is what was in flight at the first refusal after an accept. Later cuts with
+        // nothing accepted in between follow this run's jobs draining (a server refusing
+        // everything for a while drains them to none) but do not lower the limit: after such a
+        // burst the window grows back at full speed to where the refusals began, and only a
+        // refusal after an accept finds a lower limit.
+        if self.accepted_since_cut || self.limit.is_none() {
+            self.limit = Some(in_flight);
+        }
+        self.accepted_since_cut = false;
         self.window = in_flight.min(WINDOW_BETA * self.window).max(1.0);
         self.decreased_at = Some(sent);
     }
@@ -758,6 +770,32 @@ mod tests {
         }
         assert!(ctl.limit() >= 40, "{}", ctl.limit());
         assert!(ctl.limit() <= ctl.ceiling());
+    }
+
+    #[test]
+    fn a_burst_of_refusals_that_drains_every_job_leaves_the_window_free_to_grow_back() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(5);
+        for n in 0..5 {
+            ctl.on_accepted(n);
+        }
+        assert_eq!(ctl.limit(), 5);
+        // Every submit refused for a while (429s that say nothing): jobs drain 4, 3, 2, 1.
+        let mut t = 1.0;
+        for n in (1..5).rev() {
+            ctl.on_too_many(clock.at(t), n);
+            t += 0.2;
+        }
+        assert_eq!(ctl.limit(), 1, "the window follows the drain");
+        assert_eq!(ctl.known_limit(), Some(4.0), "where the refusals began");
+        // Accepted again: a few full windows bring it back to where the refusals began.
+        let mut accepts = 0;
+        while ctl.limit() < 4 && accepts < 50 {
+            let full = ctl.limit() - 1;
+            ctl.on_accepted(full);
+            accepts += 1;
+        }
+        assert!(ctl.limit() >= 4 && accepts <= 10, "window {} after {accepts} accepts", ctl.limit());
     }
 
     #[test]
