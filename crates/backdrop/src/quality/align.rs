@@ -70,12 +70,6 @@ pub(crate) fn agree(a: [f32; 3], b: [f32; 3]) -> bool {
     dl * dl + da * da + db * db <= AGREE * AGREE
 }
 
-/// A product scoring this high at scale 1 and no shift, on the coarse level, is in place: most of
-/// its pixels agree and its ring stands apart from it. A moved, scaled or reshaped product
-/// cannot score this there (its ring is covered, or its pixels miss), so the search for where
-/// else it went is not needed.
-const IN_PLACE: f32 = 0.9;
-
 /// Coarse placements scoring this far below the best are not worth refining.
 const NEAR_BEST: f32 = 0.2;
 
@@ -337,13 +331,7 @@ pub(crate) fn locate(
     let mut overall = score(&coarse, &start, side, f32::MIN).unwrap_or(f32::MIN);
     let mut scales = SCALES;
     scales.sort_by(|a, b| a.ln().abs().total_cmp(&b.ln().abs()));
-    let in_place = overall >= IN_PLACE;
-    if in_place {
-        // Where a faithful edit leaves it: the finer levels refine around it, and the wide scan
-        // (most of the gate's CPU on a small image) is skipped.
-        best.push((overall, start));
-    }
-    for &scale in if in_place { &[][..] } else { &scales[..] } {
+    for scale in scales {
         let mut top = (f32::MIN, start.with(scale, 0.0, 0.0));
         for iy in -steps..=steps {
             for ix in -steps..=steps {
@@ -370,12 +358,7 @@ pub(crate) fn locate(
     // background's texture, not a move: a moved or resized product scores far below its true
     // placement anywhere near where it was.
     let near_reach = ((NEAR_SHIFT * side) / mid_factor).ceil() as i32;
-    let (near_score, near) = if in_place && near_reach <= reach_mid {
-        // The candidates were only where it was, and this search would repeat the one above.
-        (found_score, found)
-    } else {
-        refine((&mid, mid_factor), &fine, &[start], near_reach, side)
-    };
+    let (near_score, near) = refine((&mid, mid_factor), &fine, &[start], near_reach, side);
     let best_score = found_score.max(near_score);
     let t = match score(&fine, &start, side, best_score - NEAR_MARGIN) {
         // Staying exactly put is the likeliest of all.
