@@ -31,15 +31,25 @@ fn listing(dir: &Path) -> Vec<String> {
 /// `backdrop run` on the repository's sample catalog (its pictures are local files), with the
 /// state and the outputs in the test's folder.
 fn sample_run(env: &TestEnv, extra: &[&str]) -> tokio::process::Command {
+    sample_run_at(env, &env.state(), &env.out(), extra)
+}
+
+/// [`sample_run`] with the state file and the output folder at `state` and `out`.
+fn sample_run_at(
+    env: &TestEnv,
+    state: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> tokio::process::Command {
     let mut cmd = env.cmd();
     cmd.arg("run")
         .arg(root().join("sample-catalog.csv"))
         .arg("--prompt")
         .arg(root().join("prompts/marble-counter.txt"))
         .arg("--state")
-        .arg(env.state())
+        .arg(state)
         .arg("--out")
-        .arg(env.out())
+        .arg(out)
         .args(["--poll-initial", "20ms", "--poll-max", "100ms", "--rate", "1000/s"])
         .args(extra);
     cmd
@@ -113,17 +123,8 @@ async fn the_quick_start_with_the_gate_passes_every_sample() {
     let env = TestEnv::plain().await;
     for provider in ["seedance", "fal"] {
         let state = env.path(&format!("{provider}.db"));
-        let mut cmd = env.cmd();
-        cmd.arg("run")
-            .arg(root().join("sample-catalog.csv"))
-            .arg("--prompt")
-            .arg(root().join("prompts/marble-counter.txt"))
-            .arg("--state")
-            .arg(&state)
-            .arg("--out")
-            .arg(env.path(&format!("{provider}-out")))
-            .args(["--poll-initial", "20ms", "--poll-max", "100ms", "--rate", "1000/s"])
-            .args(["--simulate", "--provider", provider]);
+        let out_dir = env.path(&format!("{provider}-out"));
+        let cmd = sample_run_at(&env, &state, &out_dir, &["--simulate", "--provider", provider]);
         let out = output(cmd).await;
         let err = stderr(&out);
         let store = backdrop::store::Store::open(&state).await.unwrap();
