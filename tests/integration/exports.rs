@@ -129,12 +129,7 @@ async fn done_rows_get_every_preset_and_accepted_review_rows_get_them_on_accept(
     assert!(env.temp_files().is_empty(), "{:?}", env.temp_files());
 
     // The report lists each row's exports, in columns appended at the end.
-    let csv = env.path("report.csv");
-    let mut cmd = env.cmd();
-    cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(env.state());
-    let rep = output(cmd).await;
-    assert_eq!(code(&rep), 0, "{}", stderr(&rep));
-    let report = std::fs::read_to_string(&csv).expect("report");
+    let report = env.csv_report().await;
     let mut reader = csv::Reader::from_reader(report.as_bytes());
     let header: Vec<String> = reader.headers().expect("header").iter().map(str::to_owned).collect();
     assert_eq!(&header[header.len() - 2..], ["export_paths", "export_sha256"], "{header:?}");

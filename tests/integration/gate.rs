@@ -84,12 +84,7 @@ async fn altered_edits_are_held_for_review_and_faithful_ones_are_done() {
     assert!(env.double_charges().await.is_empty());
 
     // The report gives each check's score and the reasons for each flag, in columns at the end.
-    let csv = env.path("report.csv");
-    let mut cmd = env.cmd();
-    cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(env.state());
-    let rep = output(cmd).await;
-    assert_eq!(code(&rep), 0, "{}", stderr(&rep));
-    let report = std::fs::read_to_string(&csv).expect("report");
+    let report = env.csv_report().await;
     assert!(report.lines().next().is_some_and(|h| h.contains(",quality_scores,quality_reasons")), "{report}");
     let review_lines: Vec<&str> = report.lines().filter(|l| l.contains(",review,")).collect();
     assert_eq!(review_lines.len(), held, "{report}");

@@ -209,6 +209,16 @@ impl TestEnv {
         self.path("out")
     }
 
+    /// `backdrop report --format csv` of the state file, which must exit 0: the report's text.
+    pub(crate) async fn csv_report(&self) -> String {
+        let csv = self.path("report.csv");
+        let mut cmd = self.cmd();
+        cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(self.state());
+        let rep = output(cmd).await;
+        assert_eq!(code(&rep), 0, "{}", stderr(&rep));
+        std::fs::read_to_string(&csv).expect("the report file")
+    }
+
     /// A catalog of `n` rows whose images the simulator serves.
     pub(crate) fn catalog(&self, n: usize) -> PathBuf {
         let skus: Vec<String> = (0..n).map(|i| format!("SKU-{i:04}")).collect();

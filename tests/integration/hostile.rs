@@ -197,12 +197,7 @@ async fn a_key_echoed_in_error_bodies_never_reaches_the_log_the_state_or_the_rep
         assert!(log.contains("[reda"), "{provider}: the echo was seen and scrubbed: {log}");
         assert!(!leaks(&log), "{provider}: key in the log: {log}");
 
-        let csv = env.path("report.csv");
-        let mut cmd = env.cmd();
-        cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(env.state());
-        let report = output(cmd).await;
-        assert_eq!(code(&report), 0, "{}", stderr(&report));
-        let csv = std::fs::read_to_string(&csv).unwrap();
+        let csv = env.csv_report().await;
         assert!(csv.contains("[reda"), "{provider}: the error is in the report: {csv}");
         assert!(!leaks(&csv), "{provider}: key in report.csv: {csv}");
 

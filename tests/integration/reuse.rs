@@ -50,12 +50,7 @@ async fn three_variant_skus_with_one_photo_pay_for_one_image() {
     assert_eq!(leaders.len(), 1, "{rows:?}");
 
     // The report says which rows reused which result.
-    let csv = env.path("report.csv");
-    let mut cmd = env.cmd();
-    cmd.args(["report", "--format", "csv", "--output"]).arg(&csv).arg("--state").arg(env.state());
-    let rep = output(cmd).await;
-    assert_eq!(code(&rep), 0, "{}", stderr(&rep));
-    let report = std::fs::read_to_string(&csv).expect("report");
+    let report = env.csv_report().await;
     assert!(report.lines().next().is_some_and(|h| h.contains(",reused_from,")), "{report}");
     assert_eq!(report.lines().filter(|l| l.contains(&format!(",{},", leaders[0].0))).count(), 2, "{report}");
 }
