@@ -21,7 +21,7 @@ use crate::exit::ExitCode;
 use backdrop::fetch::{self, Fetcher};
 use backdrop::money::Budget;
 use backdrop::pipeline::limiter::Limiter;
-use backdrop::pipeline::scheduler::{self, Pool, PoolOutcome, Stop};
+use backdrop::pipeline::scheduler::{self, FoundLimits, Pool, PoolOutcome, Stop};
 use backdrop::pipeline::stats::RunStats;
 use backdrop::pipeline::webhooks::{WebhookSettings, Webhooks};
 use backdrop::plan;
@@ -72,6 +72,9 @@ pub(crate) struct RunOutcome {
     pub(crate) spent_usd: f64,
     /// Jobs left at the provider because polls kept failing.
     pub(crate) unfinished: u64,
+    /// The server's limits as the run found them (absent when no submit could be sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) limits: Option<FoundLimits>,
 }
 
 /// Runs `backdrop run`.
@@ -283,6 +286,7 @@ pub(crate) async fn execute(
         spent: stats.spent(),
         spent_usd: prices.to_dollars(stats.spent()),
         unfinished: pool_outcome.unfinished,
+        limits: Some(pool_outcome.limits),
     };
     let json = serde_json::to_string_pretty(&summary).unwrap_or_else(|_| "{}".into());
     store.finish_run(run_id, outcome, exit.code(), &json).await?;
@@ -656,6 +660,7 @@ fn summary_start(settings: &Settings, run_id: i64, started_at: i64, model: &str)
         spent: 0.0,
         spent_usd: 0.0,
         unfinished: 0,
+        limits: None,
     }
 }
 
@@ -711,7 +716,7 @@ fn render_summary(s: &RunOutcome, provider: ProviderKind) -> String {
         ProviderKind::Fal => format!("${:.2}", s.spent_usd),
     };
     let counts: Vec<String> = s.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    format!(
+    let mut text = format!(
         "run {} {} in {:.1}s: {} done, {} failed this run; {} submits, {} retries; spent {money}\nrows: {}",
         s.run_id,
         s.outcome.replace('_', " "),
@@ -721,7 +726,23 @@ fn render_summary(s: &RunOutcome, provider: ProviderKind) -> String {
         s.submits,
         s.retries,
         counts.join(", ")
-    )
+    );
+    if let Some(line) = s.limits.as_ref().and_then(render_limits) {
+        text.push('\n');
+        text.push_str(&line);
+    }
+    text
+}
+
+/// One line on what the server's 429s taught the run, when it got any: where the pace and the
+/// window ended, beside the ceilings (a setting for the next run, and a sign of a tight account).
+fn render_limits(l: &FoundLimits) -> Option<String> {
+    (l.throttled > 0).then(|| {
+        format!(
+            "limits: {} submits answered 429; pace at the end {:.1}/s (--rate {:.1}/s), window {} (--concurrency {})",
+            l.throttled, l.pace_per_sec, l.rate_ceiling_per_sec, l.window, l.concurrency_ceiling
+        )
+    })
 }
 
 #[cfg(test)]
@@ -730,7 +751,7 @@ mod tests {
 
     #[test]
     fn stops_outrank_failures_and_failures_outrank_success() {
-        let pool = |stop| PoolOutcome { stop, unfinished: 0 };
+        let pool = |stop| PoolOutcome { stop, ..PoolOutcome::default() };
         assert_eq!(decide(&pool(None), 0, 0, 0).0, ExitCode::Success);
         assert_eq!(decide(&pool(None), 2, 0, 0).0, ExitCode::RowsFailed);
         assert_eq!(decide(&pool(None), 0, 1, 0).0, ExitCode::RowsFailed);

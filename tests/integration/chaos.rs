@@ -38,7 +38,7 @@ fn scenario(seed: u64) -> SimConfig {
         drop_rate: 0.02,
         truncate_rate: 0.1,
         script: vec![ScriptStep { count: 4, status: 429, retry_after_secs: Some(1), drop: false }],
-        bursts: vec![Burst { after_secs: 1.0, duration_secs: 0.5, status: 503 }],
+        bursts: vec![Burst { after_secs: 1.0, duration_secs: 0.5, status: 503, no_retry_after: false }],
         webhook_delay_ms: 150,
         webhook_duplicate_rate: 0.3,
         webhook_drop_rate: 0.2,

@@ -4,7 +4,7 @@
 //! the server. A server that answers nothing but 429s stops the run after `--patience` with the
 //! resumable exit code 7.
 
-use backdrop_sim::{Faults, Latency, ScriptStep, SimConfig};
+use backdrop_sim::{Burst, Faults, Latency, ScriptStep, SimConfig};
 
 use crate::harness::{TestEnv, code, output, stderr};
 
@@ -65,6 +65,46 @@ async fn the_rate_ceiling_holds_at_the_server_while_the_pace_adapts() {
     let stats = all_done(faults, 24, &["--concurrency", "20", "--rate", "8/s"]).await;
     assert!(stats.peak_submits_per_second <= 8, "{stats:?}");
     assert_eq!(stats.by_status.get(&429), None, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storms_of_429s_are_waited_out_and_leave_the_pace_and_the_window_where_they_were() {
+    // A gateway that refuses everything for 1.5 s at a time, twice while the run submits: the
+    // bench's faults case, which once left the pace at a few submits a second (each storm cut
+    // it, and the next came before it grew back). With `Retry-After: 1` (seedance) the pauses
+    // wait the storms out; without it (fal's 429s) the window drains and pauses back off.
+    for (provider, no_retry_after) in [("seedance", false), ("fal", true)] {
+        let storm = |after_secs| Burst { after_secs, duration_secs: 1.5, status: 429, no_retry_after };
+        let faults = Faults {
+            latency: Latency::Fixed { ms: 100 },
+            bursts: vec![storm(0.5), storm(3.0)],
+            ..Faults::default()
+        };
+        let env = TestEnv::new(config(faults)).await;
+        let catalog = env.catalog(60);
+        let summary = env.path("summary.json");
+        let args = ["--provider", provider, "--max-attempts", "1", "--concurrency", "4", "--rate", "200/s"];
+        let mut cmd = env.run_cmd(&catalog, &args);
+        cmd.arg("--summary-json").arg(&summary);
+        let out = output(cmd).await;
+        let states = env.states().await;
+        assert_eq!(code(&out), 0, "{provider}: {states:?}\n{}", stderr(&out));
+        assert_eq!(states.get("done").copied(), Some(60), "{provider}: {states:?}");
+        assert!(env.double_charges().await.is_empty(), "{provider}");
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+        let limits = &s["limits"];
+        assert!(limits["throttled"].as_u64().unwrap_or(0) >= 2, "{provider}: the storms were met: {s}");
+        assert_eq!(limits["rate_ceiling_per_sec"].as_f64(), Some(200.0), "{provider}: {s}");
+        // The storms said nothing about a rate or a cap: the run ends at its ceilings.
+        let pace = limits["pace_per_sec"].as_f64().unwrap_or(0.0);
+        assert!(pace >= 100.0, "{provider}: the pace ended at {pace:.1}/s: {s}");
+        assert_eq!(limits["window"].as_u64(), Some(4), "{provider}: {s}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("submits answered 429; pace at the end"),
+            "{provider}: the summary says so: {text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -112,8 +112,9 @@ pub struct SimArgs {
     /// 503x2, dropx1 (charge then drop the connection), okx5 (let five through). Repeatable.
     #[arg(long, value_name = "STEP")]
     pub script: Vec<String>,
-    /// A window of errors: AFTER+DURATION[:STATUS], e.g. 10s+30s:503 (the 30 s after the first
-    /// 10 are all 503). Repeatable.
+    /// A window of errors: AFTER+DURATION[:STATUS[:no-retry-after]], e.g. 10s+30s:503 (the 30 s
+    /// after the first 10 are all 503); a 429 burst says `Retry-After: 1` unless told
+    /// `no-retry-after`. Repeatable.
     #[arg(long, value_name = "WINDOW")]
     pub burst: Vec<String>,
     /// Stragglers: RATExFACTOR, e.g. 2%x5 (2% of generations take five times longer).
@@ -167,6 +168,7 @@ Scenario file (--scenario FILE), every key optional:
   after_secs = 10.0
   duration_secs = 30.0
   status = 503
+  no_retry_after = false               # a 429 burst's answers without Retry-After
   # Server limits (discovered by the client, never told to it):
   latency_tail = { rate = 0.02, factor = 5.0 }   # 2% of generations take 5x longer
   rate_limit_omits_retry_after = true  # rate-limit 429s without Retry-After
@@ -223,17 +225,28 @@ fn duration_secs(flag: &str, text: &str) -> Result<f64, SimError> {
 }
 
 fn parse_burst(text: &str) -> Result<Burst, SimError> {
-    let bad =
-        || SimError::Config(format!("--burst {text:?}: expected AFTER+DURATION[:STATUS], e.g. 10s+30s:503"));
-    let (window, status) = match text.split_once(':') {
-        Some((w, s)) => (w, s.parse::<u16>().map_err(|_| bad())?),
-        None => (text, 503),
+    let bad = || {
+        SimError::Config(format!(
+            "--burst {text:?}: expected AFTER+DURATION[:STATUS[:no-retry-after]], e.g. 10s+30s:503 or 3s+2s:429:no-retry-after"
+        ))
     };
+    let mut parts = text.split(':');
+    let window = parts.next().unwrap_or_default();
+    let status = parts.next().map_or(Ok(503), |s| s.parse::<u16>().map_err(|_| bad()))?;
+    let no_retry_after = match parts.next() {
+        None => false,
+        Some("no-retry-after") => true,
+        Some(_) => return Err(bad()),
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
     let (after, duration) = window.split_once('+').ok_or_else(bad)?;
     Ok(Burst {
         after_secs: duration_secs("--burst", after)?,
         duration_secs: duration_secs("--burst", duration)?,
         status,
+        no_retry_after,
     })
 }
 
@@ -391,7 +404,12 @@ mod tests {
         assert_eq!(config.faults.error_rate, 0.5);
         assert_eq!(config.faults.latency, Latency::Fixed { ms: 20 });
         assert_eq!(config.faults.script[0].count, 2);
-        assert_eq!(config.faults.bursts, vec![Burst { after_secs: 1.0, duration_secs: 2.0, status: 500 }]);
+        assert_eq!(
+            config.faults.bursts,
+            vec![Burst { after_secs: 1.0, duration_secs: 2.0, status: 500, no_retry_after: false }]
+        );
+        assert!(parse_burst("3s+2s:429:no-retry-after").is_ok_and(|b| b.no_retry_after && b.status == 429));
+        assert!(parse_burst("3s+2s:429:later").is_err());
     }
 
     #[test]

@@ -231,6 +231,10 @@ pub struct Burst {
     /// The status every submit gets meanwhile [default: 503].
     #[serde(default = "default_burst_status")]
     pub status: u16,
+    /// A 429 burst's answers carry no `Retry-After` (as fal's and many gateways' 429s do not);
+    /// by default they say `Retry-After: 1`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_retry_after: bool,
 }
 
 const fn default_burst_status() -> u16 {

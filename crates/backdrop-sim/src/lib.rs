@@ -416,12 +416,13 @@ impl Sim {
         self.submit_seq.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// The status every submit gets right now because of a burst, if one is on.
-    pub(crate) fn burst_status(&self, now: Instant) -> Option<u16> {
+    /// The status every submit gets right now because of a burst, if one is on, and whether
+    /// its 429s go without `Retry-After`.
+    pub(crate) fn burst_status(&self, now: Instant) -> Option<(u16, bool)> {
         if let Some((until, status)) = *lock(&self.manual_burst)
             && now < until
         {
-            return Some(status);
+            return Some((status, false));
         }
         let t = now.duration_since(self.started).as_secs_f64();
         self.config
@@ -429,7 +430,7 @@ impl Sim {
             .bursts
             .iter()
             .find(|b| t >= b.after_secs && t < b.after_secs + b.duration_secs)
-            .map(|b| b.status)
+            .map(|b| (b.status, b.no_retry_after))
     }
 
     /// Generations in flight now.

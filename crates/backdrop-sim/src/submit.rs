@@ -97,6 +97,8 @@ pub(crate) enum Cause {
     /// A scripted answer, a burst or a random 5xx (a 429 among them gets `Retry-After: 1` when
     /// the script names none).
     Fault,
+    /// A burst whose 429s carry no `Retry-After`.
+    BareFault,
     /// Over the rate limit: `Retry-After` says when there is room, unless configured off.
     RateLimited,
     /// Over the cap on generations in flight: never a `Retry-After` (the server cannot know
@@ -145,8 +147,9 @@ pub(crate) fn gate(sim: &Sim, seq: u64, rng: &mut StdRng) -> Verdict {
         }
     }
     let now = Instant::now();
-    if let Some(status) = sim.burst_status(now) {
-        return Verdict::Refuse(Refusal { status, retry_after: None, cause: Cause::Fault });
+    if let Some((status, bare)) = sim.burst_status(now) {
+        let cause = if bare { Cause::BareFault } else { Cause::Fault };
+        return Verdict::Refuse(Refusal { status, retry_after: None, cause });
     }
     let limits = sim.limits.now(sim, now, seq);
     if let Err(wait) = sim.take_rate_slot(now, limits.rate_limit_per_sec) {

@@ -68,6 +68,10 @@ const MAX_DOUBLINGS: u32 = 3;
 const PLATEAU_SHARE: f64 = 0.98;
 /// Fewest accepted submits an estimate is made from.
 const MIN_SAMPLES: usize = 2;
+/// The pause after a 429 without `Retry-After` that the server's counts cannot time, and the
+/// first between probes of a server refusing everything; the latter double up to 32 s.
+const OUTAGE_PAUSE: Duration = Duration::from_secs(1);
+const OUTAGE_DOUBLINGS: u32 = 5;
 /// How far back accepted submits are remembered: the longest window an estimate looks at.
 const HISTORY: Duration = Duration::from_secs(60);
 
@@ -89,6 +93,12 @@ const HISTORY: Duration = Duration::from_secs(60);
 ///   6 s, doubling (to 48 s) while decreases keep finding the same limit;
 /// - 429s for submits sent before the decrease (and, without `Retry-After`, within one server
 ///   window after it) belong to the same episode and do not decrease again.
+///
+/// A 429 with `Retry-After` while the server has accepted nothing sent since the decrease is
+/// the same episode: the pause answers it, not another decrease. If one is refused that was sent
+/// after the server's own pause ended, the server is refusing whatever the pace (an outage, a
+/// storm of 429s, as gateways answer while overloaded), and the decrease is undone: otherwise
+/// every storm would cut the pace again and the run would crawl long after the storms.
 ///
 /// `Retry-After` is honoured as a pause ([`AdaptiveRate::on_429`] returns it) and as the hint
 /// of the server's window above. Without it, the first 429 of an episode pauses until the
@@ -117,6 +127,38 @@ pub struct AdaptiveRate {
     pauses: VecDeque<(Instant, Instant)>,
     /// The first 429 since the last accepted submit.
     throttled_since: Option<Instant>,
+    /// The refusals since the last decrease, while the server has accepted nothing sent after it.
+    episode: Option<Episode>,
+}
+
+/// The control state a decrease changes, kept so an outage's decrease can be undone.
+#[derive(Debug, Clone, Copy)]
+struct Control {
+    rate: f64,
+    plateau: f64,
+    decreased_at: Option<Instant>,
+    episode_until: Option<Instant>,
+    plateau_secs: f64,
+    c_before: f64,
+    c_after: f64,
+    same_limit_in_a_row: u32,
+    previous_plateau: Option<f64>,
+}
+
+/// A decrease and the refusals that followed it before the server accepted anything again.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    /// When the decrease happened: a submit sent after it and accepted ends the episode.
+    opened: Instant,
+    /// The end of the latest pause of the episode: a submit sent after it and refused again
+    /// shows the server refusing whatever the pace.
+    pause_until: Instant,
+    /// Submits sent after a pause and refused again.
+    probes: u32,
+    /// The pace and plateau before the decrease.
+    before: Control,
+    /// Whether the decrease was already undone as an outage's.
+    undone: bool,
 }
 
 impl AdaptiveRate {
@@ -142,7 +184,34 @@ impl AdaptiveRate {
             accepted: VecDeque::new(),
             pauses: VecDeque::new(),
             throttled_since: None,
+            episode: None,
         }
+    }
+
+    fn control(&self) -> Control {
+        Control {
+            rate: self.rate,
+            plateau: self.plateau,
+            decreased_at: self.decreased_at,
+            episode_until: self.episode_until,
+            plateau_secs: self.plateau_secs,
+            c_before: self.c_before,
+            c_after: self.c_after,
+            same_limit_in_a_row: self.same_limit_in_a_row,
+            previous_plateau: self.previous_plateau,
+        }
+    }
+
+    fn restore(&mut self, c: Control) {
+        self.rate = c.rate;
+        self.plateau = c.plateau;
+        self.decreased_at = c.decreased_at;
+        self.episode_until = c.episode_until;
+        self.plateau_secs = c.plateau_secs;
+        self.c_before = c.c_before;
+        self.c_after = c.c_after;
+        self.same_limit_in_a_row = c.same_limit_in_a_row;
+        self.previous_plateau = c.previous_plateau;
     }
 
     /// Submits per second now.
@@ -192,6 +261,9 @@ impl AdaptiveRate {
             self.accepted.pop_front();
         }
         self.throttled_since = None;
+        if self.episode.is_some_and(|e| sent >= e.opened) {
+            self.episode = None;
+        }
         if self.decreased_at.is_some() {
             self.rate = self.cubic(now);
         }
@@ -204,10 +276,38 @@ impl AdaptiveRate {
         self.saw_send(sent);
         self.throttled_since.get_or_insert(now);
         let mut pause = retry_after.map(|wait| now + wait);
-        if self.episode_until.is_none_or(|until| sent >= until)
-            && let Some(room) = self.decrease(sent, now, retry_after)
-        {
-            pause = Some(pause.map_or(room, |p| p.max(room)));
+        if let Some(episode) = &mut self.episode {
+            // The server has accepted nothing sent since the decrease: its refusals are one
+            // episode, and pauses, not more decreases, answer them. A submit sent after the
+            // episode's pause and refused again shows the server refusing whatever the pace (an
+            // outage, a gateway's storm of 429s): the decrease was not about the rate, and the
+            // pace goes back to where it was.
+            if sent >= episode.pause_until {
+                episode.probes += 1;
+                // Without the server's word, the pauses between probes double, up to a cap.
+                let until = pause.unwrap_or_else(|| {
+                    let doublings = episode.probes.saturating_sub(1).min(OUTAGE_DOUBLINGS);
+                    now + OUTAGE_PAUSE * (1u32 << doublings)
+                });
+                episode.pause_until = until;
+                pause = Some(until);
+                let undo = (!episode.undone).then_some(episode.before);
+                episode.undone = true;
+                if let Some(before) = undo {
+                    self.restore(before);
+                }
+            }
+        } else if self.episode_until.is_none_or(|until| sent >= until) {
+            let before = self.control();
+            if let Some(room) = self.decrease(sent, now, retry_after) {
+                pause = Some(pause.map_or(room, |p| p.max(room)));
+            }
+            // Without `Retry-After` or a count to tell when the server's window has room, a
+            // short pause: a lone job would otherwise resubmit at once, and the submit after it
+            // tells an outage from a rate.
+            let until = *pause.get_or_insert(now + OUTAGE_PAUSE);
+            self.episode =
+                Some(Episode { opened: now, pause_until: until, before, undone: false, probes: 0 });
         }
         if let Some(until) = pause {
             self.pauses.push_back((now, until));
@@ -319,6 +419,11 @@ pub struct AdaptiveConcurrency {
     slow_start: bool,
     /// Whether the server accepted a submit since the last cut.
     accepted_since_cut: bool,
+    /// The window, limit and slow start before the cut that began the refusals since the last
+    /// accept.
+    before_refusals: Option<(f64, Option<f64>, bool)>,
+    /// Whether a refusal since the last accept came with fewer jobs in flight than the first.
+    outage: bool,
 }
 
 impl AdaptiveConcurrency {
@@ -333,6 +438,8 @@ impl AdaptiveConcurrency {
             decreased_at: None,
             slow_start: true,
             accepted_since_cut: true,
+            before_refusals: None,
+            outage: false,
         }
     }
 
@@ -359,6 +466,13 @@ impl AdaptiveConcurrency {
 
     /// The server accepted a submit sent while `in_flight` other jobs were in flight.
     pub fn on_accepted(&mut self, in_flight: u32) {
+        // The first accept after refusals that no cap on jobs in flight explains: the server
+        // was refusing everything, and the window returns to where it was before.
+        if std::mem::take(&mut self.outage)
+            && let Some((window, limit, slow_start)) = self.before_refusals
+        {
+            (self.window, self.limit, self.slow_start) = (window, limit, slow_start);
+        }
         self.accepted_since_cut = true;
         // Only a full window says the window is not too small (an idle pipeline proves nothing).
         if in_flight + 1 < self.limit() {
@@ -383,6 +497,16 @@ impl AdaptiveConcurrency {
         // Jobs sent no later than the one that caused the last cut belong to its episode.
         if self.decreased_at.is_some_and(|at| sent <= at) {
             return;
+        }
+        // Refused with fewer of this run's jobs in flight than at the first refusal since the
+        // last accept: a cap on jobs in flight would have room now (one of ours has ended), so
+        // the server is refusing everything (an outage, a gateway's storm of 429s). The window
+        // still shrinks with the drain, which keeps a storm from being hammered, and returns at
+        // the first accept to where it was before the refusals began.
+        if self.accepted_since_cut {
+            self.before_refusals = Some((self.window, self.limit, self.slow_start));
+        } else if self.limit.is_some_and(|l| f64::from(in_flight) + 1.0 < l) {
+            self.outage = true;
         }
         self.slow_start = false;
         let in_flight = f64::from(in_flight.max(1));
@@ -430,6 +554,9 @@ mod tests {
         Window { limit: usize, accepted: VecDeque<f64> },
         /// A token bucket: `rate` tokens a second, `burst` at most.
         Bucket { rate: f64, burst: f64, tokens: f64, last: f64 },
+        /// No rate limit, but storms: from `first` seconds, every `every` seconds, everything is
+        /// refused for `lasting` seconds (the simulator's `--burst`, with `Retry-After: 1`).
+        Storms { first: f64, every: f64, lasting: f64 },
     }
 
     impl Server {
@@ -445,6 +572,7 @@ mod tests {
             match self {
                 Self::Window { limit, .. } => *limit = new as usize,
                 Self::Bucket { rate, .. } => *rate = new,
+                Self::Storms { .. } => {}
             }
         }
 
@@ -471,6 +599,10 @@ mod tests {
                     } else {
                         Err((1.0 - *tokens) / *rate)
                     }
+                }
+                Self::Storms { first, every, lasting } => {
+                    let into = (t - *first).rem_euclid(*every);
+                    if t >= *first && into < *lasting { Err(1.0) } else { Ok(()) }
                 }
             }
         }
@@ -513,6 +645,20 @@ mod tests {
         with_retry_after: bool,
         changes: &[(f64, f64)],
     ) -> Outcome {
+        drive_with_demand(server, ceiling, f64::INFINITY, secs, with_retry_after, changes).0
+    }
+
+    /// [`drive`] for a client that has work for at most `demand` submits a second (its jobs in
+    /// flight and their latency bound it), so it sends at the slower of that and the pace.
+    /// Also returns the pace at the end.
+    fn drive_with_demand(
+        server: &mut Server,
+        ceiling: f64,
+        demand: f64,
+        secs: f64,
+        with_retry_after: bool,
+        changes: &[(f64, f64)],
+    ) -> (Outcome, f64) {
         const RTT: f64 = 0.02;
         let clock = Clock(Instant::now());
         let mut ctl = AdaptiveRate::new(ceiling);
@@ -553,9 +699,9 @@ mod tests {
                 }
             };
             answers.push_back((t + RTT, t, answer));
-            t += ctl.interval().as_secs_f64();
+            t += ctl.interval().as_secs_f64().max(1.0 / demand);
         }
-        out
+        (out, ctl.rate())
     }
 
     #[test]
@@ -637,6 +783,27 @@ mod tests {
     }
 
     #[test]
+    fn storms_of_429s_are_waited_out_without_slowing_the_pace_after_them() {
+        // The bench's faults case: everything refused for a while every 5 s, `Retry-After: 1`,
+        // and a client whose work allows 18 submits a second (5 jobs in flight at ~270 ms each)
+        // under a ceiling far above that. A client that honours `Retry-After` and never slows
+        // loses, per storm, the storm rounded up to the pauses it takes to see it end.
+        const DEMAND: f64 = 18.0;
+        for (lasting, lost) in [(1.5, 2.04), (3.0, 3.06)] {
+            let mut server = Server::Storms { first: 3.0, every: 5.0, lasting };
+            let (out, pace) = drive_with_demand(&mut server, 1000.0, DEMAND, 123.0, true, &[]);
+            let ideal = DEMAND * (3.0 + 24.0 * (5.0 - lost));
+            let got = out.accepted.len() as f64 / ideal;
+            println!(
+                "storms of {lasting} s every 5 s: {:.1}% of what a client that only pauses gets; pace at the end {pace:.1}/s",
+                got * 100.0
+            );
+            assert!(got >= 0.9, "storms of {lasting} s: {got:.3} of the demand between storms");
+            assert!(pace >= 0.9 * DEMAND, "storms of {lasting} s: the pace ends at {pace:.2}/s");
+        }
+    }
+
+    #[test]
     fn retry_after_is_a_pause_and_repeated_429s_of_one_episode_decrease_once() {
         let clock = Clock(Instant::now());
         let mut ctl = AdaptiveRate::new(20.0);
@@ -658,14 +825,22 @@ mod tests {
     }
 
     #[test]
-    fn with_no_evidence_the_pace_halves_towards_the_floor_but_never_below() {
+    fn a_server_that_refuses_everything_without_retry_after_is_probed_ever_less_often() {
         let clock = Clock(Instant::now());
         let mut ctl = AdaptiveRate::new(10.0);
-        for i in 0..200 {
-            let t = f64::from(i) * 100.0;
-            ctl.on_429(clock.at(t), clock.at(t + 0.01), None);
+        let (mut t, mut gaps) = (0.0_f64, Vec::new());
+        for _ in 0..10 {
+            let until = ctl.on_429(clock.at(t), clock.at(t + 0.01), None).expect("every 429 pauses");
+            let next = (until - clock.0).as_secs_f64();
+            gaps.push(((next - t) * 100.0).round() / 100.0);
+            t = next;
         }
-        assert!((ctl.rate() - 1.0 / 60.0).abs() < 1e-9, "{}", ctl.rate());
+        // A second after the first (no count to time the server's window by), then each submit
+        // sent after a pause and refused again doubles the next, up to 32 s.
+        assert_eq!(gaps, [1.01, 1.01, 2.01, 4.01, 8.01, 16.01, 32.01, 32.01, 32.01, 32.01]);
+        // Refusals that come whatever the pace say nothing about it: the pauses hold the client
+        // back, and the pace is where it was when the server last took a submit.
+        assert!((ctl.rate() - 10.0).abs() < 1e-9, "{}", ctl.rate());
         assert!(AdaptiveRate::new(f64::NAN).rate() > 0.0);
     }
 
@@ -796,6 +971,34 @@ mod tests {
             accepts += 1;
         }
         assert!(ctl.limit() >= 4 && accepts <= 10, "window {} after {accepts} accepts", ctl.limit());
+    }
+
+    #[test]
+    fn refusals_no_cap_explains_are_an_outage_and_the_window_returns_after_it() {
+        let clock = Clock(Instant::now());
+        let mut ctl = AdaptiveConcurrency::new(5);
+        for n in 0..5 {
+            ctl.on_accepted(n);
+        }
+        // A storm of 429s that say nothing drains the jobs to one, and refuses that one too.
+        let mut t = 1.0;
+        for n in (0..5).rev() {
+            ctl.on_too_many(clock.at(t), n);
+            t += 0.2;
+        }
+        assert_eq!(ctl.limit(), 1, "the window follows the drain while the server refuses");
+        // A cap on jobs in flight would have taken the submits sent after one of ours ended:
+        // the first accept brings the window back to where the refusals found it.
+        ctl.on_accepted(0);
+        assert_eq!(ctl.limit(), 5, "back after the storm");
+        assert_eq!(ctl.known_limit(), None);
+        // A lone job refused with no refusals before it is the server's count (other clients of
+        // the same account, say): the window stays at one after the next accept.
+        let mut alone = AdaptiveConcurrency::new(5);
+        alone.on_accepted(0);
+        alone.on_too_many(clock.at(1.0), 0);
+        alone.on_accepted(0);
+        assert_eq!(alone.limit(), 1);
     }
 
     #[test]

@@ -178,6 +178,12 @@ impl Limiter {
         locked(&self.pace).adaptive.rate()
     }
 
+    /// The user's ceiling, in submits per second.
+    #[must_use]
+    pub fn ceiling(&self) -> f64 {
+        locked(&self.pace).adaptive.ceiling()
+    }
+
     /// Since when the server has answered nothing but 429s about the rate, if it has.
     #[must_use]
     pub fn throttled_since(&self) -> Option<Instant> {
@@ -273,6 +279,12 @@ impl Window {
     #[must_use]
     pub fn limit(&self) -> u32 {
         locked(&self.state).adaptive.limit()
+    }
+
+    /// The user's ceiling on jobs in flight.
+    #[must_use]
+    pub fn ceiling(&self) -> u32 {
+        locked(&self.state).adaptive.ceiling()
     }
 
     /// Jobs in flight now.

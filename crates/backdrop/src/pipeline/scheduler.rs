@@ -66,6 +66,24 @@ pub struct PoolOutcome {
     pub stop: Option<Stop>,
     /// Jobs left at the provider (polls kept failing); the next run collects them.
     pub unfinished: u64,
+    /// Where the pace and the window stood at the end, below the user's ceilings.
+    pub limits: FoundLimits,
+}
+
+/// The server's limits as this run found them: the adaptive pace and window at the end, beside
+/// the ceilings the user set, and how many submits were answered 429 on the way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct FoundLimits {
+    /// Submits answered 429 in this run.
+    pub throttled: u64,
+    /// The pace at the end, in submits per second.
+    pub pace_per_sec: f64,
+    /// `--rate`, in submits per second.
+    pub rate_ceiling_per_sec: f64,
+    /// The window of jobs in flight at the end.
+    pub window: u32,
+    /// `--concurrency`.
+    pub concurrency_ceiling: u32,
 }
 
 /// What the workers share.
@@ -450,6 +468,13 @@ pub async fn run<P: Provider>(pool: Pool<P>) -> Result<PoolOutcome, StoreError> 
         shared.stop(Stop::Interrupted);
     }
     outcome.stop = *shared.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    outcome.limits = FoundLimits {
+        throttled: RunStats::get(&shared.pool.stats.throttled),
+        pace_per_sec: shared.pool.limiter.rate(),
+        rate_ceiling_per_sec: shared.pool.limiter.ceiling(),
+        window: shared.window.limit(),
+        concurrency_ceiling: shared.window.ceiling(),
+    };
     Ok(outcome)
 }
 
@@ -729,6 +754,7 @@ async fn submit_phase<P: Provider>(
                 // adapts, and only the patience (nothing but 429s for that long) stops the run.
                 shared.pool.budget.release(reservation);
                 shared.saw_429();
+                RunStats::bump(&shared.pool.stats.throttled);
                 attempts = attempts.saturating_sub(1);
                 RunStats::bump(&shared.pool.stats.retries);
                 shared

@@ -22,6 +22,8 @@ pub struct RunStats {
     pub retries: AtomicU64,
     /// Submissions sent.
     pub submits: AtomicU64,
+    /// Submissions answered 429 (not taken, nothing charged; sent again later).
+    pub throttled: AtomicU64,
     /// Money charged in this run, in millionths of the provider's unit.
     spent_micros: AtomicU64,
 }
