@@ -108,6 +108,15 @@ async fn storms_of_429s_are_waited_out_and_leave_the_pace_and_the_window_where_t
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_synchronous_run_reaches_its_concurrency_without_waiting_for_whole_generations() {
+    // Synchronous edits (--sync) are answered only when generated: if the window grew only on
+    // answers, eight 2-second jobs would go two, then four, then the last two, 6 s in all.
+    let faults = Faults { latency: Latency::Fixed { ms: 2000 }, ..Faults::default() };
+    let stats = all_done(faults, 8, &["--sync", "--concurrency", "8"]).await;
+    assert_eq!(stats.peak_in_flight, 8, "all eight in flight together: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_only_gets_429s_stops_after_its_patience_resumably() {
     let refuse = ScriptStep { count: 1_000_000, status: 429, retry_after_secs: Some(1), drop: false };
     let env = TestEnv::new(config(Faults { script: vec![refuse], ..Faults::default() })).await;

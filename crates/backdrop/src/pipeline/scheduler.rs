@@ -59,6 +59,10 @@ pub enum Stop {
 /// How long a run may get nothing but 429s before it stops, unless the user says otherwise.
 pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(300);
 
+/// A synchronous submit still unanswered after this long was taken by the server: a refusal
+/// (429, 402, a bad request) comes with the first answer, within a round trip.
+const TAKEN_AFTER: Duration = Duration::from_millis(200);
+
 /// How the pool ended.
 #[derive(Debug, Clone, Default)]
 pub struct PoolOutcome {
@@ -672,14 +676,35 @@ async fn submit_phase<P: Provider>(
         let sent = tokio::time::Instant::now();
         // Not raced against shutdown: the answer carries the request id we must save. The
         // client's request timeout bounds the wait.
-        let answer = shared.pool.provider.submit(&prepared).await;
+        let submit = shared.pool.provider.submit(&prepared);
+        // A synchronous call is answered only when its generation is done: waiting for that to
+        // grow the window would hold a run at two jobs in flight for whole generations (seconds
+        // to a minute each) before it reached its --concurrency. A refusal comes with the first
+        // answer, so one still unanswered after `TAKEN_AFTER` was taken.
+        let synchronous = shared.pool.provider.answers_at_completion(&prepared);
+        let answer = if synchronous {
+            tokio::pin!(submit);
+            tokio::select! {
+                answer = &mut submit => answer,
+                () = tokio::time::sleep(TAKEN_AFTER) => {
+                    if let Some(permit) = &in_flight.permit {
+                        shared.window.on_accepted(permit);
+                    }
+                    submit.await
+                }
+            }
+        } else {
+            submit.await
+        };
         let latency = started.elapsed();
         let latency_ms = Some(i64::try_from(latency.as_millis()).unwrap_or(i64::MAX));
         // The answer's verdict on the pace and the window (a 429 below).
         if answer.is_ok() {
             shared.saw_progress();
             shared.pool.limiter.on_success(sent);
-            if let Some(permit) = &in_flight.permit {
+            if (!synchronous || latency < TAKEN_AFTER)
+                && let Some(permit) = &in_flight.permit
+            {
                 shared.window.on_accepted(permit);
             }
         }

@@ -279,6 +279,15 @@ pub trait Provider: Send + Sync + 'static {
         std::future::ready(Ok(job.clone()))
     }
 
+    /// Whether [`Provider::submit`] answers only when the generation is done (a synchronous
+    /// call): then the server's acceptance is not heard until the end, and the caller counts the
+    /// submit as taken when it leaves (a refusal, which comes at once, still says otherwise).
+    /// The default is false (answered with a request id at once).
+    fn answers_at_completion(&self, job: &JobSpec) -> bool {
+        let _ = job;
+        false
+    }
+
     /// Sends the paid request. The caller has already committed its intent to the store.
     ///
     /// # Errors

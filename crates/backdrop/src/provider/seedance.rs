@@ -162,6 +162,11 @@ impl Provider for Seedance {
         &self.base
     }
 
+    fn answers_at_completion(&self, job: &JobSpec) -> bool {
+        // Text-to-image is synchronous; an edit is unless sent with `async: true`.
+        matches!(job.task, Task::Generate) || self.opts.sync
+    }
+
     #[tracing::instrument(skip_all, fields(sku = %job.sku, job = job.id))]
     async fn submit(&self, job: &JobSpec) -> Result<Submission, ProviderError> {
         match job.task {
