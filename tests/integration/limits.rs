@@ -159,12 +159,13 @@ async fn learned_polling_spends_few_polls_per_row_and_remembers_the_latency() {
     // The second run starts from the first run's latencies, stored in the state file.
     let second = polls_per_row(&env, 40, &[]).await;
     println!("polls per row at a fixed 400 ms: first run {first:.2}, second run {second:.2}");
-    // The budget (4 per row) is a ceiling, and binds only where a poll is worth it: on a fixed
-    // latency the polls gather right after completion (about two per row: the time the client
-    // sees jitters with its own load, so neither run is reliably below the other). Generous
-    // bounds: the counts move with machine load.
-    assert!(first <= 4.5, "first run: {first:.2} polls per row");
-    assert!(second <= 4.5, "second run, seeded: {second:.2} polls per row");
+    // The budget (6 per row) is a ceiling, and binds only where a poll is worth it: on a fixed
+    // latency the polls gather right after completion, about two per row once the latency is
+    // known. The first run also pays for learning it (its first wave polls at a fifth of each
+    // job's age: about 4.2 per row in all on an idle machine, 4.6 under the suite's load); the
+    // second starts from what the first stored. Bounds with room: the counts move with load.
+    assert!(first <= 6.0, "first run: {first:.2} polls per row");
+    assert!(second <= 3.0, "second run, seeded: {second:.2} polls per row");
     // What the runs learned is in the state file, for the next run's first polls.
     let store = env.store().await;
     let (kept, near): (i64, i64) = sqlx::query_as(
