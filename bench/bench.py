@@ -774,7 +774,7 @@ def write_results(ctx, started, load_before, load_after, busy, elapsed, args):
         extra += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in ctx.notes) + "\n"
     text = f"""# backdrop benchmark results
 
-Written by `bench/run` ({'quick mode: small sizes, not the real figures' if args.quick else 'full run'}).
+Written by `bench/run` ({'quick mode: small sizes, not the real figures' if args.quick else 'full run' if args.only == 'eff,vs,limits,scale' else 'sections ' + args.only}).
 
 - date: {started:%Y-%m-%d %H:%M} UTC; bench took {elapsed:.0f} s
 - machine: `nproc` = {os.cpu_count()}, {machine() or platform.machine()}, {platform.system()} {platform.release()}

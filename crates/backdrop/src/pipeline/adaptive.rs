@@ -108,18 +108,8 @@ const HISTORY: Duration = Duration::from_secs(60);
 pub struct AdaptiveRate {
     ceiling: f64,
     floor: f64,
-    rate: f64,
-    /// The plateau: where the last decrease found the limit.
-    plateau: f64,
-    /// When the last decrease happened and for which sends it stands.
-    decreased_at: Option<Instant>,
-    episode_until: Option<Instant>,
-    /// Seconds from the decrease to the plateau, and the cubic's steepness before and after it.
-    plateau_secs: f64,
-    c_before: f64,
-    c_after: f64,
-    same_limit_in_a_row: u32,
-    previous_plateau: Option<f64>,
+    /// The pace, the plateau and the cubic between them: what a decrease changes.
+    c: Control,
     first_send: Option<Instant>,
     /// Send times of accepted submits, oldest first, at most [`HISTORY`] old.
     accepted: VecDeque<Instant>,
@@ -131,13 +121,17 @@ pub struct AdaptiveRate {
     episode: Option<Episode>,
 }
 
-/// The control state a decrease changes, kept so an outage's decrease can be undone.
+/// The control state a decrease changes, copied into an [`Episode`] so that an outage's
+/// decrease can be undone.
 #[derive(Debug, Clone, Copy)]
 struct Control {
     rate: f64,
+    /// The plateau: where the last decrease found the limit.
     plateau: f64,
+    /// When the last decrease happened and for which sends it stands.
     decreased_at: Option<Instant>,
     episode_until: Option<Instant>,
+    /// Seconds from the decrease to the plateau, and the cubic's steepness before and after it.
     plateau_secs: f64,
     c_before: f64,
     c_after: f64,
@@ -171,15 +165,17 @@ impl AdaptiveRate {
             ceiling,
             // At least one submit a minute, however often the server refuses.
             floor: ceiling.min(1.0 / 60.0),
-            rate: ceiling,
-            plateau: ceiling,
-            decreased_at: None,
-            episode_until: None,
-            plateau_secs: PLATEAU_SECS,
-            c_before: 0.0,
-            c_after: 0.0,
-            same_limit_in_a_row: 0,
-            previous_plateau: None,
+            c: Control {
+                rate: ceiling,
+                plateau: ceiling,
+                decreased_at: None,
+                episode_until: None,
+                plateau_secs: PLATEAU_SECS,
+                c_before: 0.0,
+                c_after: 0.0,
+                same_limit_in_a_row: 0,
+                previous_plateau: None,
+            },
             first_send: None,
             accepted: VecDeque::new(),
             pauses: VecDeque::new(),
@@ -188,36 +184,10 @@ impl AdaptiveRate {
         }
     }
 
-    fn control(&self) -> Control {
-        Control {
-            rate: self.rate,
-            plateau: self.plateau,
-            decreased_at: self.decreased_at,
-            episode_until: self.episode_until,
-            plateau_secs: self.plateau_secs,
-            c_before: self.c_before,
-            c_after: self.c_after,
-            same_limit_in_a_row: self.same_limit_in_a_row,
-            previous_plateau: self.previous_plateau,
-        }
-    }
-
-    fn restore(&mut self, c: Control) {
-        self.rate = c.rate;
-        self.plateau = c.plateau;
-        self.decreased_at = c.decreased_at;
-        self.episode_until = c.episode_until;
-        self.plateau_secs = c.plateau_secs;
-        self.c_before = c.c_before;
-        self.c_after = c.c_after;
-        self.same_limit_in_a_row = c.same_limit_in_a_row;
-        self.previous_plateau = c.previous_plateau;
-    }
-
     /// Submits per second now.
     #[must_use]
     pub fn rate(&self) -> f64 {
-        self.rate
+        self.c.rate
     }
 
     /// The user's ceiling, in submits per second.
@@ -229,7 +199,7 @@ impl AdaptiveRate {
     /// Time between submits at the current pace.
     #[must_use]
     pub fn interval(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / self.rate)
+        Duration::from_secs_f64(1.0 / self.c.rate)
     }
 
     /// The first 429 since the server last accepted a submit: how long the run has been getting
@@ -247,10 +217,10 @@ impl AdaptiveRate {
 
     /// The pace on the cubic at `now`, clamped to the floor and the ceiling.
     fn cubic(&self, now: Instant) -> f64 {
-        let Some(at) = self.decreased_at else { return self.ceiling };
-        let x = now.saturating_duration_since(at).as_secs_f64() - self.plateau_secs;
-        let c = if x < 0.0 { self.c_before } else { self.c_after };
-        (self.plateau * (1.0 + c * x.powi(3))).clamp(self.floor, self.ceiling)
+        let Some(at) = self.c.decreased_at else { return self.ceiling };
+        let x = now.saturating_duration_since(at).as_secs_f64() - self.c.plateau_secs;
+        let c = if x < 0.0 { self.c.c_before } else { self.c.c_after };
+        (self.c.plateau * (1.0 + c * x.powi(3))).clamp(self.floor, self.ceiling)
     }
 
     /// The server accepted a submit sent at `sent`; the answer came at `now`.
@@ -264,8 +234,8 @@ impl AdaptiveRate {
         if self.episode.is_some_and(|e| sent >= e.opened) {
             self.episode = None;
         }
-        if self.decreased_at.is_some() {
-            self.rate = self.cubic(now);
+        if self.c.decreased_at.is_some() {
+            self.c.rate = self.cubic(now);
         }
     }
 
@@ -294,11 +264,11 @@ impl AdaptiveRate {
                 let undo = (!episode.undone).then_some(episode.before);
                 episode.undone = true;
                 if let Some(before) = undo {
-                    self.restore(before);
+                    self.c = before;
                 }
             }
-        } else if self.episode_until.is_none_or(|until| sent >= until) {
-            let before = self.control();
+        } else if self.c.episode_until.is_none_or(|until| sent >= until) {
+            let before = self.c;
             if let Some(room) = self.decrease(sent, now, retry_after) {
                 pause = Some(pause.map_or(room, |p| p.max(room)));
             }
@@ -321,7 +291,7 @@ impl AdaptiveRate {
     /// Lowers the pace; returns, for a 429 without `Retry-After`, when the server's window will
     /// have room again.
     fn decrease(&mut self, sent: Instant, now: Instant, retry_after: Option<Duration>) -> Option<Instant> {
-        let rate = self.rate;
+        let rate = self.c.rate;
         // The server's window: its Retry-After hints it, at least a second, and long enough to
         // hold a few submits at the current pace.
         let window_secs = retry_after
@@ -368,23 +338,23 @@ impl AdaptiveRate {
         };
         let new_rate = new_rate.max(self.floor);
         let certain = upper.zip(estimate).is_none_or(|(u, e)| u <= 1.1 * e);
-        let same = self.previous_plateau.is_some_and(|p| (plateau - p).abs() <= SAME_LIMIT * p);
-        self.same_limit_in_a_row =
-            if certain && same { (self.same_limit_in_a_row + 1).min(MAX_DOUBLINGS) } else { 0 };
-        self.previous_plateau = Some(plateau);
-        self.plateau = plateau;
-        self.rate = new_rate;
-        self.decreased_at = Some(now);
+        let same = self.c.previous_plateau.is_some_and(|p| (plateau - p).abs() <= SAME_LIMIT * p);
+        self.c.same_limit_in_a_row =
+            if certain && same { (self.c.same_limit_in_a_row + 1).min(MAX_DOUBLINGS) } else { 0 };
+        self.c.previous_plateau = Some(plateau);
+        self.c.plateau = plateau;
+        self.c.rate = new_rate;
+        self.c.decreased_at = Some(now);
         // Without Retry-After the server keeps refusing until its window has slid past the
         // burst that filled it: those 429s are this episode's too.
-        self.episode_until = Some(if retry_after.is_some() { now } else { now + window });
-        self.plateau_secs = PLATEAU_SECS * f64::from(1u32 << self.same_limit_in_a_row);
+        self.c.episode_until = Some(if retry_after.is_some() { now } else { now + window });
+        self.c.plateau_secs = PLATEAU_SECS * f64::from(1u32 << self.c.same_limit_in_a_row);
         let drop = 1.0 - new_rate / plateau;
-        self.c_before =
-            if drop > 1e-9 { drop / self.plateau_secs.powi(3) } else { 0.05 / self.plateau_secs.powi(3) };
+        self.c.c_before =
+            if drop > 1e-9 { drop / self.c.plateau_secs.powi(3) } else { 0.05 / self.c.plateau_secs.powi(3) };
         // Beyond the plateau the climb is as steep as the first plateau's: a limit that rose is
         // found within seconds of the plateau's end, however long the plateau was.
-        self.c_after = 0.05 / PLATEAU_SECS.powi(3);
+        self.c.c_after = 0.05 / PLATEAU_SECS.powi(3);
         room.filter(|r| *r > now)
     }
 }
@@ -502,7 +472,9 @@ impl AdaptiveConcurrency {
         // last accept: a cap on jobs in flight would have room now (one of ours has ended), so
         // the server is refusing everything (an outage, a gateway's storm of 429s). The window
         // still shrinks with the drain, which keeps a storm from being hammered, and returns at
-        // the first accept to where it was before the refusals began.
+        // the first accept to where it was before the refusals began. (A cap that falls while
+        // our jobs are in flight looks the same until our count is below it: it costs one more
+        // round of refusals, and the episode after finds the new cap.)
         if self.accepted_since_cut {
             self.before_refusals = Some((self.window, self.limit, self.slow_start));
         } else if self.limit.is_some_and(|l| f64::from(in_flight) + 1.0 < l) {
