@@ -94,11 +94,12 @@ const HISTORY: Duration = Duration::from_secs(60);
 /// - 429s for submits sent before the decrease (and, without `Retry-After`, within one server
 ///   window after it) belong to the same episode and do not decrease again.
 ///
-/// A 429 with `Retry-After` while the server has accepted nothing sent since the decrease is
-/// the same episode: the pause answers it, not another decrease. If one is refused that was sent
-/// after the server's own pause ended, the server is refusing whatever the pace (an outage, a
-/// storm of 429s, as gateways answer while overloaded), and the decrease is undone: otherwise
-/// every storm would cut the pace again and the run would crawl long after the storms.
+/// A 429 while the server has accepted nothing sent since the decrease is the same episode:
+/// pauses answer it (the server's `Retry-After`, else 1 s doubling up to 32 s), not another
+/// decrease. If one is refused that was sent after the episode's pause ended, the server is
+/// refusing whatever the pace (an outage, a storm of 429s, as gateways answer while
+/// overloaded), and the decrease is undone: otherwise every storm would cut the pace again and
+/// the run would crawl long after the storms.
 ///
 /// `Retry-After` is honoured as a pause ([`AdaptiveRate::on_429`] returns it) and as the hint
 /// of the server's window above. Without it, the first 429 of an episode pauses until the
