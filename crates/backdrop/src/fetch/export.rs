@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use super::durable::TempFile;
-use super::{Downloaded, FetchError, temp_file_name};
+use super::{Downloaded, FetchError, Staging};
 use crate::domain::SavedOutput;
 
 /// Where preset `preset`'s file of the output at `original` (relative to the output folder)
@@ -39,35 +38,18 @@ pub fn stage(
     bytes: &[u8],
     content_type: &str,
 ) -> Result<Downloaded, FetchError> {
-    let final_path = out_dir.join(relative);
-    let dir = final_path.parent().map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf);
-    // `created` is the highest folder whose name is new: its parent must be synced too.
-    let created = match std::fs::create_dir(&dir) {
-        Ok(()) => Some(dir.clone()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-        Err(_) => {
-            std::fs::create_dir_all(&dir).map_err(|e| FetchError::io(&dir, e))?;
-            Some(out_dir.to_path_buf())
-        }
-    };
-    let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut temp = TempFile::create(&dir.join(temp_file_name(&file_name)))?;
-    temp.write(bytes)?;
-    Ok(Downloaded {
-        temp,
-        final_path,
-        new_dir: created.map(|top| (dir, top)),
-        saved: SavedOutput {
-            index,
-            path: relative.to_path_buf(),
-            sha256: format!("{:x}", Sha256::digest(bytes)),
-            bytes: bytes.len() as u64,
-            width: 0,
-            height: 0,
-            content_type: content_type.to_owned(),
-            source_url: String::new(),
-        },
-    })
+    let mut staging = Staging::open(out_dir, relative)?;
+    staging.temp.write(bytes)?;
+    Ok(staging.finish(SavedOutput {
+        index,
+        path: relative.to_path_buf(),
+        sha256: format!("{:x}", Sha256::digest(bytes)),
+        bytes: bytes.len() as u64,
+        width: 0,
+        height: 0,
+        content_type: content_type.to_owned(),
+        source_url: String::new(),
+    }))
 }
 
 /// Reads a durable file back and checks its size and sha256 against what was written.

@@ -233,22 +233,9 @@ impl Fetcher {
             }
         };
         let relative = output_path(&self.name_template, sku, index, ext);
-        let final_path = self.out_dir.join(&relative);
-        let dir = final_path.parent().map_or_else(|| self.out_dir.clone(), Path::to_path_buf);
         // Inline, like the chunk writes below: a mkdir is far cheaper than a hop to the blocking
         // pool and back.
-        // `created` is the highest folder whose name is new: its parent must be synced too.
-        let created = match std::fs::create_dir(&dir) {
-            Ok(()) => Some(dir.clone()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-            Err(_) => {
-                std::fs::create_dir_all(&dir).map_err(|e| FetchError::io(&dir, e))?;
-                Some(self.out_dir.clone())
-            }
-        };
-        let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp_path = dir.join(temp_file_name(&file_name));
-        let mut temp = TempFile::create(&temp_path)?;
+        let mut staging = Staging::open(&self.out_dir, &relative)?;
 
         let mut hasher = Sha256::new();
         let mut written: u64 = 0;
@@ -260,7 +247,7 @@ impl Fetcher {
                 return Err(FetchError::TooLarge { url: url.to_owned(), limit: self.max_bytes });
             }
             hasher.update(&bytes);
-            temp.write(&bytes)?;
+            staging.temp.write(&bytes)?;
             tail.extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]);
             tail.drain(..tail.len().saturating_sub(TAIL_BYTES));
             chunk = response.chunk().await.map_err(|e| transport(url, &e))?;
@@ -281,21 +268,49 @@ impl Fetcher {
             });
         }
 
-        Ok(Downloaded {
-            temp,
-            final_path,
-            new_dir: created.map(|top| (dir, top)),
-            saved: SavedOutput {
-                index,
-                path: relative,
-                sha256: format!("{:x}", hasher.finalize()),
-                bytes: written,
-                width: 0,
-                height: 0,
-                content_type: content_type.to_owned(),
-                source_url: url.to_owned(),
-            },
-        })
+        Ok(staging.finish(SavedOutput {
+            index,
+            path: relative,
+            sha256: format!("{:x}", hasher.finalize()),
+            bytes: written,
+            width: 0,
+            height: 0,
+            content_type: content_type.to_owned(),
+            source_url: url.to_owned(),
+        }))
+    }
+}
+
+/// A staging file beside `out_dir/relative`, its folders created: how every output file starts,
+/// whether its bytes arrive as a download's chunks or an export's render.
+struct Staging {
+    temp: TempFile,
+    final_path: PathBuf,
+    /// As [`Downloaded`]'s.
+    new_dir: Option<(PathBuf, PathBuf)>,
+}
+
+impl Staging {
+    fn open(out_dir: &Path, relative: &Path) -> Result<Self, FetchError> {
+        let final_path = out_dir.join(relative);
+        let dir = final_path.parent().map_or_else(|| out_dir.to_path_buf(), Path::to_path_buf);
+        // `created` is the highest folder whose name is new: its parent must be synced too.
+        let created = match std::fs::create_dir(&dir) {
+            Ok(()) => Some(dir.clone()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+            Err(_) => {
+                std::fs::create_dir_all(&dir).map_err(|e| FetchError::io(&dir, e))?;
+                Some(out_dir.to_path_buf())
+            }
+        };
+        let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temp = TempFile::create(&dir.join(temp_file_name(&file_name)))?;
+        Ok(Self { temp, final_path, new_dir: created.map(|top| (dir, top)) })
+    }
+
+    /// The staged file, with what was written into it.
+    fn finish(self, saved: SavedOutput) -> Downloaded {
+        Downloaded { temp: self.temp, final_path: self.final_path, new_dir: self.new_dir, saved }
     }
 }
 
