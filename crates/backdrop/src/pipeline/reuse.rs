@@ -10,7 +10,6 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::SavedOutput;
 use crate::fetch::{output_path, temp_file_name};
-use crate::store::reuse::LeaderOutput;
 use crate::store::{JobState, Store, StoreError};
 
 /// Followers read per page.
@@ -92,7 +91,7 @@ fn copy_outputs(
     out_dir: &Path,
     name_template: &str,
     sku: &str,
-    outputs: &[LeaderOutput],
+    outputs: &[SavedOutput],
 ) -> std::io::Result<Option<Vec<SavedOutput>>> {
     let mut saved = Vec::with_capacity(outputs.len());
     for o in outputs {
@@ -105,16 +104,7 @@ fn copy_outputs(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !src.exists() => return Ok(None),
             Err(e) => return Err(e),
         }
-        saved.push(SavedOutput {
-            index: o.index,
-            path: rel,
-            sha256: o.sha256.clone(),
-            bytes: o.bytes,
-            width: o.width,
-            height: o.height,
-            content_type: o.content_type.clone(),
-            source_url: o.source_url.clone(),
-        });
+        saved.push(SavedOutput { path: rel, ..o.clone() });
     }
     Ok(Some(saved))
 }

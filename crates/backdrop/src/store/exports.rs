@@ -48,33 +48,6 @@ pub struct ExportCandidate {
     pub have: Vec<(u32, String, String, String)>,
 }
 
-#[derive(FromRow)]
-struct OutputRow {
-    idx: i64,
-    path: String,
-    sha256: String,
-    bytes: i64,
-    width: i64,
-    height: i64,
-    content_type: String,
-    source_url: String,
-}
-
-impl From<OutputRow> for SavedOutput {
-    fn from(o: OutputRow) -> Self {
-        Self {
-            index: u32::try_from(o.idx).unwrap_or(u32::MAX),
-            path: PathBuf::from(o.path),
-            sha256: o.sha256,
-            bytes: u64::try_from(o.bytes).unwrap_or(0),
-            width: u32::try_from(o.width).unwrap_or(0),
-            height: u32::try_from(o.height).unwrap_or(0),
-            content_type: o.content_type,
-            source_url: o.source_url,
-        }
-    }
-}
-
 impl Store {
     /// Records the presets (JSON) and the output folder of this run, for `backdrop accept`.
     ///
@@ -140,13 +113,7 @@ impl Store {
     async fn candidates(&self, ids: Vec<(i64, String)>) -> Result<Vec<ExportCandidate>, StoreError> {
         let mut found = Vec::with_capacity(ids.len());
         for (job_id, sku) in ids {
-            let outputs: Vec<OutputRow> = sqlx::query_as(
-                "SELECT idx, path, sha256, bytes, width, height, content_type, source_url
-                 FROM outputs WHERE job_id = ?1 ORDER BY idx",
-            )
-            .bind(job_id)
-            .fetch_all(self.pool())
-            .await?;
+            let outputs = self.job_outputs(job_id).await?;
             let have: Vec<(i64, String, String, String)> = sqlx::query_as(
                 "SELECT idx, preset, recipe, source_sha256 FROM exports WHERE job_id = ?1 ORDER BY idx, preset",
             )
@@ -156,7 +123,7 @@ impl Store {
             found.push(ExportCandidate {
                 job_id,
                 sku,
-                outputs: outputs.into_iter().map(SavedOutput::from).collect(),
+                outputs,
                 have: have
                     .into_iter()
                     .map(|(i, p, r, s)| (u32::try_from(i).unwrap_or(u32::MAX), p, r, s))

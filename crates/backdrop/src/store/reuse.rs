@@ -21,27 +21,6 @@ pub struct Follower {
     pub same_key: bool,
 }
 
-/// One output of a leader, to be copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaderOutput {
-    /// Index within the job.
-    pub index: u32,
-    /// Relative to the output folder.
-    pub path: PathBuf,
-    /// Lowercase hex.
-    pub sha256: String,
-    /// Size.
-    pub bytes: u64,
-    /// Width.
-    pub width: u32,
-    /// Height.
-    pub height: u32,
-    /// From the bytes.
-    pub content_type: String,
-    /// Where the leader's file came from.
-    pub source_url: String,
-}
-
 type FollowerRow = (i64, String, String, Option<i64>, Option<String>, i64);
 type OutputRow = (i64, String, String, i64, i64, i64, String, String);
 
@@ -74,11 +53,11 @@ impl Store {
             .collect())
     }
 
-    /// The outputs of job `job_id`, by index.
+    /// The recorded outputs of job `job_id`, by index (a leader's to copy, a row's to export).
     ///
     /// # Errors
-    /// Database errors.
-    pub async fn job_outputs(&self, job_id: i64) -> Result<Vec<LeaderOutput>, StoreError> {
+    /// Database errors, and [`StoreError::Corrupt`] for a size or index out of range.
+    pub async fn job_outputs(&self, job_id: i64) -> Result<Vec<SavedOutput>, StoreError> {
         let rows: Vec<OutputRow> = sqlx::query_as(
             "SELECT idx, path, sha256, bytes, width, height, content_type, source_url \
              FROM outputs WHERE job_id = ? ORDER BY idx",
@@ -91,7 +70,7 @@ impl Store {
         };
         rows.into_iter()
             .map(|(idx, path, sha256, bytes, width, height, content_type, source_url)| {
-                Ok(LeaderOutput {
+                Ok(SavedOutput {
                     index: int(idx, "index")?,
                     path: PathBuf::from(path),
                     sha256,
