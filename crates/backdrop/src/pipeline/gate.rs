@@ -213,10 +213,12 @@ impl Gate {
         {
             return Ok((Arc::clone(image), bytes.clone()));
         }
-        let bytes = self.input_bytes(reference).await?;
-        let lower = reference.to_ascii_lowercase();
+        let bytes = Arc::new(self.input_bytes(reference).await?);
+        // Only a URL's bytes are kept (for a held row's copy): a file or a data: URI is at hand.
+        // The scheme is read from the first characters: a data: URI may be megabytes long.
+        let scheme = reference.get(..8).unwrap_or(reference).to_ascii_lowercase();
         let kept =
-            (lower.starts_with("http://") || lower.starts_with("https://")).then(|| Arc::new(bytes.clone()));
+            (scheme.starts_with("http://") || scheme.starts_with("https://")).then(|| Arc::clone(&bytes));
         let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
         let decoded = tokio::task::spawn_blocking(move || quality::decode(&bytes, "input"))
             .await
