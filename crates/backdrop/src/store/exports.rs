@@ -11,6 +11,13 @@ use sqlx::FromRow;
 use super::{Store, StoreError};
 use crate::domain::{SavedExport, SavedOutput};
 
+/// Records one export file, replacing what the same output and preset had; its eleven binds go
+/// in column order. The state writer (a row's `done` with its exports) and
+/// [`Store::record_exports`] (exports made outside a run's pool) both write it.
+pub(super) const INSERT_EXPORT: &str = "INSERT OR REPLACE INTO exports
+    (job_id, idx, preset, path, sha256, bytes, width, height, content_type, recipe, source_sha256)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
 /// One export file of a job, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct ExportRecord {
@@ -141,24 +148,20 @@ impl Store {
     pub async fn record_exports(&self, job_id: i64, exports: &[SavedExport]) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for e in exports {
-            sqlx::query(
-                "INSERT OR REPLACE INTO exports
-                    (job_id, idx, preset, path, sha256, bytes, width, height, content_type, recipe, source_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )
-            .bind(job_id)
-            .bind(i64::from(e.index))
-            .bind(e.preset.as_str())
-            .bind(e.path.to_string_lossy().into_owned())
-            .bind(e.sha256.as_str())
-            .bind(i64::try_from(e.bytes).unwrap_or(i64::MAX))
-            .bind(i64::from(e.width))
-            .bind(i64::from(e.height))
-            .bind(e.content_type.as_str())
-            .bind(e.recipe.as_str())
-            .bind(e.source_sha256.as_str())
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(INSERT_EXPORT)
+                .bind(job_id)
+                .bind(i64::from(e.index))
+                .bind(e.preset.as_str())
+                .bind(e.path.to_string_lossy().into_owned())
+                .bind(e.sha256.as_str())
+                .bind(i64::try_from(e.bytes).unwrap_or(i64::MAX))
+                .bind(i64::from(e.width))
+                .bind(i64::from(e.height))
+                .bind(e.content_type.as_str())
+                .bind(e.recipe.as_str())
+                .bind(e.source_sha256.as_str())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await.map_err(|e| self.write_error(e))?;
         Ok(())

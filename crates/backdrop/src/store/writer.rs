@@ -836,11 +836,7 @@ impl<'q> BatchSql<'q> {
                 }
                 // Deleting the outputs above removed their exports (a trigger): these replace them.
                 for e in exports {
-                    self.statement(
-                        "INSERT OR REPLACE INTO exports
-                            (job_id, idx, preset, path, sha256, bytes, width, height, content_type, recipe, source_sha256)
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    );
+                    self.statement(super::exports::INSERT_EXPORT);
                     self.bind(*job_id)?;
                     self.bind(i64::from(e.index))?;
                     self.bind(e.preset.as_str())?;
