@@ -48,7 +48,8 @@ fn generate(path: &str, rows: u64) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn plan(catalog: &str, prompt: &str, state: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let settings = PlanInput::new(catalog, prompt, ProviderKind::Seedance);
+    let template = backdrop::prompt::Template::load(std::path::Path::new(prompt))?;
+    let settings = PlanInput::new(catalog, template, ProviderKind::Seedance);
     let store = Store::open(std::path::Path::new(state)).await?;
     let (run,): (i64,) = sqlx::query_as(
         "INSERT INTO runs (started_at, catalog, provider, model) VALUES (?, ?, 'seedance', '') RETURNING id",

@@ -12,6 +12,7 @@ use backdrop::domain::{ApiKey, ProviderKind, Rate};
 use backdrop::money::{self, PriceTable};
 use backdrop::pipeline::backoff::{PollSchedule, RetryPolicy};
 use backdrop::plan::PlanInput;
+use backdrop::prompt::{PromptError, Template};
 use backdrop::provider::fal::FalOptions;
 use backdrop::provider::http::InlinePolicy;
 use backdrop::provider::seedance::SeedanceOptions;
@@ -481,16 +482,19 @@ impl Settings {
         PriceTable::new(self.provider, &self.prices)
     }
 
-    /// What the planner needs.
-    #[must_use]
-    pub(crate) fn plan_input(&self) -> PlanInput {
-        PlanInput {
+    /// What the planner needs, with the template read: the one read of the file a run makes
+    /// (the plan, the quality gate and the exports all use this copy).
+    ///
+    /// # Errors
+    /// [`PromptError`] when the template cannot be read or is invalid, with its line.
+    pub(crate) fn plan_input(&self) -> Result<PlanInput, PromptError> {
+        Ok(PlanInput {
             catalog: CatalogSpec {
                 path: self.catalog.clone(),
                 table: self.table.clone(),
                 query: self.query.clone(),
             },
-            prompt: self.prompt.clone(),
+            template: Template::load(&self.prompt)?,
             provider: self.provider,
             model: self.model.clone(),
             force: self.force,
@@ -510,7 +514,7 @@ impl Settings {
             refused_inputs: std::sync::Arc::default(),
             input_validators: std::sync::Arc::default(),
             reuse: self.reuse,
-        }
+        })
     }
 
     /// What the input preflight needs.

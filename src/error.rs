@@ -43,7 +43,6 @@ impl From<backdrop::plan::PlanError> for Error {
     fn from(e: backdrop::plan::PlanError) -> Self {
         use backdrop::plan::PlanError;
         match e {
-            PlanError::Prompt(e) => Self::Prompt(e),
             PlanError::Catalog(e) => Self::Catalog(e),
             PlanError::Store(e) => Self::Store(e),
             other => Self::Other { message: other.to_string(), exit: ExitCode::Fatal },
@@ -73,7 +72,6 @@ impl From<backdrop::preflight::PreflightError> for Error {
     fn from(e: backdrop::preflight::PreflightError) -> Self {
         use backdrop::preflight::PreflightError;
         match e {
-            PreflightError::Prompt(e) => Self::Prompt(e),
             PreflightError::Catalog(e) => Self::Catalog(e),
             PreflightError::Store(e) => Self::Store(e),
             other => Self::Other { message: other.to_string(), exit: ExitCode::Fatal },
@@ -115,7 +113,7 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
         assert_eq!(Error::from(catalog).exit_code(), ExitCode::Usage);
-        let prompt = PlanError::Prompt(backdrop::prompt::PromptError::Empty { path: "p.txt".into() });
+        let prompt = backdrop::prompt::PromptError::Empty { path: "p.txt".into() };
         assert_eq!(Error::from(prompt).exit_code(), ExitCode::Usage);
         assert_eq!(Error::from(PlanError::Internal("reader died".into())).exit_code(), ExitCode::Fatal);
     }

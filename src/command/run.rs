@@ -26,6 +26,7 @@ use backdrop::pipeline::stats::RunStats;
 use backdrop::pipeline::webhooks::{WebhookSettings, Webhooks};
 use backdrop::plan;
 use backdrop::progress;
+use backdrop::prompt::Template;
 use backdrop::provider::Provider;
 use backdrop::provider::fal::{Fal, upload};
 use backdrop::provider::seedance::Seedance;
@@ -94,7 +95,6 @@ pub(crate) async fn execute(
     let settings = Settings::resolve(config::merge(args, file)?)?;
     // Paths first: a mistyped catalog is the problem to report even when the key is missing too.
     settings.check_files()?;
-    refuse_exports_to_bucket(&settings)?;
     // The key is checked before anything else touches the network or the store.
     let key = match (settings.simulate, settings.dry_run) {
         (true, _) => Some(ApiKey::new("simulated-key")),
@@ -195,7 +195,8 @@ pub(crate) async fn execute(
                 settings.seedance_options(),
             )
             .map_err(other_usage)?;
-            drive(&settings, &store, provider, client, &prices, run_id, &stats, interrupt).await
+            drive(&settings, &input.template, &store, provider, client, &prices, run_id, &stats, interrupt)
+                .await
         }
         ProviderKind::Fal => {
             let provider = Fal::new(
@@ -220,6 +221,7 @@ pub(crate) async fn execute(
             let uploads = uploader.stats();
             let outcome = drive(
                 &settings,
+                &input.template,
                 &store,
                 provider.with_uploader(uploader),
                 client,
@@ -338,7 +340,8 @@ async fn dry_run(settings: &Settings) -> Result<ExitCode, Error> {
 /// refused (rows using them are invalid: exit 2, or left out with `--skip-invalid`). Inputs are
 /// fetched with the downloads' client and address rules, never with the key.
 async fn check_inputs(settings: &Settings, store: &Store, record: bool) -> Result<plan::PlanInput, Error> {
-    let mut input = settings.plan_input();
+    let mut input = settings.plan_input()?;
+    refuse_exports_to_bucket(settings, &input.template)?;
     if !settings.check_inputs {
         eprintln!(
             "input check: off (--no-check-inputs): a dead link, an HTML page or an oversized image in the \
@@ -359,7 +362,7 @@ async fn check_inputs(settings: &Settings, store: &Store, record: bool) -> Resul
     let client = fetch::DownloadClient::new(settings.request_timeout, policy).map_err(other_fatal)?;
     let options = backdrop::preflight::PreflightOptions { record, ..settings.preflight_options() };
     let found =
-        backdrop::preflight::check_catalog(store, &input.catalog, &input.prompt, &client, &options).await?;
+        backdrop::preflight::check_catalog(store, &input.catalog, &input.template, &client, &options).await?;
     if found.distinct > 0 {
         eprintln!("{}", found.render_line());
     }
@@ -404,6 +407,7 @@ fn check_writable(settings: &Settings) -> Result<(), Error> {
 /// `--no-quality-gate` turns it off.
 fn quality_gate(
     settings: &Settings,
+    template: &Template,
     downloads: &fetch::DownloadClient,
 ) -> Result<Option<Arc<backdrop::pipeline::gate::Gate>>, Error> {
     if !settings.quality_gate {
@@ -412,7 +416,6 @@ fn quality_gate(
         );
         return Ok(None);
     }
-    let template = backdrop::prompt::Template::load(&settings.prompt).map_err(other_usage)?;
     let quality = template.quality();
     if !quality.enabled {
         info!("quality gate off ([quality] enabled = false in the template)");
@@ -428,10 +431,8 @@ fn quality_gate(
 
 /// `[export.NAME]` presets write derived files beside the originals in a local output folder;
 /// with a bucket as the output location they are refused before anything is planned or paid.
-fn refuse_exports_to_bucket(settings: &Settings) -> Result<(), Error> {
+fn refuse_exports_to_bucket(settings: &Settings, template: &Template) -> Result<(), Error> {
     let Some(bucket) = &settings.out_object else { return Ok(()) };
-    // A template that does not load is reported by the plan, with its line.
-    let Ok(template) = backdrop::prompt::Template::load(&settings.prompt) else { return Ok(()) };
     if template.exports().is_empty() {
         return Ok(());
     }
@@ -450,11 +451,11 @@ fn refuse_exports_to_bucket(settings: &Settings) -> Result<(), Error> {
 /// presets and output folder recorded for `backdrop accept`.
 async fn exporter(
     settings: &Settings,
+    template: &Template,
     store: &Store,
     persister: &fetch::Persister,
 ) -> Result<Option<Arc<backdrop::pipeline::export::Exporter>>, Error> {
     use backdrop::pipeline::export::Exporter;
-    let template = backdrop::prompt::Template::load(&settings.prompt).map_err(other_usage)?;
     // A bucket takes no presets (refused before the plan).
     let none = std::collections::BTreeMap::new();
     let presets = if settings.out_object.is_some() { &none } else { template.exports() };
@@ -500,6 +501,7 @@ fn other_usage(e: impl std::fmt::Display) -> Error {
 #[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
 async fn drive<P: Provider>(
     settings: &Settings,
+    template: &Template,
     store: &Store,
     provider: P,
     client: reqwest::Client,
@@ -579,7 +581,7 @@ async fn drive<P: Provider>(
     };
     // Done rows that lack exports (reused rows, a preset added or changed, a crash) get them
     // from the files on disk before anything is claimed.
-    let exporter = exporter(settings, store, &persister).await?;
+    let exporter = exporter(settings, template, store, &persister).await?;
     if let Some(exporter) = &exporter {
         backfill_exports(store, exporter).await?;
     }
@@ -604,7 +606,7 @@ async fn drive<P: Provider>(
         low_credit_warning: settings.low_credit_warning,
         interrupt: interrupt.clone(),
         webhooks,
-        gate: quality_gate(settings, &gate_downloads)?,
+        gate: quality_gate(settings, template, &gate_downloads)?,
         exporter: exporter.clone(),
     };
     let outcome = scheduler::run(pool).await;

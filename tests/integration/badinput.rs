@@ -30,7 +30,8 @@ fn fixture() -> Fixture {
 fn plan_bytes(f: &Fixture, bytes: &[u8]) -> Result<(), TestCaseError> {
     let catalog = f.dir.path().join("catalog.csv");
     std::fs::write(&catalog, bytes).unwrap();
-    let settings = PlanInput::new(catalog.clone(), f.dir.path().join("prompt.txt"), ProviderKind::Seedance);
+    let template = Template::load(&f.dir.path().join("prompt.txt")).unwrap();
+    let settings = PlanInput::new(catalog.clone(), template, ProviderKind::Seedance);
     match f.runtime.block_on(backdrop::plan::plan(&f.store, &settings, None)) {
         Ok(plan) => {
             prop_assert!(plan.render_text().contains("to run"));

@@ -240,10 +240,16 @@ impl TestEnv {
         path
     }
 
+    /// The test template, written once: a run already started may be reading it, so it is never
+    /// truncated under it (a second `run_cmd` beside a live run once made the first read it empty).
     pub(crate) fn prompt(&self) -> PathBuf {
+        const TEXT: &str = "+++\nmodel = \"seedream-v4-5\"\ntask = \"edit\"\n+++\nPlace the {color} {name} on a polished marble counter\n";
         let path = self.path("prompt.txt");
-        std::fs::write(&path, "+++\nmodel = \"seedream-v4-5\"\ntask = \"edit\"\n+++\nPlace the {color} {name} on a polished marble counter\n")
-            .expect("write prompt");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(TEXT) {
+            let staged = self.path("prompt.txt.new");
+            std::fs::write(&staged, TEXT).expect("write prompt");
+            std::fs::rename(&staged, &path).expect("move prompt into place");
+        }
         path
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use backdrop::domain::ProviderKind;
 use backdrop::money::Unit;
 use backdrop::plan::{PlanError, PlanInput, plan};
+use backdrop::prompt::{PromptError, Template};
 use backdrop::store::Store;
 
 fn root() -> PathBuf {
@@ -18,7 +19,8 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn settings(catalog: &Path, prompt: &Path, edit: impl FnOnce(&mut PlanInput)) -> PlanInput {
-    let mut input = PlanInput::new(catalog, prompt, ProviderKind::Seedance);
+    let template = Template::load(prompt).unwrap_or_else(|e| panic!("{e}"));
+    let mut input = PlanInput::new(catalog, template, ProviderKind::Seedance);
     edit(&mut input);
     input
 }
@@ -246,10 +248,9 @@ async fn a_bad_catalog_writes_nothing_and_means_exit_2() {
         "header problems stop even --skip-invalid"
     );
 
-    let bad_prompt = settings(&fixture("good.csv"), &fixture("bad-front-matter.txt"), |_| {});
-    let err = plan(&env.store, &bad_prompt, None).await.unwrap_err();
-    assert!(matches!(err, PlanError::Prompt(_)), "{err}");
-    assert!(!err.is_retryable());
+    // A bad template is refused when it is read, before any plan.
+    let err = Template::load(&fixture("bad-front-matter.txt")).unwrap_err();
+    assert!(matches!(err, PromptError::FrontMatter { .. }), "{err}");
 }
 
 #[tokio::test]

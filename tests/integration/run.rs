@@ -209,12 +209,58 @@ async fn a_second_process_on_the_same_state_file_refuses_to_start() {
     let env = TestEnv::new(SimConfig { faults, ..SimConfig::default() }).await;
     let catalog = env.catalog(6);
     let first = env.run_cmd(&catalog, &["--concurrency", "1"]).spawn().unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The first run holds the lock once it has sent a request (a fixed sleep lost the race on a
+    // loaded machine: the second process started first and the first was the one refused).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while env.sim.stats().await.submits == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first run sent nothing within 60 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let second = output(env.run_cmd(&catalog, &[])).await;
     assert_eq!(code(&second), 2, "{}", stderr(&second));
     assert!(stderr(&second).contains("another backdrop run"), "{}", stderr(&second));
     let first = first.wait_with_output().await.unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+}
+
+/// `--prompt <(make-template)`: a template that can be read only once (a pipe, as bash's
+/// process substitution gives) runs as it was read. The run reads it once and uses that copy for
+/// the plan, the quality gate and the exports; a second read would find the pipe empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_read_from_a_pipe_is_read_once_and_used_throughout() {
+    let env = TestEnv::plain().await;
+    let catalog = env.catalog(3);
+    let text = std::fs::read_to_string(env.prompt()).unwrap();
+    let run = env.run_cmd(&catalog, &[]);
+    let run = run.as_std();
+    let mut args: Vec<std::ffi::OsString> = run.get_args().map(std::ffi::OsStr::to_owned).collect();
+    let at = args.iter().position(|a| a == "--prompt").unwrap() + 1;
+    args[at] = "/dev/fd/3".into();
+    let mut piped = tokio::process::Command::new("bash");
+    piped
+        .arg("-c")
+        .arg(r#"exec "$@" 3< <(printf '%s' "$TEMPLATE_TEXT")"#)
+        .arg("bash")
+        .arg(run.get_program())
+        .args(&args)
+        .env("TEMPLATE_TEXT", &text)
+        .current_dir(env.dir.path())
+        .kill_on_drop(true);
+    // The keys and settings `env.cmd()` gives the binary.
+    for (k, v) in run.get_envs() {
+        match v {
+            Some(v) => piped.env(k, v),
+            None => piped.env_remove(k),
+        };
+    }
+    let out = output(piped).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(env.states().await.get("done"), Some(&3));
+    let store = env.store().await;
+    let prompts: Vec<(String,)> =
+        sqlx::query_as("SELECT prompt FROM jobs ORDER BY sku").fetch_all(store.pool()).await.unwrap();
+    store.close().await;
+    assert_eq!(prompts[0].0, "Place the blue Mug 0 on a polished marble counter");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input, LocalImages, Row
 use crate::domain::text::{is_forbidden_in_prompt, terminal_safe_line};
 use crate::domain::{Params, ProviderKind, Task};
 use crate::money::{PriceTable, Unit};
-use crate::prompt::{Body, PromptError, Template, check_rendered, max_prompt_chars};
+use crate::prompt::{Body, Template, check_rendered, max_prompt_chars};
 use crate::store::planning::{Existing, JobShared, NewJob, PlanTx, Touch};
 use crate::store::{JobState, Store, StoreError, now_ms};
 
@@ -23,8 +23,10 @@ use crate::store::{JobState, Store, StoreError, now_ms};
 pub struct PlanInput {
     /// The catalog file and, for SQLite, its table or query.
     pub catalog: CatalogSpec,
-    /// The prompt template file.
-    pub prompt: PathBuf,
+    /// The prompt template, read once by the caller. Every stage of a run uses this copy: a
+    /// template given as a pipe (`--prompt <(…)`) can be read only once, and one edited while the
+    /// run starts must not change what the plan priced.
+    pub template: Template,
     /// The provider the jobs are for.
     pub provider: ProviderKind,
     /// `--model`, overriding the template's front matter.
@@ -51,13 +53,13 @@ pub struct PlanInput {
 
 impl PlanInput {
     /// Plans `catalog` (a CSV file, or SQLite with `catalog.table` or `catalog.query` set) with
-    /// the template `prompt` for `provider`, with every flag at its default and local image
+    /// `template` for `provider`, with every flag at its default and local image
     /// files accepted as they are (set [`PlanInput::local_images`] to check them).
     #[must_use]
-    pub fn new(catalog: impl Into<PathBuf>, prompt: impl Into<PathBuf>, provider: ProviderKind) -> Self {
+    pub fn new(catalog: impl Into<PathBuf>, template: Template, provider: ProviderKind) -> Self {
         Self {
             catalog: CatalogSpec { path: catalog.into(), table: None, query: None },
-            prompt: prompt.into(),
+            template,
             provider,
             model: None,
             force: false,
@@ -76,9 +78,6 @@ impl PlanInput {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PlanError {
-    /// The prompt template is invalid.
-    #[error(transparent)]
-    Prompt(#[from] PromptError),
     /// The catalog could not be read or has invalid rows.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -96,7 +95,7 @@ impl PlanError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => e.is_retryable(),
-            Self::Prompt(_) | Self::Catalog(_) | Self::Internal(_) => false,
+            Self::Catalog(_) | Self::Internal(_) => false,
         }
     }
 }
@@ -536,11 +535,12 @@ impl Producer {
 /// position); with `None` (a dry run) the same counts are computed and nothing is written.
 ///
 /// # Errors
-/// [`PlanError::Prompt`] for a bad template, [`PlanError::Catalog`] for an unreadable catalog or one
-/// with invalid rows (unless `--skip-invalid`; then they are listed in [`Plan::invalid`]),
-/// [`PlanError::Store`] when the state database fails. On any error nothing is written.
+/// [`PlanError::Catalog`] for an unreadable catalog or one with invalid rows (unless
+/// `--skip-invalid`; then they are listed in [`Plan::invalid`]), [`PlanError::Store`] when the
+/// state database fails. On any error nothing is written. (A bad template is refused when it is
+/// read, before the plan: see [`Template::load`].)
 pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> Result<Plan, PlanError> {
-    let template = Template::load(&settings.prompt)?;
+    let template = &settings.template;
     let task = template.task();
     let model = settings
         .model
@@ -551,7 +551,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
     let params_json = serde_json::to_string(&params)
         .map_err(|e| PlanError::Internal(format!("cannot encode params: {e}")))?;
     let spec = settings.catalog.clone();
-    let catalog = Catalog::open(&spec, task, template.body().placeholders(), &settings.prompt)
+    let catalog = Catalog::open(&spec, task, template.body().placeholders(), template.path())
         .await?
         .with_local_images(settings.local_images);
     let mut ctx = Context {
@@ -634,7 +634,7 @@ pub async fn plan(store: &Store, settings: &PlanInput, run_id: Option<i64>) -> R
         task,
         params,
         catalog: settings.catalog.path.clone(),
-        prompt_file: settings.prompt.clone(),
+        prompt_file: template.path().to_owned(),
         written: run_id.is_some(),
     })
 }

@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, CatalogError, CatalogSpec, Input};
 use crate::domain::Task;
 use crate::domain::text::terminal_safe_line;
 use crate::fetch::DownloadClient;
-use crate::prompt::{PromptError, Template};
+use crate::prompt::Template;
 use crate::store::inputs::CheckedInput;
 use crate::store::{Store, StoreError, now_ms};
 
@@ -86,9 +86,6 @@ impl Default for PreflightOptions {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PreflightError {
-    /// The prompt template is invalid.
-    #[error(transparent)]
-    Prompt(#[from] PromptError),
     /// The catalog could not be read.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -103,7 +100,7 @@ impl PreflightError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Store(e) => e.is_retryable(),
-            Self::Prompt(_) | Self::Catalog(_) => false,
+            Self::Catalog(_) => false,
         }
     }
 }
@@ -351,24 +348,24 @@ async fn check_file(path: &Path, limits: &InputLimits) -> Result<(), String> {
     judge(&head, Some(total), total <= head.len() as u64, limits).map(|_| ())
 }
 
-/// Checks every distinct input of the catalog that `spec` and the template at `prompt` describe
+/// Checks every distinct input of the catalog that `spec` and `template` describe
 /// (nothing for a text-to-image template). Invalid rows are skipped here: the plan lists them.
 ///
 /// # Errors
-/// [`PreflightError`] when the template or catalog cannot be read or the store fails.
+/// [`PreflightError`] when the catalog cannot be read or the store fails.
 pub async fn check_catalog(
     store: &Store,
     spec: &CatalogSpec,
-    prompt: &Path,
+    template: &Template,
     client: &DownloadClient,
     options: &PreflightOptions,
 ) -> Result<Preflight, PreflightError> {
     let started = std::time::Instant::now();
-    let template = Template::load(prompt)?;
     if template.task() != Task::Edit {
         return Ok(Preflight::default());
     }
-    let mut catalog = Catalog::open(spec, template.task(), template.body().placeholders(), prompt).await?;
+    let mut catalog =
+        Catalog::open(spec, template.task(), template.body().placeholders(), template.path()).await?;
     let mut urls: Vec<String> = Vec::new();
     let mut files: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
