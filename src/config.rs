@@ -458,6 +458,15 @@ impl Settings {
             let unreadable = |reason: String| ConfigError::Unreadable { what, path: path.clone(), reason };
             match std::fs::metadata(path) {
                 Ok(meta) if meta.is_dir() => return Err(unreadable("it is a folder, not a file".into())),
+                // The template is read once; the catalog twice (the input check, then the plan),
+                // and its reader seeks, so a pipe would fail half-way with "Illegal seek".
+                Ok(meta) if what == "catalog" && !meta.is_file() => {
+                    return Err(unreadable(
+                        "it is a pipe or a device, not a file: the catalog is read more than once \
+                         (the input check, then the plan), so save it to a file first"
+                            .into(),
+                    ));
+                }
                 Ok(_) => {}
                 Err(e) => return Err(unreadable(e.to_string())),
             }

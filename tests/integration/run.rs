@@ -225,35 +225,14 @@ async fn a_second_process_on_the_same_state_file_refuses_to_start() {
 
 /// `--prompt <(make-template)`: a template that can be read only once (a pipe, as bash's
 /// process substitution gives) runs as it was read. The run reads it once and uses that copy for
-/// the plan, the quality gate and the exports; a second read would find the pipe empty.
+/// the plan, the quality gate and the exports; a second read would find the pipe empty. A catalog
+/// given as a pipe is refused up front with how to fix it (it is read twice, and its reader seeks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_template_read_from_a_pipe_is_read_once_and_used_throughout() {
+async fn a_template_read_from_a_pipe_is_read_once_and_a_piped_catalog_is_refused() {
     let env = TestEnv::plain().await;
     let catalog = env.catalog(3);
     let text = std::fs::read_to_string(env.prompt()).unwrap();
-    let run = env.run_cmd(&catalog, &[]);
-    let run = run.as_std();
-    let mut args: Vec<std::ffi::OsString> = run.get_args().map(std::ffi::OsStr::to_owned).collect();
-    let at = args.iter().position(|a| a == "--prompt").unwrap() + 1;
-    args[at] = "/dev/fd/3".into();
-    let mut piped = tokio::process::Command::new("bash");
-    piped
-        .arg("-c")
-        .arg(r#"exec "$@" 3< <(printf '%s' "$TEMPLATE_TEXT")"#)
-        .arg("bash")
-        .arg(run.get_program())
-        .args(&args)
-        .env("TEMPLATE_TEXT", &text)
-        .current_dir(env.dir.path())
-        .kill_on_drop(true);
-    // The keys and settings `env.cmd()` gives the binary.
-    for (k, v) in run.get_envs() {
-        match v {
-            Some(v) => piped.env(k, v),
-            None => piped.env_remove(k),
-        };
-    }
-    let out = output(piped).await;
+    let out = output(piped(&env, &catalog, "--prompt", &text)).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(env.states().await.get("done"), Some(&3));
     let store = env.store().await;
@@ -261,6 +240,40 @@ async fn a_template_read_from_a_pipe_is_read_once_and_used_throughout() {
         sqlx::query_as("SELECT prompt FROM jobs ORDER BY sku").fetch_all(store.pool()).await.unwrap();
     store.close().await;
     assert_eq!(prompts[0].0, "Place the blue Mug 0 on a polished marble counter");
+
+    let rows = std::fs::read_to_string(&catalog).unwrap();
+    let out = output(piped(&env, &catalog, "run", &rows)).await;
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot read catalog /dev/fd/3: it is a pipe"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("save it to a file first"), "{}", stderr(&out));
+    assert_eq!(env.sim.stats().await.submits, 3, "the refused run sent nothing");
+}
+
+/// `env.run_cmd(catalog)` through bash, with the argument after `flag` replaced by `/dev/fd/3`:
+/// a pipe that gives `text` once.
+fn piped(env: &TestEnv, catalog: &std::path::Path, flag: &str, text: &str) -> tokio::process::Command {
+    let run = env.run_cmd(catalog, &[]);
+    let run = run.as_std();
+    let mut args: Vec<std::ffi::OsString> = run.get_args().map(std::ffi::OsStr::to_owned).collect();
+    let at = args.iter().position(|a| a == flag).expect("the flag is in the command") + 1;
+    args[at] = "/dev/fd/3".into();
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(r#"exec "$@" 3< <(printf '%s' "$PIPED_TEXT")"#)
+        .arg("bash")
+        .arg(run.get_program())
+        .args(&args)
+        .env("PIPED_TEXT", text)
+        .current_dir(env.dir.path())
+        .kill_on_drop(true);
+    // The keys and settings `env.cmd()` gives the binary.
+    for (k, v) in run.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
