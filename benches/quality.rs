@@ -3,7 +3,7 @@
 //! a product on white and a faithful marble edit of it (relit and shifted a little), PNG.
 //!
 //! ```text
-//! cargo bench --bench quality [-- --iterations 20]
+//! cargo bench --bench quality [-- --iterations 20] [--side 256]
 //! ```
 //!
 //! CPU time is the process's (user + system, from `/proc/self/stat`, so the threads an image
@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result};
 use backdrop::quality::{self, ExportPreset, QualitySettings};
 use backdrop_sim::imagegen::{self, Alteration, Format, ImageKey, Jitter, Source, Texture};
 
+/// The pictures' side unless `--side` says otherwise (the simulator's images are 256 px).
 const SIDE: u32 = 2048;
 
 /// The process's CPU time so far, if the platform tells.
@@ -49,17 +50,20 @@ fn report(what: &str, (cpu, wall): (Option<Duration>, Duration)) {
 
 fn main() -> Result<()> {
     let mut iterations = 20u32;
+    let mut side = SIDE;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--iterations" {
             iterations = args.next().context("--iterations needs a number")?.parse()?;
+        } else if arg == "--side" {
+            side = args.next().context("--side needs a number of pixels")?.parse()?;
         }
     }
     let key = |texture, jitter| ImageKey {
-        source: Source::Named { name: "BENCH-1".into(), width: SIDE, height: SIDE },
+        source: Source::Named { name: "BENCH-1".into(), width: side, height: side },
         texture,
-        width: SIDE,
-        height: SIDE,
+        width: side,
+        height: side,
         format: Format::Png,
         variant: 0,
         alteration: Alteration::None,
@@ -73,7 +77,7 @@ fn main() -> Result<()> {
 
     let verdict = quality::assess(&input, &output, &settings)?;
     anyhow::ensure!(verdict.passed(), "a faithful edit must pass: {}", verdict.summary());
-    println!("{iterations} iterations, {SIDE}×{SIDE} RGB, working side {}", settings.working_side);
+    println!("{iterations} iterations, {side}×{side} RGB, working side {}", settings.working_side);
     report(
         "assess (input vs output)",
         measure(iterations, || quality::assess(&input, &output, &settings).map(drop).map_err(Into::into))?,
