@@ -498,7 +498,7 @@ fn other_usage(e: impl std::fmt::Display) -> Error {
     Error::Other { message: e.to_string(), exit: ExitCode::Usage }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
+#[expect(clippy::too_many_arguments, reason = "one call per provider; a struct would only rename them")]
 async fn drive<P: Provider>(
     settings: &Settings,
     template: &Template,

@@ -382,7 +382,6 @@ impl AdaptiveRate {
         // found within seconds of the plateau's end, however long the plateau was. Steeper once
         // the limit has moved: a risen limit is then worth the probes it takes to find.
         self.c.c_after = if self.limit_moved { MOVED_CLIMB } else { CLIMB } / PLATEAU_SECS.powi(3);
-
         room.filter(|r| *r > now)
     }
 }
