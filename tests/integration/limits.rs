@@ -63,7 +63,9 @@ async fn the_rate_ceiling_holds_at_the_server_while_the_pace_adapts() {
     let faults =
         Faults { latency: Latency::Fixed { ms: 20 }, rate_limit_per_sec: Some(30), ..Faults::default() };
     let stats = all_done(faults, 24, &["--concurrency", "20", "--rate", "8/s"]).await;
-    assert!(stats.peak_submits_per_second <= 8, "{stats:?}");
+    // Arrivals, counted in a sliding second: one more than the ceiling when a loaded machine
+    // holds one request up by more than the limiter's margin (see the rate test in run.rs).
+    assert!(stats.peak_submits_per_second <= 8 + 1, "{stats:?}");
     assert_eq!(stats.by_status.get(&429), None, "{stats:?}");
 }
 

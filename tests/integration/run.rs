@@ -59,7 +59,12 @@ async fn rate_limit_holds_in_every_one_second_window() {
     let out = output(env.run_cmd(&catalog, &["--rate", "5/s", "--concurrency", "10"])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let stats = env.sim.stats().await;
-    assert!(stats.peak_submits_per_second <= 5, "{stats:?}");
+    // The simulator counts arrivals. Submits leave at least 204 ms apart (the limiter's unit
+    // tests check the spacing exactly, on a fake clock), which absorbs 20 ms of jitter per second;
+    // on a machine loaded far beyond its cores one request can reach the server more than that
+    // after the next five, so one more may show in a sliding second, as the bench allows too
+    // (seen once in about 40 runs of this test beside a CPU and fsync hog).
+    assert!(stats.peak_submits_per_second <= 5 + 1, "{stats:?}");
     assert_eq!(env.sim.ledger().await.len(), 12);
 }
 
